@@ -1,0 +1,38 @@
+# The README's first commands. Each sets up what it needs on a fresh machine (Python + pip only).
+#   make demo   -> virtualenv + CPU torch + preftune, then `preftune quickstart` (offline, a few minutes)
+#   make test   -> the same set-up + test extras, then the whole test suite (what CI runs)
+#   make test-fast -> the suite without tests marked slow
+# GPU users: install your CUDA torch into .venv first (or set TORCH_SPEC), then `make test`.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/preftune quickstart --output-dir runs/quickstart
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) benchmarks/dpo_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,58 @@
+"""The one batch format every code path produces and consumes.
+
+A batch holds G *groups*; a group is one prompt with K completions (K = 2 for a
+preference pair: chosen, rejected; K = 1 for SFT; K = 2 for KTO: the example's own
+completion and a mismatched completion for the KL reference point). Sequence ``s`` of
+the batch is completion ``k`` of group ``g`` with ``s = k * G + g`` — so for pairs the
+first G sequences are the chosen ones and the next G the rejected ones.
+
+Two layouts fill ``input_ids``:
+
+* padded  (``packed=False``): one row per sequence, ``[prompt | completion | pad...]``,
+  ``attention_mask`` is the usual (R, L) 0/1 tensor, R = K * G.
+* packed  (``packed=True``): several groups per row, each laid out once as
+  ``[prompt | completion_0 | completion_1 ...]``; each completion's position ids
+  continue from the end of its prompt, it attends to its prompt and its own earlier
+  tokens only. ``attention_mask`` is a (R, 1, L, L) bool tensor, True = may attend
+  (converted to what the attention implementation needs by ``preftune.logprobs``).
+
+Either way, the completion tokens whose log-probs we need are listed flat (N tokens):
+the hidden state at ``(token_rows[i], token_cols[i])`` predicts ``token_targets[i]``,
+which belongs to sequence ``token_seq[i]``. ``preftune.logprobs`` gathers exactly these
+hidden states and applies the output head only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (R, L) long
+    position_ids: torch.Tensor  # (R, L) long
+    attention_mask: torch.Tensor  # (R, L) long (padded) or (R, 1, L, L) bool (packed)
+    token_rows: torch.Tensor  # (N,) long: row of the predicting hidden state
+    token_cols: torch.Tensor  # (N,) long: column of the predicting hidden state
+    token_targets: torch.Tensor  # (N,) long: the target token id
+    token_seq: torch.Tensor  # (N,) long: sequence id in [0, K * G)
+    example_index: torch.Tensor  # (G,) long: dataset index of each group
+    num_groups: int  # G
+    num_completions: int  # K
+    packed: bool
+    labels: torch.Tensor | None = None  # (G,) bool, KTO desirable/undesirable
+    num_tokens: int = 0  # non-padding tokens in input_ids (for tokens/s)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_groups * self.num_completions
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """Move every tensor to ``device`` (non-blocking where possible)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return Batch(**out)

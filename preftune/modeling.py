@@ -1,0 +1,90 @@
+"""Loading models and tokenizers safely, and wrapping them with LoRA.
+
+Safe by default: ``trust_remote_code`` is off unless asked, safetensors weights are
+preferred (``use_safetensors`` when the folder has them), and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("preftune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str):
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the tokenizer from {name!r}: {_first_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token; add one to its folder")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = None,
+               trust_remote_code: bool = False, load_in_4bit: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with our safety defaults.
+
+    Raises ValueError with one readable line when the model can't be loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                  attn_implementation=attn_implementation or "sdpa")
+    folder = Path(name)
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ValueError("--load-in-4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
+                             "Use --lora-r without --load-in-4bit on CPU.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the model from {name!r}: {_first_line(exc)}") from None
+    return model
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, targets: str, seed: int = 0):
+    """Wrap ``model`` with fresh LoRA adapters (peft). Only adapter weights train."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries adapters; merge them first (PITFALLS: with an already-adapted "
+                         "model, 'adapters off' is not the original reference)")
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny model + tokenizer saved to disk, and a synthetic rule task.
+
+Nothing is downloaded: the tokenizer is trained on the fly and the model is a randomly
+initialised Llama-architecture network from a transformers config.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.tiny import train_tokenizer, tiny_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
+
+# The rule: chosen replies use only "good" words, rejected replies contain a "bad" word.
+GOOD = ["kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"]
+BAD = ["rude", "cruel", "harsh", "mean", "nasty", "vile", "cold", "grim"]
+TOPICS = ["apple", "river", "mountain", "garden", "city", "ocean", "forest", "library", "music", "winter"]
+
+
+def rule_pairs(n: int, seed: int) -> list[dict]:
+    """Implicit-prompt dialogue pairs: the chosen reply follows the rule, the rejected breaks it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        prompt = f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:"
+        good = " ".join(rng.choice(GOOD) for _ in range(rng.randint(2, 5)))
+        words = [rng.choice(GOOD) for _ in range(rng.randint(2, 5))]
+        words[rng.randrange(len(words))] = rng.choice(BAD)
+        rows.append({"chosen": f"{prompt} The {topic} is {good}.",
+                     "rejected": f"{prompt} The {topic} is {' '.join(words)}."})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rule_corpus() -> list[str]:
+    texts = [r["chosen"] + r["rejected"] for r in rule_pairs(200, seed=123)]
+    return texts + [" ".join(GOOD + BAD + TOPICS)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(rule_corpus(), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny Llama (hidden 64, 2 layers) + tokenizer folder, loadable with from_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer), seed=0)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rule_data(tmp_path_factory) -> dict[str, Path]:
+    """Train (256 pairs) and held-out (64 pairs) files of the synthetic rule task."""
+    folder = tmp_path_factory.mktemp("rule-data")
+    return {"train": write_jsonl(folder / "train.jsonl", rule_pairs(256, seed=1)),
+            "eval": write_jsonl(folder / "eval.jsonl", rule_pairs(64, seed=2))}
+
+
+@pytest.fixture
+def hh_rlhf_path() -> Path:
+    if not HH_RLHF.exists():
+        pytest.skip(f"shared HH-RLHF data not found at {HH_RLHF} (a fresh clone without ../shared)")
+    return HH_RLHF
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Two cores: keep intra-op threads at 2 so tests don't oversubscribe."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,69 @@
+"""Options: YAML + flags, validation messages that name the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.config import ConfigError, TrainConfig
+
+
+def valid(**kw) -> TrainConfig:
+    values = dict(model="m", data="d.jsonl", output_dir="out")
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss": "dpp"}, "--loss: 'dpp' is not one of dpo, ipo, robust, hinge, orpo, simpo, kto, sft"),
+    ({"beta": 0.0}, "--beta must be > 0 (got 0.0); beta = 0 leaves DPO's loss stuck at log 2"),
+    ({"label_smoothing": 0.5}, "--label-smoothing must be in [0, 0.5) (got 0.5)"),
+    ({"label_smoothing": 0.1, "loss": "ipo"}, "--label-smoothing applies to --loss dpo or robust only, not ipo"),
+    ({"batch_size": 0}, "--batch-size must be a positive integer (got 0)"),
+    ({"max_prompt_length": 600, "max_length": 512}, "--max-prompt-length (600) must be < --max-length (512)"),
+    ({"dtype": "fp8"}, "--dtype: 'fp8' is not one of float32, bfloat16, float16, auto"),
+    ({"precompute_ref": True, "loss": "orpo"}, "--precompute-ref: --loss orpo uses no reference model"),
+    ({"merge_lora": True}, "--merge-lora needs --lora-r > 0"),
+    ({"sft_weight": 1.0, "loss": "ipo"}, "--sft-weight applies to --loss dpo (RPO) or simpo, not ipo"),
+])
+def test_bad_values_name_the_option(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        valid(**kwargs).validate()
+    assert message in str(err.value)
+
+
+def test_required_io():
+    with pytest.raises(ConfigError, match="--model is required"):
+        TrainConfig(data="d", output_dir="o").validate()
+
+
+def test_yaml_round_trip_and_unknown_key(tmp_path):
+    cfg = valid(beta=0.25, loss="ipo", packing=False)
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("betta: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'betta' \(did you mean 'beta'\?\)"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "typed.yaml").write_text("batch_size: eight\n")
+    with pytest.raises(ConfigError, match="--batch-size expects int, got 'eight'"):
+        TrainConfig.from_yaml(tmp_path / "typed.yaml")
+    (tmp_path / "broken.yaml").write_text("beta: [0.1\n")
+    with pytest.raises(ConfigError, match="broken.yaml:2: invalid YAML"):
+        TrainConfig.from_yaml(tmp_path / "broken.yaml")
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    (tmp_path / "evil.yaml").write_text("beta: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        TrainConfig.from_yaml(tmp_path / "evil.yaml")
+
+
+def test_recipes_load_and_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"dpo", "ipo", "orpo", "simpo", "kto", "sft"}
+    for path in recipes:
+        cfg = TrainConfig.from_yaml(path)
+        cfg.model, cfg.data, cfg.output_dir = "m", "d", "o"
+        cfg.validate()
+        assert cfg.loss == path.stem
