@@ -1,0 +1,234 @@
+"""``Example`` -> ``TokenizedExample``: boundary-exact token ids, one BOS, EOS, truncation.
+
+The contract (see :class:`~preftune.data.records.TokenizedExample`): for every completion ``k``,
+``prompt_ids + completions[k]`` are exactly the ids of the full rendered text. How we get there:
+
+1. **Render.** Plain text: the prompt, and ``prompt + completion``. Chat messages: the prompt
+   through ``apply_chat_template(prompt, add_generation_prompt=True)``, and each full
+   conversation (prompt + completion messages) through ``apply_chat_template``.
+2. **Tokenize the full texts**, never the completion alone, without special tokens; put the
+   tokenizer's own leading special tokens (its BOS, found by :func:`special_prefix_ids`) in
+   front once — unless the rendered prompt already starts with them (a template that writes
+   ``{{ bos_token }}``), so there is never a second BOS.
+3. **Cut.** The prompt ids are the longest common prefix of the prompt's ids and every full
+   text's ids; each completion is the rest of its full ids. When BPE merges a token across
+   the boundary (a prompt ending in a space, say) the merged token goes to the completion.
+4. **EOS.** Plain-text completions get the tokenizer's EOS appended (unless they already end
+   with it). Chat completions end where the template ends the turn (e.g. ``<|im_end|>\\n``):
+   no EOS is added, as the template's end-of-turn is what the model must learn to emit and
+   what generation stops on (TRL does the same).
+5. **Truncate.** ``max_prompt_length`` keeps the *end* of the prompt (after the BOS, which is
+   kept). ``max_length`` bounds prompt + longest completion by cutting completions from the
+   right. If the prompt alone leaves no room for a completion token the example is dropped
+   (``None``): we never return an empty completion (it would give a 0/0 mean log-prob and a
+   NaN loss with length-normalised losses). Set ``max_prompt_length`` below ``max_length``
+   to shorten long prompts instead of dropping them.
+
+A chat template that renders the prompt differently inside the full conversation (some change
+earlier turns once a later one exists) makes step 3 cut after the longest common prefix of the
+rendered texts; that is counted (``report.template_mismatches``) or warned about, never silent.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from preftune.data.errors import DataError
+from preftune.data.records import Example, TokenizedExample
+
+if TYPE_CHECKING:
+    from preftune.data.load import DataReport
+
+
+def tokenize_example(tokenizer, example: Example, index: int, max_length: int | None = None,
+                     max_prompt_length: int | None = None, *, report: DataReport | None = None,
+                     prefix_ids: list[int] | None = None) -> TokenizedExample | None:
+    """Tokenize one :class:`Example`; ``None`` when truncation would empty a completion.
+
+    ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs, ``[completion_ids]`` otherwise.
+    ``report`` (a :class:`~preftune.data.load.DataReport`) counts chat-template mismatches and
+    boundary merges; without it a template mismatch is a ``UserWarning``. ``prefix_ids`` may pass
+    a precomputed :func:`special_prefix_ids` (saves two encodes per call).
+    Raises ``ValueError`` for bad lengths or a messages example with no chat template, and
+    :class:`DataError` when the template fails on the record or the ids cannot be cut.
+    """
+    _check_length("max_length", max_length)
+    _check_length("max_prompt_length", max_prompt_length)
+    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    texts, append_eos, mismatch = render(tokenizer, example)
+    if mismatch and report is None:
+        warnings.warn(f"{example.location}: the chat template renders the prompt differently inside "
+                      "the full conversation; the completion was cut after their longest common prefix",
+                      stacklevel=2)
+    bodies = [_encode(tokenizer, text, add_special_tokens=False) for text in texts]
+    return assemble(tokenizer, example, index, bodies, prefix, append_eos, max_length, max_prompt_length,
+                    report, mismatch)
+
+
+def tokenize_examples(tokenizer, examples: list[Example], max_length: int | None = None,
+                      max_prompt_length: int | None = None, *, report: DataReport,
+                      on_bad: Callable[[DataError], None], chunk_size: int = 512,
+                      progress: bool = False) -> list[TokenizedExample]:
+    """:func:`tokenize_example` over a list, encoding in batches (the tokenizer's threads run them
+    in parallel). Kept examples get ``index`` = their position in the result. ``report`` counts
+    dropped, truncated, prompt sources, merges and template mismatches; a failing example is passed
+    to ``on_bad`` (which may raise).
+    """
+    from tqdm.auto import tqdm
+
+    _check_length("max_length", max_length)
+    _check_length("max_prompt_length", max_prompt_length)
+    prefix = special_prefix_ids(tokenizer)
+    out: list[TokenizedExample] = []
+    bar = tqdm(total=len(examples), desc="tokenizing", unit="ex", disable=None if progress else True)
+    for start in range(0, len(examples), chunk_size):
+        rendered = []
+        for example in examples[start:start + chunk_size]:
+            try:
+                rendered.append((example, *render(tokenizer, example)))
+            except DataError as err:
+                on_bad(err)
+        flat = [text for _, texts, _, _ in rendered for text in texts]
+        encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        offset = 0
+        for example, texts, append_eos, mismatch in rendered:
+            bodies = [list(ids) for ids in encoded[offset:offset + len(texts)]]
+            offset += len(texts)
+            try:
+                tokenized = assemble(tokenizer, example, len(out), bodies, prefix, append_eos, max_length,
+                                     max_prompt_length, report, mismatch)
+            except DataError as err:
+                on_bad(err)
+                continue
+            if tokenized is None:
+                report.dropped += 1
+                continue
+            out.append(tokenized)
+            report.truncated += tokenized.truncated
+            report.prompt_sources[example.prompt_source] = report.prompt_sources.get(example.prompt_source, 0) + 1
+        bar.update(min(chunk_size, len(examples) - start))
+    bar.close()
+    return out
+
+
+def render(tokenizer, example: Example) -> tuple[list[str], bool, bool]:
+    """The texts to encode, ``[prompt_text, full_text_0, ...]``, then ``append_eos`` and ``mismatch``.
+
+    Plain text: the prompt and ``prompt + completion``; EOS is to be appended. Messages: see
+    :func:`render_messages`; no EOS (the template ends the turn).
+    """
+    completions = [example.chosen, example.rejected] if example.kind == "pair" else [example.completion]
+    if isinstance(example.prompt, list):
+        prompt_text, full_texts, mismatch = render_messages(tokenizer, example, completions)
+        return [prompt_text, *full_texts], False, mismatch
+    return [example.prompt, *(example.prompt + c for c in completions)], True, False
+
+
+def assemble(tokenizer, example: Example, index: int, bodies: list[list[int]], prefix: list[int],
+             append_eos: bool, max_length: int | None, max_prompt_length: int | None,
+             report: DataReport | None = None, mismatch: bool = False) -> TokenizedExample | None:
+    """Encoded texts (``bodies`` = ids of :func:`render`'s texts, no special tokens) -> the example.
+
+    Cuts at the boundary (:func:`split_ids`), appends EOS, truncates; ``None`` if no room is
+    left for a completion under ``max_length``.
+    """
+    prompt_ids, completion_ids, merged = split_ids(bodies[0], bodies[1:], prefix)
+    if report is not None:
+        report.boundary_merges += merged
+        report.template_mismatches += mismatch
+    if any(not ids for ids in completion_ids):
+        raise DataError(example.location, "a completion tokenizes to no tokens")
+    if not prompt_ids:
+        raise DataError(example.location, "the prompt is empty and the tokenizer adds no BOS token: there is "
+                                          "no token to predict the first completion token from")
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is not None:
+        completion_ids = [ids if ids[-1] == eos else ids + [eos] for ids in completion_ids]
+
+    keep = len(prefix) if prefix and prompt_ids[:len(prefix)] == prefix else 0
+    truncated = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, truncated = keep_end(prompt_ids, max_prompt_length, keep), True
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            return None
+        if max(len(ids) for ids in completion_ids) > room:
+            completion_ids, truncated = [ids[:room] for ids in completion_ids], True
+    return TokenizedExample(index=index, prompt_ids=prompt_ids, completions=completion_ids,
+                            label=example.label, location=example.location, truncated=truncated)
+
+
+def special_prefix_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text with ``add_special_tokens=True`` (e.g. ``[bos]``).
+
+    Found by encoding a probe with and without special tokens; trailing specials (an EOS some
+    tokenizers append) are not part of it.
+    """
+    plain = _encode(tokenizer, "a", add_special_tokens=False)
+    full = _encode(tokenizer, "a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def split_ids(prompt_body: list[int], full_bodies: list[list[int]],
+              prefix: list[int]) -> tuple[list[int], list[list[int]], bool]:
+    """Boundary-exact ids: ``(prompt_ids, [completion_ids...], merged)``.
+
+    ``prompt_body``/``full_bodies`` are the prompt's and each full text's ids without special
+    tokens. ``prompt_ids + completion_ids[k]`` equals ``prefix + full_bodies[k]`` exactly (the
+    prefix only if the prompt does not already start with it). ``merged`` is True when a token
+    crossed the prompt/completion boundary, so the prompt ids were shortened.
+    """
+    head = prefix if prefix and prompt_body[:len(prefix)] != prefix else []
+    prompt_ids = head + prompt_body
+    full_ids = [head + body for body in full_bodies]
+    cut = min(_common_prefix_len(prompt_ids, ids) for ids in full_ids)
+    return prompt_ids[:cut], [ids[cut:] for ids in full_ids], cut < len(prompt_ids)
+
+
+def render_messages(tokenizer, example: Example, completions: list[list]) -> tuple[str, list[str], bool]:
+    """Render a messages example: ``(prompt_text, full_texts, mismatch)``.
+
+    ``prompt_text`` is the rendered prompt with the generation prompt, cut back to the longest
+    prefix it shares with every full conversation; ``mismatch`` says a cut was needed.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the data holds chat messages but the tokenizer has no chat template; "
+                         "set tokenizer.chat_template or use plain-text prompts")
+    try:
+        prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+        full_texts = [tokenizer.apply_chat_template(example.prompt + c, tokenize=False) for c in completions]
+    except Exception as err:  # jinja errors (e.g. "roles must alternate") are raised by the template itself
+        raise DataError(example.location, f"the chat template failed on this record: {err}") from None
+    common = min((os.path.commonprefix([prompt_text, text]) for text in full_texts), key=len)
+    return common, full_texts, common != prompt_text
+
+
+def keep_end(ids: list[int], length: int, keep: int = 0) -> list[int]:
+    """The first ``keep`` ids (the BOS) and the last ``length - keep``: ``length`` ids in all."""
+    if length <= keep:
+        return ids[:length]
+    return ids[:keep] + ids[len(ids) - (length - keep):]
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _check_length(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
