@@ -57,11 +57,13 @@ class TrainConfig:
     max_examples: int | None = _opt(None, "Use only the first N records of --data (quick trials).", group="data")
     # --- method ----------------------------------------------------------------------------
     loss: str = _opt("dpo", "Method.", LOSSES, group="method")
-    beta: float = _opt(0.1, "KL strength (DPO/IPO/hinge/robust/KTO), reward scale (SimPO).", group="method")
+    beta: float | None = _opt(None, "KL strength (DPO/IPO/hinge/robust/KTO), reward scale (SimPO). "
+                                    "Default: 2.0 for simpo (Meng et al. 2024), 0.1 otherwise.", group="method")
     label_smoothing: float = _opt(0.0, "Assumed label-noise rate eps in [0, 0.5): conservative DPO (dpo) or "
                                        "robust DPO (robust).", group="method")
     orpo_lambda: float = _opt(0.1, "ORPO: weight of the odds-ratio term (Hong et al. 2024 use 0.1).", group="method")
-    simpo_gamma: float = _opt(0.5, "SimPO: target reward margin gamma.", group="method")
+    simpo_gamma: float = _opt(1.0, "SimPO: target reward margin gamma (the paper's gamma/beta = 0.5 at beta 2).",
+                              group="method")
     sft_weight: float = _opt(0.0, "Weight of an NLL term on the chosen response (RPO for dpo; SimPO's SFT term).",
                              group="method")
     desirable_weight: float = _opt(1.0, "KTO: weight of desirable examples.", group="method")
@@ -90,6 +92,8 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "Optimizer steps to run (overrides --epochs).")
     epochs: float = _opt(1.0, "Passes over the training data.")
     max_grad_norm: float | None = _opt(1.0, "Clip the gradient norm to this; none = no clipping.")
+    max_bad_steps: int = _opt(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient "
+                                 "(each such step is skipped and its rows are named).")
     seed: int = _opt(42, "Seed for data order, initialisation of adapters and dropout.")
     # --- speed -------------------------------------------------------------------------------
     packing: bool = _opt(True, "Padding-free packed batches with the prompt computed once for both responses. "
@@ -134,8 +138,10 @@ class TrainConfig:
             for name in ("model", "data", "output_dir"):
                 if not getattr(self, name):
                     raise ConfigError(f"--{_flag(name)} is required")
-        _positive(self, "batch_size", "grad_accum", "max_length", "logging_steps", "logit_chunk_size")
+        _positive(self, "batch_size", "grad_accum", "max_length", "logging_steps", "logit_chunk_size", "max_bad_steps")
         _positive(self, "max_prompt_length", "max_steps", "eval_steps", "save_steps", "pack_tokens", optional=True)
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
         if self.beta <= 0 and self.loss != "sft":
             raise ConfigError(f"--beta must be > 0 (got {self.beta}); beta = 0 leaves DPO's loss stuck at log 2")
         if not 0.0 <= self.label_smoothing < 0.5:

@@ -34,6 +34,10 @@ from .reference import (AdapterOffReference, CachedReference, ModelReference, ca
 log = logging.getLogger("preftune")
 
 
+class TrainingDiverged(ValueError):
+    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -182,11 +186,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     window_start, window_pairs, window_tokens = time.perf_counter(), 0, 0
     last_metrics: dict = {}
     micro = step * cfg.grad_accum  # micro-batches consumed so far (global position in the data order)
+    bad_streak = 0
     while step < total_steps and not stop["now"]:
+        step_rows: list[int] = []
         for _ in range(cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
             global_ids = epoch_batches(epoch)[pos]
             ids = global_ids[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
+            step_rows.extend(ids)
             batch = collate([train_examples[i] for i in ids]).to(accelerator.device)
             policy = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)
             ref_logps = reference.logps(batch) if reference is not None else None
@@ -202,10 +209,26 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_pairs += batch.num_groups * world
             window_tokens += batch.num_tokens * world
             micro += 1
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        optimizer.step()
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+        # Numerical guard: every rank takes the same decision (a collective on every rank).
+        step_losses = window["loss"][-cfg.grad_accum:]
+        bad_here = float(not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in step_losses))
+        bad = float(accelerator.reduce(torch.tensor(bad_here, device=accelerator.device), reduction="sum")) > 0
+        if bad:
+            bad_streak += 1
+            rows = ", ".join(str(train_examples[i].location or f"example {i}") for i in step_rows[:8])
+            log.warning("step %d: non-finite loss or gradient; update skipped (rows: %s)", step + 1, rows)
+            for values in window.values():  # keep this step's values out of the logged means
+                del values[-cfg.grad_accum:]
+            if bad_streak >= cfg.max_bad_steps:
+                last = ckpt.list_checkpoints(cfg.output_dir)
+                where = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written (--save-steps)"
+                raise TrainingDiverged(f"{bad_streak} consecutive steps with a non-finite loss or gradient at step "
+                                       f"{step + 1}; stopping ({where}). Try a lower --learning-rate or "
+                                       f"--dtype float32.")
+        else:
+            bad_streak = 0
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
