@@ -1,0 +1,279 @@
+"""Sampling from a model, scoring completions, KL to a base model, on-policy pairs.
+
+* :func:`sample` — seeded, batched, left-padded generation -> completion texts.
+* :func:`sequence_logps` — summed log-prob of each completion given its prompt.
+* :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples.
+* :func:`best_vs_worst_pairs` — best and worst of n samples per prompt, by a judge.
+
+Prompts are plain text, or chat message lists (``[{"role": ..., "content": ...}]``)
+rendered with the tokenizer's chat template and ``add_generation_prompt=True``.
+The model is put in eval mode for each call and given back in the mode it came in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from preftune.judges import Judge, Prompt, ScoringJudge, check_lengths
+from preftune.stats import kl_from_samples
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """Plain text unchanged; a message list through the chat template (generation prompt on)."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a prompt is a list of messages but the tokenizer has no chat template; "
+                         "pass plain-text prompts or a tokenizer with a template")
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Prompt token ids, with the tokenizer's special tokens (BOS) unless the text already has them."""
+    text = render_prompt(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=_adds_special(tokenizer, text))["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {text!r:.60} encodes to no tokens; a completion needs at least one "
+                         "token before it to be predicted from")
+    return list(ids)
+
+
+def _adds_special(tokenizer, text: str) -> bool:
+    # Chat templates often write BOS themselves; adding another would be a double BOS.
+    bos = tokenizer.bos_token
+    return not (bos and text.startswith(bos))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS(s)."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an EOS token; generation could not stop")
+    return sorted(ids)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pad
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+    """``n`` sampled completions per prompt, decoded with the prompt removed and special tokens skipped.
+
+    Returns ``texts[i][j]``: the j-th completion of prompt i. Generation stops at EOS (the
+    tokenizer's and the model's generation-config EOS ids) or after ``max_new_tokens``.
+    ``temperature=0`` is greedy decoding. Sampling uses exactly ``temperature`` and
+    ``top_p``: the model's own generation config (top-k, repetition penalty, ...) is
+    overridden. Results are reproducible for the same (seed, prompts, n, batch_size) on the
+    same device; the global RNG state is restored afterwards.
+    """
+    _, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     batch_size: int = 8) -> tuple[list[list[int]], list[list[int]]]:
+    """Like :func:`sample` but token ids: ``(prompt_ids, completion_ids)``, one entry per sample.
+
+    Sample ``s = i * n + j`` is the j-th completion of prompt i. A completion keeps its
+    final EOS when it has one (its probability is part of the sequence's), and nothing after.
+    """
+    from transformers import GenerationConfig
+
+    if n < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    device = _device(model)
+    pad_id, eos_ids = _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    # Every knob set explicitly: values left None would be filled from the model's config.
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: off
+    else:  # greedy; transformers' neutral values, so a model config's sampling knobs raise no warnings
+        sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, num_beams=1,
+                              **sampling)
+    prompt_ids = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
+    completion_ids: list[list[int]] = []
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), _eval_mode(model), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start:start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, P) left padded
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)  # (B, P + T)
+            for row in output[:, width:].tolist():
+                # Rows that stopped early are padded after their EOS: keep up to and including it.
+                end = next((t + 1 for t, token in enumerate(row) if token in eos_ids), len(row))
+                completion_ids.append(row[:end])
+    return prompt_ids, completion_ids
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def sequence_logps(model, tokenizer, prompts: Sequence[Prompt], completions: Sequence[str],
+                   batch_size: int = 8, append_eos: bool = False) -> torch.Tensor:
+    """(S,) summed log-prob of each completion given its prompt under ``model`` (float32, CPU).
+
+    Boundary-exact: the prompt and prompt + completion are tokenized, and the completion's
+    tokens are the tail of the latter after the prompt's ids. If the prompt's ids are not
+    a prefix of the joint ids (BPE merged across the boundary), the completion is
+    tokenized on its own after the prompt's ids, as generation would have produced it.
+    ``append_eos`` adds the EOS token to each completion (score "says this, then stops").
+    """
+    check_lengths(prompts=prompts, completions=completions)
+    prompt_ids, completion_ids = [], []
+    for prompt, completion in zip(prompts, completions):
+        ids = encode_prompt(tokenizer, prompt)
+        text = render_prompt(tokenizer, prompt)
+        joint = list(tokenizer(text + completion, add_special_tokens=_adds_special(tokenizer, text))["input_ids"])
+        if joint[:len(ids)] == ids:
+            tail = joint[len(ids):]
+        else:
+            tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if append_eos:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("append_eos=True but the tokenizer has no EOS token")
+            tail.append(tokenizer.eos_token_id)
+        prompt_ids.append(ids)
+        completion_ids.append(tail)
+    return completion_logps(model, prompt_ids, completion_ids, _pad_id(tokenizer), batch_size)
+
+
+def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+                     pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """(S,) summed log-probs of token-id completions after token-id prompts; no grad.
+
+    One right-padded forward per batch of ``[prompt | completion | pad...]`` rows; the
+    logits at position t predict token t + 1, so completion token t is read at t - 1.
+    An empty completion scores 0.
+    """
+    check_lengths(prompt_ids=prompt_ids, completion_ids=completion_ids)
+    device = _device(model)
+    totals: list[torch.Tensor] = []
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, len(prompt_ids), batch_size):
+            prompts = prompt_ids[start:start + batch_size]
+            completions = completion_ids[start:start + batch_size]
+            width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, L)
+            attention_mask = torch.zeros_like(input_ids)
+            completion_mask = torch.zeros((len(prompts), width - 1), dtype=torch.bool)  # (B, L-1), by predictor
+            for row, (p, c) in enumerate(zip(prompts, completions)):
+                if not p:
+                    raise ValueError("every prompt needs at least one token")
+                input_ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+                attention_mask[row, :len(p) + len(c)] = 1
+                completion_mask[row, len(p) - 1:len(p) + len(c) - 1] = True
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            logits = logits[:, :-1].float().cpu()  # (B, L-1, V)
+            targets = input_ids[:, 1:]  # (B, L-1)
+            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, L-1)
+            totals.append((token_logps * completion_mask).sum(-1))
+    return torch.cat(totals) if totals else torch.zeros(0)
+
+
+def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: int = 4, max_new_tokens: int = 64,
+                seed: int = 0, batch_size: int = 8) -> tuple[float, float]:
+    """Monte-Carlo KL(model || base) per sequence, in nats: ``(mean, stderr)``.
+
+    Draws ``n_samples`` completions per prompt from ``model`` at temperature 1 and top-p 1
+    (any other setting would not sample the model's own distribution), scores the sampled
+    token ids (not re-tokenized text) under both models, and averages log p - log q with
+    :func:`preftune.stats.kl_from_samples`. Completions cut at ``max_new_tokens`` estimate
+    the KL of the distribution over such truncated sequences. ``model is base`` gives 0.
+    """
+    prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n_samples,
+                                                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    pad_id = _pad_id(tokenizer)
+    policy_logps = completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size)  # (S,)
+    base_logps = completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size)  # (S,)
+    return kl_from_samples(policy_logps, base_logps)
+
+
+# ----------------------------------------------------------------------------- on-policy pairs
+
+
+def best_vs_worst_pairs(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Sequence[str]],
+                        judge: Judge) -> tuple[list[dict], int]:
+    """One preference pair per prompt: its best sample as chosen, its worst as rejected.
+
+    A scoring judge scores every sample (first of equal scores wins). A pairwise judge
+    plays a round robin: every pair of a prompt's k samples is compared once (k(k-1)/2
+    comparisons, each asked in both orders by the openai judge), a sample earns its
+    outcome (1, 0.5 or 0) per game, and the most / fewest points pick best / worst.
+    Prompts whose samples all tie (or whose best and worst texts are identical) are skipped.
+
+    Returns ``(pairs, skipped_ties)`` with pairs ``{"prompt", "chosen", "rejected"}``.
+    """
+    check_lengths(prompts=prompts, samples_per_prompt=samples_per_prompt)
+    for samples in samples_per_prompt:
+        if len(samples) < 2:
+            raise ValueError(f"best_vs_worst_pairs needs >= 2 samples per prompt, got {len(samples)}")
+    if isinstance(judge, ScoringJudge):
+        flat_prompts = [p for p, samples in zip(prompts, samples_per_prompt) for _ in samples]
+        flat_samples = [s for samples in samples_per_prompt for s in samples]
+        flat_scores = judge.score(flat_prompts, flat_samples)
+        points, offset = [], 0
+        for samples in samples_per_prompt:
+            points.append(flat_scores[offset:offset + len(samples)])
+            offset += len(samples)
+    else:
+        games = [(p_index, i, j) for p_index, samples in enumerate(samples_per_prompt)
+                 for i in range(len(samples)) for j in range(i + 1, len(samples))]
+        result = judge.compare([prompts[p] for p, _, _ in games],
+                               [samples_per_prompt[p][i] for p, i, _ in games],
+                               [samples_per_prompt[p][j] for p, _, j in games])
+        points = [[0.0] * len(samples) for samples in samples_per_prompt]
+        for (p, i, j), outcome in zip(games, result.outcomes):
+            points[p][i] += outcome
+            points[p][j] += 1.0 - outcome
+    pairs, skipped_ties = [], 0
+    for prompt, samples, values in zip(prompts, samples_per_prompt, points):
+        best = max(range(len(values)), key=values.__getitem__)
+        worst = min(range(len(values)), key=values.__getitem__)
+        if values[best] == values[worst] or samples[best] == samples[worst]:
+            skipped_ties += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": samples[best], "rejected": samples[worst]})
+    return pairs, skipped_ties

@@ -1,0 +1,167 @@
+"""Sampling, completion log-probs, KL to a base model and on-policy pairs, on a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from preftune.generate import best_vs_worst_pairs, estimate_kl, sample, sample_token_ids, sequence_logps
+from preftune.judges import CompareResult, Judge, make_judge
+from preftune.tiny import tiny_model
+
+PROMPTS = ["Human: Tell me about the river.", "Human: Name a colour.\n\nAssistant:", "Hi"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    """Generation runs thousands of tiny matmuls; on a busy 2-core machine a second OpenMP
+    thread waiting for its descheduled peer makes each one ~30 ms instead of ~50 us."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return tiny_model("llama", vocab_size=len(tiny_tokenizer), seed=0)
+
+
+def with_token_bias(model, token_id: int, bias: float):
+    """A copy of ``model`` whose output head adds ``bias`` to one token's logit."""
+    biased = copy.deepcopy(model)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[token_id] = bias
+    biased.lm_head = head
+    return biased
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def test_seeded_sampling_is_reproducible(model, tiny_tokenizer):
+    first = sample(model, tiny_tokenizer, PROMPTS, n=3, max_new_tokens=8, seed=7, batch_size=4)
+    again = sample(model, tiny_tokenizer, PROMPTS, n=3, max_new_tokens=8, seed=7, batch_size=4)
+    other = sample(model, tiny_tokenizer, PROMPTS, n=3, max_new_tokens=8, seed=8, batch_size=4)
+    assert first == again
+    assert first != other
+    assert len(first) == 3 and all(len(texts) == 3 for texts in first)
+    assert all(isinstance(t, str) for texts in first for t in texts)
+
+
+def test_sampling_leaves_the_global_rng_and_mode_alone(model, tiny_tokenizer):
+    model.train()
+    state = torch.get_rng_state()
+    sample(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training
+    model.eval()
+
+
+def test_left_padding_does_not_change_greedy_output(model, tiny_tokenizer):
+    """A short prompt decodes the same alone and left-padded beside a long one."""
+    short, long = "Hi", "Human: Tell me about the library and the garden and the ocean."
+    alone = sample(model, tiny_tokenizer, [short], temperature=0, max_new_tokens=6)
+    batched = sample(model, tiny_tokenizer, [long, short], temperature=0, max_new_tokens=6)
+    assert batched[1] == alone[0]
+
+
+def test_generation_stops_at_eos(model, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    always_eos = with_token_bias(model, eos, 100.0)
+    _, completions = sample_token_ids(always_eos, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=8)
+    assert completions == [[eos]] * 6  # EOS kept in the ids (its probability counts) ...
+    assert sample(always_eos, tiny_tokenizer, PROMPTS, max_new_tokens=8) == [[""]] * 3  # ... not in the text
+
+
+def test_chat_prompts_use_the_template(model, tiny_tokenizer):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    prompt_ids, _ = sample_token_ids(model, tiny_tokenizer, [messages], max_new_tokens=2)
+    text = tiny_tokenizer.decode(prompt_ids[0])
+    assert text.endswith("<|im_start|>assistant\n") and text.count("<s>") == 1
+
+
+def test_bad_sampling_arguments(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="top_p"):
+        sample(model, tiny_tokenizer, PROMPTS, top_p=0.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        sample(model, tiny_tokenizer, PROMPTS, n=0)
+
+
+# ----------------------------------------------------------------------------- sequence_logps
+
+
+def test_sequence_logps_matches_a_manual_forward(model, tiny_tokenizer):
+    """Sum over completion tokens of log_softmax(logits[t - 1])[token t], from one unpadded forward."""
+    prompt, completion = "Human: Name a colour.\n\nAssistant:", " blue and black"
+    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
+    joint_ids = tiny_tokenizer(prompt + completion)["input_ids"]
+    assert joint_ids[:len(prompt_ids)] == prompt_ids
+    with torch.no_grad():
+        logps = model(torch.tensor([joint_ids])).logits[0].log_softmax(-1)  # (L, V)
+    expected = sum(logps[t - 1, joint_ids[t]].item() for t in range(len(prompt_ids), len(joint_ids)))
+    got = sequence_logps(model, tiny_tokenizer, [prompt, "Hi"], [completion, " a much longer completion here"])
+    assert got.shape == (2,)
+    assert got[0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_sequence_logps_padding_and_eos(model, tiny_tokenizer):
+    prompts = ["Hi", "Human: Tell me about the mountain."]
+    completions = [" The mountain is kind and calm.", " ok"]
+    batched = sequence_logps(model, tiny_tokenizer, prompts, completions, batch_size=2)
+    single = sequence_logps(model, tiny_tokenizer, prompts, completions, batch_size=1)
+    assert torch.allclose(batched, single, atol=1e-4)
+    with_eos = sequence_logps(model, tiny_tokenizer, prompts, completions, append_eos=True)
+    assert (with_eos < batched).all()  # plus log p(EOS) < 0
+    assert sequence_logps(model, tiny_tokenizer, ["Hi"], [""]).tolist() == [0.0]
+
+
+# ----------------------------------------------------------------------------- estimate_kl
+
+
+def test_kl_is_zero_for_the_same_model(model, tiny_tokenizer):
+    mean, stderr = estimate_kl(model, model, tiny_tokenizer, PROMPTS, n_samples=2, max_new_tokens=8)
+    assert abs(mean) < 1e-6 and stderr < 1e-6
+    mean, _ = estimate_kl(model, copy.deepcopy(model), tiny_tokenizer, PROMPTS, n_samples=2, max_new_tokens=8)
+    assert abs(mean) < 1e-6
+
+
+def test_kl_is_positive_after_favouring_a_token(model, tiny_tokenizer):
+    """+5 on one token's logit: the policy emits it often, which the base finds unlikely."""
+    token = tiny_tokenizer.convert_tokens_to_ids("Ġcalm")  # " calm", a word of the rule corpus
+    policy = with_token_bias(model, token, 5.0)
+    mean, stderr = estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=4, max_new_tokens=8)
+    assert mean > 1.0
+    assert mean > 3 * stderr
+
+
+# ----------------------------------------------------------------------------- best_vs_worst_pairs
+
+
+class LengthPairwiseJudge(Judge):
+    """A pairwise (non-scoring) judge: the longer response wins, equal lengths tie."""
+
+    def compare(self, prompts, responses_a, responses_b) -> CompareResult:
+        outcomes = [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+                    for a, b in zip(responses_a, responses_b)]
+        return CompareResult(outcomes=outcomes, ties=outcomes.count(0.5))
+
+
+@pytest.mark.parametrize("kind", ["scoring", "pairwise"])
+def test_best_vs_worst_pairs(kind, tmp_path):
+    path = tmp_path / "length.py"
+    path.write_text("def length(prompt, response):\n    return len(response)\n")
+    judge = make_judge(f"python:{path}:length") if kind == "scoring" else LengthPairwiseJudge()
+    prompts = ["p1", "p2", [{"role": "user", "content": "p3"}]]
+    samples = [["ab", "abcd", "a", "abc"], ["xy", "zw"], ["one", "three", "three"]]
+    pairs, skipped = best_vs_worst_pairs(prompts, samples, judge)
+    assert skipped == 1  # p2: all samples tie
+    assert pairs == [{"prompt": "p1", "chosen": "abcd", "rejected": "a"},
+                     {"prompt": prompts[2], "chosen": "three", "rejected": "one"}]
+
+
+def test_best_vs_worst_needs_two_samples(tmp_path):
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        best_vs_worst_pairs(["p"], [["only one"]], LengthPairwiseJudge())
