@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    from . import cli_data
+
+    cli_data.register(sub)
     return parser
 
 

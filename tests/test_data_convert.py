@@ -1,0 +1,202 @@
+"""``preftune data convert`` and ``preftune data split``: formats round trip into ``load_dataset``,
+KTO doubles the rows with alternating labels, splits are grouped by prompt and seeded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from preftune.cli_data import register
+from preftune.data import load_dataset, read_rows
+from preftune.data.convert import convert, dialogue_to_messages, messages_to_dialogue, write_rows
+from preftune.data.split import normalize_text, prompt_key, split
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def rows_of(path) -> list[dict]:
+    return [row for _, row in read_rows(path)]
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="preftune")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+DIALOGUE = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Sky colour?\n\nAssistant: Blue.",
+            "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Sky colour?\n\nAssistant: Go away."}
+
+
+# ------------------------------------------------------------------------------- text <-> messages
+
+
+def test_dialogue_text_to_messages_and_back():
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Sky colour?\n\nAssistant:"
+    messages = [user("Hi there"), assistant("Hello!"), user("Sky colour?")]  # the open Assistant turn dropped
+    assert dialogue_to_messages(prompt) == messages
+    assert messages_to_dialogue(messages) + "\n\nAssistant:" == prompt
+    assert dialogue_to_messages("Q: sky?") == [user("Q: sky?")]  # no markers: one user turn
+    assert dialogue_to_messages("Be brief.\n\nHuman: hi\n\nAssistant:") == [{"role": "system", "content": "Be brief."},
+                                                                             user("hi")]
+
+
+def test_hh_dialogue_to_messages_then_standard_round_trip(tmp_path):
+    src = write_jsonl(tmp_path / "hh.jsonl", [DIALOGUE])
+    result = convert(src, tmp_path / "m.jsonl", to="messages")
+    assert (result.rows_read, result.converted, result.written, result.bad_records) == (1, 1, 1, 0)
+    assert rows_of(tmp_path / "m.jsonl") == [{"prompt": [user("Hi there"), assistant("Hello!"), user("Sky colour?")],
+                                              "chosen": [assistant("Blue.")], "rejected": [assistant("Go away.")]}]
+    convert(tmp_path / "m.jsonl", tmp_path / "s.jsonl", to="standard")
+    assert rows_of(tmp_path / "s.jsonl") == [{"prompt": DIALOGUE["chosen"].removesuffix(" Blue."),
+                                              "chosen": " Blue.", "rejected": " Go away."}]
+
+
+def test_hh_rlhf_to_messages_loads_the_same_pairs(hh_rlhf_path, tiny_tokenizer, tmp_path):
+    out = tmp_path / "hh-messages.jsonl"
+    result = convert(hh_rlhf_path, out, to="messages")
+    assert (result.rows_read, result.converted, result.written, result.bad_records) == (2312, 2308, 2308, 4)
+    assert result.bad_record_samples[0] == f"{hh_rlhf_path}:87: field 'chosen' is empty or whitespace only"
+    first = rows_of(out)[0]
+    assert first["prompt"][:3] == [user("what are some pranks with a pen i can do?"),
+                                   assistant("Are you looking for practical joke ideas?"), user("yep")]
+    examples, report = load_dataset(out, tiny_tokenizer)  # no --skip-bad-records needed any more
+    assert (len(examples), report.bad_records, report.prompt_sources) == (2308, 0, {"explicit": 2308})
+
+
+# ------------------------------------------------------------------------------- kto, sft, scores
+
+
+def test_paired_to_kto_doubles_rows_with_alternating_labels(tmp_path, tiny_tokenizer):
+    pairs = [{"prompt": f"Q{i}?", "chosen": " kind", "rejected": " rude"} for i in range(5)]
+    src = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    result = convert(src, tmp_path / "kto.jsonl", to="kto")
+    assert (result.converted, result.written) == (5, 10)
+    rows = rows_of(tmp_path / "kto.jsonl")
+    assert [r["label"] for r in rows] == [True, False] * 5
+    assert rows[:2] == [{"prompt": "Q0?", "completion": " kind", "label": True},
+                        {"prompt": "Q0?", "completion": " rude", "label": False}]
+    examples, _ = load_dataset(tmp_path / "kto.jsonl", tiny_tokenizer, kind="unpaired")
+    assert [ex.label for ex in examples] == [True, False] * 5
+
+
+def test_sft_keeps_the_chosen_side(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [DIALOGUE, {"prompt": [user("sky?")], "chosen": [assistant("blue")],
+                                                        "rejected": [assistant("black")]}])
+    convert(src, tmp_path / "sft.jsonl", to="sft")
+    assert rows_of(tmp_path / "sft.jsonl") == [
+        {"prompt": DIALOGUE["chosen"].removesuffix(" Blue."), "completion": " Blue."},
+        {"messages": [user("sky?"), assistant("blue")]}]
+
+
+def test_ultrafeedback_scores_are_kept_and_ties_can_be_dropped(tmp_path):
+    def row(prompt, good, bad, score_chosen, score_rejected):
+        return {"prompt": prompt, "chosen": [user(prompt), assistant(good)], "rejected": [user(prompt), assistant(bad)],
+                "messages": [user(prompt), assistant(good)], "score_chosen": score_chosen,
+                "score_rejected": score_rejected}
+
+    src = write_jsonl(tmp_path / "uf.jsonl", [row("sky?", "blue", "black", 8.0, 3.0),
+                                              row("sea?", "wet", "dry", 5.0, 5.0)])
+    kept = convert(src, tmp_path / "all.jsonl", to="standard")
+    assert (kept.written, kept.equal_scores, kept.dropped) == (2, 1, {})
+    assert rows_of(tmp_path / "all.jsonl")[0] == {"prompt": "\n\nHuman: sky?\n\nAssistant:", "chosen": " blue",
+                                                  "rejected": " black", "score_chosen": 8.0, "score_rejected": 3.0}
+    dropped = convert(src, tmp_path / "strict.parquet", to="messages", drop_equal_scores=True)
+    assert (dropped.written, dropped.dropped) == (1, {"equal scores": 1})
+    assert rows_of(tmp_path / "strict.parquet") == [{"prompt": [user("sky?")], "chosen": [assistant("blue")],
+                                                     "rejected": [assistant("black")], "score_chosen": 8.0,
+                                                     "score_rejected": 3.0}]
+
+
+def test_bad_records_are_counted_and_the_rest_converted(tmp_path):
+    src = tmp_path / "mixed.jsonl"
+    src.write_text('{"prompt": "a", "chosen": " x", "rejected": " y"}\n{broken\n{"prompt": "b", "chosen": " x"}\n'
+                   '{"prompt": "c", "chosen": " x", "rejected": " z"}\n')
+    result = convert(src, tmp_path / "out.jsonl", to="standard")
+    assert (result.rows_read, result.converted, result.bad_records) == (4, 2, 2)
+    assert [s.split(": ")[0] for s in result.bad_record_samples] == [f"{src}:2", f"{src}:3"]
+    assert run_cli(["data", "convert", str(src), str(tmp_path / "o.jsonl.gz"), "--to", "kto"]) == 0
+    assert len(rows_of(tmp_path / "o.jsonl.gz")) == 4
+
+
+def test_outputs_refused_or_never_half_written(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [DIALOGUE])
+    with pytest.raises(ValueError, match="overwrite the input"):
+        convert(src, src, to="standard")
+    with pytest.raises(ValueError, match="must end in"):
+        convert(src, tmp_path / "out.csv", to="standard")
+    with pytest.raises(ValueError, match="unknown target"):
+        convert(src, tmp_path / "out.jsonl", to="chatml")
+    target = write_jsonl(tmp_path / "keep.jsonl", [{"old": 1}])
+
+    def failing():
+        yield {"new": 1}
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        write_rows(target, failing())
+    assert rows_of(target) == [{"old": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.jsonl", "p.jsonl"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------------------- split
+
+
+def prompt_groups_rows(n_prompts: int) -> list[dict]:
+    """Pairs with 1-3 records per prompt; two prompts differ only in case and punctuation."""
+    rows = []
+    for i in range(n_prompts):
+        for j in range(1 + i % 3):
+            rows.append({"prompt": f"Question {i}?", "chosen": f" good {j}", "rejected": f" bad {j}"})
+    rows.append({"prompt": "QUESTION 0!", "chosen": " other", "rejected": " worse"})  # same group as "Question 0?"
+    return rows
+
+
+def test_split_is_grouped_by_prompt_and_seeded(tmp_path):
+    rows = prompt_groups_rows(40)  # 79 + 1 records
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    result = split(src, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval_fraction=0.2, seed=1)
+    train, held_out = rows_of(tmp_path / "train.jsonl"), rows_of(tmp_path / "eval.jsonl")
+    assert (result.rows_read, result.train_rows + result.eval_rows, result.bad_records) == (80, 80, 0)
+    assert (len(train), len(held_out)) == (result.train_rows, result.eval_rows)
+    assert result.eval_rows == 16  # round(0.2 * 80), filled exactly by whole groups
+    assert not {prompt_key(r["prompt"]) for r in train} & {prompt_key(r["prompt"]) for r in held_out}
+    assert sorted(map(json.dumps, train + held_out)) == sorted(map(json.dumps, rows))  # nothing lost or changed
+
+    again = split(src, tmp_path / "t2.jsonl", tmp_path / "e2.jsonl", eval_fraction=0.2, seed=1)
+    assert (tmp_path / "e2.jsonl").read_bytes() == (tmp_path / "eval.jsonl").read_bytes() and again == result
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    split(shuffled, tmp_path / "t3.jsonl", tmp_path / "e3.jsonl", eval_fraction=0.2, seed=1)
+    assert sorted(map(json.dumps, rows_of(tmp_path / "e3.jsonl"))) == sorted(map(json.dumps, held_out))
+    split(src, tmp_path / "t4.jsonl", tmp_path / "e4.jsonl", eval_fraction=0.2, seed=2)
+    assert rows_of(tmp_path / "e4.jsonl") != held_out
+
+
+def test_split_eval_size_and_bad_input(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "pairs.jsonl", prompt_groups_rows(10))
+    code = run_cli(["data", "split", str(src), "--train", str(tmp_path / "tr.parquet"), "--eval",
+                    str(tmp_path / "ev.jsonl"), "--eval-size", "5", "--seed", "3"])
+    assert code == 0 and "no prompt on both sides" in capsys.readouterr().out
+    assert len(rows_of(tmp_path / "ev.jsonl")) == 5 and len(rows_of(tmp_path / "tr.parquet")) == 15
+    with pytest.raises(ValueError, match="not both"):
+        split(src, tmp_path / "a.jsonl", tmp_path / "b.jsonl", eval_fraction=0.1, eval_size=3)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        split(src, tmp_path / "a.jsonl", tmp_path / "b.jsonl", eval_size=20)
+    one_prompt = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "q", "chosen": " a", "rejected": " b"}] * 3)
+    with pytest.raises(ValueError, match="at least two"):
+        split(one_prompt, tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+
+
+def test_normalize_text():
+    assert normalize_text("  Hello,   World!\n") == "hello world"
+    assert normalize_text("¿Qué tal?") == "qué tal"
