@@ -8,11 +8,15 @@ log / evaluate / checkpoint -> save the final model.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import logging
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +42,22 @@ class TrainingDiverged(ValueError):
     """Too many consecutive non-finite steps; the message names the last good checkpoint."""
 
 
+class TrainingInterrupted(SystemExit):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run after a checkpoint was written.
+
+    A ``SystemExit`` with code 130 (SIGINT) or 143 (SIGTERM): the CLI exits with it and no
+    traceback (the log line says how to resume), and ``except Exception`` does not swallow it.
+    ``checkpoint`` is the folder to resume from (``None`` on ranks other than the main one).
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None, step: int, code: int):
+        super().__init__(code)
+        self.message, self.checkpoint, self.step = message, checkpoint, step
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -61,6 +81,32 @@ def attach_kl_partners(examples, seed: int) -> None:
     for pos, idx in enumerate(shift.tolist()):
         partner = shift[(pos + 1) % n].item()
         examples[idx].completions = [examples[idx].completions[0], examples[partner].completions[0]]
+
+
+def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """KTO batch order in which every batch mixes desirable and undesirable examples.
+
+    Each label's examples are shuffled on their own and then interleaved in proportion to the
+    label counts, so a batch of 8 from balanced data holds ~4 of each. (A sequential sampler over
+    a paired file unpaired in blocks yields single-label batches and degenerates KTO's KL point;
+    a plain shuffle still leaves some.) The batches themselves are then shuffled.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    positive = [i for i, ex in enumerate(examples) if ex.label]
+    negative = [i for i, ex in enumerate(examples) if not ex.label]
+    positive = [positive[j] for j in torch.randperm(len(positive), generator=gen).tolist()]
+    negative = [negative[j] for j in torch.randperm(len(negative), generator=gen).tolist()]
+    order, p, n = [], 0, 0
+    while p < len(positive) or n < len(negative):
+        # take from the label that is furthest behind its share
+        if n >= len(negative) or (p < len(positive) and p * len(negative) <= n * len(positive)):
+            order.append(positive[p])
+            p += 1
+        else:
+            order.append(negative[n])
+            n += 1
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def make_collate(cfg: TrainConfig, pad_id: int, packing: bool):
@@ -152,10 +198,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     world = accelerator.num_processes
     global_batch = cfg.batch_size * world
 
+    @functools.lru_cache(maxsize=2)
     def epoch_batches(epoch: int) -> list[list[int]]:
         """This epoch's global batches (each cut into per-rank slices of batch_size)."""
+        if cfg.loss == "kto":
+            return mixed_label_batches(train_examples, global_batch, cfg.seed, epoch)
         return batch_indices(train_examples, global_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             length_grouped=cfg.length_grouped and cfg.loss != "kto")
+                             length_grouped=cfg.length_grouped)
 
     micro_per_epoch = len(epoch_batches(0))
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
@@ -178,8 +227,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             write_metrics(out, {"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
 
     # ---- the loop ------------------------------------------------------------------------------
-    stop = {"now": False}
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True)) if main else None
+    stop = StopOnSignal(accelerator, first_step=step)  # Ctrl-C / SIGTERM: checkpoint after this step, exit
     bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.loss}", unit="step", disable=not (main and cfg.progress))
     model.train()
     window: dict[str, list[float]] = {}
@@ -187,7 +235,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_metrics: dict = {}
     micro = step * cfg.grad_accum  # micro-batches consumed so far (global position in the data order)
     bad_streak = 0
-    while step < total_steps and not stop["now"]:
+    while step < total_steps and not stop.requested():
         step_rows: list[int] = []
         for _ in range(cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
@@ -210,22 +258,30 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_tokens += batch.num_tokens * world
             micro += 1
         grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        # Numerical guard: every rank takes the same decision (a collective on every rank).
+        # Numerical guard: every rank takes the same decision (a collective on every rank). A bad step
+        # changes neither the weights nor the optimizer moments; it still counts as a step.
         step_losses = window["loss"][-cfg.grad_accum:]
         bad_here = float(not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in step_losses))
         bad = float(accelerator.reduce(torch.tensor(bad_here, device=accelerator.device), reduction="sum")) > 0
         if bad:
             bad_streak += 1
-            rows = ", ".join(str(train_examples[i].location or f"example {i}") for i in step_rows[:8])
-            log.warning("step %d: non-finite loss or gradient; update skipped (rows: %s)", step + 1, rows)
+            what = ("loss " + ", ".join(f"{v:g}" for v in step_losses) if not all(map(math.isfinite, step_losses))
+                    else f"gradient norm {grad_norm:g}")
+            log.warning("step %d: non-finite %s; update skipped (%d of --max-bad-steps %d in a row); rows: %s",
+                        step + 1, what, bad_streak, cfg.max_bad_steps, describe_rows(train_examples, step_rows))
             for values in window.values():  # keep this step's values out of the logged means
                 del values[-cfg.grad_accum:]
             if bad_streak >= cfg.max_bad_steps:
-                last = ckpt.list_checkpoints(cfg.output_dir)
-                where = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written (--save-steps)"
-                raise TrainingDiverged(f"{bad_streak} consecutive steps with a non-finite loss or gradient at step "
-                                       f"{step + 1}; stopping ({where}). Try a lower --learning-rate or "
-                                       f"--dtype float32.")
+                # Finish this (skipped) step as the loop would, so the checkpoint is a state the run passed
+                # through; its weights are those of the last good step.
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                path = save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro)
+                stop.restore()
+                raise TrainingDiverged(f"{bad_streak} consecutive steps with a non-finite loss or gradient (steps "
+                                       f"{step + 2 - bad_streak}-{step + 1}); stopping. The last good weights are "
+                                       f"in checkpoint {path or 'written by the main process'}. Check the rows "
+                                       f"named above, or try a lower --learning-rate or --dtype float32.")
         else:
             bad_streak = 0
             optimizer.step()
@@ -253,12 +309,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.save_steps and step % cfg.save_steps == 0:
             save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro)
     bar.close()
-    if previous is not None:
-        signal.signal(signal.SIGINT, previous)
-    if stop["now"]:
-        path = save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro)
-        log.warning("interrupted at step %d; checkpoint saved to %s (resume with --resume-from latest)", step, path)
-        return TrainResult(out, step, last_metrics)
+    stop.restore()
+    if stop.stopping:  # the same decision on every rank (see StopOnSignal.requested)
+        just_saved = cfg.save_steps and step > stop.first_step and step % cfg.save_steps == 0
+        path = (ckpt.checkpoint_path(cfg.output_dir, step) if just_saved
+                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro))
+        message = (f"interrupted at step {step} of {total_steps}; checkpoint saved to {path}. To continue, run the "
+                   f"same command with --resume-from latest")
+        if main:
+            log.warning(message)
+        raise TrainingInterrupted(message, path if main else None, step, 128 + stop.signum)
 
     eval_after = evaluator(model, eval_examples) if eval_examples else {}
     if eval_after and main:
@@ -358,6 +418,63 @@ def _all_keys(cfg) -> list[str]:
     return keys
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, write a checkpoint and
+    raise :class:`TrainingInterrupted` (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
+
+    A second signal aborts at once (``KeyboardInterrupt``, no checkpoint). Installed on every rank;
+    :meth:`requested` takes the decision together (a gather every step), so all ranks leave the
+    loop after the same step. Holds no model: if ``train`` has left by an exception when a signal
+    arrives, the previous handlers are put back and the signal is delivered to them.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, accelerator, first_step: int):
+        self.first_step = first_step  # the step the loop started from (0, or the resumed step)
+        self.signum = 0  # the signal that asked to stop (the largest across ranks once decided)
+        self.stopping = False  # the last decision of requested(), the same on every rank
+        self.num_processes, self.device = accelerator.num_processes, accelerator.device
+        self._gather = accelerator.gather
+        self._code = sys._getframe(1).f_code  # train()'s code: the handler is live while it runs
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        while frame is not None and frame.f_code is not self._code:
+            frame = frame.f_back
+        if frame is None or self.signum:  # train() has gone, or a second signal: as if we were never here
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s: stopping after this step and writing a checkpoint (send it again to abort at once)",
+                    signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """Whether any rank was asked to stop (a collective with several processes)."""
+        signum = self.signum
+        if self.num_processes > 1:
+            signum = int(self._gather(torch.tensor([signum], device=self.device)).max())
+        self.signum, self.stopping = signum, signum > 0
+        return self.stopping
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def describe_rows(examples, ids: list[int], limit: int = 10) -> str:
+    """Where the rows ``ids`` came from, for a log line: ``pairs.jsonl:3, pairs.jsonl:17 (+6 more)``."""
+    names = ", ".join(str(examples[i].location or f"example {i}") for i in ids[:limit])
+    return names + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
 def trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
     """Weights that training changes: adapters only with LoRA, else the full state dict."""
     unwrapped = accelerator.unwrap_model(model)
@@ -369,31 +486,75 @@ def trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
 
 
 def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int, micro: int) -> Path | None:
+    """Checkpoint all the rest of the run depends on: trainable weights, optimizer moments, scheduler
+    position, every rank's RNG state and the data position (``micro`` micro-batches consumed).
+
+    A collective (every rank calls it); returns the folder on the main process, else ``None``.
+    """
+    from accelerate.utils import gather_object
+
     state = trainable_state(accelerator, model)
+    rng = gather_object([ckpt.rng_state()])  # one per rank: ranks draw different dropout masks
     path = None
     if accelerator.is_main_process:
         path = ckpt.save_checkpoint(cfg.output_dir, step, state, optimizer, scheduler,
-                                    {"step": step, "micro": micro, "config": cfg.to_dict()}, cfg.save_total_limit)
+                                    {"step": step, "micro": micro, "processes": accelerator.num_processes,
+                                     "config": cfg.to_dict()}, cfg.save_total_limit, rng=rng)
     accelerator.wait_for_everyone()
     return path
 
 
 def resume(cfg, accelerator, model, optimizer, scheduler) -> int:
+    """Restore ``cfg.resume_from`` into the prepared model, optimizer and scheduler, and this rank's
+    RNG state; return its step (the loop derives the data position: step x grad_accum micro-batches).
+
+    Refuses a checkpoint written under other options (naming each, with both values) or by another
+    number of processes. Drops the metrics rows of the steps after it, which the run will redo.
+    """
     path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
     loaded = ckpt.load_checkpoint(path)
-    diffs = ckpt.config_differences(loaded["state"]["config"], cfg.to_dict())
+    saved = loaded["state"]
+    diffs = ckpt.config_differences(saved.get("config") or {}, cfg.to_dict())
     if diffs:
-        raise ValueError(f"checkpoint {path} was written by another configuration: " + "; ".join(diffs))
-    unwrapped = accelerator.unwrap_model(model)
-    missing = unwrapped.load_state_dict(loaded["model"], strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has unexpected weights, e.g. {missing.unexpected_keys[0]}")
+        raise ValueError(f"checkpoint {path} was written with other options: {'; '.join(diffs)}. Resume with the "
+                         f"checkpoint's options, or start a new run in another --output-dir")
+    processes = int(saved.get("processes", 1))
+    if processes != accelerator.num_processes:
+        raise ValueError(f"checkpoint {path} was written by {processes} processes, now {accelerator.num_processes}: "
+                         f"the global batch and data order would change; resume with {processes} processes")
+    expected = set(trainable_state(accelerator, model))
+    result = accelerator.unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} has unexpected weights, e.g. {result.unexpected_keys[0]}")
+    missing = sorted(expected - set(loaded["model"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} trained weights, e.g. {missing[0]}")
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
-    ckpt.set_rng_state(loaded["rng"])
+    ckpt.set_rng_state(loaded["rng"]["ranks"][accelerator.process_index])
+    step = int(saved["step"])
     if accelerator.is_main_process:
-        log.info("resumed from %s at step %d", path, loaded["state"]["step"])
-    return int(loaded["state"]["step"])
+        drop_metrics_after(Path(cfg.output_dir) / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove the rows of steps after ``step`` (redone by a resumed run), so each step is logged once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def row_step(line: str) -> float:
+        try:
+            return float(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            return 0  # not ours to judge: keep it
+    kept = [line for line in lines if row_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def save_final(cfg, accelerator, model, tokenizer, out: Path) -> None:
