@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from .config import ConfigError, TrainConfig, coerce, field_type
+from .judges import JudgeError
 
 GROUP_TITLES = {
     "model": "model", "data": "data", "method": "method and reference", "lora": "LoRA",
@@ -95,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    from . import cli_data
+    from . import cli_data, cli_eval
 
+    cli_eval.register(sub)
     cli_data.register(sub)
     return parser
 
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, JudgeError) as exc:
+        if os.environ.get("PREFTUNE_DEBUG"):
+            raise
         print(f"preftune: error: {exc}", file=sys.stderr)
         return 1
 

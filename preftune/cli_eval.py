@@ -1,0 +1,173 @@
+"""Command line for evaluation: ``preftune eval``, ``preftune generate`` and ``preftune compare``.
+
+Argument parsing only; the work is in :mod:`preftune.evaluate` and :mod:`preftune.compare`.
+``register(subparsers)`` adds the three commands to the ``preftune`` parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EVAL_EPILOG = """\
+examples:
+  preftune eval --model runs/dpo1 --ref-model ./sft --data held_out.jsonl
+  preftune eval --model runs/dpo1 --ref-model ./sft --data held_out.jsonl --nll-data sft_val.jsonl --json
+  preftune eval --model runs/dpo1 --ref-model ./sft --data held_out.jsonl \\
+      --generate 64 --judge python:my_judges.py:score --max-new-tokens 128 --seed 0
+
+what is measured:
+  preference accuracy  share of held-out pairs whose implicit reward beta * (logp_model - logp_ref) is higher
+                       for the chosen response; without --ref-model the raw preference logp(chosen) >
+                       logp(rejected) (the output says which)
+  NLL/token            mean NLL per token of the chosen responses (or of --nll-data) under model and base
+  KL(model || base)    Monte-Carlo on the model's samples (--generate N prompts, temperature 1)
+  win rate vs base     model's sample vs base's sample per prompt under --judge, 95% Wilson interval
+
+judges (--judge):
+  python:module:function | python:path/to/file.py:function   f(prompt, response) -> float, higher is better
+  reward-model:PATH                                         a sequence-classification reward model
+  openai:URL#MODEL                                          an OpenAI-compatible server, asked in both orders
+"""
+
+GENERATE_EPILOG = """\
+examples:
+  preftune generate --model ./sft --prompts prompts.txt --n 4 --judge python:my_judges.py:score --out pairs.jsonl
+  preftune generate --model runs/dpo1 --prompts held_out.jsonl --n 8 --judge reward-model:./rm \\
+      --temperature 0.8 --top-p 0.95 --out round2.jsonl
+
+prompts file (--prompts):
+  prompts.txt     one prompt per line (blank lines skipped; use JSONL for prompts with newlines)
+  prompts.jsonl   {"prompt": "..."} or {"prompt": [{"role": "user", "content": "..."}]} per line; records
+                  without "prompt" give the prompt of their chosen/rejected pair (explicit or implicit,
+                  as in training) or of their SFT "messages"
+
+output: one {"prompt", "chosen", "rejected"} pair per prompt (best vs worst of the n samples by the judge),
+readable by `preftune train --data`. Prompts whose samples all tie, or whose best or worst sample is
+empty text (training refuses empty completions), are skipped and counted.
+"""
+
+COMPARE_EPILOG = """\
+example sweep.yaml (relative paths are relative to the current directory):
+  base: ./sft-model             # every variant starts from it and is compared with it
+  data: train.jsonl
+  eval_data: held_out.jsonl
+  output_dir: runs/sweep
+  common: {max_steps: 50, batch_size: 8, learning_rate: 5.0e-6}   # any `preftune train` option
+  variants:
+    - {name: dpo-b0.05, loss: dpo, beta: 0.05}
+    - {name: ipo, loss: ipo, beta: 0.5}
+    - {name: simpo, loss: simpo}
+  eval: {generate: 16, judge: "python:my_judges.py:score"}   # optional; also max_new_tokens, temperature,
+                                # top_p, seed, batch_size, beta, kl_samples, nll_data, max_examples
+  criterion: win_rate           # or eval_accuracy: how the best variant is chosen
+  isolate: true                 # one process per variant (its peak memory is measured); default
+
+writes OUTPUT_DIR/<name>/ per variant (done.json when finished: re-runs skip it), and OUTPUT_DIR/report.md,
+report.html (self-contained), summary.json, curves.png, frontier.png. A failed variant is reported with its
+error; the others still run.
+"""
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample at most (default: 64)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature; 0 = greedy (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call "
+                                                                  "(default: 8)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="weights dtype (default: float32)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder / hub")
+
+
+def register(subparsers) -> None:
+    """Add ``eval``, ``generate`` and ``compare`` to the ``preftune`` sub-command parsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    ev = subparsers.add_parser("eval", help="evaluate a model against its base on held-out pairs",
+                               description="Held-out preference metrics, NLL regression vs the base, and\n"
+                                           "(with --generate) KL to the base and the win rate over it.",
+                               epilog=EVAL_EPILOG, formatter_class=fmt)
+    ev.add_argument("--model", required=True, help="model to evaluate (folder or hub name)")
+    ev.add_argument("--ref-model", help="the base / reference model (folder or hub name); without it: raw "
+                                        "log-prob preference, no NLL difference, no generation")
+    ev.add_argument("--data", required=True, help="held-out preference pairs (any `preftune train` format)")
+    ev.add_argument("--nll-data", help="SFT file for the NLL check (default: chosen responses of --data)")
+    ev.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="sample the first N prompts of --data with model and base (default: 0 = off)")
+    ev.add_argument("--judge", help="judge spec for the win rate (needs --generate)")
+    ev.add_argument("--kl-samples", type=int, default=1, help="samples per prompt for the KL estimate (default: 1)")
+    ev.add_argument("--beta", type=float, default=0.1, help="implicit-reward scale (default: 0.1)")
+    ev.add_argument("--max-length", type=int, default=1024, help="max prompt + completion tokens (default: 1024)")
+    ev.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens (default: 512)")
+    ev.add_argument("--max-examples", type=int, help="use only the first N held-out records")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ev.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
+    _add_sampling_flags(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    gen = subparsers.add_parser("generate", help="build on-policy preference pairs: best vs worst of n samples",
+                                description="Sample --n responses per prompt from --model, rank them with\n"
+                                            "--judge, and write the best as chosen and the worst as rejected.",
+                                epilog=GENERATE_EPILOG, formatter_class=fmt)
+    gen.add_argument("--model", required=True, help="model to sample (folder or hub name)")
+    gen.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or JSONL (see below)")
+    gen.add_argument("--n", type=int, default=4, help="samples per prompt (>= 2; default: 4)")
+    gen.add_argument("--judge", required=True, help="judge spec ranking the samples")
+    gen.add_argument("--out", required=True, metavar="PAIRS.jsonl", help="where to write the pairs")
+    gen.add_argument("--max-prompts", type=int, help="use only the first N prompts")
+    _add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    cmp = subparsers.add_parser("compare", help="train several variants from one base and compare them",
+                                description="Train each variant of a sweep file from the same base on the\n"
+                                            "same data, evaluate each against the base, and write a report\n"
+                                            "(table, training curves, reward-vs-KL plot, best variant).",
+                                epilog=COMPARE_EPILOG, formatter_class=fmt)
+    cmp.add_argument("--config", required=True, metavar="SWEEP.yaml", help="the sweep file")
+    cmp.set_defaults(func=cmd_compare)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_model, format_table, to_json
+
+    result = evaluate_model(args.model, args.data, ref_model=args.ref_model, nll_data=args.nll_data,
+                            generate=args.generate, judge=args.judge, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            batch_size=args.batch_size, max_length=args.max_length,
+                            max_prompt_length=args.max_prompt_length, beta=args.beta, kl_samples=args.kl_samples,
+                            max_examples=args.max_examples, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    text = to_json(result)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text if args.json else format_table(result))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .evaluate import onpolicy_pairs, read_prompts
+
+    prompts = read_prompts(args.prompts, limit=args.max_prompts)
+    pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                    batch_size=args.batch_size, dtype=args.dtype,
+                                    trust_remote_code=args.trust_remote_code)
+    with open(args.out, "w") as fh:
+        for pair in pairs:
+            fh.write(json.dumps(pair) + "\n")
+    print(f"{len(pairs)} pairs from {len(prompts)} prompts written to {args.out}; skipped: "
+          f"{counts['skipped_ties']} prompts whose {args.n} samples all tied, "
+          f"{counts['skipped_empty']} whose best or worst sample was empty")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    path = run_compare(args.config)
+    print(json.loads((path.parent / "summary.json").read_text())["best_text"])
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    return 0

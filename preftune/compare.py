@@ -1,0 +1,399 @@
+"""Compare training variants: same base, same data, one report.
+
+A sweep file (YAML) names the base model, the data, the options every variant shares and
+what each variant changes::
+
+    base: ./sft-model                # the model every variant starts from (and is compared with)
+    data: train.jsonl
+    eval_data: held_out.jsonl
+    output_dir: runs/sweep
+    common: {max_steps: 50, batch_size: 8, learning_rate: 5.0e-6}   # TrainConfig options
+    variants:
+      - {name: dpo-b0.05, loss: dpo, beta: 0.05}
+      - {name: ipo, loss: ipo, beta: 0.5}
+      - {name: simpo, loss: simpo}
+    eval: {generate: 16, judge: "python:mymod:score"}   # evaluate_model options (optional)
+    criterion: win_rate               # or eval_accuracy (default: win_rate when eval has a judge)
+    isolate: true                     # one subprocess per variant (default; gives its peak memory)
+
+Relative paths are relative to the current directory, as for ``preftune train --config``.
+
+:func:`run_compare` trains each variant into ``output_dir/<name>`` (:func:`preftune.train.train`),
+evaluates it against the base (:func:`preftune.evaluate.evaluate_model`, the base as the
+reference for every variant), and writes ``report.md``, ``report.html`` (self-contained),
+``summary.json`` and the plots. A variant that fails is reported with its error and the
+sweep goes on. A finished variant leaves ``done.json`` (its settings and results) and is
+skipped when the sweep is run again with the same settings for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from preftune.config import ConfigError, TrainConfig
+from preftune.stats import wilson_interval
+
+log = logging.getLogger("preftune")
+
+CRITERIA = {
+    "win_rate": "win rate of the variant's samples over the base's under the judge (a tie counts half)",
+    "eval_accuracy": "held-out preference accuracy: implicit reward beta * (logp_variant - logp_base) of the "
+                     "chosen response > the rejected one",
+}
+SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "eval", "criterion", "isolate")
+EVAL_OPTIONS = {"generate": int, "judge": str, "max_new_tokens": int, "temperature": float, "top_p": float,
+                "seed": int, "batch_size": int, "beta": float, "kl_samples": int, "nll_data": str,
+                "max_examples": int}
+SET_BY_SWEEP = ("model", "data", "eval_data", "output_dir")  # TrainConfig fields the sweep file owns
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: str
+    data: str
+    eval_data: str
+    output_dir: Path
+    common: dict = field(default_factory=dict)
+    variants: list[dict] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+    criterion: str = "eval_accuracy"
+    isolate: bool = True
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; :class:`ConfigError` naming the key for anything wrong."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with base, data, eval_data, output_dir, variants")
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(SWEEP_KEYS)})")
+    for key in ("base", "data", "eval_data", "output_dir"):
+        if not raw.get(key):
+            raise ConfigError(f"{path}: {key!r} is required")
+    common = raw.get("common") or {}
+    evaluation = raw.get("eval") or {}
+    variants = raw.get("variants")
+    for key, value in (("common", common), ("eval", evaluation)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key!r} must be a mapping")
+    fixed = sorted(set(k.replace("-", "_") for k in common) & set(SET_BY_SWEEP))
+    if fixed:
+        raise ConfigError(f"{path}: common: {fixed[0]!r} is set by the sweep (base / data / eval_data / output_dir)")
+    TrainConfig.from_dict(common, source=f"{path}: common")  # unknown keys and types, early
+    if not isinstance(variants, list) or not variants:
+        raise ConfigError(f"{path}: 'variants' must be a non-empty list of {{name: ..., option: value}}")
+    names = []
+    for i, variant in enumerate(variants):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+            raise ConfigError(f"{path}: variants[{i}] needs a 'name' (a string)")
+        if not _NAME.match(variant["name"]):
+            raise ConfigError(f"{path}: variant name {variant['name']!r}: use letters, digits, '.', '_', '-' "
+                              "(it names the variant's folder)")
+        names.append(variant["name"])
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: variant name {duplicates[0]!r} is used twice")
+    for key, value in evaluation.items():
+        if key not in EVAL_OPTIONS:
+            raise ConfigError(f"{path}: eval: unknown option {key!r} (allowed: {', '.join(EVAL_OPTIONS)})")
+        if not isinstance(value, EVAL_OPTIONS[key]) and not (EVAL_OPTIONS[key] is float and isinstance(value, int)):
+            raise ConfigError(f"{path}: eval: {key} expects {EVAL_OPTIONS[key].__name__}, got {value!r}")
+    has_judge = bool(evaluation.get("generate")) and bool(evaluation.get("judge"))
+    criterion = raw.get("criterion") or ("win_rate" if has_judge else "eval_accuracy")
+    if criterion not in CRITERIA:
+        raise ConfigError(f"{path}: criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if criterion == "win_rate" and not has_judge:
+        raise ConfigError(f"{path}: criterion win_rate needs eval: {{generate: N, judge: SPEC}}")
+    return Sweep(path=path, base=str(raw["base"]), data=str(raw["data"]), eval_data=str(raw["eval_data"]),
+                 output_dir=Path(raw["output_dir"]), common=common, variants=variants, eval=evaluation,
+                 criterion=criterion, isolate=bool(raw.get("isolate", True)))
+
+
+def variant_spec(sweep: Sweep, variant: dict) -> dict:
+    """Everything one variant's run needs, as JSON-ready data; ConfigError for bad options."""
+    name = variant["name"]
+    options = {k: v for k, v in variant.items() if k != "name"}
+    fixed = sorted(set(k.replace("-", "_") for k in options) & set(SET_BY_SWEEP))
+    if fixed:
+        raise ConfigError(f"{fixed[0]!r} is set by the sweep, not per variant")
+    values = {"progress": False, **sweep.common, **options, "model": sweep.base, "data": sweep.data,
+              "eval_data": sweep.eval_data, "output_dir": str(sweep.output_dir / name)}
+    cfg = TrainConfig.from_dict(values, source=f"variant {name}").validate()
+    return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval)}
+
+
+# ----------------------------------------------------------------------------- one variant
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident set size so far in MiB (None where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def run_variant(spec: dict) -> dict:
+    """Train one variant and evaluate it against the base; its ``done.json`` record."""
+    import torch
+
+    from preftune.evaluate import evaluate_model
+    from preftune.train import train
+
+    cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()
+    rss_before = _peak_rss_mb()
+    start = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()  # read now: evaluation (which loads the base too) comes after
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    options = dict(spec["eval"])
+    options.setdefault("batch_size", cfg.batch_size)
+    evaluation = evaluate_model(cfg.output_dir, cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
+                                trust_remote_code=cfg.trust_remote_code, **options)
+    return {"name": spec["name"], "spec": spec, "status": "done", "error": None, "steps": result.steps,
+            "train_seconds": seconds, "peak_rss_mb": peak,
+            "train_rss_mb": max(0.0, peak - rss_before) if peak is not None else None,
+            "peak_gpu_mb": gpu, "evaluation": evaluation}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    from preftune.evaluate import to_json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_json(value))
+    os.replace(tmp, path)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def execute_variant(spec_path: str | Path) -> int:
+    """Child entry (``python -m preftune.compare --run-variant SPEC``): writes done.json or error.json."""
+    spec_path = Path(spec_path)
+    folder = spec_path.parent
+    spec = json.loads(spec_path.read_text())
+    try:
+        record = run_variant(spec)
+    except Exception as exc:  # reported in the sweep's table; the traceback stays in the log
+        traceback.print_exc()
+        _write_json(folder / "error.json", {"name": spec["name"], "error": _error_text(exc)})
+        return 1
+    _write_json(folder / "done.json", record)
+    return 0
+
+
+def _run_isolated(spec: dict, folder: Path) -> dict:
+    """Run the variant in its own Python process, so its peak RSS is its own."""
+    spec_path = folder / "spec.json"
+    _write_json(spec_path, spec)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    log_path = folder / "run.log"
+    with open(log_path, "w") as log_file:
+        code = subprocess.run([sys.executable, "-m", "preftune.compare", "--run-variant", str(spec_path)],
+                              stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+    if (folder / "done.json").exists():
+        return json.loads((folder / "done.json").read_text())
+    if (folder / "error.json").exists():
+        error = json.loads((folder / "error.json").read_text())["error"]
+    else:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        error = f"process exited with code {code}" + (f": {lines[-1]}" if lines else "")
+    return _failed(spec["name"], spec["options"], f"{error} (log: {log_path})")
+
+
+def _run_in_process(spec: dict, folder: Path) -> dict:
+    try:
+        record = run_variant(spec)
+    except Exception as exc:
+        log.exception("variant %s failed", spec["name"])
+        return _failed(spec["name"], spec["options"], _error_text(exc))
+    record.update(peak_rss_mb=None, train_rss_mb=None)  # this process's peak is not the variant's
+    _write_json(folder / "done.json", record)
+    return record
+
+
+def _failed(name: str, options: dict, error: str) -> dict:
+    return {"name": name, "options": options, "status": "failed", "error": error, "evaluation": None}
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_compare(config_path: str | Path) -> Path:
+    """Train, evaluate and report every variant of the sweep file; the path of ``report.md``."""
+    sweep = load_sweep(config_path)
+    out = sweep.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for variant in sweep.variants:
+        name = variant["name"]
+        options = {k: v for k, v in variant.items() if k != "name"}
+        try:
+            spec = json.loads(json.dumps(variant_spec(sweep, variant)))  # as it reads back from done.json
+        except (ConfigError, ValueError) as exc:
+            log.warning("variant %s: %s", name, exc)
+            records.append(_failed(name, options, str(exc)))
+            continue
+        folder = out / name
+        done = json.loads((folder / "done.json").read_text()) if (folder / "done.json").exists() else None
+        if done is not None and done.get("spec") == spec:
+            log.info("variant %s: finished earlier (%s); skipped", name, folder / "done.json")
+            records.append({**done, "options": options, "status": "done (earlier run)"})
+            continue
+        if done is not None:
+            log.info("variant %s: settings changed since its done.json; running it again", name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in ("done.json", "error.json", "metrics.jsonl", "summary.json"):  # metrics.jsonl is appended to
+            (folder / stale).unlink(missing_ok=True)
+        log.info("variant %s: training (%s)", name, ", ".join(f"{k}={v}" for k, v in options.items()) or "common")
+        record = _run_isolated(spec, folder) if sweep.isolate else _run_in_process(spec, folder)
+        record["options"] = options
+        if record.get("error"):
+            log.warning("variant %s failed: %s", name, record["error"])
+        records.append(record)
+    return write_report(sweep, records)
+
+
+def _criterion_value(record: dict, criterion: str) -> tuple[float, float, float, int] | None:
+    """(value, low, high, n) of a finished variant under ``criterion``; None without one."""
+    evaluation = record.get("evaluation") or {}
+    if criterion == "win_rate":
+        rate = (evaluation.get("generation") or {}).get("win_rate")
+        return (rate["rate"], rate["low"], rate["high"], rate["n"]) if rate else None
+    pref = evaluation.get("preference")
+    if not pref:
+        return None
+    low, high = wilson_interval(pref["accuracy"], pref["pairs"])
+    return pref["accuracy"], low, high, pref["pairs"]
+
+
+def best_variant(records: list[dict], criterion: str) -> tuple[str | None, str]:
+    """The best variant's name under ``criterion`` and a sentence saying so (and how sure it is)."""
+    scored = [(r["name"], v) for r in records if not r.get("error") and (v := _criterion_value(r, criterion))]
+    if not scored:
+        return None, f"No variant has a {criterion} value: no best variant."
+    scored.sort(key=lambda item: item[1][0], reverse=True)
+    name, (value, low, high, n) = scored[0]
+    text = f"Best variant under {criterion}: {name} ({value:.3f}, 95% CI [{low:.3f}, {high:.3f}], n={n})."
+    if len(scored) > 1:
+        runner, (r_value, r_low, r_high, _) = scored[1]
+        if r_value == value:
+            text += f" Tied with {runner}: the first listed is named."
+        elif r_high >= low:
+            text += (f" Its interval overlaps the runner-up's ({runner}: {r_value:.3f} [{r_low:.3f}, {r_high:.3f}]): "
+                     "the ranking is not statistically clear; evaluate more examples.")
+    return name, text
+
+
+def write_report(sweep: Sweep, records: list[dict]) -> Path:
+    """Plots, report.md, report.html and summary.json in the sweep's output folder."""
+    from preftune import report
+
+    out = sweep.output_dir
+    best, best_text = best_variant(records, sweep.criterion)
+    finished = [r for r in records if not r.get("error")]
+    images: dict[str, Path] = {}
+    curves = report.training_curves_png(
+        {r["name"]: report.read_metrics(out / r["name"] / "metrics.jsonl") for r in finished}, out / "curves.png")
+    if curves:
+        images["curves"] = curves
+    use_win_rate = any(((r.get("evaluation") or {}).get("generation") or {}).get("win_rate") for r in finished)
+    points = []
+    for r in finished:
+        gen = r["evaluation"].get("generation") or {}
+        value = _criterion_value(r, "win_rate" if use_win_rate else "eval_accuracy")
+        if gen.get("kl") is not None and value:
+            points.append({"name": r["name"], "kl": gen["kl"], "kl_err": gen.get("kl_stderr"),
+                           "y": value[0], "y_low": value[1], "y_high": value[2]})
+    y_label = "win rate vs base (95% CI)" if use_win_rate else "held-out preference accuracy (95% CI)"
+    frontier = report.frontier_png(points, out / "frontier.png", y_label, base_y=0.5 if use_win_rate else None)
+    if frontier:
+        images["frontier"] = frontier
+
+    beta = sweep.eval.get("beta", 0.1)
+    notes = [f"held-out acc: share of {sweep.eval_data} pairs whose implicit reward beta * (logp_variant - "
+             f"logp_base) is higher for the chosen response; the base is the reference for every variant "
+             f"(reference-free methods too); beta = {beta} (the accuracy does not depend on beta).",
+             "NLL/token: mean negative log-likelihood per token of the held-out chosen responses "
+             f"({sweep.eval.get('nll_data') or 'chosen side of eval_data'}); in brackets variant - base "
+             "(> 0: the variant fits them worse than the base).",
+             "train time: wall-clock seconds of preftune.train.train for the variant (loading included)."]
+    if sweep.isolate:
+        notes.append("peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss of the variant's own process "
+                     "(python -m preftune.compare --run-variant), read when training ended: the peak resident "
+                     "memory of Python, libraries, data, model, reference copy, optimizer state and activations "
+                     "(evaluation, later, is not included). In brackets: how much training raised the peak "
+                     "above the process's peak before training started (interpreter and imports).")
+    else:
+        notes.append("peak RSS: not reported (isolate: false runs every variant in one process, whose peak "
+                     "memory can't be attributed to one variant).")
+    if sweep.eval.get("generate"):
+        notes.append(f"KL: Monte-Carlo KL(variant || base) in nats per sequence on the variant's samples for "
+                     f"the first {sweep.eval['generate']} held-out prompts (± standard error). Win rate: the "
+                     f"variant's sample vs the base's for each prompt, judge {sweep.eval.get('judge') or 'none'}, "
+                     "ties count half, 95% Wilson interval.")
+    else:
+        notes.append("No KL and no win rate: set eval: {generate: N, judge: SPEC} to sample and judge; the "
+                     "reward-vs-KL plot needs them.")
+    if frontier and use_win_rate:
+        notes.append("A base point (KL 0, win rate 0.5) anchors the reward-vs-KL plot: the base against itself.")
+    summary = {"title": f"preftune comparison: {len(records)} variants from {sweep.base}", "base": sweep.base,
+               "data": sweep.data, "eval_data": sweep.eval_data, "criterion": sweep.criterion,
+               "criterion_text": f"{sweep.criterion}: {CRITERIA[sweep.criterion]}", "best": best,
+               "best_text": best_text, "notes": notes, "rows": records,
+               "captions": {"curves": "Training curves (each variant's metrics.jsonl)",
+                            "frontier": f"Reward vs KL to the base ({y_label})"}}
+    (out / "report.md").write_text(report.render_markdown(summary, {k: p.name for k, p in images.items()}))
+    (out / "report.html").write_text(report.render_html(summary, images))
+    _write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "captions"})
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m preftune.compare",
+                                     description="Run a sweep (--config), or one variant of it (--run-variant, "
+                                                 "used internally: one process per variant).")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", metavar="SWEEP.yaml", help="sweep file (see `preftune compare --help`)")
+    group.add_argument("--run-variant", metavar="SPEC.json", help="internal: train + evaluate one variant")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.run_variant:
+        return execute_variant(args.run_variant)
+    print(f"report: {run_compare(args.config)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

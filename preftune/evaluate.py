@@ -1,0 +1,343 @@
+"""Evaluate a model against its base: held-out preferences, NLL regression, KL and win rate.
+
+:func:`evaluate_model` answers four questions about ``model`` (usually a trained run folder)
+and ``ref_model`` (the base it started from):
+
+1. **Does it prefer the held-out chosen responses?** Accuracy, reward margins, DPO loss and
+   log-probs on held-out pairs, with the training loop's own pieces (``read_examples``,
+   ``make_collate``, ``batch_logps``, ``compute_objective``). The implicit reward of a
+   response is ``beta * (log p_model - log p_ref)`` (Rafailov et al. 2023, eq. 5). Without a
+   reference model the accuracy is the model's *raw log-prob preference*
+   (``log p(chosen) > log p(rejected)``), and the result says so.
+2. **Did it forget?** Mean NLL per completion token of the chosen responses (or of an SFT
+   file, ``nll_data``) under the model and under the base, and the difference.
+3. **How far did it move?** KL(model || base) per sequence, Monte-Carlo on the model's own
+   samples (:func:`preftune.generate.estimate_kl`'s estimator).
+4. **Is it better?** The win rate of the model's samples over the base's under a judge, with
+   a 95 % Wilson interval and the judge's tie / inconsistent / unparseable / error counts.
+
+Everything runs without grad, in eval mode, in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from preftune.config import TrainConfig
+from preftune.data.errors import DataError
+from preftune.data.formats import is_pair_row, to_example
+from preftune.data.readers import read_rows
+from preftune.data.records import Location
+from preftune.generate import best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_token_ids
+from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
+from preftune.logprobs import LogpOutput, batch_logps, supports_packing
+from preftune.modeling import load_model, load_tokenizer
+from preftune.objective import compute_objective
+from preftune.reference import ModelReference
+from preftune.stats import kl_from_samples
+from preftune.train import make_collate, read_examples
+
+log = logging.getLogger("preftune")
+
+RAW_PREFERENCE = "none: raw log-prob preference (chosen logp > rejected logp)"
+
+
+def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_model: str | os.PathLike | None = None,
+                   nll_data: str | os.PathLike | None = None, generate: int = 0, judge: str | Judge | None = None,
+                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                   batch_size: int = 8, max_length: int = 1024, max_prompt_length: int | None = 512, beta: float = 0.1,
+                   kl_samples: int = 1, max_examples: int | None = None, dtype: str = "float32",
+                   packing: bool = True, logit_chunk_size: int = 1024, trust_remote_code: bool = False,
+                   device: str | None = None) -> dict:
+    """Metrics of ``model_path`` on held-out pairs ``data``, against ``ref_model`` when given.
+
+    Args:
+        model_path, ref_model: model folders or hub names (the tokenizer is the model's).
+        data: held-out preference pairs in any format ``preftune train`` reads.
+        nll_data: an SFT file for the NLL regression check (default: the chosen side of ``data``).
+        generate: sample one response to each of the first N prompts of ``data`` from model and
+            base; estimate KL(model || base) and, with ``judge``, the model's win rate. Needs ``ref_model``.
+        judge: a :func:`preftune.judges.make_judge` spec or a Judge.
+        kl_samples: samples per prompt for the KL estimate (always drawn at temperature 1, top-p 1).
+        beta: scale of the implicit reward (accuracy does not depend on it; margins and loss do).
+
+    Returns a JSON-ready dict: ``preference``, ``nll``, ``generation`` (None when not asked),
+    plus ``model``, ``reference``, ``data`` and the settings. See :func:`format_table`.
+    """
+    if generate and ref_model is None:
+        raise ValueError("--generate compares samples of the model with the base's: it needs --ref-model")
+    if judge is not None and not generate:
+        raise ValueError("--judge is used on generated samples: also pass --generate N")
+    if generate < 0 or kl_samples < 1:
+        raise ValueError(f"need generate >= 0 and kl_samples >= 1, got {generate} and {kl_samples}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0 (got {beta})")
+    judge = make_judge(judge) if isinstance(judge, str) else judge  # fail fast, before loading models
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = TrainConfig(model=str(model_path), loss="dpo", beta=beta, batch_size=batch_size, max_length=max_length,
+                      max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
+                      logit_chunk_size=logit_chunk_size, trust_remote_code=trust_remote_code).validate(require_io=False)
+
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code)
+    model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    base = None
+    if ref_model is not None:
+        base = load_model(str(ref_model), dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    packing = packing and supports_packing(model)[0] and (base is None or supports_packing(base)[0])
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing)
+
+    pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
+    result = {"model": str(model_path), "reference": str(ref_model) if ref_model is not None else RAW_PREFERENCE,
+              "data": str(data), "settings": {"beta": beta, "max_length": max_length,
+                                              "max_prompt_length": max_prompt_length, "dtype": dtype}}
+    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device)
+
+    sft_cfg = TrainConfig(**{**cfg.to_dict(), "loss": "sft"})
+    sft_examples, _ = read_examples(sft_cfg, tokenizer, str(nll_data or data), main=True)
+    result["nll"] = nll_metrics(model, base, sft_examples, make_collate(sft_cfg, tokenizer.pad_token_id, packing),
+                                cfg, device)
+    result["nll"]["data"] = str(nll_data) if nll_data else f"chosen responses of {data}"
+
+    result["generation"] = None
+    if generate:
+        prompts = read_prompts(data, limit=generate)
+        result["generation"] = generation_metrics(
+            model, base, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples)
+    return result
+
+
+# ----------------------------------------------------------------------------- held-out pairs
+
+
+@torch.no_grad()
+def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device) -> dict:
+    """DPO metrics over all held-out pairs at once (exact means, not means of batch means)."""
+    reference = ModelReference(base, policy=model, chunk_size=cfg.logit_chunk_size) if base is not None else None
+    policy_parts, ref_parts = [], []
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = collate(examples[start:start + cfg.batch_size]).to(device)
+        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)
+        G = batch.num_groups  # sequence s = k * G + g: chosen first, then rejected
+        policy_parts.append((out.logps.view(2, G), out.counts.view(2, G)))
+        if reference is not None:
+            ref_parts.append(reference.logps(batch).view(2, G))
+    logps = torch.cat([p for p, _ in policy_parts], dim=1).reshape(-1).float()  # (2N,) chosen then rejected
+    counts = torch.cat([c for _, c in policy_parts], dim=1).reshape(-1)  # (2N,)
+    # No reference: log p_ref = 0, so the implicit reward is beta * log p and the accuracy
+    # is the raw preference chosen logp > rejected logp.
+    ref_logps = torch.cat(ref_parts, dim=1).reshape(-1) if ref_parts else torch.zeros_like(logps)
+    n = len(examples)
+    _, metrics = compute_objective("dpo", LogpOutput(logps, counts, logps.new_zeros(0)), n,
+                                   ref_logps=ref_logps, beta=cfg.beta)
+    m = {k: float(v) for k, v in metrics.items()}
+    out = {"pairs": n, "accuracy": m["rewards/accuracies"],
+           "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"],
+           "logp_margin": m["logps/chosen"] - m["logps/rejected"]}
+    if reference is not None:
+        out.update(accuracy_definition="beta * (logp_model - logp_ref): chosen > rejected",
+                   reward_chosen=m["rewards/chosen"], reward_rejected=m["rewards/rejected"],
+                   reward_margin=m["rewards/margins"], dpo_loss=m["loss"], beta=cfg.beta)
+    else:
+        out.update(accuracy_definition="raw log-prob preference: logp(chosen) > logp(rejected) "
+                                       "(no reference model given)",
+                   reward_chosen=None, reward_rejected=None, reward_margin=None, dpo_loss=None, beta=None)
+    return out
+
+
+@torch.no_grad()
+def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device) -> dict:
+    """Mean NLL per completion token (token-weighted over the file) under model and base."""
+    totals = {"model": 0.0, "base": 0.0}
+    tokens = 0
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = collate(examples[start:start + cfg.batch_size]).to(device)
+        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)  # (G,) with K = 1
+        totals["model"] -= float(out.logps.sum())
+        tokens += int(out.counts.sum())
+        if base is not None:
+            totals["base"] -= float(batch_logps(base, batch, chunk_size=cfg.logit_chunk_size).logps.sum())
+    model_nll = totals["model"] / tokens
+    base_nll = totals["base"] / tokens if base is not None else None
+    return {"tokens": tokens, "sequences": len(examples), "model": model_nll, "base": base_nll,
+            "difference": model_nll - base_nll if base is not None else None}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class _RecordingJudge(ScoringJudge):
+    """A scoring judge that keeps the scores of its last call (one scoring pass, scores and outcomes)."""
+
+    def __init__(self, judge: ScoringJudge):
+        self.judge, self.spec, self.scores = judge, judge.spec, []
+
+    def score(self, prompts, responses):
+        self.scores = list(self.judge.score(prompts, responses))
+        return self.scores
+
+
+def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge: Judge | None,
+                       max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                       batch_size: int = 8, kl_samples: int = 1) -> dict:
+    """Sample model and base on ``prompts``; KL(model || base) and the model's win rate under ``judge``.
+
+    Both sample with the same seed. The KL is estimated on samples drawn at temperature 1 and
+    top-p 1 (the model's own distribution); with those settings and ``kl_samples == 1`` the
+    judged samples are reused, which gives exactly :func:`preftune.generate.estimate_kl`.
+    """
+    common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
+        prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, **common)
+        pad_id = tokenizer.pad_token_id
+        kl, kl_stderr = kl_from_samples(completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size),
+                                        completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size))
+        model_texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    else:
+        kl, kl_stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples, **common)
+        model_texts = [texts[0] for texts in sample(model, tokenizer, prompts, temperature=temperature,
+                                                    top_p=top_p, **common)]
+    base_texts = [texts[0] for texts in sample(base, tokenizer, prompts, temperature=temperature, top_p=top_p,
+                                               **common)]
+    out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+           "seed": seed, "kl": kl, "kl_stderr": None if math.isnan(kl_stderr) else kl_stderr,
+           "kl_samples": len(prompts) * kl_samples, "judge": None, "win_rate": None,
+           "samples": [{"prompt": prompt_text(p), "model": a, "base": b}
+                       for p, a, b in zip(prompts, model_texts, base_texts)]}
+    if judge is None:
+        return out
+    recorder = _RecordingJudge(judge) if isinstance(judge, ScoringJudge) else judge
+    compared = recorder.compare(list(prompts), model_texts, base_texts)
+    rate = compared.win_rate(0.95)
+    out["judge"] = judge.spec or repr(judge)
+    out["win_rate"] = {"rate": rate.rate, "low": rate.low, "high": rate.high, "confidence": 0.95, "n": rate.n,
+                       "wins": rate.wins, "losses": rate.losses, "ties": compared.ties,
+                       "inconsistent": compared.inconsistent, "unparseable": compared.unparseable,
+                       "errors": compared.errors}
+    if isinstance(judge, ScoringJudge):
+        n = len(prompts)
+        out["score_model"] = sum(recorder.scores[:n]) / n
+        out["score_base"] = sum(recorder.scores[n:]) / n
+    return out
+
+
+def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a file, in order, at most ``limit``.
+
+    * ``.txt``: one prompt per line (blank lines skipped; a prompt can't contain a newline:
+      use JSONL for multi-line prompts);
+    * anything ``preftune train`` reads (JSONL, JSON, Parquet, ...): the ``prompt`` field of
+      each record (a string or a list of chat messages); records without one give the prompt
+      of their pair (explicit or implicit, as in training) or of their SFT ``messages``.
+    """
+    source = os.fspath(source)
+    prompts: list[Prompt] = []
+    if source.lower().endswith(".txt"):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(Location(source), "no such file")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        return prompts[:limit] if limit is not None else prompts
+    for location, row in read_rows(source):
+        if limit is not None and len(prompts) >= limit:
+            break
+        prompt = row.get("prompt")
+        if isinstance(prompt, (str, list)) and prompt:
+            prompts.append(prompt)
+        elif is_pair_row(row):
+            prompts.append(to_example(row, location, "pair").prompt)
+        elif row.get("messages") is not None:
+            prompts.append(to_example(row, location, "sft").prompt)
+        else:
+            raise DataError(location, "no prompt: a record needs a 'prompt' field, a chosen/rejected pair, "
+                                      "or 'messages'")
+    if not prompts:
+        raise DataError(Location(source), "no prompts")
+    return prompts
+
+
+def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], judge: str | Judge, n: int = 4,
+                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                   batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: str | None = None) -> tuple[list[dict], dict[str, int]]:
+    """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
+
+    Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
+    ``preftune train`` reads (:func:`preftune.generate.best_vs_worst_pairs`); ``counts`` has
+    ``prompts``, ``pairs``, ``skipped_ties`` (every sample of the prompt tied) and
+    ``skipped_empty`` (the best or worst sample was empty text, which training refuses).
+    """
+    if n < 2:
+        raise ValueError(f"--n must be >= 2 to have a best and a worst sample (got {n})")
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code)
+    model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, batch_size=batch_size)
+    pairs, skipped_ties = best_vs_worst_pairs(prompts, samples, judge)
+    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    return kept, {"prompts": len(prompts), "pairs": len(kept), "skipped_ties": skipped_ties,
+                  "skipped_empty": len(pairs) - len(kept)}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    """The result of :func:`evaluate_model` as a plain-text table (one metric a line)."""
+    pref, nll, gen = result["preference"], result["nll"], result.get("generation")
+    rows = [("model", result["model"]), ("reference", result["reference"]),
+            ("held-out pairs", f"{pref['pairs']} ({result['data']})"),
+            ("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]")]
+    if pref["dpo_loss"] is not None:
+        rows += [("reward margin", f"{pref['reward_margin']:+.4f}   (beta = {pref['beta']})"),
+                 ("reward chosen / rejected", f"{pref['reward_chosen']:+.4f} / {pref['reward_rejected']:+.4f}"),
+                 ("DPO loss", f"{pref['dpo_loss']:.4f}")]
+    rows += [("logp chosen / rejected", f"{pref['logps_chosen']:.3f} / {pref['logps_rejected']:.3f}   "
+                                        f"(margin {pref['logp_margin']:+.3f})"),
+             ("NLL/token model", f"{nll['model']:.4f}   ({nll['tokens']} tokens of {nll['data']})")]
+    if nll["base"] is not None:
+        rows += [("NLL/token base", f"{nll['base']:.4f}"),
+                 ("NLL difference", f"{nll['difference']:+.4f}   (model - base; > 0 = worse than the base)")]
+    if gen:
+        stderr = f" +- {gen['kl_stderr']:.3f}" if gen["kl_stderr"] is not None else ""
+        rows.append(("KL(model || base)", f"{gen['kl']:.4f}{stderr} nats/sequence ({gen['kl_samples']} samples, "
+                                          f"max {gen['max_new_tokens']} new tokens)"))
+        wr = gen["win_rate"]
+        if wr:
+            rows.append(("win rate vs base", f"{wr['rate']:.3f} [{wr['low']:.3f}, {wr['high']:.3f}] 95% CI   "
+                                             f"(n={wr['n']}: {wr['wins']} wins, {wr['losses']} losses, "
+                                             f"{wr['ties']} ties; judge {gen['judge']})"))
+            rows.append(("judge problems", f"inconsistent {wr['inconsistent']}, unparseable {wr['unparseable']}, "
+                                           f"errors {wr['errors']} (each counted as a tie)"))
+        if gen.get("score_model") is not None:
+            rows.append(("judge score model / base", f"{gen['score_model']:.4f} / {gen['score_base']:.4f}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def to_json(result: dict) -> str:
+    """JSON text; non-finite floats become null (JSON has no NaN)."""
+    return json.dumps(_finite(result), indent=1)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

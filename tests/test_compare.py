@@ -1,0 +1,187 @@
+"""Sweeps: the sweep file's checks, choosing the best variant, the report, and a real 3-variant sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from preftune import report
+from preftune.compare import best_variant, load_sweep, run_compare, write_report
+from preftune.config import ConfigError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JUDGE_SOURCE = '''
+GOOD = {"kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"}
+BAD = {"rude", "cruel", "harsh", "mean", "nasty", "vile", "cold", "grim"}
+
+def rule_score(prompt, response):
+    words = response.replace(".", " ").split()
+    return sum(w in GOOD for w in words) - 2 * sum(w in BAD for w in words)
+'''
+
+
+def write_sweep(path, **values):
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def assert_png(path):
+    """A real, readable PNG image of some size (not an empty figure file)."""
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1024, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+
+
+# ----------------------------------------------------------------------------- the sweep file
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"surprise": 1}, "unknown key 'surprise'"),
+    ({"base": None}, "'base' is required"),
+    ({"variants": []}, "non-empty list"),
+    ({"variants": [{"loss": "dpo"}]}, r"variants\[0\] needs a 'name'"),
+    ({"variants": [{"name": "a/b"}]}, "names the variant's folder"),
+    ({"variants": [{"name": "x"}, {"name": "x"}]}, "'x' is used twice"),
+    ({"common": {"data": "other.jsonl"}}, "set by the sweep"),
+    ({"common": {"lerning_rate": 1e-6}}, "did you mean 'learning_rate'"),
+    ({"eval": {"generate": "many"}}, "generate expects int"),
+    ({"eval": {"judges": "x"}}, "unknown option 'judges'"),
+    ({"criterion": "loss"}, "not one of win_rate, eval_accuracy"),
+    ({"criterion": "win_rate"}, "needs eval: {generate: N, judge: SPEC}"),
+])
+def test_bad_sweep_files_name_the_problem(tmp_path, change, message):
+    values = {"base": "m", "data": "d.jsonl", "eval_data": "e.jsonl", "output_dir": "out",
+              "variants": [{"name": "dpo", "loss": "dpo"}], **change}
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path / "sweep.yaml", **values))
+
+
+def test_default_criterion_follows_the_eval_settings(tmp_path):
+    common = {"base": "m", "data": "d.jsonl", "eval_data": "e.jsonl", "output_dir": "out", "variants": [{"name": "a"}]}
+    assert load_sweep(write_sweep(tmp_path / "a.yaml", **common)).criterion == "eval_accuracy"
+    judged = load_sweep(write_sweep(tmp_path / "b.yaml", **common, eval={"generate": 4, "judge": "python:m:f"}))
+    assert judged.criterion == "win_rate" and judged.isolate
+
+
+# ----------------------------------------------------------------------------- best variant and report
+
+
+def record(name, rate=None, low=None, high=None, accuracy=0.5, kl=None, error=None):
+    if error:
+        return {"name": name, "options": {}, "status": "failed", "error": error, "evaluation": None}
+    generation = None
+    if kl is not None:
+        generation = {"kl": kl, "kl_stderr": 0.1,
+                      "win_rate": {"rate": rate, "low": low, "high": high, "n": 16} if rate is not None else None}
+    return {"name": name, "options": {"loss": "dpo"}, "status": "done", "error": None, "train_seconds": 1.5,
+            "peak_rss_mb": 400.0, "train_rss_mb": 120.0, "peak_gpu_mb": None,
+            "evaluation": {"preference": {"accuracy": accuracy, "pairs": 64},
+                           "nll": {"model": 2.0, "difference": 0.1}, "generation": generation}}
+
+
+def test_best_variant_under_each_criterion_and_its_certainty():
+    records = [record("a", 0.55, 0.4, 0.7, accuracy=0.9, kl=1.0), record("b", 0.8, 0.6, 0.9, accuracy=0.7, kl=2.0),
+               record("broken", error="ValueError: boom")]
+    name, text = best_variant(records, "win_rate")
+    assert name == "b" and "0.800" in text and "overlaps the runner-up's (a" in text
+    name, text = best_variant(records, "eval_accuracy")
+    assert name == "a" and "n=64" in text
+    clear = [record("a", 0.9, 0.8, 0.97, kl=1.0), record("b", 0.2, 0.1, 0.4, kl=1.0)]
+    assert "overlaps" not in best_variant(clear, "win_rate")[1]
+    assert best_variant([records[2]], "win_rate") == (None, "No variant has a win_rate value: no best variant.")
+
+
+def test_report_from_records_has_the_table_and_both_plots(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", base="m", data="d.jsonl", eval_data="e.jsonl",
+                                   output_dir=str(tmp_path / "out"), variants=[{"name": "a"}, {"name": "b"}],
+                                   eval={"generate": 16, "judge": "python:m:f"}))
+    for name, slope in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        rows = [{"step": s, "loss": 0.69 - 0.01 * slope * s, "rewards/accuracies": 0.5 + 0.02 * s,
+                 "rewards/margins": 0.05 * slope * s} for s in range(1, 11)]
+        (tmp_path / "out" / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = [record("a", 0.6, 0.4, 0.77, kl=1.0), record("b", 0.7, 0.5, 0.85, kl=3.0),
+               record("c", error="ConfigError: --loss: 'nope' is not one of dpo, ...")]
+    path = write_report(sweep, records)
+    text = path.read_text()
+    assert "| variant | options | status | held-out acc | win rate vs base [95% CI] |" in text
+    assert "| b | loss=dpo | done | 0.500 | 0.700 [0.500, 0.850] | 3.000 ± 0.100 | 2.000 (+0.100) | 1.5 s | " \
+           "400 (+120) |" in text
+    assert "failed: ConfigError: --loss: 'nope'" in text and "Best variant under win_rate: b" in text
+    assert "![curves](curves.png)" in text and "![frontier](frontier.png)" in text
+    html_text = path.with_suffix(".html").read_text()
+    assert html_text.count("src='data:image/png;base64,") == 2 and "<td>b</td>" in html_text
+    for png in ("curves.png", "frontier.png"):
+        assert_png(tmp_path / "out" / png)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["best"] == "b" and summary["criterion"] == "win_rate"
+
+
+def test_frontier_without_kl_is_skipped_with_a_note(tmp_path):
+    assert report.frontier_png([{"name": "a", "kl": None, "y": 0.5}], tmp_path / "f.png", "y") is None
+    assert report.training_curves_png({"a": [{"step": 0, "eval/loss": 0.7}]}, tmp_path / "c.png") is None
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+
+@pytest.mark.slow
+def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_data, tmp_path, monkeypatch):
+    """3 variants x 3 steps on the tiny model, each in its own process; a bad option and a bad
+    reference model fail alone (the second in its own process); the second run retrains nothing
+    that finished."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # child processes: generation is faster on one thread
+    judge = tmp_path / "rule_judge.py"
+    judge.write_text(JUDGE_SOURCE)
+    out = tmp_path / "sweep"
+    config = write_sweep(
+        tmp_path / "sweep.yaml", base=str(tiny_model_dir), data=str(rule_data["train"]),
+        eval_data=str(rule_data["eval"]), output_dir=str(out),
+        common={"max_steps": 3, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, "max_prompt_length": 32,
+                "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "seed": 0},
+        variants=[{"name": "dpo", "loss": "dpo", "beta": 0.1}, {"name": "ipo", "loss": "ipo", "beta": 0.5},
+                  {"name": "bad-option", "loss": "nope"}, {"name": "simpo", "loss": "simpo"},
+                  {"name": "no-ref", "loss": "dpo", "ref_model": str(tmp_path / "missing-model")}],
+        eval={"generate": 4, "judge": f"python:{judge}:rule_score", "max_new_tokens": 6, "max_examples": 16},
+        criterion="win_rate")
+
+    path = run_compare(config)
+    text = path.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = {r["name"]: r for r in summary["rows"]}
+    for name in ("dpo", "ipo", "simpo"):
+        row = by_name[name]
+        assert row["status"] == "done" and row["steps"] == 3, row.get("error")
+        assert (out / name / "done.json").exists() and (out / name / "model.safetensors").exists()
+        assert row["peak_rss_mb"] > 50 and row["train_seconds"] > 0
+        assert row["evaluation"]["preference"]["pairs"] == 16
+        assert row["evaluation"]["generation"]["win_rate"]["n"] == 4
+        assert f"| {name} | " in text
+    assert "'nope' is not one of" in by_name["bad-option"]["error"]
+    assert "could not load the model" in by_name["no-ref"]["error"] and (out / "no-ref" / "run.log").exists()
+    assert not (out / "bad-option" / "done.json").exists() and not (out / "no-ref" / "done.json").exists()
+    assert summary["best"] in ("dpo", "ipo", "simpo") and f"Best variant under win_rate: {summary['best']}" in text
+    assert "criterion: win_rate: win rate of the variant's samples" in text
+    html_text = (out / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 2 and "could not load the model" in html_text
+    for png in ("curves.png", "frontier.png"):
+        assert_png(out / png)
+
+    # Run again without the variant that needs a process to fail (a failed variant would be retried).
+    finished = {name: (out / name / "done.json").stat().st_mtime_ns for name in ("dpo", "ipo", "simpo")}
+    metrics = {name: (out / name / "metrics.jsonl").read_text() for name in finished}
+    values = yaml.safe_load(config.read_text())
+    values["variants"] = [v for v in values["variants"] if v["name"] != "no-ref"]
+    run_compare(write_sweep(config, **values))
+    again = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert list(again) == ["dpo", "ipo", "bad-option", "simpo"]
+    for name, mtime in finished.items():
+        assert again[name]["status"] == "done (earlier run)"
+        assert (out / name / "done.json").stat().st_mtime_ns == mtime
+        assert (out / name / "metrics.jsonl").read_text() == metrics[name]
+    assert again["bad-option"]["status"] == "failed"

@@ -1,0 +1,248 @@
+"""evaluate_model on a tiny Llama: hand-computed metrics, KL to the base, win rates, the eval CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from preftune.cli_eval import register
+from preftune.config import TrainConfig
+from preftune.data import load_dataset
+from preftune.evaluate import RAW_PREFERENCE, evaluate_model, format_table, read_prompts, to_json
+from preftune.generate import estimate_kl
+from preftune.judges import CompareResult, Judge
+from preftune.modeling import load_tokenizer
+from preftune.train import train
+
+LENGTHS = dict(max_length=64, max_prompt_length=32)
+JUDGE_SOURCE = '''
+GOOD = {"kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"}
+BAD = {"rude", "cruel", "harsh", "mean", "nasty", "vile", "cold", "grim"}
+
+def rule_score(prompt, response):
+    words = response.replace(".", " ").split()
+    return sum(w in GOOD for w in words) - 2 * sum(w in BAD for w in words)
+
+def constant(prompt, response):
+    return 1.0
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    """Generation is thousands of tiny matmuls: one thread is much faster on a busy 2-core machine."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tiny_model_dir, rule_data, tmp_path_factory):
+    """The tiny model after 16 DPO steps on the rule task (lr 3e-3): clearly moved away from the base."""
+    out = tmp_path_factory.mktemp("eval-trained")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(model=str(tiny_model_dir), data=str(rule_data["train"]), output_dir=str(out), loss="dpo",
+                          beta=0.1, learning_rate=3e-3, batch_size=8, max_steps=16, warmup_ratio=0.0,
+                          lr_scheduler="constant", seed=0, progress=False, logging_steps=8, **LENGTHS))
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+@pytest.fixture(scope="module")
+def judge_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judges") / "rule_judge.py"
+    path.write_text(JUDGE_SOURCE)
+    return path
+
+
+def summed_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """sum_t log p(x_t | x_<t) over the completion tokens, from one plain unpadded forward."""
+    ids = prompt_ids + completion_ids
+    with torch.no_grad():
+        logps = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # (L, V)
+    return sum(logps[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids)))
+
+
+def hand_metrics(model_dir, ref_dir, data, n: int, beta: float) -> dict:
+    """Per-pair sums by hand, then, with r = beta * (logp_model - logp_ref):
+    accuracy = mean[r_chosen > r_rejected], margin = mean[r_chosen - r_rejected],
+    DPO loss = mean[-log sigmoid(r_chosen - r_rejected)], NLL = -sum logp(chosen) / chosen tokens."""
+    tokenizer = load_tokenizer(str(model_dir))
+    examples, _ = load_dataset(data, tokenizer, "pair", limit=n, **LENGTHS)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    pc, pr, rc, rr = [], [], [], []
+    for ex in examples:
+        chosen, rejected = ex.completions
+        pc.append(summed_logps(model, ex.prompt_ids, chosen))
+        pr.append(summed_logps(model, ex.prompt_ids, rejected))
+        rc.append(summed_logps(ref, ex.prompt_ids, chosen))
+        rr.append(summed_logps(ref, ex.prompt_ids, rejected))
+    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float64) for v in (pc, pr, rc, rr))
+    margin = beta * (pc - rc) - beta * (pr - rr)
+    tokens = sum(len(ex.completions[0]) for ex in examples)
+    return {"pairs": len(examples), "accuracy": (margin > 0).double().mean().item(),
+            "reward_margin": margin.mean().item(), "dpo_loss": (-F.logsigmoid(margin)).mean().item(),
+            "reward_chosen": (beta * (pc - rc)).mean().item(), "reward_rejected": (beta * (pr - rr)).mean().item(),
+            "logps_chosen": pc.mean().item(), "logps_rejected": pr.mean().item(),
+            "raw_accuracy": (pc > pr).double().mean().item(),
+            "nll_model": -pc.sum().item() / tokens, "nll_base": -rc.sum().item() / tokens, "tokens": tokens}
+
+
+def test_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, rule_data):
+    expected = hand_metrics(trained_dir, tiny_model_dir, rule_data["eval"], n=24, beta=0.1)
+    result = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, beta=0.1, max_examples=24,
+                            batch_size=8, **LENGTHS)
+    pref, nll = result["preference"], result["nll"]
+    assert pref["pairs"] == expected["pairs"] == 24
+    assert expected["reward_margin"] != 0 and expected["dpo_loss"] != pytest.approx(math.log(2))  # moved
+    for key in ("accuracy", "reward_margin", "dpo_loss", "reward_chosen", "reward_rejected", "logps_chosen",
+                "logps_rejected"):
+        assert pref[key] == pytest.approx(expected[key], abs=1e-5), key
+    assert nll["tokens"] == expected["tokens"]
+    assert nll["model"] == pytest.approx(expected["nll_model"], abs=1e-5)
+    assert nll["base"] == pytest.approx(expected["nll_base"], abs=1e-5)
+    assert nll["difference"] == pytest.approx(expected["nll_model"] - expected["nll_base"], abs=1e-5)
+    assert nll["difference"] < 0  # DPO on the rule raised the chosen log-probs here
+    assert result["reference"] == str(tiny_model_dir) and result["generation"] is None
+
+    raw = evaluate_model(trained_dir, rule_data["eval"], max_examples=24, **LENGTHS)  # no reference model
+    assert raw["reference"] == RAW_PREFERENCE
+    assert raw["preference"]["accuracy"] == pytest.approx(expected["raw_accuracy"], abs=1e-9)
+    assert "raw log-prob" in raw["preference"]["accuracy_definition"]
+    assert raw["preference"]["dpo_loss"] is None and raw["nll"]["base"] is None
+    assert "raw log-prob preference" in format_table(raw)
+
+
+def test_kl_is_zero_against_itself_and_positive_after_training(trained_dir, tiny_model_dir, rule_data):
+    common = dict(generate=8, max_new_tokens=8, max_examples=4, **LENGTHS)
+    same = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
+    assert abs(same["kl"]) < 1e-6 and same["kl_stderr"] < 1e-6
+    assert all(s["model"] == s["base"] for s in same["samples"])  # same weights, same seed
+
+    moved = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, kl_samples=4,
+                           **common)["generation"]
+    assert moved["kl_samples"] == 32
+    assert moved["kl"] > 2 * moved["kl_stderr"] > 0, (moved["kl"], moved["kl_stderr"])
+
+    # With temperature 1 and one sample per prompt the judged samples are reused for the KL:
+    # the same estimate as generate.estimate_kl with the same seed.
+    reused = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(trained_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = read_prompts(rule_data["eval"], limit=8)
+    mean, stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=1, max_new_tokens=8, seed=0)
+    assert reused["kl"] == pytest.approx(mean, abs=1e-5) and reused["kl_stderr"] == pytest.approx(stderr, abs=1e-5)
+
+
+class FixedJudge(Judge):
+    """Returns preset outcomes (and problem counts) and records what it was asked."""
+
+    spec = "fixed"
+
+    def __init__(self, result: CompareResult):
+        self.result, self.calls = result, []
+
+    def compare(self, prompts, responses_a, responses_b):
+        self.calls.append((list(prompts), list(responses_a), list(responses_b)))
+        return self.result
+
+
+def test_win_rate_and_interval_from_a_judge_with_known_outcomes(tiny_model_dir, rule_data, judge_file):
+    """Outcomes 1,1,1,0,0.5,0.5: rate = (3 + 2 * 0.5) / 6 = 2/3. Wilson, z^2 = 3.8415, n = 6:
+    centre = (2/3 + z^2/12) / (1 + z^2/6) = 0.98679 / 1.64025 = 0.6016,
+    half = z / (1 + z^2/6) * sqrt((2/9)/6 + z^2/144) = 1.19492 * 0.25242 = 0.3016, so [0.3000, 0.9032]."""
+    judge = FixedJudge(CompareResult([1.0, 1.0, 1.0, 0.0, 0.5, 0.5], ties=2, inconsistent=1, unparseable=1))
+    result = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=6, judge=judge,
+                            max_new_tokens=4, max_examples=2, **LENGTHS)
+    gen = result["generation"]
+    wr = gen["win_rate"]
+    assert wr["rate"] == pytest.approx(2 / 3)
+    assert (wr["low"], wr["high"]) == pytest.approx((0.3000, 0.9032), abs=1e-4)
+    assert (wr["n"], wr["wins"], wr["losses"], wr["ties"]) == (6, 3, 1, 2)
+    assert (wr["inconsistent"], wr["unparseable"], wr["errors"]) == (1, 1, 0)
+    prompts, a, b = judge.calls[0]
+    assert a == [s["model"] for s in gen["samples"]] and b == [s["base"] for s in gen["samples"]]  # model is "a"
+    assert prompts == read_prompts(rule_data["eval"], limit=6)
+    table = format_table(result)
+    assert "0.667 [0.300, 0.903]" in table and "inconsistent 1, unparseable 1" in table
+    assert json.loads(to_json(result))["generation"]["win_rate"]["wins"] == 3
+
+    # A scoring judge from a spec string that scores everything alike: every item ties.
+    tied = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=4,
+                          judge=f"python:{judge_file}:constant", max_new_tokens=4, max_examples=2, **LENGTHS)
+    wr = tied["generation"]["win_rate"]
+    assert (wr["rate"], wr["ties"], wr["wins"]) == (0.5, 4, 0)
+    assert tied["generation"]["score_model"] == tied["generation"]["score_base"] == 1.0
+
+
+def test_bad_requests_are_refused_before_loading(tiny_model_dir, rule_data):
+    with pytest.raises(ValueError, match="needs --ref-model"):
+        evaluate_model(tiny_model_dir, rule_data["eval"], generate=4)
+    with pytest.raises(ValueError, match="also pass --generate"):
+        evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, judge="python:os:getcwd")
+    with pytest.raises(ValueError, match="unknown judge spec"):
+        evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=2, judge="gpt4")
+
+
+def test_read_prompts_from_every_kind_of_file(tmp_path, rule_data):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first prompt", "second prompt"]
+    messages = [{"role": "user", "content": "Hi"}]
+    rows = [{"prompt": "Say hi."}, {"prompt": messages},
+            {"messages": messages + [{"role": "assistant", "content": "Hello"}]}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prompts(tmp_path / "p.jsonl") == ["Say hi.", messages, messages]
+    implicit = read_prompts(rule_data["eval"], limit=2)  # implicit-prompt pairs: cut at "\n\nAssistant:"
+    assert len(implicit) == 2 and all(p.startswith("\n\nHuman: ") and p.endswith("\n\nAssistant:") for p in implicit)
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: no prompt"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+def parser():
+    root = argparse.ArgumentParser(prog="preftune")
+    register(root.add_subparsers(dest="command"))
+    return root
+
+
+def test_cli_eval_json_and_generate_pairs(tiny_model_dir, rule_data, judge_file, tmp_path, capsys):
+    args = parser().parse_args(["eval", "--model", str(tiny_model_dir), "--ref-model", str(tiny_model_dir),
+                                "--data", str(rule_data["eval"]), "--max-examples", "4", "--max-length", "64",
+                                "--max-prompt-length", "32", "--json", "--output", str(tmp_path / "eval.json")])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["preference"]["pairs"] == 4 and printed["preference"]["dpo_loss"] == pytest.approx(math.log(2))
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+
+    (tmp_path / "prompts.txt").write_text("The river is\nThe garden is\nThe ocean is\n")
+    out = tmp_path / "pairs.jsonl"
+    args = parser().parse_args(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"),
+                                "--n", "4", "--judge", f"python:{judge_file}:rule_score", "--out", str(out),
+                                "--max-new-tokens", "8"])
+    assert args.func(args) == 0
+    message = capsys.readouterr().out
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert f"{len(pairs)} pairs from 3 prompts" in message
+    for pair in pairs:
+        assert pair["prompt"].startswith("The ") and pair["chosen"] != pair["rejected"]
+    if pairs:  # the file reads as standard pairs, no bad record
+        tokenizer = load_tokenizer(str(tiny_model_dir))
+        examples, report = load_dataset(out, tokenizer, "pair", max_length=64)
+        assert report.rows_read == len(pairs) and report.bad_records == 0
+
+
+def test_cli_help_has_examples(capsys):
+    for command in ("eval", "generate", "compare"):
+        with pytest.raises(SystemExit):
+            parser().parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert "example" in text, command
