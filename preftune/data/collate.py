@@ -1,0 +1,410 @@
+"""TokenizedExamples -> :class:`preftune.batch.Batch` (padded or packed prefix-shared), and
+the order in which examples are grouped into batches.
+
+Both layouts list the target tokens the same way: sequence by sequence (``s = k * G + g``),
+in text order, so ``token_logps`` of the two layouts can be compared entry by entry.
+
+Padded, 1 group (prompt ``p0 p1``, chosen ``c0 c1``, rejected ``r0``), pad ``_``::
+
+    input_ids     [[p0 p1 c0 c1]        token_rows    [0 0 1]
+                   [p0 p1 r0 _ ]]       token_cols    [1 2 1]     (predictor = target col - 1)
+    position_ids  [[0 1 2 3] [0 1 2 3]] token_targets [c0 c1 r0]
+    attention     [[1 1 1 1] [1 1 1 0]] token_seq     [0 0 1]
+
+Packed, the same group laid out once::
+
+    input_ids     [[p0 p1 c0 c1 r0]]    token_rows    [0 0 0]
+    position_ids  [[0  1  2  3  2 ]]    token_cols    [1 2 1]     (r0 is predicted by p1, col 1)
+    attention (q rows, kv cols)         token_targets [c0 c1 r0]
+        p0 [1 0 0 0 0]                  token_seq     [0 0 1]
+        p1 [1 1 0 0 0]
+        c0 [1 1 1 0 0]
+        c1 [1 1 1 1 0]
+        r0 [1 1 0 0 1]   <- sees its prompt and itself, never the chosen tokens
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from preftune.batch import Batch
+from preftune.data.records import TokenizedExample
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _spans(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand spans of ``lengths`` (n,) into per-element (owner span, offset in span), each (sum,)."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return owner, torch.arange(int(lengths.sum())) - starts[owner]
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else int(math.ceil(n / multiple) * multiple)
+
+
+def _group_completions(examples: list[TokenizedExample], kl_completions: bool) -> list[list[list[int]]]:
+    """Completions of each group: ``[g][k] -> ids``. With ``kl_completions`` (KTO) each group
+    gets a second, mismatched completion: completion 0 of group ``(g + 1) % G``."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    k = len(examples[0].completions)
+    for ex in examples:
+        if len(ex.completions) != k:
+            raise ValueError(
+                f"all examples of a batch need the same number of completions; example {ex.index} has "
+                f"{len(ex.completions)}, the first has {k}"
+            )
+    if kl_completions:
+        if k != 1:
+            raise ValueError(f"kl_completions needs examples with exactly one completion (KTO), got {k}")
+        g_count = len(examples)
+        return [[ex.completions[0], examples[(g + 1) % g_count].completions[0]] for g, ex in enumerate(examples)]
+    return [list(ex.completions) for ex in examples]
+
+
+def _labels(examples: list[TokenizedExample]) -> torch.Tensor | None:
+    if all(ex.label is not None for ex in examples):
+        return torch.tensor([bool(ex.label) for ex in examples], dtype=torch.bool)
+    return None
+
+
+def _check_counts(counts: torch.Tensor, examples: list[TokenizedExample]) -> None:
+    """Refuse sequences without a single target token (their mean log-prob would be NaN)."""
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        g = empty[0] % len(examples)
+        ex = examples[g]
+        where = f" ({ex.location})" if ex.location is not None else ""
+        raise ValueError(
+            f"example {ex.index}{where}: completion {empty[0] // len(examples)} has no target token "
+            "(empty completion, or a one-token text without a prompt); drop it before collating"
+        )
+
+
+# ----------------------------------------------------------------------------- padded
+
+
+def collate_padded(
+    examples: list[TokenizedExample],
+    pad_id: int,
+    train_on_prompt: bool = False,
+    kl_completions: bool = False,
+    pad_to_multiple_of: int | None = None,
+) -> Batch:
+    """One row per sequence ``[prompt | completion_k | pad...]``, right padded; R = K * G rows.
+
+    ``position_ids`` are ``arange(L)`` on every row (pad positions are never attended to).
+    The target tokens are the completion tokens (plus the prompt tokens but the first with
+    ``train_on_prompt``, the SFT option); the hidden state at column ``c - 1`` predicts the
+    token at column ``c``. A sequence without a prompt cannot score its first token.
+    """
+    groups = _group_completions(examples, kl_completions)
+    g_count, k_count = len(groups), len(groups[0])
+    order = [(k, g) for k in range(k_count) for g in range(g_count)]  # sequence s = k * G + g
+    flat: list[int] = []
+    for k, g in order:
+        flat += examples[g].prompt_ids
+        flat += groups[g][k]
+    prompt_len = torch.tensor([len(examples[g].prompt_ids) for _, g in order], dtype=torch.long)  # (S,)
+    lengths = prompt_len + torch.tensor([len(groups[g][k]) for k, g in order], dtype=torch.long)  # (S,)
+    s_count = len(order)
+    width = _round_up(int(lengths.max()), pad_to_multiple_of)
+
+    rows, cols = _spans(lengths)
+    input_ids = torch.full((s_count, width), pad_id, dtype=torch.long)
+    input_ids[rows, cols] = torch.tensor(flat, dtype=torch.long)
+    attention_mask = torch.zeros((s_count, width), dtype=torch.long)
+    attention_mask[rows, cols] = 1
+
+    first_target = (torch.ones_like(prompt_len) if train_on_prompt else prompt_len).clamp(min=1)  # (S,)
+    counts = (lengths - first_target).clamp(min=0)
+    _check_counts(counts, examples)
+    token_seq, offset = _spans(counts)
+    target_cols = first_target[token_seq] + offset
+    return Batch(
+        input_ids=input_ids,
+        position_ids=torch.arange(width).repeat(s_count, 1),
+        attention_mask=attention_mask,
+        token_rows=token_seq.clone(),
+        token_cols=target_cols - 1,
+        token_targets=input_ids[token_seq, target_cols],
+        token_seq=token_seq,
+        example_index=torch.tensor([ex.index for ex in examples], dtype=torch.long),
+        num_groups=g_count,
+        num_completions=k_count,
+        packed=False,
+        labels=_labels(examples),
+        num_tokens=int(lengths.sum()),
+    )
+
+
+# ----------------------------------------------------------------------------- packed
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin-pack items of ``lengths`` into bins of ``capacity`` (first fit, longest first).
+
+    Returns the item indices of each bin. An item longer than ``capacity`` gets a bin alone.
+    Deterministic: ties are broken by item index.
+    """
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, room in enumerate(free):
+            if room >= lengths[i]:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - lengths[i])
+    return bins
+
+
+def collate_packed(
+    examples: list[TokenizedExample],
+    pad_id: int,
+    pack_tokens: int | None = None,
+    train_on_prompt: bool = False,
+    kl_completions: bool = False,
+    pad_to_multiple_of: int | None = None,
+) -> Batch:
+    """Prefix-shared packing: each group laid out once as ``[prompt | completion_0 | completion_1 ...]``.
+
+    Completion k's position ids continue from the end of the prompt (every completion gets
+    the same positions); a completion token attends to its prompt and to its own earlier
+    tokens only. The first token of every completion is predicted by the last prompt token,
+    so that hidden state is listed K times in ``token_rows/cols``.
+
+    Groups are packed into rows of at most ``pack_tokens`` tokens, first-fit-decreasing; a
+    group longer than that gets a row alone. ``pack_tokens=None`` packs into rows as long as
+    the longest group (so the batch is never wider than its longest group). Rows are right
+    padded to the longest row; a pad token attends to itself only (no all-masked rows).
+
+    ``attention_mask`` is (R, 1, L, L) bool, True = may attend.
+    """
+    groups = _group_completions(examples, kl_completions)
+    g_count, k_count = len(groups), len(groups[0])
+    prompts = [ex.prompt_ids for ex in examples]
+    group_len = [len(prompts[g]) + sum(len(c) for c in groups[g]) for g in range(g_count)]
+    capacity = pack_tokens if pack_tokens is not None else max(group_len)
+    if capacity <= 0:
+        raise ValueError(f"pack_tokens must be positive, got {pack_tokens}")
+    bins = first_fit_decreasing(group_len, capacity)
+
+    # Segments (a prompt or a completion) in row order: row, first column, length, first
+    # position id, group id, kind (0 = prompt, k + 1 = completion k).
+    seg_row, seg_col, seg_len, seg_pos, seg_group, seg_kind = [], [], [], [], [], []
+    flat: list[int] = []
+    prompt_col = [0] * g_count  # column of each group's first prompt token in its row
+    group_row = [0] * g_count
+    comp_col = [[0] * k_count for _ in range(g_count)]  # column of completion k's first token
+    row_fill = []
+    for r, members in enumerate(bins):
+        col = 0
+        for g in members:
+            p_len = len(prompts[g])
+            group_row[g], prompt_col[g] = r, col
+            segs = [(prompts[g], 0)] + [(groups[g][k], k + 1) for k in range(k_count)]
+            for ids, kind in segs:
+                seg_row.append(r)
+                seg_col.append(col)
+                seg_len.append(len(ids))
+                seg_pos.append(0 if kind == 0 else p_len)
+                seg_group.append(g)
+                seg_kind.append(kind)
+                if kind:
+                    comp_col[g][kind - 1] = col
+                flat += ids
+                col += len(ids)
+        row_fill.append(col)
+    r_count = len(bins)
+    width = _round_up(max(row_fill), pad_to_multiple_of)
+
+    lengths = torch.tensor(seg_len, dtype=torch.long)
+    owner, offset = _spans(lengths)
+    rows = torch.tensor(seg_row, dtype=torch.long)[owner]
+    cols = torch.tensor(seg_col, dtype=torch.long)[owner] + offset
+    input_ids = torch.full((r_count, width), pad_id, dtype=torch.long)
+    input_ids[rows, cols] = torch.tensor(flat, dtype=torch.long)
+    position_ids = torch.zeros((r_count, width), dtype=torch.long)
+    position_ids[rows, cols] = torch.tensor(seg_pos, dtype=torch.long)[owner] + offset
+    # Pad tokens get a unique negative group id each, so they attend to themselves only.
+    group_ids = -1 - torch.arange(width).repeat(r_count, 1)  # (R, L)
+    group_ids[rows, cols] = torch.tensor(seg_group, dtype=torch.long)[owner]
+    kinds = torch.zeros((r_count, width), dtype=torch.long)  # (R, L)
+    kinds[rows, cols] = torch.tensor(seg_kind, dtype=torch.long)[owner]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (L, L) q >= kv
+    same_group = group_ids[:, :, None] == group_ids[:, None, :]  # (R, L, L) [r, q, kv]
+    visible_kind = (kinds[:, None, :] == 0) | (kinds[:, None, :] == kinds[:, :, None])
+    attention_mask = (same_group & visible_kind & causal).unsqueeze(1)  # (R, 1, L, L)
+
+    # Target spans, sequence by sequence in text order: the prompt (train_on_prompt), then
+    # the completion. Each span: row, first target column, length, predictor of its first token.
+    span_row, span_col, span_len, span_pred, span_seq = [], [], [], [], []
+    for k in range(k_count):
+        for g in range(g_count):
+            s = k * g_count + g
+            p_len, c_len = len(prompts[g]), len(groups[g][k])
+            if train_on_prompt and p_len > 1:
+                span_row.append(group_row[g])
+                span_col.append(prompt_col[g] + 1)
+                span_len.append(p_len - 1)
+                span_pred.append(prompt_col[g])
+                span_seq.append(s)
+            skip = 0 if p_len else 1  # without a prompt nothing predicts the first token
+            span_row.append(group_row[g])
+            span_col.append(comp_col[g][k] + skip)
+            span_len.append(max(c_len - skip, 0))
+            span_pred.append(prompt_col[g] + p_len - 1 if p_len else comp_col[g][k])
+            span_seq.append(s)
+    span_lengths = torch.tensor(span_len, dtype=torch.long)
+    owner, offset = _spans(span_lengths)
+    token_rows = torch.tensor(span_row, dtype=torch.long)[owner]
+    target_cols = torch.tensor(span_col, dtype=torch.long)[owner] + offset
+    token_cols = torch.where(offset == 0, torch.tensor(span_pred, dtype=torch.long)[owner], target_cols - 1)
+    token_seq = torch.tensor(span_seq, dtype=torch.long)[owner]
+    counts = torch.bincount(token_seq, minlength=g_count * k_count)
+    _check_counts(counts, examples)
+    return Batch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        token_rows=token_rows,
+        token_cols=token_cols,
+        token_targets=input_ids[token_rows, target_cols],
+        token_seq=token_seq,
+        example_index=torch.tensor([ex.index for ex in examples], dtype=torch.long),
+        num_groups=g_count,
+        num_completions=k_count,
+        packed=True,
+        labels=_labels(examples),
+        num_tokens=int(lengths.sum()),
+    )
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _shuffled_batches(batches: list[list[int]], lengths: list[int], gen: torch.Generator) -> list[list[int]]:
+    """Shuffle batch order, then move the batch holding the longest example first (an
+    out-of-memory error then shows at step 1, not hours in)."""
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def batch_indices(
+    examples: list[TokenizedExample],
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    length_grouped: bool = True,
+    mega_batch_factor: int = 50,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """Split ``range(len(examples))`` into batches of ``batch_size`` (list positions, not ``.index``).
+
+    Length grouping (less padding): shuffle, cut into mega-batches of ``batch_size *
+    mega_batch_factor``, sort each by length (``num_tokens``) longest first, cut into
+    batches, then shuffle the batches. Deterministic for ``(seed, epoch)``. Without
+    ``shuffle`` the order is kept (sorted within mega-batches when ``length_grouped``).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(examples)
+    if n == 0:
+        return []
+    gen = _generator(seed, epoch)
+    order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
+    lengths = [ex.num_tokens for ex in examples]
+    if length_grouped:
+        mega = batch_size * max(1, mega_batch_factor)
+        order = [i for m in range(0, n, mega) for i in sorted(order[m:m + mega], key=lambda i: -lengths[i])]
+    batches = [order[b:b + batch_size] for b in range(0, n, batch_size)]
+    if drop_last and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle and length_grouped and batches:
+        batches = _shuffled_batches(batches, lengths, gen)
+    return batches
+
+
+def token_budget_batches(
+    examples: list[TokenizedExample],
+    max_tokens: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    packed: bool = True,
+    mega_batch_factor: int = 50,
+) -> list[list[int]]:
+    """Batches of about ``max_tokens`` tokens each, so steps are balanced in work, not rows.
+
+    Cost of a batch: ``sum(num_tokens)`` in the packed layout, ``rows * longest sequence``
+    in the padded one (``packed=False``). Examples are shuffled (deterministic for
+    ``(seed, epoch)``), sorted by length within mega-groups of about ``mega_batch_factor``
+    batches, filled greedily up to the budget, and the batches shuffled. An example over
+    the budget alone forms its own batch. Nothing is dropped.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    n = len(examples)
+    if n == 0:
+        return []
+    gen = _generator(seed, epoch)
+    lengths = [ex.num_tokens for ex in examples]
+    rows = [len(ex.completions) for ex in examples]
+    longest = [max(len(ex.prompt_ids) + len(c) for c in ex.completions) if ex.completions else 0 for ex in examples]
+    order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
+    per_example = max(1, sum(lengths) // n)
+    mega = max(1, mega_batch_factor * max(1, max_tokens // per_example))
+    order = [i for m in range(0, n, mega) for i in sorted(order[m:m + mega], key=lambda i: -lengths[i])]
+
+    batches: list[list[int]] = []
+    current: list[int] = []
+    cost_sum, cost_rows, cost_width = 0, 0, 0
+    for i in order:
+        if packed:
+            new_cost = cost_sum + lengths[i]
+        else:
+            new_cost = (cost_rows + rows[i]) * max(cost_width, longest[i])
+        if current and new_cost > max_tokens:
+            batches.append(current)
+            current, cost_sum, cost_rows, cost_width = [], 0, 0, 0
+        current.append(i)
+        cost_sum += lengths[i]
+        cost_rows += rows[i]
+        cost_width = max(cost_width, longest[i])
+    batches.append(current)
+    if shuffle:
+        batches = _shuffled_batches(batches, lengths, gen)
+    return batches
+
+
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This rank's batches: every rank gets the same number of steps, no index is dropped
+    or repeated.
+
+    Full rounds go round-robin (batch ``b`` to rank ``b % world``); the batches of a last,
+    incomplete round are merged and their indices dealt out evenly, so each rank still
+    takes that step. With fewer leftover indices than ranks some ranks get an empty batch
+    for the last step: the loop must still run its collectives for it (zero loss).
+    """
+    if world <= 0 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    full = len(batches) // world * world
+    mine = batches[rank:full:world]
+    leftover = [i for b in batches[full:] for i in b]
+    if leftover:
+        mine.append(leftover[rank::world])
+    return mine

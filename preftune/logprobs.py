@@ -1,0 +1,378 @@
+"""Model forward -> per-sequence log-probs of the completion tokens of a :class:`Batch`.
+
+The model *body* runs on the whole batch; the output head (vocabulary V) is applied only
+to the N hidden states that predict a target token, in chunks, through
+:class:`ChunkedHeadLogp`, which holds one chunk's ``(chunk, V)`` fp32 logits at a time
+(plus, for a trained head and within a byte budget, the (N, V) softmax for backward;
+beyond the budget backward recomputes it). Log-softmax is in fp32 even for bf16 models.
+
+Works on a ``transformers`` causal LM, also wrapped by ``peft`` (LoRA etc. injected into
+the layers). Under DDP/FSDP hand :class:`LogProbModel` (not the bare model) to the wrapper:
+the wrapper's ``forward`` must run for gradients to be synchronised, and ``batch_logps``
+calls the body and head directly.
+
+Packed batches carry a (R, 1, L, L) bool mask; it reaches the attention layers unchanged
+because ``transformers.masking_utils`` returns a 4D mask as-is (so its "position ids
+restart => new sequence" detection never runs). It is converted per attention
+implementation: ``sdpa`` bool, ``eager`` additive float (0 / dtype min),
+``flex_attention`` a ``BlockMask``. Flash attention cannot take it (see
+:func:`supports_packing`). Sliding-window layers get the window folded into the mask,
+measured in position ids (= distance within the unpacked sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from preftune.batch import Batch
+
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
+# Softmax kept from forward to backward for a trained head, at most (beyond: recomputed).
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+# Config fields that change logits after the head (Gemma 2 softcapping, Cohere / Granite /
+# Falcon-H1 scaling). With any of them active we use the model's own full-logits forward.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                     "lm_head_multiplier": 1.0}
+
+
+@dataclass
+class LogpOutput:
+    logps: torch.Tensor  # (S,) fp32: summed log-prob of each sequence's target tokens
+    counts: torch.Tensor  # (S,) long: number of target tokens of each sequence
+    token_logps: torch.Tensor  # (N,) fp32: per target token, in the batch's token order
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        """(S,) average log-prob per target token (SimPO, IPO length normalisation)."""
+        return self.logps / self.counts
+
+
+# ----------------------------------------------------------------------------- chunked head
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, H) -> (n, V) fp32 logits."""
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return logits.float()
+
+
+class ChunkedHeadLogp(torch.autograd.Function):
+    """log_softmax(hidden @ W.T + b)[i, targets[i]] for (N, H) hidden, chunk by chunk.
+
+    With ``p`` the softmax and ``e_t`` the one-hot target, ``dlogp/dlogits = -(p - e_t)``
+    =: ``-d``, so ``dlogp/dhidden = -d @ W`` and ``dL/dW = -d.T @ (g * h)``. Forward
+    computes ``d @ W`` (N, H) when ``hidden`` needs a gradient, so backward only scales it.
+    If W or b need a gradient, forward also keeps ``d`` (N, V) when it fits in
+    ``cache_bytes``; otherwise backward recomputes it chunk by chunk from the saved
+    log-sum-exp. Head matmuls (of N*V*H each): frozen head 2, trained head 3 (``d`` kept)
+    or 4 (recomputed); plain autograd needs 3 and holds (N, V) logits and their grad.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, cache_bytes):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        need_hidden = ctx.needs_input_grad[0]
+        need_head = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        keep = need_head and n * vocab * weight.element_size() <= cache_bytes
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        unit = torch.empty_like(hidden) if need_hidden else None
+        kept = []
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            target = targets[start:end, None]
+            logits = _head_logits(hidden[start:end], weight, bias)  # (n_c, V) fp32
+            chunk_logps = torch.log_softmax(logits, dim=-1)
+            logps[start:end] = chunk_logps.gather(1, target).squeeze(1)
+            lse[start:end] = logits.gather(1, target).squeeze(1) - logps[start:end]
+            del logits
+            if need_hidden or keep:
+                d = _minus_onehot(chunk_logps.exp_(), target).to(weight.dtype)  # (n_c, V) p - e_t
+                if need_hidden:
+                    unit[start:end] = d @ weight
+                if keep:
+                    kept.append(d)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, unit, *kept)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):  # (N,) fp32
+        hidden, weight, bias, targets, lse, unit, *kept = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = grad_weight = grad_bias = None
+        if need_hidden:
+            grad_hidden = (unit.float() * -grad_logps[:, None]).to(hidden.dtype)
+        if need_weight or need_bias:
+            scaled = (hidden.float() * grad_logps[:, None]).to(weight.dtype)  # (N, H) g * h
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+            for c, start in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
+                end = min(start + ctx.chunk_size, hidden.shape[0])
+                if kept:
+                    d = kept[c]
+                else:
+                    logits = _head_logits(hidden[start:end], weight, bias)
+                    d = _minus_onehot(logits.sub_(lse[start:end, None]).exp_(), targets[start:end, None])
+                    d = d.to(weight.dtype)
+                if need_weight:
+                    if weight.dtype == torch.float32:
+                        grad_weight.addmm_(d.t(), scaled[start:end], alpha=-1.0)
+                    else:
+                        grad_weight -= (d.t() @ scaled[start:end]).float()
+                if need_bias:
+                    grad_bias -= (grad_logps[start:end].to(d.dtype) @ d).float()
+            grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+            grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """In place: (n, V) probs - one-hot of (n, 1) target."""
+    return probs.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=probs.dtype, device=probs.device))
+
+
+def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk_size: int = 1024,
+                         cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
+    """(N, H) hidden states, (V, H) head weight, (V,) bias or None, (N,) targets -> (N,) fp32 log-probs.
+
+    ``chunk_size`` bounds the (chunk, V) logits held at once; ``cache_bytes`` bounds the
+    softmax kept from forward to backward for a trained head (0: always recompute).
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return ChunkedHeadLogp.apply(hidden, weight, bias, targets, chunk_size, cache_bytes)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):  # reference forward: nothing kept
+        logits = _head_logits(hidden[start:start + chunk_size], weight, bias)
+        out[start:start + chunk_size] = (logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
+                                         - torch.logsumexp(logits, dim=-1))
+    return out
+
+
+def _module_chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (n_c, V)
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _module_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    """Any head module (LoRA on lm_head, quantized Linear): chunks under activation checkpointing."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[start:start + chunk_size], targets[start:start + chunk_size])
+        if torch.is_grad_enabled():
+            out.append(checkpoint(_module_chunk_logps, *args, use_reentrant=False))
+        else:
+            out.append(_module_chunk_logps(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- model parts
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The ``transformers`` causal LM inside ``model`` (peft: with adapters injected)."""
+    if isinstance(model, LogProbModel):
+        model = model.model
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError("batch_logps got a DDP-wrapped model: wrap LogProbModel(model) with DDP instead, "
+                         "so that DDP's forward runs and gradients are synchronised")
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # peft.PeftModel
+        active = getattr(model, "active_peft_config", None)
+        if active is not None and getattr(active, "is_prompt_learning", False):
+            raise ValueError("prompt-learning adapters (prefix/prompt tuning) are not supported by batch_logps")
+        model = model.get_base_model()
+    return model
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _body(lm: nn.Module) -> nn.Module:
+    body = getattr(lm, "base_model", lm)
+    if body is lm and hasattr(lm, "get_decoder"):
+        body = lm.get_decoder()
+    if body is lm:
+        raise ValueError(f"cannot find the body (decoder) of {type(lm).__name__}")
+    return body
+
+
+def _needs_full_logits(lm: nn.Module) -> bool:
+    config = _text_config(lm)
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            return True
+    return lm.get_output_embeddings() is None
+
+
+def _sliding_layout(config) -> tuple[int | None, list[str] | None]:
+    """(window, layer types) of the sliding-window layers; (None, None) without any."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return None, None
+    if layer_types is None:
+        return window, None  # every layer slides (Mistral)
+    if "sliding_attention" not in layer_types:
+        return None, None
+    return window, list(layer_types)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_of(module_name: str) -> str:
+    try:
+        return inspect.getsource(sys.modules[module_name])
+    except (OSError, TypeError, KeyError):
+        return ""
+
+
+def _module_source(module: nn.Module) -> str:
+    """Source of the file defining ``module``'s class (cached: read once per model class)."""
+    return _source_of(type(module).__module__)
+
+
+def supports_packing(model: nn.Module, max_length: int | None = None) -> tuple[bool, str]:
+    """Whether ``model`` can run packed (prefix-shared) batches; else (False, why).
+
+    Needs an attention implementation that takes a custom 4D mask (sdpa, eager,
+    flex_attention) and a body that builds its mask with ``transformers.masking_utils``.
+    Sliding-window layers are handled by folding the window into the mask; a model that
+    mixes full and sliding layers also needs to accept a per-layer-type mask dict, unless
+    ``max_length`` (longest sequence) fits in the window. Callers fall back to padding.
+    """
+    lm = _causal_lm(model)
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if impl not in PACKING_ATTENTION:
+        return False, (f"attention {impl!r} cannot take a custom attention mask; prefix-shared packing "
+                       f"needs one of {', '.join(PACKING_ATTENTION)}")
+    body = _body(lm)
+    source = _module_source(body)
+    if "create_causal_mask" not in source and "create_sliding_window_causal_mask" not in source:
+        return False, f"{type(body).__name__} does not build its mask with transformers.masking_utils"
+    if "position_ids" not in inspect.signature(body.forward).parameters:
+        return False, f"{type(body).__name__}.forward takes no position_ids"
+    window, layer_types = _sliding_layout(_text_config(lm))
+    if window is not None and layer_types is not None:
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            return False, f"layer types {sorted(unknown)} are not supported by packing"
+        mixed = "full_attention" in layer_types
+        fits = max_length is not None and max_length <= window
+        if mixed and not fits and "causal_mask_mapping := attention_mask" not in source:
+            return False, (f"{type(body).__name__} mixes full and sliding-window layers (window {window}) "
+                           "and takes no per-layer mask")
+    return True, ""
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _convert_mask(mask: torch.Tensor, impl: str, dtype: torch.dtype):
+    """(R, 1, L, L) bool (True = attend) -> what ``impl`` takes."""
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dense = mask[:, 0]
+        rows, length = dense.shape[0], dense.shape[-1]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[b, q_idx, kv_idx]
+
+        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
+    raise ValueError(f"attention {impl!r} cannot take a packed batch; use padded batches")
+
+
+def packed_attention_mask(model: nn.Module, batch: Batch):
+    """The packed batch's mask in the form ``model``'s attention takes: a tensor / BlockMask,
+    or a dict per layer type for models mixing full and sliding-window layers."""
+    lm = _causal_lm(model)
+    longest = int(batch.position_ids.max()) + 1  # longest unpacked sequence
+    ok, why = supports_packing(lm, max_length=longest)
+    if not ok:
+        raise ValueError(f"cannot run a packed batch: {why}")
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    dtype = lm.get_input_embeddings().weight.dtype
+    mask = batch.attention_mask
+    window, layer_types = _sliding_layout(_text_config(lm))
+    if window is None or longest <= window:  # the window never bites
+        return _convert_mask(mask, impl, dtype)
+    pos = batch.position_ids
+    sliding = mask & ((pos[:, :, None] - pos[:, None, :]) < window).unsqueeze(1)  # q - kv < window
+    if layer_types is None or "full_attention" not in layer_types:
+        return _convert_mask(sliding, impl, dtype)
+    return {"full_attention": _convert_mask(mask, impl, dtype),
+            "sliding_attention": _convert_mask(sliding, impl, dtype)}
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
+                cache_bytes: int = DEFAULT_CACHE_BYTES) -> LogpOutput:
+    """Summed log-probs of every sequence's target tokens: (S,) with S = K * G.
+
+    ``model`` is a causal LM (``transformers``, optionally ``peft``-wrapped) on the batch's
+    device. Runs the body on ``input_ids`` and applies the head only at the N predicting
+    hidden states, ``chunk_size`` at a time (``cache_bytes``: see :func:`chunked_target_logps`).
+    Models whose logits are transformed after the head (softcapping, logit scaling) take
+    the model's own full-logits forward instead.
+    """
+    lm = _causal_lm(model)
+    attention_mask = packed_attention_mask(lm, batch) if batch.packed else batch.attention_mask
+    inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    rows, cols, targets = batch.token_rows, batch.token_cols, batch.token_targets
+    if _needs_full_logits(lm):
+        logits = lm(**inputs).logits[rows, cols].float()  # (N, V)
+        token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    else:
+        out = _body(lm)(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
+        hidden = hidden[rows, cols]  # (N, H)
+        head = lm.get_output_embeddings()
+        if type(head) is nn.Linear:
+            token_logps = chunked_target_logps(hidden, head.weight, head.bias, targets, chunk_size, cache_bytes)
+        else:
+            token_logps = _module_head_logps(head, hidden, targets, chunk_size)
+    s_count = batch.num_sequences
+    logps = torch.zeros(s_count, dtype=torch.float32, device=token_logps.device).index_add(
+        0, batch.token_seq, token_logps)
+    counts = torch.bincount(batch.token_seq, minlength=s_count)
+    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps)
+
+
+class LogProbModel(nn.Module):
+    """``batch_logps`` as a module, to be wrapped by DDP / FSDP / ``accelerator.prepare``.
+
+    ``forward(batch) -> LogpOutput``; its parameters are the model's.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.cache_bytes = cache_bytes
+
+    def forward(self, batch: Batch) -> LogpOutput:
+        return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes)

@@ -1,0 +1,252 @@
+"""Collation into the Batch contract (padded and packed prefix-shared) and batch order.
+
+The hand-made batch used throughout (pad id 0)::
+
+    group 0 (index 7):  prompt [10 11]   chosen [20 21]      rejected [30]
+    group 1 (index 8):  prompt [12]      chosen [22 23 24]   rejected [31 32]
+
+Sequences s = k * G + g: 0 = chosen of group 0, 1 = chosen of group 1, 2 = rejected of
+group 0, 3 = rejected of group 1.
+"""
+
+import pytest
+import torch
+
+from preftune.data.collate import (
+    batch_indices,
+    collate_packed,
+    collate_padded,
+    first_fit_decreasing,
+    shard,
+    token_budget_batches,
+)
+from preftune.data.records import TokenizedExample
+
+
+def two_groups():
+    return [
+        TokenizedExample(index=7, prompt_ids=[10, 11], completions=[[20, 21], [30]]),
+        TokenizedExample(index=8, prompt_ids=[12], completions=[[22, 23, 24], [31, 32]]),
+    ]
+
+
+def t(rows):
+    return torch.tensor(rows)
+
+
+def test_padded_exact():
+    b = collate_padded(two_groups(), pad_id=0)
+    # rows: s0 = [10 11 20 21], s1 = [12 22 23 24], s2 = [10 11 30], s3 = [12 31 32]
+    assert torch.equal(b.input_ids, t([[10, 11, 20, 21], [12, 22, 23, 24], [10, 11, 30, 0], [12, 31, 32, 0]]))
+    assert torch.equal(b.attention_mask, t([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]]))
+    assert torch.equal(b.position_ids, torch.arange(4).repeat(4, 1))
+    # target at col c is predicted by col c - 1
+    assert torch.equal(b.token_rows, t([0, 0, 1, 1, 1, 2, 3, 3]))
+    assert torch.equal(b.token_cols, t([1, 2, 0, 1, 2, 1, 0, 1]))
+    assert torch.equal(b.token_targets, t([20, 21, 22, 23, 24, 30, 31, 32]))
+    assert torch.equal(b.token_seq, t([0, 0, 1, 1, 1, 2, 3, 3]))
+    assert torch.equal(b.example_index, t([7, 8]))
+    assert (b.num_groups, b.num_completions, b.packed, b.num_tokens, b.labels) == (2, 2, False, 14, None)
+
+
+def test_packed_exact_two_rows():
+    # Group lengths 5 and 6; pack_tokens=None -> rows of 6, group 1 (longer) first.
+    b = collate_packed(two_groups(), pad_id=0)
+    assert torch.equal(b.input_ids, t([[12, 22, 23, 24, 31, 32], [10, 11, 20, 21, 30, 0]]))
+    # completions restart at the end of the prompt; pad position 0
+    assert torch.equal(b.position_ids, t([[0, 1, 2, 3, 1, 2], [0, 1, 2, 3, 2, 0]]))
+    assert b.attention_mask.shape == (2, 1, 6, 6) and b.attention_mask.dtype == torch.bool
+    assert torch.equal(b.attention_mask[0, 0].int(), t([
+        [1, 0, 0, 0, 0, 0],  # 12
+        [1, 1, 0, 0, 0, 0],  # 22
+        [1, 1, 1, 0, 0, 0],  # 23
+        [1, 1, 1, 1, 0, 0],  # 24
+        [1, 0, 0, 0, 1, 0],  # 31: prompt + itself, not the chosen tokens
+        [1, 0, 0, 0, 1, 1],  # 32
+    ]))
+    assert torch.equal(b.attention_mask[1, 0].int(), t([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # 30
+        [0, 0, 0, 0, 0, 1],  # pad: itself only
+    ]))
+    # sequence order, text order; the first token of each completion is predicted by the
+    # last prompt token (row 0 col 0 for group 1, row 1 col 1 for group 0)
+    assert torch.equal(b.token_rows, t([1, 1, 0, 0, 0, 1, 0, 0]))
+    assert torch.equal(b.token_cols, t([1, 2, 0, 1, 2, 1, 0, 4]))
+    assert torch.equal(b.token_targets, t([20, 21, 22, 23, 24, 30, 31, 32]))
+    assert torch.equal(b.token_seq, t([0, 0, 1, 1, 1, 2, 3, 3]))
+    assert (b.packed, b.num_tokens, b.num_groups, b.num_completions) == (True, 11, 2, 2)
+
+
+def test_packed_exact_one_row():
+    b = collate_packed(two_groups(), pad_id=0, pack_tokens=11)
+    assert torch.equal(b.input_ids, t([[12, 22, 23, 24, 31, 32, 10, 11, 20, 21, 30]]))
+    assert torch.equal(b.position_ids, t([[0, 1, 2, 3, 1, 2, 0, 1, 2, 3, 2]]))
+    mask = b.attention_mask[0, 0]
+    assert not mask[6:, :6].any() and not mask[:6, 6:].any()  # groups never see each other
+    assert torch.equal(mask[10].int(), t([0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1]))
+    assert torch.equal(b.token_cols, t([7, 8, 0, 1, 2, 7, 0, 4]))
+    assert torch.equal(b.token_targets, t([20, 21, 22, 23, 24, 30, 31, 32]))
+
+
+def test_pad_to_multiple_of():
+    b = collate_packed(two_groups(), pad_id=0, pad_to_multiple_of=8)
+    assert b.input_ids.shape == (2, 8)
+    assert torch.equal(b.attention_mask[0, 0, 7].int(), t([0] * 7 + [1]))
+    assert collate_padded(two_groups(), pad_id=0, pad_to_multiple_of=8).input_ids.shape == (4, 8)
+
+
+def test_train_on_prompt_targets_all_but_first_token():
+    padded = collate_padded(two_groups(), pad_id=0, train_on_prompt=True)
+    packed = collate_packed(two_groups(), pad_id=0, train_on_prompt=True)
+    expected = t([11, 20, 21, 22, 23, 24, 11, 30, 31, 32])
+    for b in (padded, packed):
+        assert torch.equal(b.token_targets, expected)
+        assert torch.equal(b.token_seq, t([0, 0, 0, 1, 1, 1, 2, 2, 3, 3]))
+    assert torch.equal(padded.input_ids[padded.token_rows, padded.token_cols + 1], expected)
+    # packed (rows [12 22 23 24 31 32], [10 11 20 21 30 _]): prompt token 11 predicted by 10 twice
+    assert torch.equal(packed.token_cols, t([0, 1, 2, 0, 1, 2, 0, 1, 0, 4]))
+
+
+def test_no_prompt_skips_first_token():
+    ex = [TokenizedExample(index=0, prompt_ids=[], completions=[[5, 6, 7]])]
+    for b in (collate_padded(ex, 0), collate_packed(ex, 0)):
+        assert torch.equal(b.token_targets, t([6, 7]))
+        assert torch.equal(b.token_cols, t([0, 1]))
+
+
+def test_kl_completions_layout():
+    exs = [TokenizedExample(index=i, prompt_ids=[10 + i], completions=[[20 + i, 30 + i]], label=i % 2 == 0)
+           for i in range(3)]
+    for collate in (collate_padded, collate_packed):
+        b = collate(exs, 0, kl_completions=True)
+        assert (b.num_groups, b.num_completions) == (3, 2)
+        assert torch.equal(b.labels, t([True, False, True]))
+        for s in range(6):
+            k, g = divmod(s, 3)
+            donor = g if k == 0 else (g + 1) % 3  # KL sequence g: completion of group g + 1
+            assert b.token_targets[b.token_seq == s].tolist() == [20 + donor, 30 + donor]
+    packed = collate_packed(exs, 0, kl_completions=True, pack_tokens=100)
+    # group 0 laid out once: prompt, own completion, group 1's completion
+    assert packed.input_ids[0, :5].tolist() == [10, 20, 30, 21, 31]
+    assert packed.position_ids[0, :5].tolist() == [0, 1, 2, 1, 2]
+
+
+def _random_examples(n, seed, k=2, max_prompt=12, max_completion=9):
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(3, 100, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+
+    return [TokenizedExample(index=100 + i, prompt_ids=ids(1, max_prompt), completions=[ids(1, max_completion)
+            for _ in range(k)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 16, 40, 1000])
+def test_packed_each_target_sees_exactly_its_sequence(pack_tokens):
+    """For every target token, the positions its predictor attends to, in order, are exactly
+    prompt + completion[:j] with positions 0..P+j-1: the unpacked sequence."""
+    exs = _random_examples(9, seed=pack_tokens or 0)
+    b = collate_packed(exs, 0, pack_tokens=pack_tokens)
+    padded = collate_padded(exs, 0)
+    assert torch.equal(b.token_targets, padded.token_targets)
+    assert torch.equal(b.token_seq, padded.token_seq)
+    g_count = len(exs)
+    seen = torch.zeros(len(b.token_seq), dtype=torch.long)
+    for i in range(len(b.token_seq)):
+        k, g = divmod(int(b.token_seq[i]), g_count)
+        r, c = int(b.token_rows[i]), int(b.token_cols[i])
+        visible = b.attention_mask[r, 0, c].nonzero().flatten()
+        text = exs[g].prompt_ids + exs[g].completions[k]
+        assert b.input_ids[r, visible].tolist() == text[:len(visible)]
+        assert b.position_ids[r, visible].tolist() == list(range(len(visible)))
+        assert text[len(visible)] == int(b.token_targets[i])
+        seen[i] = len(visible)
+    if pack_tokens:
+        fill = (b.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) & (b.input_ids != 0)).sum(-1)
+        assert (fill <= max(pack_tokens, max(e.num_tokens for e in exs))).all()
+
+
+def test_collate_errors():
+    with pytest.raises(ValueError, match="empty list"):
+        collate_padded([], 0)
+    mixed = [TokenizedExample(0, [1], [[2]]), TokenizedExample(1, [1], [[2], [3]])]
+    with pytest.raises(ValueError, match="same number of completions"):
+        collate_packed(mixed, 0)
+    with pytest.raises(ValueError, match="exactly one completion"):
+        collate_padded(two_groups(), 0, kl_completions=True)
+    empty = [TokenizedExample(5, [1, 2], [[3], []])]
+    for collate in (collate_padded, collate_packed):
+        with pytest.raises(ValueError, match="example 5: completion 1 has no target token"):
+            collate(empty, 0)
+
+
+def test_first_fit_decreasing():
+    assert first_fit_decreasing([5, 6, 3, 2, 9], 9) == [[4], [1, 2], [0, 3]]
+    assert first_fit_decreasing([12, 1], 4) == [[0], [1]]  # too long: a bin alone
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+def _flat(batches):
+    return sorted(i for b in batches for i in b)
+
+
+def test_batch_indices_partition_and_determinism():
+    exs = _random_examples(103, seed=1)
+    a = batch_indices(exs, 8, shuffle=True, seed=3, epoch=0, mega_batch_factor=4)
+    assert _flat(a) == list(range(103))
+    assert a == batch_indices(exs, 8, shuffle=True, seed=3, epoch=0, mega_batch_factor=4)
+    assert a != batch_indices(exs, 8, shuffle=True, seed=3, epoch=1, mega_batch_factor=4)
+    longest = max(range(103), key=lambda i: exs[i].num_tokens)
+    assert exs[longest].num_tokens == max(exs[i].num_tokens for i in a[0])  # OOM shows at step 1
+    assert sorted(len(b) for b in a)[1:] == [8] * 12
+    dropped = batch_indices(exs, 8, seed=3, drop_last=True)
+    assert len(dropped) == 12 and all(len(b) == 8 for b in dropped)
+    assert batch_indices(exs, 10, shuffle=False, length_grouped=False)[0] == list(range(10))
+
+
+def test_length_grouping_reduces_padding():
+    exs = _random_examples(400, seed=2, max_prompt=60, max_completion=60)
+
+    def waste(batches):
+        return sum(len(b) * max(exs[i].num_tokens for i in b) - sum(exs[i].num_tokens for i in b) for b in batches)
+
+    grouped = batch_indices(exs, 8, seed=0, length_grouped=True)
+    plain = batch_indices(exs, 8, seed=0, length_grouped=False)
+    assert waste(grouped) < 0.5 * waste(plain)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_token_budget_batches(packed):
+    exs = _random_examples(200, seed=4, max_prompt=30, max_completion=30)
+    batches = token_budget_batches(exs, max_tokens=300, seed=1, epoch=2, packed=packed)
+    assert _flat(batches) == list(range(200))
+    assert batches == token_budget_batches(exs, max_tokens=300, seed=1, epoch=2, packed=packed)
+    for b in batches:
+        if packed:
+            cost = sum(exs[i].num_tokens for i in b)
+        else:
+            cost = sum(len(exs[i].completions) for i in b) * max(
+                len(exs[i].prompt_ids) + len(c) for i in b for c in exs[i].completions)
+        assert cost <= 300 or len(b) == 1
+    if packed:  # balanced: all but a few batches are nearly full
+        costs = sorted(sum(exs[i].num_tokens for i in b) for b in batches)
+        assert costs[len(costs) // 4] > 0.8 * 300
+
+
+def test_shard_no_drops_no_duplicates_equal_steps():
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9, 10]]
+    shards = [shard(batches, r, 2) for r in range(2)]
+    assert [len(s) for s in shards] == [3, 3]
+    assert _flat([b for s in shards for b in s]) == list(range(11))
+    assert shards[0][:2] == [[0, 1], [4, 5]]
+    shards = [shard(batches, r, 3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    assert _flat([b for s in shards for b in s]) == list(range(11))
+    with pytest.raises(ValueError):
+        shard(batches, 2, 2)
