@@ -18,7 +18,8 @@ from .judges import JudgeError
 
 GROUP_TITLES = {
     "model": "model", "data": "data", "method": "method and reference", "lora": "LoRA",
-    "training": "optimisation", "speed": "speed and memory", "output": "output, logging, checkpoints",
+    "training": "optimisation", "speed": "speed and memory", "scale": "several processes (accelerate)",
+    "output": "output, logging, checkpoints",
 }
 
 TRAIN_EPILOG = """\
@@ -104,10 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
+    """The command that re-runs ``preftune train ARGV`` in ``cfg.num_processes`` processes.
+
+    GPUs: ``accelerate launch`` (with ``--accelerate-config`` if given). CPU: ``torchrun``
+    (accelerate's own launcher starts a single process on CPU); preftune then runs gloo DDP.
+    """
+    import torch
+
+    # The launched processes see LOCAL_RANK and run the training themselves.
+    module = ["-m", "preftune.cli", "train", *argv]
+    n = str(cfg.num_processes)
+    if torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n]
+        if cfg.accelerate_config:
+            cmd += ["--config_file", cfg.accelerate_config]
+        else:
+            cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
+        return cmd + module
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--standalone", *module]
+
+
 def cmd_train(args) -> int:
     from .train import train
 
     cfg = config_from_args(args).validate()
+    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        import subprocess
+
+        cmd = launch_command(cfg, args.argv)
+        logging.getLogger("preftune").info("launching: %s", " ".join(cmd))
+        return subprocess.call(cmd)
     result = train(cfg)
     print(f"done: {result.steps} steps; model saved to {result.output_dir}")
     before, after = result.eval_before, result.eval_after
@@ -120,7 +148,9 @@ def cmd_train(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # after the command name, for re-launching
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

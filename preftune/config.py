@@ -99,10 +99,18 @@ class TrainConfig:
     packing: bool = _opt(True, "Padding-free packed batches with the prompt computed once for both responses. "
                                "Falls back to padded batches (with a warning) where the model can't take it.",
                          group="speed")
-    pack_tokens: int | None = _opt(None, "Token budget of one packed row. Default: max_length x 2.", group="speed")
+    pack_tokens: int | None = _opt(
+        None, "Token budget of one packed row. Default: the longest group of the batch (rows filled "
+              "first-fit-decreasing up to it; on CPU, longer rows cost more masked attention).", group="speed")
     logit_chunk_size: int = _opt(1024, "Completion tokens per chunk of the output head.", group="speed")
     length_grouped: bool = _opt(True, "Group examples of similar length into batches (shuffled mega-batches).",
                                 group="speed")
+    # --- scale -------------------------------------------------------------------------------
+    num_processes: int = _opt(1, "Processes to launch (one per GPU; CPU processes use gloo). > 1 re-launches this "
+                                 "command under `accelerate launch` (GPU) or `torchrun` (CPU); each process "
+                                 "takes --batch-size examples per micro-step.", group="scale")
+    accelerate_config: str | None = _opt(None, "accelerate config file for the launch (e.g. "
+                                               "recipes/accelerate/fsdp.yaml).", group="scale")
     # --- output ------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "Run folder: model, tokenizer, metrics.jsonl, config.yaml, checkpoints.",
                                   group="output")
@@ -138,7 +146,8 @@ class TrainConfig:
             for name in ("model", "data", "output_dir"):
                 if not getattr(self, name):
                     raise ConfigError(f"--{_flag(name)} is required")
-        _positive(self, "batch_size", "grad_accum", "max_length", "logging_steps", "logit_chunk_size", "max_bad_steps")
+        _positive(self, "batch_size", "grad_accum", "max_length", "logging_steps", "logit_chunk_size", "max_bad_steps",
+                  "num_processes")
         _positive(self, "max_prompt_length", "max_steps", "eval_steps", "save_steps", "pack_tokens", optional=True)
         if self.beta is None:
             self.beta = 2.0 if self.loss == "simpo" else 0.1

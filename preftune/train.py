@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import load_dataset
 from .data.collate import batch_indices, collate_packed, collate_padded
-from .logprobs import batch_logps, supports_packing
+from .logprobs import LogProbModel, supports_packing
 from .losses import kto_weight_warning
 from .modeling import add_lora, load_model, load_tokenizer
 from .objective import compute_objective
@@ -83,6 +83,19 @@ def attach_kl_partners(examples, seed: int) -> None:
         examples[idx].completions = [examples[idx].completions[0], examples[partner].completions[0]]
 
 
+def balanced_split(ids: list[int], num_tokens, world: int) -> list[list[int]]:
+    """Deal a global batch to ``world`` ranks: counts differ by at most one, tokens balanced.
+
+    Longest first, in snake order (0, 1, ..., w-1, w-1, ..., 0, ...), so no rank waits on a
+    much longer share. ``num_tokens(i)`` is example i's token count.
+    """
+    parts: list[list[int]] = [[] for _ in range(world)]
+    for pos, i in enumerate(sorted(ids, key=lambda i: (-num_tokens(i), i))):
+        lap, offset = divmod(pos, world)
+        parts[offset if lap % 2 == 0 else world - 1 - offset].append(i)
+    return parts
+
+
 def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """KTO batch order in which every batch mixes desirable and undesirable examples.
 
@@ -111,7 +124,7 @@ def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> lis
 
 def make_collate(cfg: TrainConfig, pad_id: int, packing: bool):
     if packing:
-        return partial(collate_packed, pad_id=pad_id, pack_tokens=cfg.pack_tokens or 2 * cfg.max_length,
+        return partial(collate_packed, pad_id=pad_id, pack_tokens=cfg.pack_tokens,
                        train_on_prompt=cfg.train_on_prompt)
     return partial(collate_padded, pad_id=pad_id, train_on_prompt=cfg.train_on_prompt)
 
@@ -137,7 +150,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     from transformers import get_scheduler
 
     cfg.validate()
-    accelerator = Accelerator(gradient_accumulation_steps=1)
+    # cpu=True where there is no GPU: under torchrun, accelerate then runs gloo DDP over CPU processes.
+    accelerator = Accelerator(gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -213,7 +227,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
+    # gradient sync and parameter gathering hook into its forward).
+    model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size), optimizer)
 
     step = 0
     if cfg.resume_from:
@@ -227,7 +243,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             write_metrics(out, {"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
 
     # ---- the loop ------------------------------------------------------------------------------
-    stop = StopOnSignal(accelerator, first_step=step)  # Ctrl-C / SIGTERM: checkpoint after this step, exit
+    stop = StopOnSignal(first_step=step)  # Ctrl-C / SIGTERM: checkpoint after this step, then exit
     bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.loss}", unit="step", disable=not (main and cfg.progress))
     model.train()
     window: dict[str, list[float]] = {}
@@ -235,15 +251,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_metrics: dict = {}
     micro = step * cfg.grad_accum  # micro-batches consumed so far (global position in the data order)
     bad_streak = 0
-    while step < total_steps and not stop.requested():
+    while step < total_steps and not stop.requested(accelerator):
         step_rows: list[int] = []
         for _ in range(cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
             global_ids = epoch_batches(epoch)[pos]
-            ids = global_ids[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
+            # Equal example counts per rank, balanced in tokens; weight = this rank's share, so that
+            # DDP's gradient average is the mean over the whole global batch.
+            ids = balanced_split(global_ids, lambda i: train_examples[i].num_tokens, world)[accelerator.process_index]
+            weight = len(ids) * world / len(global_ids)
+            if not ids:  # fewer examples than ranks: run a zero-weight batch so every collective runs
+                ids, weight = global_ids[:1], 0.0
             step_rows.extend(ids)
             batch = collate([train_examples[i] for i in ids]).to(accelerator.device)
-            policy = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)
+            policy = model(batch)
             ref_logps = reference.logps(batch) if reference is not None else None
             loss, metrics = compute_objective(
                 cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
@@ -251,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 sft_weight=cfg.sft_weight, desirable_weight=cfg.desirable_weight,
                 undesirable_weight=cfg.undesirable_weight,
                 mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
-            accelerator.backward(loss / cfg.grad_accum)
+            accelerator.backward(loss * weight / cfg.grad_accum)
             for key, value in metrics.items():
                 window.setdefault(key, []).append(float(value))
             window_pairs += batch.num_groups * world
@@ -382,10 +403,16 @@ def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> 
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     world, rank = accelerator.num_processes, accelerator.process_index
-    for start in range(rank * cfg.batch_size, len(examples), cfg.batch_size * world):
+    forward = accelerator.unwrap_model(model)
+    num_batches = math.ceil(len(examples) / (cfg.batch_size * world))
+    for b in range(num_batches):  # the same count on every rank: sharded forwards are collectives
+        start = (b * world + rank) * cfg.batch_size
         chunk = examples[start:start + cfg.batch_size]
+        if not chunk:  # this rank has run out: a throw-away batch keeps the ranks in step
+            forward(collate(examples[:1]).to(accelerator.device))
+            continue
         batch = collate(chunk).to(accelerator.device)
-        policy = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)
+        policy = forward(batch)
         ref_logps = reference.logps(batch) if reference is not None else None
         _, metrics = compute_objective(
             cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
@@ -422,20 +449,22 @@ class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, write a checkpoint and
     raise :class:`TrainingInterrupted` (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
 
-    A second signal aborts at once (``KeyboardInterrupt``, no checkpoint). Installed on every rank;
-    :meth:`requested` takes the decision together (a gather every step), so all ranks leave the
-    loop after the same step. Holds no model: if ``train`` has left by an exception when a signal
-    arrives, the previous handlers are put back and the signal is delivered to them.
+    Sending it again later aborts at once (``KeyboardInterrupt``, no checkpoint); a repeat within
+    ``REPEAT_WINDOW_S`` counts as the same request (a terminal signals the whole process group and
+    launchers such as torchrun forward it again). Installed on every rank; :meth:`requested` takes
+    the decision together (a gather every step), so all ranks leave the loop after the same step.
+    Holds no model: if ``train`` has left by an exception when a signal arrives, the previous
+    handlers are put back and the signal is delivered to them.
     """
 
     SIGNALS = ("SIGINT", "SIGTERM")
+    REPEAT_WINDOW_S = 1.0
 
-    def __init__(self, accelerator, first_step: int):
+    def __init__(self, first_step: int):
         self.first_step = first_step  # the step the loop started from (0, or the resumed step)
-        self.signum = 0  # the signal that asked to stop (the largest across ranks once decided)
-        self.stopping = False  # the last decision of requested(), the same on every rank
-        self.num_processes, self.device = accelerator.num_processes, accelerator.device
-        self._gather = accelerator.gather
+        self.received, self.received_at = 0, 0.0  # the first signal this process got, and when
+        self.signum = 0  # the decided signal (the largest received on any rank)
+        self.stopping = False  # the last decision of requested(): the same on every rank
         self._code = sys._getframe(1).f_code  # train()'s code: the handler is live while it runs
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -447,19 +476,21 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         while frame is not None and frame.f_code is not self._code:
             frame = frame.f_back
-        if frame is None or self.signum:  # train() has gone, or a second signal: as if we were never here
+        if self.received and frame is not None and time.monotonic() - self.received_at < self.REPEAT_WINDOW_S:
+            return  # the same request, delivered twice
+        if frame is None or self.received:  # train() has gone, or asked again: as if we were never here
             self.restore()
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        self.received, self.received_at = signum, time.monotonic()
         log.warning("%s: stopping after this step and writing a checkpoint (send it again to abort at once)",
                     signal.Signals(signum).name)
 
-    def requested(self) -> bool:
+    def requested(self, accelerator) -> bool:
         """Whether any rank was asked to stop (a collective with several processes)."""
-        signum = self.signum
-        if self.num_processes > 1:
-            signum = int(self._gather(torch.tensor([signum], device=self.device)).max())
+        signum = self.received
+        if accelerator.num_processes > 1:
+            signum = int(accelerator.gather(torch.tensor([signum], device=accelerator.device)).max())
         self.signum, self.stopping = signum, signum > 0
         return self.stopping
 
@@ -476,11 +507,12 @@ def describe_rows(examples, ids: list[int], limit: int = 10) -> str:
 
 
 def trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """Weights that training changes: adapters only with LoRA, else the full state dict."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model)
-    if hasattr(unwrapped, "peft_config"):
-        names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    """Weights that training changes, named as in the transformers (or peft) model: adapters only
+    with LoRA, else the full state dict. ``model`` is the prepared :class:`LogProbModel`."""
+    inner = accelerator.unwrap_model(model).model
+    state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
+    if hasattr(inner, "peft_config"):
+        names = {n for n, p in inner.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in names}
     return state
 
@@ -523,7 +555,7 @@ def resume(cfg, accelerator, model, optimizer, scheduler) -> int:
         raise ValueError(f"checkpoint {path} was written by {processes} processes, now {accelerator.num_processes}: "
                          f"the global batch and data order would change; resume with {processes} processes")
     expected = set(trainable_state(accelerator, model))
-    result = accelerator.unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    result = accelerator.unwrap_model(model).model.load_state_dict(loaded["model"], strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint {path} has unexpected weights, e.g. {result.unexpected_keys[0]}")
     missing = sorted(expected - set(loaded["model"]))
@@ -560,10 +592,13 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def save_final(cfg, accelerator, model, tokenizer, out: Path) -> None:
     """The final model + tokenizer in Hugging Face format (merged or adapter folder with LoRA)."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model).model  # the transformers (or peft) model
     if cfg.lora_r and cfg.merge_lora:
         unwrapped = unwrapped.merge_and_unload()
-    state = accelerator.get_state_dict(model) if not (cfg.lora_r and cfg.merge_lora) else unwrapped.state_dict()
+    if cfg.lora_r and cfg.merge_lora:
+        state = unwrapped.state_dict()
+    else:  # gathered across ranks (FSDP); keys of the LogProbModel wrapper start with "model."
+        state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
         unwrapped.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)

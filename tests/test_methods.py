@@ -114,7 +114,7 @@ def test_lora_dpo_adapter_reloads_and_reproduces_logits(tiny_model_dir, rule_dat
     original = train_module.save_final
 
     def spy(cfg, accelerator, model, tokenizer, out):
-        captured["model"] = accelerator.unwrap_model(model)
+        captured["model"] = accelerator.unwrap_model(model).model
         return original(cfg, accelerator, model, tokenizer, out)
 
     train_module.save_final = spy

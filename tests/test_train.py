@@ -83,7 +83,7 @@ def test_in_memory_model_equals_saved_model(tiny_model_dir, rule_data, tmp_path)
     original = train_module.save_final
 
     def spy(cfg, accelerator, model, tokenizer, out):
-        captured["model"] = accelerator.unwrap_model(model)
+        captured["model"] = accelerator.unwrap_model(model).model
         return original(cfg, accelerator, model, tokenizer, out)
 
     train_module.save_final = spy
