@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 from .config import ConfigError, TrainConfig, coerce, field_type
@@ -135,7 +136,13 @@ def cmd_train(args) -> int:
 
         cmd = launch_command(cfg, args.argv)
         logging.getLogger("preftune").info("launching: %s", " ".join(cmd))
-        return subprocess.call(cmd)
+        # Ctrl-C reaches the launched processes (same process group): they checkpoint and exit;
+        # this parent just waits for them and passes their exit code on.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return subprocess.call(cmd)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     result = train(cfg)
     print(f"done: {result.steps} steps; model saved to {result.output_dir}")
     before, after = result.eval_before, result.eval_after

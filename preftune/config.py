@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"--{_flag(f.name)}: {value!r} is not one of {', '.join(choices)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{_flag(f.name)} must be a finite number (got {value})")
         if require_io:
             for name in ("model", "data", "output_dir"):
                 if not getattr(self, name):
@@ -197,6 +202,8 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: option names must be text, got {key!r}")
             name = key.replace("-", "_")
             if name not in known:
                 close = difflib.get_close_matches(name, list(known), n=1)
@@ -209,13 +216,16 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()
+            raise ConfigError(f"{where}: invalid YAML ({problem[0] if problem else 'unreadable'})") from None
         if loaded is None:
             return cls()
         if not isinstance(loaded, dict):
@@ -265,9 +275,10 @@ def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
                 raise ValueError
             return int(value)
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: --{_flag(f.name)} expects {typ.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ConfigError(f"{source}: --{_flag(f.name)} expects {typ.__name__}, got {shown}") from None

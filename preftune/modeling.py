@@ -59,7 +59,10 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the model from {name!r}: {_first_line(exc)}") from None
+        hint = ""
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"
+        raise ValueError(f"could not load the model from {name!r}: {_first_line(exc)}{hint}") from None
     return model
 
 

@@ -341,10 +341,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.warning(message)
         raise TrainingInterrupted(message, path if main else None, step, 128 + stop.signum)
 
+    save_final(cfg, accelerator, model, tokenizer, out)  # first: an interrupted final eval loses nothing
     eval_after = evaluator(model, eval_examples) if eval_examples else {}
     if eval_after and main:
         write_metrics(out, {"step": step, **{f"eval/{k}": v for k, v in eval_after.items()}})
-    save_final(cfg, accelerator, model, tokenizer, out)
     if main:
         summary = {"steps": step, "train_data": train_report.summary(), "final": last_metrics,
                    "eval_before": eval_before, "eval_after": eval_after,
