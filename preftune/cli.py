@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    from . import cli_data, cli_eval
+    from . import cli_data, cli_eval, cli_quickstart
 
+    cli_quickstart.register(sub)
     cli_eval.register(sub)
     cli_data.register(sub)
     return parser

@@ -147,7 +147,8 @@ def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
     pair_samples = sample_with_progress(cfg, sft_model, tokenizer, pair_prompts, cfg.samples_per_prompt,
                                         seed=cfg.seed + 30, desc="sampling SFT (train films)")
     pairs, ties = best_vs_worst_pairs(pair_prompts, pair_samples, judge)
-    write_jsonl(out / "data" / "pairs.jsonl", non_empty(pairs))
+    pairs = non_empty(pairs)
+    write_jsonl(out / "data" / "pairs.jsonl", pairs)
     # Held-out prompts: eval_samples copies of one prompt per film, one sample per copy.
     eval_prompts = [world.prompt_text(film, i % len(world.PROMPT_TEMPLATES))
                     for i, film in enumerate(held_out_films) for _ in range(cfg.eval_samples)]
@@ -156,10 +157,9 @@ def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
     sft_texts = [row[0] for row in sft_texts]
     k = cfg.eval_samples  # held-out pairs: the best and worst of each film's samples
     per_film = [sft_texts[i:i + k] for i in range(0, len(sft_texts), k)]
-    eval_pairs, _ = best_vs_worst_pairs(eval_prompts[::k], per_film, judge)
-    write_jsonl(out / "data" / "eval_pairs.jsonl", non_empty(eval_pairs))
-    echo(f"{len(non_empty(pairs))} training pairs ({ties} prompts skipped: all samples tied), "
-         f"{len(non_empty(eval_pairs))} held-out pairs")
+    eval_pairs = non_empty(best_vs_worst_pairs(eval_prompts[::k], per_film, judge)[0])
+    write_jsonl(out / "data" / "eval_pairs.jsonl", eval_pairs)
+    echo(f"{len(pairs)} training pairs ({ties} prompts skipped: all samples tied), {len(eval_pairs)} held-out pairs")
 
     stage(4, f"DPO from the SFT model (beta {cfg.beta}) on the on-policy pairs")
     dpo = train_stage(cfg, out / "dpo", model=out / "sft", data=out / "data" / "pairs.jsonl", loss="dpo",
@@ -174,7 +174,7 @@ def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
                                      desc="sampling DPO (held-out films)")
     dpo_texts = [row[0] for row in dpo_texts]
     metrics = evaluate(cfg, judge, dpo_model, sft_model, tokenizer, eval_prompts, sft_texts, dpo_texts, dpo)
-    metrics.update(pairs=len(non_empty(pairs)), skipped_ties=ties, eval_pairs=len(non_empty(eval_pairs)))
+    metrics.update(pairs=len(pairs), skipped_ties=ties, eval_pairs=len(eval_pairs))
     samples = [{"prompt": p, "sft": s.strip(), "dpo": d.strip(), "sft_score": world.sentiment_score(p, s),
                 "dpo_score": world.sentiment_score(p, d)} for p, s, d in zip(eval_prompts, sft_texts, dpo_texts)]
     write_jsonl(out / "samples.jsonl", samples)

@@ -320,8 +320,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             last_metrics = row
             if main:
                 write_metrics(out, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+                postfix = {"loss": f"{row['loss']:.4f}"}
+                if "rewards/accuracies" in row:
+                    postfix["acc"] = f"{row['rewards/accuracies']:.2f}"
+                bar.set_postfix(postfix)
             window, window_start, window_pairs, window_tokens = {}, time.perf_counter(), 0, 0
         if eval_examples and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
             result = evaluator(model, eval_examples)
