@@ -44,6 +44,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# A python judge scoring the rule (for `python:FILE:rule_score` judge specs).
+RULE_JUDGE_SOURCE = f'''
+GOOD = {set(GOOD)!r}
+BAD = {set(BAD)!r}
+
+def rule_score(prompt, response):
+    words = response.replace(".", " ").split()
+    return sum(w in GOOD for w in words) - 2 * sum(w in BAD for w in words)
+'''
+
+
 def rule_corpus() -> list[str]:
     texts = [r["chosen"] + r["rejected"] for r in rule_pairs(200, seed=123)]
     return texts + [" ".join(GOOD + BAD + TOPICS)]
@@ -70,6 +81,22 @@ def rule_data(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("rule-data")
     return {"train": write_jsonl(folder / "train.jsonl", rule_pairs(256, seed=1)),
             "eval": write_jsonl(folder / "eval.jsonl", rule_pairs(64, seed=2))}
+
+
+@pytest.fixture
+def final_model(monkeypatch) -> dict:
+    """After ``train()``, ``final_model["model"]`` is the in-memory trained model it saved."""
+    import preftune.train as train_module
+
+    captured = {}
+    original = train_module.save_final
+
+    def spy(cfg, accelerator, model, tokenizer, out):
+        captured["model"] = accelerator.unwrap_model(model).model
+        return original(cfg, accelerator, model, tokenizer, out)
+
+    monkeypatch.setattr(train_module, "save_final", spy)
+    return captured
 
 
 @pytest.fixture

@@ -10,16 +10,9 @@ import yaml
 from preftune import report
 from preftune.compare import best_variant, load_sweep, run_compare, write_report
 from preftune.config import ConfigError
+from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JUDGE_SOURCE = '''
-GOOD = {"kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"}
-BAD = {"rude", "cruel", "harsh", "mean", "nasty", "vile", "cold", "grim"}
-
-def rule_score(prompt, response):
-    words = response.replace(".", " ").split()
-    return sum(w in GOOD for w in words) - 2 * sum(w in BAD for w in words)
-'''
 
 
 def write_sweep(path, **values):

@@ -19,19 +19,9 @@ from preftune.generate import estimate_kl
 from preftune.judges import CompareResult, Judge
 from preftune.modeling import load_tokenizer
 from preftune.train import train
+from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
 LENGTHS = dict(max_length=64, max_prompt_length=32)
-JUDGE_SOURCE = '''
-GOOD = {"kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"}
-BAD = {"rude", "cruel", "harsh", "mean", "nasty", "vile", "cold", "grim"}
-
-def rule_score(prompt, response):
-    words = response.replace(".", " ").split()
-    return sum(w in GOOD for w in words) - 2 * sum(w in BAD for w in words)
-
-def constant(prompt, response):
-    return 1.0
-'''
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +48,7 @@ def trained_dir(tiny_model_dir, rule_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("judges") / "rule_judge.py"
-    path.write_text(JUDGE_SOURCE)
+    path.write_text(JUDGE_SOURCE + "\n\ndef constant(prompt, response):\n    return 1.0\n")
     return path
 
 

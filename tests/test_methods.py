@@ -103,26 +103,13 @@ def test_reference_free_methods_load_no_reference(tiny_model_dir, rule_data, tmp
     assert summary["reference"] == "none"
 
 
-def test_lora_dpo_adapter_reloads_and_reproduces_logits(tiny_model_dir, rule_data, tmp_path):
+def test_lora_dpo_adapter_reloads_and_reproduces_logits(tiny_model_dir, rule_data, tmp_path, final_model):
     """LoRA DPO: reference = adapters off (no copy); the saved adapter folder reloads with
     PeftModel.from_pretrained and reproduces the trained logits; --merge-lora saves plain weights."""
     from peft import PeftModel
 
-    import preftune.train as train_module
-
-    captured = {}
-    original = train_module.save_final
-
-    def spy(cfg, accelerator, model, tokenizer, out):
-        captured["model"] = accelerator.unwrap_model(model).model
-        return original(cfg, accelerator, model, tokenizer, out)
-
-    train_module.save_final = spy
-    try:
-        result = train(cfg_for(tiny_model_dir, rule_data, tmp_path / "lora", lora_r=8, lora_alpha=16,
-                               learning_rate=1e-2, max_steps=12))
-    finally:
-        train_module.save_final = original
+    result = train(cfg_for(tiny_model_dir, rule_data, tmp_path / "lora", lora_r=8, lora_alpha=16,
+                           learning_rate=1e-2, max_steps=12))
     # Adapters on attention/MLP of a 2-layer toy learn the rule slowly; this checks the direction
     # (full fine-tuning reaches >= 0.9, above); the point here is the reference and the reload.
     assert result.eval_after["rewards/accuracies"] >= 0.6, result.eval_after
@@ -134,7 +121,7 @@ def test_lora_dpo_adapter_reloads_and_reproduces_logits(tiny_model_dir, rule_dat
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
     with torch.no_grad():
-        trained_logits = captured["model"].eval()(ids).logits
+        trained_logits = final_model["model"].eval()(ids).logits
         assert torch.allclose(reloaded(ids).logits, trained_logits, atol=1e-6)
 
     merged_run = train(cfg_for(tiny_model_dir, rule_data, tmp_path / "merged", lora_r=8, lora_alpha=16,

@@ -75,26 +75,13 @@ def test_saved_model_reloads_with_the_same_logits(tiny_model_dir, rule_data, tmp
     assert not torch.allclose(a, base)  # training changed the weights
 
 
-def test_in_memory_model_equals_saved_model(tiny_model_dir, rule_data, tmp_path):
+def test_in_memory_model_equals_saved_model(tiny_model_dir, rule_data, tmp_path, final_model):
     """The in-memory policy after training and the reloaded folder give identical logits."""
-    import preftune.train as train_module
-
-    captured = {}
-    original = train_module.save_final
-
-    def spy(cfg, accelerator, model, tokenizer, out):
-        captured["model"] = accelerator.unwrap_model(model).model
-        return original(cfg, accelerator, model, tokenizer, out)
-
-    train_module.save_final = spy
-    try:
-        out = tmp_path / "run"
-        train(rule_config(tiny_model_dir, rule_data, out, max_steps=3, eval_data=None))
-    finally:
-        train_module.save_final = original
+    out = tmp_path / "run"
+    train(rule_config(tiny_model_dir, rule_data, out, max_steps=3, eval_data=None))
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     with torch.no_grad():
-        in_memory = captured["model"].eval()(ids).logits
+        in_memory = final_model["model"].eval()(ids).logits
         reloaded = AutoModelForCausalLM.from_pretrained(out)(ids).logits
     assert torch.allclose(in_memory, reloaded, atol=0, rtol=0)
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preftune.data.errors import DataError
+from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import chosen_as_sft, pairs_to_unpaired, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Example
@@ -41,7 +41,6 @@ from preftune.data.records import Example
 TARGETS = ("messages", "standard", "kto", "sft")
 SCORE_KEYS = ("score_chosen", "score_rejected")
 OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-MAX_BAD_RECORD_SAMPLES = 5
 
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")
 _ROLE_OF_SPEAKER = {"Human": "user", "Assistant": "assistant", "System": "system"}
@@ -89,9 +88,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     result = ConvertResult(source=os.fspath(src), destination=os.fspath(dst), target=to)
 
     def on_bad(err: DataError) -> None:
-        result.bad_records += 1
-        if len(result.bad_record_samples) < MAX_BAD_RECORD_SAMPLES:
-            result.bad_record_samples.append(str(err))
+        count_bad_record(result, err)
 
     def on_unreadable(err: DataError) -> None:
         result.rows_read += 1

@@ -19,3 +19,14 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep pickling (e.g. across worker processes) working
         return (type(self), (self.location, self.message))
+
+
+MAX_BAD_RECORD_SAMPLES = 5  # bad records quoted in a report; the rest are only counted
+
+
+def count_bad_record(summary, err: DataError) -> None:
+    """Count ``err`` on ``summary`` (any object with ``bad_records`` and ``bad_record_samples``),
+    quoting the first :data:`MAX_BAD_RECORD_SAMPLES`."""
+    summary.bad_records += 1
+    if len(summary.bad_record_samples) < MAX_BAD_RECORD_SAMPLES:
+        summary.bad_record_samples.append(str(err))

@@ -10,14 +10,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from preftune.data.errors import DataError
+from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import KINDS, chosen_as_sft, is_pair_row, pairs_to_unpaired, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location, TokenizedExample
 from preftune.data.tokenize import tokenize_examples
 
 PROGRESS_BAR_MIN_EXAMPLES = 2000  # show a tokenization progress bar above this many examples
-MAX_BAD_RECORD_SAMPLES = 5
 
 
 @dataclass
@@ -74,9 +73,7 @@ def load_dataset(source: str | os.PathLike, tokenizer, kind: str = "pair", max_l
     def on_bad(err: DataError) -> None:
         if not skip_bad_records:
             raise err
-        report.bad_records += 1
-        if len(report.bad_record_samples) < MAX_BAD_RECORD_SAMPLES:
-            report.bad_record_samples.append(str(err))
+        count_bad_record(report, err)
 
     def on_bad_row(err: DataError) -> None:  # a record the reader could not parse: still a row read
         if limit is None or report.rows_read < limit:

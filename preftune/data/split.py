@@ -18,8 +18,8 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from preftune.data.convert import MAX_BAD_RECORD_SAMPLES, check_output_path, detect_kind, write_rows
-from preftune.data.errors import DataError
+from preftune.data.convert import check_output_path, detect_kind, write_rows
+from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import to_example
 from preftune.data.readers import read_rows
 
@@ -127,9 +127,7 @@ def choose_eval_groups(sizes: dict[str, int], target: int, seed: int) -> set[str
 
 def _prompt_keys(src, result: SplitResult) -> list[str | None]:
     def on_bad(err: DataError) -> None:
-        result.bad_records += 1
-        if len(result.bad_record_samples) < MAX_BAD_RECORD_SAMPLES:
-            result.bad_record_samples.append(str(err))
+        count_bad_record(result, err)
 
     def on_unreadable(err: DataError) -> None:
         result.rows_read += 1
