@@ -119,12 +119,14 @@ def cache_key(examples, model, dtype: str, extra: dict | None = None) -> str:
 
 
 @torch.no_grad()
-def compute_reference_table(model, examples, make_batch, batch_size: int, accelerator=None,
-                            chunk_size: int = 1024, progress: bool = True) -> torch.Tensor:
+def compute_reference_table(reference, examples, make_batch, batch_size: int, accelerator=None,
+                            progress: bool = True) -> torch.Tensor:
     """Reference log-probs for every example: (num_examples, K) float32.
 
-    Under several processes each rank computes a strided share and the shares are gathered,
-    so every rank ends with the full table. ``make_batch(list_of_examples) -> Batch``.
+    ``reference`` is a live reference (:class:`ModelReference` or :class:`AdapterOffReference`:
+    its ``logps`` runs in eval mode, adapters disabled where it has them). Under several
+    processes each rank computes a strided share and the shares are gathered, so every rank
+    ends with the full table. ``make_batch(list_of_examples) -> Batch``.
     """
     from tqdm.auto import tqdm
 
@@ -135,18 +137,13 @@ def compute_reference_table(model, examples, make_batch, batch_size: int, accele
     mine = list(range(rank, len(examples), world))
     order = sorted(mine, key=lambda i: examples[i].num_tokens)  # similar lengths together: less padding
     local = torch.zeros(len(examples), num_k, dtype=torch.float32, device=device)
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=len(order), desc="reference log-probs", unit="ex", disable=not progress or rank != 0)
     for start in range(0, len(order), batch_size):
         ids = order[start:start + batch_size]
         batch = make_batch([examples[i] for i in ids]).to(device)
-        logps = batch_logps(model, batch, chunk_size=chunk_size).logps.float()
-        G = batch.num_groups
-        local[torch.tensor(ids, device=device)] = logps.view(num_k, G).t()
+        local[torch.tensor(ids, device=device)] = reference.logps(batch).view(num_k, batch.num_groups).t()
         bar.update(len(ids))
     bar.close()
-    model.train(was_training)
     if world > 1:
         # Each row is filled by exactly one rank and zero elsewhere: a sum gathers the table.
         local = accelerator.reduce(local, reduction="sum")

@@ -365,13 +365,14 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
     offset = len(train_examples)
     for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
         ex.index = offset + i
-    key = cache_key(everything, reference.model, cfg.dtype, {"loss_kind": cfg.kind, "packing_free": True})
+    key = cache_key(everything, reference.model, cfg.dtype,
+                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa"})
     cache_dir = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     path = cache_dir / f"ref-{key}.safetensors"
     table = load_cache(path, key)
     if table is None or table.shape[0] != len(everything):
-        table = compute_reference_table(reference.model, everything, collate, cfg.batch_size, accelerator,
-                                        chunk_size=cfg.logit_chunk_size, progress=cfg.progress)
+        table = compute_reference_table(reference, everything, collate, cfg.batch_size, accelerator,
+                                        progress=cfg.progress)
         if accelerator.is_main_process:
             save_cache(path, table, key)
         accelerator.wait_for_everyone()

@@ -1,0 +1,83 @@
+"""Reference log-probs: a separate frozen copy, adapters off, and a cache that is never stale."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from preftune.data import load_dataset
+from preftune.data.collate import collate_packed
+from preftune.logprobs import batch_logps
+from preftune.modeling import add_lora, load_model, load_tokenizer
+from preftune.reference import (AdapterOffReference, ModelReference, cache_key, check_separate,
+                                compute_reference_table, load_cache, save_cache)
+
+
+@pytest.fixture
+def examples(tiny_model_dir, rule_data):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    return load_dataset(str(rule_data["eval"]), tokenizer, kind="pair", max_length=64, max_prompt_length=32)[0]
+
+
+def test_reference_must_be_separate(tiny_model_dir):
+    """PITFALLS: a reference that is the policy (or shares its tensors) gets the updates: loss stuck at log 2."""
+    policy = load_model(str(tiny_model_dir))
+    with pytest.raises(ValueError, match="is the policy object itself"):
+        check_separate(policy, policy)
+    shallow = copy.copy(policy)  # a new object holding the same parameter tensors
+    with pytest.raises(ValueError, match="shares .* parameter tensors with the policy"):
+        ModelReference(shallow, policy=policy)
+    reference = ModelReference(copy.deepcopy(policy), policy=policy)
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    assert not reference.model.training
+
+
+def test_cache_key_changes_with_everything_that_changes_the_logps(tiny_model_dir, rule_data, examples):
+    model = load_model(str(tiny_model_dir))
+    key = cache_key(examples, model, "float32")
+    assert cache_key(examples, model, "float32") == key  # deterministic
+    assert cache_key(examples, model, "bfloat16") != key  # dtype
+    shorter = load_dataset(str(rule_data["eval"]), load_tokenizer(str(tiny_model_dir)), kind="pair",
+                           max_length=24, max_prompt_length=16)[0]
+    assert cache_key(shorter, model, "float32") != key  # truncation settings (tokenized ids differ)
+    edited = copy.deepcopy(examples)
+    edited[5].completions[0][-2] += 1  # one token of one completion
+    assert cache_key(edited, model, "float32") != key  # data
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters())[0, 0] += 1e-3  # one weight of the reference
+    assert cache_key(examples, other, "float32") != key  # reference weights
+
+
+def test_a_cache_under_another_key_is_never_used(tmp_path):
+    path = tmp_path / "ref.safetensors"
+    table = torch.randn(4, 2)
+    save_cache(path, table, key="abc")
+    assert torch.equal(load_cache(path, "abc"), table)
+    assert load_cache(path, "abd") is None  # stale: recomputed, not trusted
+    path.write_bytes(b"not a safetensors file")
+    assert load_cache(path, "abc") is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_table_equals_live_reference_and_adapters_off_equals_base(tiny_model_dir, examples):
+    """The precomputed table holds exactly the live reference's numbers; with LoRA, adapters
+    off after training gives the base model's log-probs (the reference really is the start)."""
+    base = load_model(str(tiny_model_dir)).eval()
+    live = ModelReference(copy.deepcopy(base))
+    make_batch = lambda exs: collate_packed(exs, pad_id=0)  # noqa: E731
+    table = compute_reference_table(live, examples, make_batch, batch_size=5, progress=False)
+    batch = make_batch(examples[:8])
+    assert torch.allclose(table[:8].t().reshape(-1), live.logps(batch), atol=1e-4)
+
+    policy = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, targets="all-linear")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # as if trained: adapters now change the outputs
+    adapters_off = AdapterOffReference(policy).logps(batch)
+    with torch.no_grad():
+        assert torch.allclose(adapters_off, batch_logps(base, batch).logps, atol=1e-4)
+        assert not torch.allclose(batch_logps(policy, batch).logps, adapters_off, atol=1e-2)
