@@ -70,9 +70,11 @@ def add_lora(model, r: int, alpha: float, dropout: float, targets: str, seed: in
     """Wrap ``model`` with fresh LoRA adapters (peft). Only adapter weights train."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if isinstance(model, PeftModel):
-        raise ValueError("the model already carries adapters; merge them first (PITFALLS: with an already-adapted "
-                         "model, 'adapters off' is not the original reference)")
+    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError("the model already carries LoRA adapters (an adapter folder?): with new adapters on top, "
+                         "'adapters off' would switch those off too and the reference would not be your starting "
+                         "model. Merge them first (train with --merge-lora, or peft's merge_and_unload) and pass the "
+                         "merged folder.")
     target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")

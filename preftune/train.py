@@ -253,6 +253,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bad_streak = 0
     while step < total_steps and not stop.requested(accelerator):
         step_rows: list[int] = []
+        step_losses: list[float] = []  # this rank's micro-batch losses of this step
         for _ in range(cfg.grad_accum):
             epoch, pos = divmod(micro, micro_per_epoch)
             global_ids = epoch_batches(epoch)[pos]
@@ -273,15 +274,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 undesirable_weight=cfg.undesirable_weight,
                 mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
             accelerator.backward(loss * weight / cfg.grad_accum)
-            for key, value in metrics.items():
-                window.setdefault(key, []).append(float(value))
-            window_pairs += batch.num_groups * world
-            window_tokens += batch.num_tokens * world
+            if weight > 0:  # a zero-weight stand-in batch is not logged
+                for key, value in metrics.items():
+                    window.setdefault(key, []).append(float(value))
+                step_losses.append(float(metrics["loss"]))
+            window_pairs += len(global_ids)  # the same count on every rank: no collective needed
+            window_tokens += sum(train_examples[i].num_tokens for i in global_ids)
             micro += 1
         grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         # Numerical guard: every rank takes the same decision (a collective on every rank). A bad step
         # changes neither the weights nor the optimizer moments; it still counts as a step.
-        step_losses = window["loss"][-cfg.grad_accum:]
         bad_here = float(not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in step_losses))
         bad = float(accelerator.reduce(torch.tensor(bad_here, device=accelerator.device), reduction="sum")) > 0
         if bad:
@@ -291,7 +293,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.warning("step %d: non-finite %s; update skipped (%d of --max-bad-steps %d in a row); rows: %s",
                         step + 1, what, bad_streak, cfg.max_bad_steps, describe_rows(train_examples, step_rows))
             for values in window.values():  # keep this step's values out of the logged means
-                del values[-cfg.grad_accum:]
+                del values[len(values) - len(step_losses):]
             if bad_streak >= cfg.max_bad_steps:
                 # Finish this (skipped) step as the loop would, so the checkpoint is a state the run passed
                 # through; its weights are those of the last good step.
@@ -314,7 +316,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             row = {"step": step, "epoch": round(micro / micro_per_epoch, 4)}
-            row.update(mean_across(accelerator, window))
+            row.update(mean_across(accelerator, window, sorted(metrics)))
             row.update({"learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "pairs_per_second": window_pairs / elapsed, "tokens_per_second": window_tokens / elapsed})
             last_metrics = row
@@ -381,10 +383,13 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
     return CachedReference(table, path)
 
 
-def mean_across(accelerator, window: dict[str, list[float]]) -> dict[str, float]:
-    """Window means of each metric, averaged across processes (NaN entries ignored)."""
-    keys = sorted(window)
-    local = torch.tensor([_nanmean(window[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+def mean_across(accelerator, window: dict[str, list[float]], keys: list[str]) -> dict[str, float]:
+    """Window means of each metric, averaged across processes (NaN entries ignored).
+
+    ``keys`` is the same list on every rank (a rank whose window is empty, e.g. after a
+    zero-weight stand-in batch, still takes part in the reduction with NaNs).
+    """
+    local = torch.tensor([_nanmean(window.get(k, [])) for k in keys], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         valid = (~torch.isnan(local)).to(torch.float64)
         total = accelerator.reduce(torch.nan_to_num(local), reduction="sum")

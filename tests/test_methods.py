@@ -136,3 +136,12 @@ def test_lora_dpo_adapter_reloads_and_reproduces_logits(tiny_model_dir, rule_dat
 def test_load_in_4bit_refused_on_cpu(tiny_model_dir, rule_data, tmp_path):
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         train(cfg_for(tiny_model_dir, rule_data, tmp_path / "q", lora_r=8, load_in_4bit=True))
+
+
+def test_lora_on_an_adapter_folder_is_refused(tiny_model_dir, rule_data, tmp_path):
+    """PITFALLS (TRL #1365): new adapters on an already-adapted model make 'adapters off' the
+    base under the old adapter, not the starting model. preftune refuses and says what to do."""
+    train(cfg_for(tiny_model_dir, rule_data, tmp_path / "adapter", lora_r=4, max_steps=1, eval_data=None))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="already carries LoRA adapters"):
+        train(cfg_for(tmp_path / "adapter", rule_data, tmp_path / "again", lora_r=4, max_steps=1, eval_data=None))
