@@ -155,9 +155,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    metrics_log = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
+        metrics_log = MetricsLog(out, cfg.tensorboard)
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -240,7 +242,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if eval_examples and step == 0:
         eval_before = evaluator(model, eval_examples)
         if main:
-            write_metrics(out, {"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
+            metrics_log.write({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
 
     # ---- the loop ------------------------------------------------------------------------------
     stop = StopOnSignal(first_step=step)  # Ctrl-C / SIGTERM: checkpoint after this step, then exit
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "pairs_per_second": window_pairs / elapsed, "tokens_per_second": window_tokens / elapsed})
             last_metrics = row
             if main:
-                write_metrics(out, row)
+                metrics_log.write(row)
                 postfix = {"loss": f"{row['loss']:.4f}"}
                 if "rewards/accuracies" in row:
                     postfix["acc"] = f"{row['rewards/accuracies']:.2f}"
@@ -330,7 +332,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if eval_examples and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
             result = evaluator(model, eval_examples)
             if main:
-                write_metrics(out, {"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+                metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
         if cfg.save_steps and step % cfg.save_steps == 0:
             save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro)
     bar.close()
@@ -348,12 +350,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     save_final(cfg, accelerator, model, tokenizer, out)  # first: an interrupted final eval loses nothing
     eval_after = evaluator(model, eval_examples) if eval_examples else {}
     if eval_after and main:
-        write_metrics(out, {"step": step, **{f"eval/{k}": v for k, v in eval_after.items()}})
+        metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in eval_after.items()}})
     if main:
         summary = {"steps": step, "train_data": train_report.summary(), "final": last_metrics,
                    "eval_before": eval_before, "eval_after": eval_after,
                    "reference": reference.description if reference is not None else "none", "packing": packing}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        metrics_log.close()
     return TrainResult(out, step, last_metrics, eval_before, eval_after)
 
 
@@ -613,6 +616,29 @@ def save_final(cfg, accelerator, model, tokenizer, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def write_metrics(out: Path, row: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+class MetricsLog:
+    """``OUTPUT/metrics.jsonl`` (one JSON object per row) and, with ``--tensorboard``, the same
+    scalars in ``OUTPUT/tensorboard`` (needs the ``tensorboard`` package)."""
+
+    def __init__(self, out: Path, tensorboard: bool = False):
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, global_step=row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -102,3 +102,17 @@ def test_packed_and_padded_runs_agree(tiny_model_dir, rule_data, tmp_path):
     packed = [r["loss"] for r in read_metrics(tmp_path / "packed")]
     padded = [r["loss"] for r in read_metrics(tmp_path / "padded")]
     assert packed == pytest.approx(padded, abs=1e-4)
+
+
+def test_tensorboard_logs_the_same_scalars(tiny_model_dir, rule_data, tmp_path):
+    """--tensorboard writes every metrics.jsonl scalar as a TensorBoard event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(rule_config(tiny_model_dir, rule_data, out, max_steps=2, logging_steps=1, tensorboard=True))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "rewards/accuracies", "eval/rewards/accuracies", "learning_rate"} <= tags
+    logged = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)

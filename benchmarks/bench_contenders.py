@@ -1,0 +1,260 @@
+"""One contender per fresh process: TRL's ``DPOTrainer`` or preftune's ``train``, timed per step.
+
+Each ``run_*`` function is called inside its own subprocess (see ``dpo_throughput.py --worker``),
+so the process's peak RSS (``ru_maxrss``) is that contender's alone. They return a plain dict:
+
+* ``step_seconds``: wall time of every optimizer step, in order (step 1 is the warmup);
+* ``batches``: per step, what the collator built: ``pairs``, ``sequence_tokens`` (prompt+chosen
+  plus prompt+rejected), ``unique_tokens`` (prompt once), ``completion_tokens``, ``slots``
+  (elements of ``input_ids``) and ``real_tokens`` (non-padding elements of ``input_ids``);
+* ``losses``: the training loss per step (step 1 is ``log 2`` for both: policy == reference);
+* ``cpu_window``: wall and process CPU seconds over the timed steps (for preftune steps 2 .. N-1,
+  between collate calls), to tell how much of the machine the run really had.
+
+Timing: TRL's step k is the time between consecutive ``on_step_end`` callbacks (data loading,
+both forwards, backward, clipping, optimizer step and logging included). preftune's is its own
+``metrics.jsonl`` window with ``logging_steps=1`` (``pairs / pairs_per_second``), which covers the
+same work. Batches are matched to steps by collator call order (one micro-batch per step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+# Contender name -> what it runs. "trl-fast" is the quickest TRL 1.16 setting we found on a
+# 2-core CPU that keeps a live reference model: TRL's default bf16 autocast (faster than fp32
+# on CPUs with AVX512-BF16), no gradient checkpointing, length-grouped sampling (less padding).
+# padding_free is unavailable in 1.16 (it falls back to padding), and precompute_ref_log_probs
+# would drop the reference forward from the timed loop.
+CONTENDERS = {
+    "trl-default": dict(kind="trl", overrides={}),
+    "trl-fast": dict(kind="trl", overrides=dict(gradient_checkpointing=False), group_by_length=True),
+    "trl-fast-fp32": dict(kind="trl", overrides=dict(bf16=False, gradient_checkpointing=False),
+                          group_by_length=True),
+    "trl-fp32": dict(kind="trl", overrides=dict(bf16=False, gradient_checkpointing=False)),
+    "preftune": dict(kind="preftune", packing=True),
+    "preftune-padded": dict(kind="preftune", packing=False),
+}
+DEFAULT_CONTENDERS = ["trl-default", "trl-fast", "preftune", "preftune-padded"]
+
+
+def describe(name: str) -> str:
+    return {
+        "trl-default": "TRL 1.16 DPOTrainer, DPOConfig defaults (bf16 autocast, gradient checkpointing)",
+        "trl-fast": "TRL, bf16 autocast, no gradient checkpointing, train_sampling_strategy=group_by_length",
+        "trl-fast-fp32": "TRL, fp32, no gradient checkpointing, train_sampling_strategy=group_by_length",
+        "trl-fp32": "TRL, fp32, no gradient checkpointing, random sampling",
+        "preftune": "preftune train(), packed prefix-shared batches (default)",
+        "preftune-padded": "preftune train(), packing=False (padded batches)",
+    }[name]
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+def run_trl(spec: dict) -> dict:
+    """Train TRL's DPOTrainer for ``spec["steps"]`` optimizer steps; see the module docstring."""
+    _set_threads(spec["threads"])
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    contender = CONTENDERS[spec["name"]]
+    batches: list[dict] = []
+
+    class RecordingCollator(DataCollatorForPreference):
+        """TRL's own collator, noting what each batch holds (token counts from the id lists)."""
+
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            prompt = sum(len(e["prompt_ids"]) for e in examples)
+            completions = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+            batches.append({"pairs": len(examples), "sequence_tokens": 2 * prompt + completions,
+                            "unique_tokens": prompt + completions, "completion_tokens": completions,
+                            "slots": out["input_ids"].numel(), "real_tokens": int(out["attention_mask"].sum())})
+            return out
+
+    stamps: list[float] = []
+    cpu_stamps: list[float] = []
+    losses: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    rows = [json.loads(line) for line in open(spec["pairs_file"])]
+    if contender.get("group_by_length"):
+        # LengthGroupedSampler reads a precomputed "length" column; keeping it needs
+        # remove_unused_columns=False (TRL's collator ignores the extra columns).
+        for row in rows:
+            row["length"] = len(tokenizer(row["prompt"] + row["chosen"])["input_ids"]) + \
+                len(tokenizer(row["prompt"] + row["rejected"])["input_ids"])
+    dataset = Dataset.from_list(rows)
+
+    output_dir = tempfile.mkdtemp(prefix="bench-trl-")
+    kwargs = dict(output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+                  max_length=spec["max_length"], beta=0.1, learning_rate=1e-6, logging_steps=1, report_to="none",
+                  save_strategy="no", disable_tqdm=True, seed=42, use_cpu=spec["device"] == "cpu",
+                  model_init_kwargs={"dtype": spec["dtype"]})
+    if contender.get("group_by_length"):
+        kwargs.update(train_sampling_strategy="group_by_length", remove_unused_columns=False)
+    kwargs.update(contender["overrides"])
+    args = DPOConfig(**kwargs)
+    collator = RecordingCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                                 truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
+    trainer = DPOTrainer(model=str(spec["model_dir"]), args=args, train_dataset=dataset, processing_class=tokenizer,
+                         data_collator=collator, callbacks=[StepTimer()])
+    if torch.cuda.is_available() and spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    shutil.rmtree(output_dir, ignore_errors=True)
+    settings = {"bf16_autocast": bool(args.bf16), "gradient_checkpointing": bool(args.gradient_checkpointing),
+                "sampling": args.train_sampling_strategy, "optim": str(args.optim),
+                "padding_free": bool(args.padding_free), "reference": "separate frozen model"}
+    return {"step_seconds": [b - a for a, b in zip(stamps, stamps[1:])], "batches": batches[:len(stamps) - 1],
+            "cpu_window": _cpu_window(stamps[1:], cpu_stamps[1:]), "losses": losses, "settings": settings,
+            "dataset_pairs": len(trainer.train_dataset)}
+
+
+def _cpu_window(wall: list[float], cpu: list[float]) -> dict:
+    """Wall and process CPU seconds between the first and last stamp (CPU time counts every thread)."""
+    if len(wall) < 2:
+        return {"wall_seconds": 0.0, "cpu_seconds": 0.0, "steps": 0}
+    return {"wall_seconds": wall[-1] - wall[0], "cpu_seconds": cpu[-1] - cpu[0], "steps": len(wall) - 1}
+
+
+# ------------------------------------------------------------------------------------- preftune
+
+def run_preftune(spec: dict) -> dict:
+    """Train with ``preftune.train.train`` for ``spec["steps"]`` optimizer steps; see the module docstring."""
+    _set_threads(spec["threads"])
+    import torch
+
+    import preftune.train as preftune_train
+    from preftune.config import TrainConfig
+
+    contender = CONTENDERS[spec["name"]]
+    batches: list[dict] = []
+    stamps: list[float] = []  # wall and CPU clock at the start of each step (its collate call)
+    cpu_stamps: list[float] = []
+    truncated = {"examples": 0}
+    make_collate = preftune_train.make_collate
+
+    def recording_make_collate(cfg, pad_id, packing):
+        """preftune's own collate, noting what each batch holds (the loop's code is untouched)."""
+        collate = make_collate(cfg, pad_id, packing)
+
+        def recording_collate(examples):
+            stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
+            batch = collate(examples)
+            truncated["examples"] += sum(1 for e in examples if e.truncated)
+            batches.append({"pairs": len(examples), "sequence_tokens": sum(e.padded_tokens for e in examples),
+                            "unique_tokens": sum(e.num_tokens for e in examples),
+                            "completion_tokens": sum(len(c) for e in examples for c in e.completions),
+                            "slots": batch.input_ids.numel(), "real_tokens": int(batch.num_tokens),
+                            "packed": bool(batch.packed)})
+            return batch
+
+        return recording_collate
+
+    preftune_train.make_collate = recording_make_collate
+    output_dir = Path(tempfile.mkdtemp(prefix="bench-preftune-"))
+    cfg = TrainConfig(model=str(spec["model_dir"]), data=str(spec["pairs_file"]), output_dir=str(output_dir),
+                      loss="dpo", beta=0.1, batch_size=spec["batch_size"], max_length=spec["max_length"],
+                      max_prompt_length=None, max_steps=spec["steps"], logging_steps=1, dtype=spec["dtype"],
+                      progress=False, learning_rate=1e-6, packing=contender["packing"])
+    if torch.cuda.is_available() and spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        preftune_train.train(cfg)
+        rows = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+        summary = json.loads((output_dir / "summary.json").read_text())
+    finally:
+        preftune_train.make_collate = make_collate
+        shutil.rmtree(output_dir, ignore_errors=True)
+    rows = [r for r in rows if "pairs_per_second" in r]
+    step_seconds = [batch["pairs"] / row["pairs_per_second"] for batch, row in zip(batches, rows)]
+    settings = {"packing": summary.get("packing"), "reference": summary.get("reference"),
+                "length_grouped": cfg.length_grouped, "logit_chunk_size": cfg.logit_chunk_size,
+                "truncated_examples": truncated["examples"]}
+    return {"step_seconds": step_seconds, "batches": batches[:len(rows)],
+            "cpu_window": _cpu_window(stamps[1:], cpu_stamps[1:]),  # steps 2 .. N-1
+            "losses": [r.get("loss", math.nan) for r in rows], "settings": settings,
+            "dataset_pairs": None}
+
+
+# ------------------------------------------------------------------------------------ matmul peak
+
+def run_matmul_peak(spec: dict) -> dict:
+    """The best FLOP/s of a square ``torch.mm`` (2 n^3 FLOPs) over a few sizes, in ``spec["dtype"]``."""
+    _set_threads(spec["threads"])
+    import torch
+
+    device = spec["device"]
+    dtype = getattr(torch, spec["dtype"])
+    sizes = [1024, 2048, 3072] if device == "cpu" else [4096, 8192]
+    best = {"flops_per_second": 0.0}
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        reps = 3 if device == "cpu" else 20
+        for _ in range(2):  # warm up (thread pool, allocator, cuBLAS heuristics)
+            torch.mm(a, b)
+        for _ in range(3):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            _sync(device)
+            rate = 2 * n ** 3 * reps / (time.perf_counter() - start)
+            if rate > best["flops_per_second"]:
+                best = {"flops_per_second": rate, "n": n}
+    best["tf32"] = bool(device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    return best
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(spec: dict) -> dict:
+    """Entry point in the worker process: run ``spec["name"]`` and add its peak memory."""
+    import resource
+
+    if spec["name"] == "matmul-peak":
+        return run_matmul_peak(spec)
+    kind = CONTENDERS[spec["name"]]["kind"]
+    result = run_trl(spec) if kind == "trl" else run_preftune(spec)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    import torch
+
+    if spec["device"] == "cuda" and torch.cuda.is_available():
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return result
