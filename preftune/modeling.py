@@ -24,6 +24,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    _check_local(name, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -43,6 +44,7 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
     """
     from transformers import AutoModelForCausalLM
 
+    _check_local(name, "model")
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
                   attn_implementation=attn_implementation or "sdpa")
     folder = Path(name)
@@ -88,6 +90,14 @@ def is_peft(model) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+def _check_local(name: str, what: str) -> None:
+    """A name that is clearly a path (absolute, ./ or ../, ~) must exist: say so plainly instead of
+    letting the hub client complain that it is not a valid repo id."""
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ValueError(f"{what} folder not found: {name}")
 
 
 def _first_line(exc: BaseException) -> str:
