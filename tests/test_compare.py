@@ -156,12 +156,12 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
         assert row["evaluation"]["generation"]["win_rate"]["n"] == 4
         assert f"| {name} | " in text
     assert "'nope' is not one of" in by_name["bad-option"]["error"]
-    assert "could not load the model" in by_name["no-ref"]["error"] and (out / "no-ref" / "run.log").exists()
+    assert "model folder not found" in by_name["no-ref"]["error"] and (out / "no-ref" / "run.log").exists()
     assert not (out / "bad-option" / "done.json").exists() and not (out / "no-ref" / "done.json").exists()
     assert summary["best"] in ("dpo", "ipo", "simpo") and f"Best variant under win_rate: {summary['best']}" in text
     assert "criterion: win_rate: win rate of the variant's samples" in text
     html_text = (out / "report.html").read_text()
-    assert html_text.count("data:image/png;base64,") == 2 and "could not load the model" in html_text
+    assert html_text.count("data:image/png;base64,") == 2 and "model folder not found" in html_text
     for png in ("curves.png", "frontier.png"):
         assert_png(out / png)
 
