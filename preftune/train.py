@@ -136,6 +136,9 @@ def read_examples(cfg: TrainConfig, tokenizer, source: str, main: bool):
                                     skip_bad_records=cfg.skip_bad_records, limit=cfg.max_examples)
     if main:
         log.info("%s: %s", source, report.summary())
+        if report.bad_records:
+            log.warning("%s: skipped %d bad record(s) (--skip-bad-records); first: %s", source, report.bad_records,
+                        "; ".join(report.bad_record_samples))
     if not examples:
         raise ValueError(f"{source}: no usable examples ({report.summary()})")
     if cfg.loss == "kto":

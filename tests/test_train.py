@@ -116,3 +116,19 @@ def test_tensorboard_logs_the_same_scalars(tiny_model_dir, rule_data, tmp_path):
     assert {"loss", "rewards/accuracies", "eval/rewards/accuracies", "learning_rate"} <= tags
     logged = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)
+
+
+def test_skip_bad_records_warns_with_count_and_locations(tiny_model_dir, rule_data, tmp_path, caplog):
+    lines = rule_data["train"].read_text().splitlines()[:40]
+    lines[3] = "{not json"
+    lines[7] = '{"chosen": "same", "rejected": "same"}'
+    data = tmp_path / "dirty.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"dirty.jsonl:4: "):
+        train(rule_config(tiny_model_dir, rule_data, tmp_path / "strict", data=str(data), max_steps=1, eval_data=None))
+    with caplog.at_level("WARNING", logger="preftune"):
+        train(rule_config(tiny_model_dir, rule_data, tmp_path / "skip", data=str(data), max_steps=1, eval_data=None,
+                          skip_bad_records=True))
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "bad record" in r.getMessage()]
+    assert len(warning) == 1 and "skipped 2 bad record(s)" in warning[0]
+    assert "dirty.jsonl:4" in warning[0] and "dirty.jsonl:8" in warning[0]
