@@ -48,7 +48,8 @@ def trained_dir(tiny_model_dir, rule_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("judges") / "rule_judge.py"
-    path.write_text(JUDGE_SOURCE + "\n\ndef constant(prompt, response):\n    return 1.0\n")
+    path.write_text(JUDGE_SOURCE + "\n\ndef constant(prompt, response):\n    return 1.0\n"
+                    "\n\ndef length(prompt, response):\n    return len(response)\n")
     return path
 
 
@@ -216,18 +217,18 @@ def test_cli_eval_json_and_generate_pairs(tiny_model_dir, rule_data, judge_file,
     (tmp_path / "prompts.txt").write_text("The river is\nThe garden is\nThe ocean is\n")
     out = tmp_path / "pairs.jsonl"
     args = parser().parse_args(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"),
-                                "--n", "4", "--judge", f"python:{judge_file}:rule_score", "--out", str(out),
+                                "--n", "4", "--judge", f"python:{judge_file}:length", "--out", str(out),
                                 "--max-new-tokens", "8"])
     assert args.func(args) == 0
     message = capsys.readouterr().out
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert f"{len(pairs)} pairs from 3 prompts" in message
-    for pair in pairs:
-        assert pair["prompt"].startswith("The ") and pair["chosen"] != pair["rejected"]
-    if pairs:  # the file reads as standard pairs, no bad record
-        tokenizer = load_tokenizer(str(tiny_model_dir))
-        examples, report = load_dataset(out, tokenizer, "pair", max_length=64)
-        assert report.rows_read == len(pairs) and report.bad_records == 0
+    assert len(pairs) >= 2  # a length judge rarely ties 4 random samples
+    for pair in pairs:  # best vs worst of the n samples under the judge
+        assert pair["prompt"].startswith("The ") and len(pair["chosen"]) > len(pair["rejected"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))  # the file reads as standard pairs, no bad record
+    examples, report = load_dataset(out, tokenizer, "pair", max_length=64)
+    assert report.rows_read == len(pairs) and report.bad_records == 0
 
 
 def test_cli_help_has_examples(capsys):
