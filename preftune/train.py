@@ -270,14 +270,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 ids, weight = global_ids[:1], 0.0
             step_rows.extend(ids)
             batch = collate([train_examples[i] for i in ids]).to(accelerator.device)
-            policy = model(batch)
-            ref_logps = reference.logps(batch) if reference is not None else None
-            loss, metrics = compute_objective(
-                cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
-                label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma,
-                sft_weight=cfg.sft_weight, desirable_weight=cfg.desirable_weight,
-                undesirable_weight=cfg.undesirable_weight,
-                mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
+            loss, metrics = batch_objective(cfg, batch, model(batch), reference,
+                                            mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
             accelerator.backward(loss * weight / cfg.grad_accum)
             if weight > 0:  # a zero-weight stand-in batch is not logged
                 for key, value in metrics.items():
@@ -409,6 +403,16 @@ def _nanmean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def batch_objective(cfg, batch, policy, reference, mean_across_processes=lambda t: t):
+    """The configured method's loss and metrics for one batch; ``policy`` is its LogpOutput."""
+    ref_logps = reference.logps(batch) if reference is not None else None
+    return compute_objective(
+        cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma,
+        sft_weight=cfg.sft_weight, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        mean_across_processes=mean_across_processes)
+
+
 @torch.no_grad()
 def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> dict[str, float]:
     """Held-out metrics with the training objective (no grad), averaged over all examples."""
@@ -422,41 +426,24 @@ def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> 
     for b in range(num_batches):  # the same count on every rank: sharded forwards are collectives
         start = (b * world + rank) * cfg.batch_size
         chunk = examples[start:start + cfg.batch_size]
-        if not chunk:  # this rank has run out: a throw-away batch keeps the ranks in step
-            forward(collate(examples[:1]).to(accelerator.device))
-            continue
-        batch = collate(chunk).to(accelerator.device)
-        policy = forward(batch)
-        ref_logps = reference.logps(batch) if reference is not None else None
-        _, metrics = compute_objective(
-            cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma,
-            sft_weight=cfg.sft_weight, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        # A rank that has run out runs a throw-away batch (weight 0): it keeps the ranks in step and
+        # gives this rank the method's metric names, so every rank reduces the same keys below.
+        batch = collate(chunk or examples[:1]).to(accelerator.device)
+        _, metrics = batch_objective(cfg, batch, forward(batch), reference)
         for key, value in metrics.items():
             value = float(value)
-            if not math.isnan(value):
-                sums[key] = sums.get(key, 0.0) + value * len(chunk)
-                counts[key] = counts.get(key, 0.0) + len(chunk)
+            sums.setdefault(key, 0.0)
+            counts.setdefault(key, 0.0)
+            if chunk and not math.isnan(value):
+                sums[key] += value * len(chunk)
+                counts[key] += len(chunk)
     model.train(was_training)
-    keys = sorted(set(sums) | set(_all_keys(cfg)))
+    keys = sorted(sums)
     local = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in keys], dtype=torch.float64,
                          device=accelerator.device)
     if world > 1:
         local = accelerator.reduce(local, reduction="sum")
     return {k: float(s / c) for k, (s, c) in zip(keys, local.tolist()) if c > 0}
-
-
-def _all_keys(cfg) -> list[str]:
-    # Every rank must reduce the same keys in the same order, even with no eval rows of its own.
-    if cfg.loss == "sft":
-        return ["loss", "nll"]
-    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
-    if cfg.loss == "kto":
-        return keys + ["kl"]
-    keys += ["rewards/accuracies", "nll"]
-    if cfg.loss == "orpo":
-        keys += ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
-    return keys
 
 
 class StopOnSignal:
