@@ -162,8 +162,10 @@ def print_setup(args, assets, counts: dict) -> float:
 
 def measure_peak(args, base: dict, log_dir: Path) -> dict:
     wait_for_idle(args.wait_idle)
-    peak = run_worker(dict(base, name="matmul-peak", dtype="float32"), log_dir / "matmul-peak.log")
-    print(f"fp32 matmul peak: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s (torch.mm {peak['n']}x{peak['n']}, "
+    # CPU: the fp32 peak (the targets are for fp32); GPU: the peak of the dtype the models run in.
+    dtype = "float32" if args.device == "cpu" else args.dtype
+    peak = run_worker(dict(base, name="matmul-peak", dtype=dtype), log_dir / "matmul-peak.log")
+    print(f"{dtype} matmul peak: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s (torch.mm {peak['n']}x{peak['n']}, "
           f"{args.threads or 'all'} threads, {args.device})", flush=True)
     return peak
 
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     peak = max(peak, measure_peak(args, base, log_dir), key=lambda p: p["flops_per_second"])
 
     header, rows = bench_report.table_rows(summaries, peak["flops_per_second"], gpu=args.device == "cuda")
-    print(f"\nfp32 matmul peak used: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s; "
+    print(f"\n{'float32' if args.device == 'cpu' else args.dtype} matmul peak used: "
+          f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s; "
           f"ideal FLOPs per mean pair: {set_flops / 1e9:.2f} GFLOP\n")
     print(bench_report.plain_table(header, rows))
     print()

@@ -81,6 +81,8 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
                     keep: int, rng: list[dict] | None = None) -> Path:
     """Write a checkpoint atomically; keep the newest ``keep`` up to this one (``keep <= 0``: all).
 
+    ``optimizer``: the optimizer, or its state dict already gathered (FSDP).
+
     ``rng`` holds every process's :func:`rng_state` (default: this process's). Checkpoints of
     later steps (left by a run that was resumed from an earlier one) are never removed here.
     """
@@ -98,7 +100,7 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
         save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
                   str(tmp / "model.safetensors"))
         _crash_point("after_model", step)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _crash_point("after_optimizer", step)
         torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")

@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def needs_launch(cfg: TrainConfig) -> bool:
+    """Several processes, or an accelerate config on a GPU machine (FSDP / DeepSpeed on one GPU
+    still need accelerate's launcher to set them up)."""
+    import torch
+
+    return cfg.num_processes > 1 or bool(cfg.accelerate_config and torch.cuda.is_available())
+
+
 def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
     """The command that re-runs ``preftune train ARGV`` in ``cfg.num_processes`` processes.
 
@@ -132,7 +140,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = config_from_args(args).validate()
-    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if needs_launch(cfg) and "LOCAL_RANK" not in os.environ:
         import subprocess
 
         cmd = launch_command(cfg, args.argv)
@@ -145,6 +153,8 @@ def cmd_train(args) -> int:
         finally:
             signal.signal(signal.SIGINT, previous)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # launched processes: only the first one reports
+        return 0
     print(f"done: {result.steps} steps; model saved to {result.output_dir}")
     before, after = result.eval_before, result.eval_after
     if after:

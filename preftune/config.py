@@ -111,7 +111,8 @@ class TrainConfig:
                                  "command under `accelerate launch` (GPU) or `torchrun` (CPU); each process "
                                  "takes --batch-size examples per micro-step.", group="scale")
     accelerate_config: str | None = _opt(None, "accelerate config file for the launch (e.g. "
-                                               "recipes/accelerate/fsdp.yaml).", group="scale")
+                                               "recipes/accelerate/fsdp.yaml); on a GPU machine it launches "
+                                               "through accelerate even with one process.", group="scale")
     # --- output ------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "Run folder: model, tokenizer, metrics.jsonl, config.yaml, checkpoints.",
                                   group="output")

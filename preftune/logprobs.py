@@ -362,6 +362,15 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
     return LogpOutput(logps=logps, counts=counts, token_logps=token_logps)
 
 
+def _no_split_modules(model: nn.Module) -> list[str] | None:
+    """The transformer layer class names of ``model`` (through a peft wrapper), or ``None``."""
+    for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        names = getattr(candidate, "_no_split_modules", None)
+        if names:
+            return list(names)
+    return None
+
+
 class LogProbModel(nn.Module):
     """``batch_logps`` as a module, to be wrapped by DDP / FSDP / ``accelerator.prepare``.
 
@@ -373,6 +382,9 @@ class LogProbModel(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.cache_bytes = cache_bytes
+        # FSDP's transformer auto-wrap reads the layer class names from the module it is given;
+        # without them it would shard the whole model as one unit (gathered all at once).
+        self._no_split_modules = _no_split_modules(model)
 
     def forward(self, batch: Batch) -> LogpOutput:
         return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes)

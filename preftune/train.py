@@ -235,6 +235,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
     # gradient sync and parameter gathering hook into its forward).
     model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size), optimizer)
+    # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     step = 0
     if cfg.resume_from:
@@ -318,6 +320,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             row.update(mean_across(accelerator, window, sorted(metrics)))
             row.update({"learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "pairs_per_second": window_pairs / elapsed, "tokens_per_second": window_tokens / elapsed})
+            if accelerator.device.type == "cuda":  # this process's high-water mark since the start
+                row["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
             last_metrics = row
             if main:
                 metrics_log.write(row)
@@ -351,7 +355,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         summary = {"steps": step, "train_data": train_report.summary(), "final": last_metrics,
                    "eval_before": eval_before, "eval_after": eval_after,
-                   "reference": reference.description if reference is not None else "none", "packing": packing}
+                   "reference": reference.description if reference is not None else "none", "packing": packing,
+                   "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type)}
+        if accelerator.device.type == "cuda":
+            summary["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         metrics_log.close()
     return TrainResult(out, step, last_metrics, eval_before, eval_after)
@@ -518,6 +525,12 @@ def trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
     return state
 
 
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int, micro: int) -> Path | None:
     """Checkpoint all the rest of the run depends on: trainable weights, optimizer moments, scheduler
     position, every rank's RNG state and the data position (``micro`` micro-batches consumed).
@@ -527,10 +540,16 @@ def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int
     from accelerate.utils import gather_object
 
     state = trainable_state(accelerator, model)
+    optimizer_state = optimizer
+    if _is_fsdp(accelerator):  # moments are sharded like the weights: gather them, keyed by parameter name
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = gather_object([ckpt.rng_state()])  # one per rank: ranks draw different dropout masks
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(cfg.output_dir, step, state, optimizer, scheduler,
+        path = ckpt.save_checkpoint(cfg.output_dir, step, state, optimizer_state, scheduler,
                                     {"step": step, "micro": micro, "processes": accelerator.num_processes,
                                      "config": cfg.to_dict()}, cfg.save_total_limit, rng=rng)
     accelerator.wait_for_everyone()
@@ -556,13 +575,26 @@ def resume(cfg, accelerator, model, optimizer, scheduler) -> int:
         raise ValueError(f"checkpoint {path} was written by {processes} processes, now {accelerator.num_processes}: "
                          f"the global batch and data order would change; resume with {processes} processes")
     expected = set(trainable_state(accelerator, model))
-    result = accelerator.unwrap_model(model).model.load_state_dict(loaded["model"], strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has unexpected weights, e.g. {result.unexpected_keys[0]}")
+    inner = accelerator.unwrap_model(model).model
+    unexpected = sorted(set(loaded["model"]) - set(inner.state_dict()))
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has unexpected weights, e.g. {unexpected[0]}")
     missing = sorted(expected - set(loaded["model"]))
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} trained weights, e.g. {missing[0]}")
-    optimizer.load_state_dict(loaded["optimizer"])
+    if _is_fsdp(accelerator):  # full tensors from the file, each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(inner, loaded["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, optimizer.optimizer, loaded["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        inner.load_state_dict(loaded["model"], strict=False)
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     ckpt.set_rng_state(loaded["rng"]["ranks"][accelerator.process_index])
     step = int(saved["step"])

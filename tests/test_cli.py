@@ -68,3 +68,27 @@ def test_readme_documents_every_flag():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert flags_markdown() in readme
+
+
+def test_launch_command_per_machine(monkeypatch):
+    """CPU: torchrun with gloo; GPU: accelerate launch, with the config file when given, and an
+    accelerate config alone (FSDP on one GPU) is reason enough to launch."""
+    import torch
+
+    from preftune.cli import launch_command, needs_launch
+    from preftune.config import TrainConfig
+
+    argv = ["--model", "m", "--data", "d"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = launch_command(TrainConfig(num_processes=2), argv)
+    assert cpu[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    assert cpu[-6:] == ["-m", "preftune.cli", "train", *argv][-6:]
+    assert not needs_launch(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"))
+    assert needs_launch(TrainConfig(num_processes=2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert needs_launch(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"))
+    assert not needs_launch(TrainConfig())
+    gpu = launch_command(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"), argv)
+    assert gpu[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "1"]
+    assert gpu[5:7] == ["--config_file", "recipes/accelerate/fsdp.yaml"]
+    assert "--multi_gpu" in launch_command(TrainConfig(num_processes=4), argv)
