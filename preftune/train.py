@@ -238,9 +238,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    step = 0
+    step, bad_streak = 0, 0
     if cfg.resume_from:
-        step = resume(cfg, accelerator, model, optimizer, scheduler)
+        step, bad_streak = resume(cfg, accelerator, model, optimizer, scheduler)
 
     evaluator = partial(evaluate_examples, cfg=cfg, reference=reference, collate=collate, accelerator=accelerator)
     eval_before = {}
@@ -257,7 +257,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     window_start, window_pairs, window_tokens = time.perf_counter(), 0, 0
     last_metrics: dict = {}
     micro = step * cfg.grad_accum  # micro-batches consumed so far (global position in the data order)
-    bad_streak = 0
     while step < total_steps and not stop.requested(accelerator):
         step_rows: list[int] = []
         step_losses: list[float] = []  # this rank's micro-batch losses of this step
@@ -300,7 +299,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 # through; its weights are those of the last good step.
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                path = save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro)
+                path = save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro, bad_streak)
                 stop.restore()
                 raise TrainingDiverged(f"{bad_streak} consecutive steps with a non-finite loss or gradient (steps "
                                        f"{step + 2 - bad_streak}-{step + 1}); stopping. The last good weights are "
@@ -335,13 +334,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             if main:
                 metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
         if cfg.save_steps and step % cfg.save_steps == 0:
-            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro)
+            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, bad_streak)
     bar.close()
     stop.restore()
     if stop.stopping:  # the same decision on every rank (see StopOnSignal.requested)
         just_saved = cfg.save_steps and step > stop.first_step and step % cfg.save_steps == 0
         path = (ckpt.checkpoint_path(cfg.output_dir, step) if just_saved
-                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro))
+                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, bad_streak))
         message = (f"interrupted at step {step} of {total_steps}; checkpoint saved to {path}. To continue, run the "
                    f"same command with --resume-from latest")
         if main:
@@ -531,9 +530,11 @@ def _is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int, micro: int) -> Path | None:
+def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int, micro: int,
+                        bad_streak: int = 0) -> Path | None:
     """Checkpoint all the rest of the run depends on: trainable weights, optimizer moments, scheduler
-    position, every rank's RNG state and the data position (``micro`` micro-batches consumed).
+    position, every rank's RNG state, the data position (``micro`` micro-batches consumed) and the
+    count of consecutive skipped (non-finite) steps.
 
     A collective (every rank calls it); returns the folder on the main process, else ``None``.
     """
@@ -551,14 +552,15 @@ def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int
     if accelerator.is_main_process:
         path = ckpt.save_checkpoint(cfg.output_dir, step, state, optimizer_state, scheduler,
                                     {"step": step, "micro": micro, "processes": accelerator.num_processes,
-                                     "config": cfg.to_dict()}, cfg.save_total_limit, rng=rng)
+                                     "bad_streak": bad_streak, "config": cfg.to_dict()}, cfg.save_total_limit, rng=rng)
     accelerator.wait_for_everyone()
     return path
 
 
-def resume(cfg, accelerator, model, optimizer, scheduler) -> int:
+def resume(cfg, accelerator, model, optimizer, scheduler) -> tuple[int, int]:
     """Restore ``cfg.resume_from`` into the prepared model, optimizer and scheduler, and this rank's
-    RNG state; return its step (the loop derives the data position: step x grad_accum micro-batches).
+    RNG state; return its step (the loop derives the data position: step x grad_accum micro-batches)
+    and the count of consecutive skipped steps it had reached.
 
     Refuses a checkpoint written under other options (naming each, with both values) or by another
     number of processes. Drops the metrics rows of the steps after it, which the run will redo.
@@ -601,7 +603,12 @@ def resume(cfg, accelerator, model, optimizer, scheduler) -> int:
     if accelerator.is_main_process:
         drop_metrics_after(Path(cfg.output_dir) / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", path, step)
-    return step
+        before = (saved.get("config") or {}).get("max_steps")
+        if before != cfg.max_steps and cfg.lr_scheduler != "constant":
+            log.warning("--max-steps was %s, now %s: the %s learning-rate schedule is laid over the new total, "
+                        "so the rate at step %d changes (same --max-steps keeps the original schedule)",
+                        before, cfg.max_steps, cfg.lr_scheduler, step + 1)
+    return step, int(saved.get("bad_streak", 0))
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

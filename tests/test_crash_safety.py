@@ -495,3 +495,23 @@ def test_consecutive_bad_steps_stop_with_the_last_good_checkpoint(setup, tmp_pat
     clean = load_file(str(tmp_path / "two" / "model.safetensors"))
     saved = ckpt.load_checkpoint(last)["model"]
     assert all(torch.equal(saved[k], clean[k]) for k in clean)
+
+
+def test_the_bad_step_count_survives_a_resume(setup, tmp_path, monkeypatch, caplog):
+    """Steps 3 and 4 bad, checkpoint at 4, resume: a bad step 5 is the third in a row, as it would
+    have been without the stop (the count is in the checkpoint, not reset by resuming)."""
+    poison(monkeypatch, {3, 4, 5})
+    out = tmp_path / "run"
+    train(guard_config(setup, out, max_steps=4, max_bad_steps=3, save_steps=4))
+    assert json.loads((ckpt.checkpoint_path(out, 4) / "state.json").read_text())["bad_streak"] == 2
+    with pytest.raises(TrainingDiverged, match=r"\(steps 3-5\)"):
+        train(guard_config(setup, out, max_steps=8, max_bad_steps=3, save_steps=4, resume_from="latest"))
+
+
+def test_resuming_with_another_max_steps_warns_about_the_schedule(setup, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(config(setup, out, eval_data=None, max_steps=2, save_steps=2, lr_scheduler="cosine"))
+    with caplog.at_level("WARNING", logger="preftune"):
+        train(config(setup, out, eval_data=None, max_steps=4, save_steps=2, lr_scheduler="cosine",
+                     resume_from="latest"))
+    assert any("--max-steps was 2, now 4" in r.getMessage() for r in caplog.records)
