@@ -200,3 +200,21 @@ def test_split_eval_size_and_bad_input(tmp_path, capsys):
 def test_normalize_text():
     assert normalize_text("  Hello,   World!\n") == "hello world"
     assert normalize_text("¿Qué tal?") == "qué tal"
+
+
+def test_ultrafeedback_binarized_rows_read_as_pairs_unpaired_and_sft(tmp_path, tiny_tokenizer):
+    """UltraFeedback-binarized rows carry prompt, chosen, rejected *and* messages (the chosen
+    conversation): read as unpaired (KTO) they give chosen/True then rejected/False; as sft, the
+    messages."""
+    row = {"prompt": "Sky colour?", "chosen": [user("Sky colour?"), assistant("Blue.")],
+           "rejected": [user("Sky colour?"), assistant("Green.")],
+           "messages": [user("Sky colour?"), assistant("Blue.")], "score_chosen": 8.0, "score_rejected": 2.0}
+    path = write_jsonl(tmp_path / "uf.jsonl", [row, row])
+    decode = tiny_tokenizer.decode
+    pairs, _ = load_dataset(path, tiny_tokenizer, kind="pair")
+    assert len(pairs) == 2 and "Green" in decode(pairs[0].completions[1])
+    unpaired, _ = load_dataset(path, tiny_tokenizer, kind="unpaired")
+    assert [e.label for e in unpaired] == [True, False, True, False]
+    assert "Blue" in decode(unpaired[0].completions[0]) and "Green" in decode(unpaired[1].completions[0])
+    sft, _ = load_dataset(path, tiny_tokenizer, kind="sft")
+    assert len(sft) == 2 and "Blue" in decode(sft[0].completions[0])

@@ -76,8 +76,11 @@ def chosen_as_sft(examples: Iterable[Example]) -> list[Example]:
 
 
 def is_pair_row(row: dict) -> bool:
-    """True for a row holding a preference pair (``chosen`` and ``rejected``, no ``completion``)."""
-    return "chosen" in row and "rejected" in row and "completion" not in row and "messages" not in row
+    """True for a row holding a preference pair (``chosen`` and ``rejected``, no ``completion``).
+
+    A ``messages`` field beside them (UltraFeedback-binarized repeats the chosen conversation
+    there) does not make it something else."""
+    return "chosen" in row and "rejected" in row and "completion" not in row
 
 
 def split_dialogue(chosen: str, rejected: str, location: Location | None) -> tuple[str, str, str]:

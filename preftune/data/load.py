@@ -104,6 +104,6 @@ def _convert(row: dict, location: Location, kind: str) -> list[Example]:
     """One row -> its examples (two for a pair row read as unpaired)."""
     if kind == "unpaired" and is_pair_row(row):
         return pairs_to_unpaired([to_example(row, location, "pair")])
-    if kind == "sft" and is_pair_row(row):
+    if kind == "sft" and is_pair_row(row) and row.get("messages") is None:  # an explicit 'messages' wins
         return chosen_as_sft([to_example(row, location, "pair")])
     return [to_example(row, location, kind)]
