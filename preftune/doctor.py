@@ -206,15 +206,8 @@ def record_format(example: Example) -> str:
 
 
 def classify(error: DataError) -> str:
-    """Which record problem a :class:`DataError` from ``to_example`` is (by its message)."""
-    message = error.message
-    if "are identical" in message:
-        return IDENTICAL
-    if "empty or whitespace only" in message or "no messages after the prompt" in message:
-        return EMPTY
-    if "share no" in message:  # split_dialogue / split_messages found no turn to cut at
-        return PROMPT_SPLIT
-    return BAD
+    """Which record problem (doctor check) a :class:`DataError` from ``to_example`` is."""
+    return {"identical": IDENTICAL, "empty": EMPTY, "prompt_split": PROMPT_SPLIT}.get(error.reason, BAD)
 
 
 # ---------------------------------------------------------------------------- the one read

@@ -267,3 +267,19 @@ def test_arbitrary_jsonl_bytes_give_records_or_data_error(data):
                     assert isinstance(to_example(row, location, kind), Example)
             except DataError as err:
                 assert str(err).startswith(str(path))
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"prompt": "Q", "chosen": " A", "rejected": " A"}, "identical"),
+    ({"prompt": "Q", "chosen": " ", "rejected": " B"}, "empty"),
+    ({"chosen": "no turns here", "rejected": "none here either"}, "prompt_split"),
+    ({"prompt": "Q", "chosen": 3, "rejected": " B"}, "malformed"),
+    ({"prompt": "Q", "rejected": " B"}, "malformed"),
+])
+def test_data_errors_carry_a_reason_the_doctor_counts_by(row, reason):
+    with pytest.raises(DataError) as err:
+        to_example(row, LOC, "pair")
+    assert err.value.reason == reason
+    import copy
+
+    assert copy.copy(err.value).reason == reason  # __reduce__ keeps it (also what pickling across processes uses)

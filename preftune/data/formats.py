@@ -93,7 +93,8 @@ def split_dialogue(chosen: str, rejected: str, location: Location | None) -> tup
     cut = common.rfind(ASSISTANT_MARKER)
     if cut < 0:
         raise DataError(location, "no 'prompt' field, and 'chosen' and 'rejected' share no "
-                                  "'\\n\\nAssistant:' turn to split the prompt at; add a 'prompt' field")
+                                  "'\\n\\nAssistant:' turn to split the prompt at; add a 'prompt' field",
+                        reason="prompt_split")
     end = cut + len(ASSISTANT_MARKER)
     return chosen[:end], chosen[end:], rejected[end:]
 
@@ -105,7 +106,7 @@ def split_messages(chosen: list, rejected: list, location: Location | None) -> t
         shared += 1
     if shared == 0:
         raise DataError(location, "no 'prompt' field, and 'chosen' and 'rejected' share no leading "
-                                  "message to use as the prompt; add a 'prompt' field")
+                                  "message to use as the prompt; add a 'prompt' field", reason="prompt_split")
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -118,7 +119,7 @@ def _pair(row: dict, location: Location | None) -> Example:
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise DataError(location, "'chosen' and 'rejected' must both be strings or both lists of messages")
     if chosen == rejected:
-        raise DataError(location, "'chosen' and 'rejected' are identical")
+        raise DataError(location, "'chosen' and 'rejected' are identical", reason="identical")
     prompt = row.get("prompt")
     source = "explicit"
     if prompt is None:
@@ -138,7 +139,7 @@ def _pair(row: dict, location: Location | None) -> Example:
     _check_completion(chosen, "chosen", location)
     _check_completion(rejected, "rejected", location)
     if chosen == rejected:
-        raise DataError(location, "'chosen' and 'rejected' are identical after the prompt")
+        raise DataError(location, "'chosen' and 'rejected' are identical after the prompt", reason="identical")
     return Example(kind="pair", prompt=prompt, chosen=chosen, rejected=rejected, location=location,
                    prompt_source=source)
 
@@ -237,16 +238,16 @@ def _check_completion(completion: str | list, name: str, location: Location | No
     """A completion is non-empty text, or assistant messages with some non-empty content."""
     if isinstance(completion, str):
         if not completion.strip():
-            raise DataError(location, f"field {name!r} is empty or whitespace only")
+            raise DataError(location, f"field {name!r} is empty or whitespace only", reason="empty")
         return
     if not completion:
-        raise DataError(location, f"field {name!r} has no messages after the prompt")
+        raise DataError(location, f"field {name!r} has no messages after the prompt", reason="empty")
     for i, message in enumerate(completion, 1):
         if message["role"] != "assistant":
             raise DataError(location, f"field {name!r}: completion message {i} must have role 'assistant', "
                                       f"got {message['role']!r}")
     if not "".join(m["content"] for m in completion).strip():
-        raise DataError(location, f"field {name!r} is empty or whitespace only")
+        raise DataError(location, f"field {name!r} is empty or whitespace only", reason="empty")
 
 
 def _fits_string_prompt(prompt: str, *completions: list) -> bool:
