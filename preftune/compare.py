@@ -23,7 +23,8 @@ evaluates it against the base (:func:`preftune.evaluate.evaluate_model`, the bas
 reference for every variant), and writes ``report.md``, ``report.html`` (self-contained),
 ``summary.json`` and the plots. A variant that fails is reported with its error and the
 sweep goes on. A finished variant leaves ``done.json`` (its settings and results) and is
-skipped when the sweep is run again with the same settings for it.
+skipped when the sweep is run again with the same settings for it; when only the ``eval:``
+settings changed, it is evaluated again without retraining.
 """
 
 from __future__ import annotations
@@ -160,7 +161,6 @@ def run_variant(spec: dict) -> dict:
     """Train one variant and evaluate it against the base; its ``done.json`` record."""
     import torch
 
-    from preftune.evaluate import evaluate_model
     from preftune.train import train
 
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()
@@ -170,15 +170,34 @@ def run_variant(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     peak = _peak_rss_mb()  # read now: evaluation (which loads the base too) comes after
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    options = dict(spec["eval"])
-    options.setdefault("batch_size", cfg.batch_size)
-    evaluation = evaluate_model(cfg.output_dir, cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
-                                max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
-                                trust_remote_code=cfg.trust_remote_code, **options)
     return {"name": spec["name"], "spec": spec, "status": "done", "error": None, "steps": result.steps,
             "train_seconds": seconds, "peak_rss_mb": peak,
             "train_rss_mb": max(0.0, peak - rss_before) if peak is not None else None,
-            "peak_gpu_mb": gpu, "evaluation": evaluation}
+            "peak_gpu_mb": gpu, "evaluation": evaluate_variant(spec)}
+
+
+def evaluate_variant(spec: dict) -> dict:
+    """The trained variant in ``spec["train"]["output_dir"]`` against the base, with ``spec["eval"]``."""
+    from preftune.evaluate import evaluate_model
+
+    cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}")
+    options = dict(spec["eval"])
+    options.setdefault("batch_size", cfg.batch_size)
+    return evaluate_model(cfg.output_dir, cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
+                          max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
+                          trust_remote_code=cfg.trust_remote_code, **options)
+
+
+def _reevaluate(done: dict, spec: dict, folder: Path) -> dict:
+    """A variant trained earlier under the same training settings: evaluate it again, keep its training."""
+    try:
+        evaluation = evaluate_variant(spec)
+    except Exception as exc:
+        log.exception("variant %s: evaluation failed", spec["name"])
+        return _failed(spec["name"], spec["options"], _error_text(exc))
+    record = {**done, "spec": spec, "evaluation": evaluation}
+    _write_json(folder / "done.json", record)
+    return {**record, "status": "done (trained earlier, evaluated again)"}
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -269,8 +288,13 @@ def run_compare(config_path: str | Path) -> Path:
             log.info("variant %s: finished earlier (%s); skipped", name, folder / "done.json")
             records.append({**done, "options": options, "status": "done (earlier run)"})
             continue
+        if done is not None and done.get("spec", {}).get("train") == spec["train"]:
+            log.info("variant %s: only the eval settings changed since its done.json; evaluating it again", name)
+            record = _reevaluate(done, spec, folder)
+            records.append({**record, "options": options})
+            continue
         if done is not None:
-            log.info("variant %s: settings changed since its done.json; running it again", name)
+            log.info("variant %s: training settings changed since its done.json; running it again", name)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in ("done.json", "error.json", "metrics.jsonl", "summary.json"):  # metrics.jsonl is appended to
             (folder / stale).unlink(missing_ok=True)

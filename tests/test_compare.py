@@ -178,3 +178,13 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
         assert (out / name / "done.json").stat().st_mtime_ns == mtime
         assert (out / name / "metrics.jsonl").read_text() == metrics[name]
     assert again["bad-option"]["status"] == "failed"
+
+    # Change only the eval settings: nothing is trained again, every finished variant is evaluated again.
+    values["eval"]["max_examples"] = 8
+    run_compare(write_sweep(config, **values))
+    third = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    for name in finished:
+        assert third[name]["status"] == "done (trained earlier, evaluated again)"
+        assert third[name]["evaluation"]["preference"]["pairs"] == 8
+        assert (out / name / "metrics.jsonl").read_text() == metrics[name]  # no training ran
+        assert json.loads((out / name / "done.json").read_text())["spec"]["eval"]["max_examples"] == 8
