@@ -407,19 +407,21 @@ def simpo_loss(
 # ----------------------------------------------------------------------------- KTO
 
 
-def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     """KTO's reference point z0 (Ethayarajh et al. 2024): an estimate of
     KL(policy || reference) from mismatched pairs (prompt x_i with the completion of
     another example x_j), as the HALOs code and TRL compute it:
 
         z0 = max(0, mean(policy_kl_logps - ref_kl_logps))
 
-    Detached: the paper does not backpropagate through z0. Under data parallelism average
-    this value across processes BEFORE :func:`kto_loss`, so every rank uses one z0
-    (:func:`kto_loss` clamps at 0 again, so averaging unclamped means is also fine).
+    Detached: the paper does not backpropagate through z0. Under data parallelism, take it
+    with ``clamp=False`` on each process, average across processes, then clamp: that is the
+    estimate of the whole global batch, the same for any number of processes (averaging
+    per-process clamped values would not be). :func:`kto_loss` clamps at 0 again.
 
     Args:
         policy_kl_logps, ref_kl_logps: (B,) summed log-probs of the mismatched completions.
+        clamp: clamp at 0 (False: the raw mean, for averaging across processes first).
 
     Returns:
         a 0-d tensor (float32 or wider).
@@ -427,7 +429,8 @@ def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
     _check_shapes(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
     if policy_kl_logps.numel() == 0:
         raise ValueError("kto_kl_estimate needs at least one mismatched pair")
-    return (_fp32(policy_kl_logps) - _fp32(ref_kl_logps)).mean().detach().clamp(min=0)
+    mean = (_fp32(policy_kl_logps) - _fp32(ref_kl_logps)).mean().detach()
+    return mean.clamp(min=0) if clamp else mean
 
 
 def kto_loss(

@@ -54,8 +54,7 @@ def compute_objective(
         ref_own, ref_partner = ref_logps[:G], ref_logps[G:]
         # z0 = max(0, mean over ALL ranks' mismatched pairs): average the unclamped local means
         # (equal counts per rank), then clamp — clamping per rank first would bias z0 upwards.
-        raw_kl = (partner.float() - ref_partner.float()).mean().detach()
-        kl = mean_across_processes(raw_kl).clamp(min=0)
+        kl = mean_across_processes(L.kto_kl_estimate(partner, ref_partner, clamp=False)).clamp(min=0)
         losses, rewards, extra = L.kto_loss(own, ref_own, labels, kl, beta, desirable_weight, undesirable_weight)
         loss = losses.mean()
         metrics = {"loss": loss.detach(), "kl": kl}

@@ -306,6 +306,7 @@ def test_kto_kl_estimate_mean_and_clamp():
     assert_close(estimate, 0.75)
     assert not estimate.requires_grad
     assert_close(kto_kl_estimate(t(-3.0, -2.0), t(-1.0, -1.0)), 0.0)
+    assert_close(kto_kl_estimate(t(-3.0, -2.0), t(-1.0, -1.0), clamp=False), -1.5)  # to average across ranks
 
 
 def test_kto_input_validation():
