@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from preftune.judges import (CompareResult, JudgeError, OpenAIJudge, PythonJudge, RewardModelJudge, make_judge,
-                             parse_verdict)
+from preftune.judge_openai import OpenAIJudge, parse_verdict
+from preftune.judges import CompareResult, JudgeError, PythonJudge, RewardModelJudge, make_judge
 from preftune.tiny import tiny_config
 
 # ----------------------------------------------------------------------------- python:
