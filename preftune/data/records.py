@@ -6,7 +6,7 @@ Flow: file -> raw dict rows (``readers``) -> :class:`Example` (``formats``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 Message = dict  # {"role": str, "content": str}
