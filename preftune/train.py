@@ -272,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 ids, weight = global_ids[:1], 0.0
             step_rows.extend(ids)
             batch = collate([train_examples[i] for i in ids]).to(accelerator.device)
-            loss, metrics = batch_objective(cfg, batch, model(batch), reference,
+            loss, metrics = batch_objective(cfg, batch, model, reference,
                                             mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
             accelerator.backward(loss * weight / cfg.grad_accum)
             if weight > 0:  # a zero-weight stand-in batch is not logged
@@ -410,9 +410,15 @@ def _nanmean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def batch_objective(cfg, batch, policy, reference, mean_across_processes=lambda t: t):
-    """The configured method's loss and metrics for one batch; ``policy`` is its LogpOutput."""
+def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t: t):
+    """The configured method's loss and metrics for one batch; ``model(batch)`` is its LogpOutput.
+
+    The reference runs first: its no-grad forward (body activations, head logits chunk) is freed
+    before the policy builds its graph (activations, the kept softmax), instead of stacking on top
+    of it, which lowers the step's peak memory (on the benchmark's CPU setting ~0.2 GB of ~1.8 GB).
+    """
     ref_logps = reference.logps(batch) if reference is not None else None
+    policy = model(batch)
     return compute_objective(
         cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
         label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma,
@@ -436,7 +442,7 @@ def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> 
         # A rank that has run out runs a throw-away batch (weight 0): it keeps the ranks in step and
         # gives this rank the method's metric names, so every rank reduces the same keys below.
         batch = collate(chunk or examples[:1]).to(accelerator.device)
-        _, metrics = batch_objective(cfg, batch, forward(batch), reference)
+        _, metrics = batch_objective(cfg, batch, forward, reference)
         for key, value in metrics.items():
             value = float(value)
             sums.setdefault(key, 0.0)

@@ -132,3 +132,28 @@ def test_skip_bad_records_warns_with_count_and_locations(tiny_model_dir, rule_da
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "bad record" in r.getMessage()]
     assert len(warning) == 1 and "skipped 2 bad record(s)" in warning[0]
     assert "dirty.jsonl:4" in warning[0] and "dirty.jsonl:8" in warning[0]
+
+
+def test_reference_runs_before_the_policy_graph_is_built():
+    """The reference forward must not stack on the policy's activations (peak memory)."""
+    from preftune.logprobs import LogpOutput
+    from preftune.train import batch_objective
+
+    calls = []
+    logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+
+    class Reference:
+        def logps(self, batch):
+            calls.append("reference")
+            return torch.tensor([-1.5, -1.5])
+
+    def policy(batch):
+        calls.append("policy")
+        return LogpOutput(logps=logps, counts=torch.tensor([1, 1]), token_logps=logps)
+
+    class OneGroup:
+        num_groups, labels = 1, None
+
+    loss, _ = batch_objective(TrainConfig(model="m", data="d", loss="dpo", beta=0.1), OneGroup(), policy, Reference())
+    assert calls == ["reference", "policy"]
+    assert loss.requires_grad
