@@ -49,9 +49,12 @@ class AdapterOffReference:
 
     description = "policy with LoRA adapters disabled"
 
-    def __init__(self, peft_model, chunk_size: int = 1024):
+    def __init__(self, peft_model, chunk_size: int = 1024, forward=None):
         self.model = peft_model
         self.chunk_size = chunk_size
+        # The training loop sets ``forward`` to the prepared (DDP/FSDP-wrapped) LogProbModel: under
+        # FSDP only the wrapped module's forward gathers the sharded weights the body needs.
+        self.forward = forward
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
@@ -59,7 +62,9 @@ class AdapterOffReference:
         self.model.eval()  # no dropout in the reference
         try:
             with self.model.disable_adapter():
-                return batch_logps(self.model, batch, chunk_size=self.chunk_size).logps.float()
+                out = (self.forward(batch) if self.forward is not None
+                       else batch_logps(self.model, batch, chunk_size=self.chunk_size))
+                return out.logps.float()
         finally:
             self.model.train(was_training)
 

@@ -238,6 +238,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size), optimizer)
     # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(reference, AdapterOffReference):
+        reference.forward = model  # through the wrapper, whose forward gathers FSDP shards
 
     step, bad_streak = 0, 0
     if cfg.resume_from:

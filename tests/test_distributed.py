@@ -89,15 +89,18 @@ def test_uneven_tail_runs_every_collective_and_still_matches(tiny_model_dir, rul
 
 
 @pytest.mark.slow
-def test_fsdp2_full_shard_matches_unsharded(tmp_path):
+@pytest.mark.parametrize("case", ["full", "lora"])
+def test_fsdp2_full_shard_matches_unsharded(tmp_path, case):
     """accelerate's FSDP needs a GPU, so this drives torch's FSDP2 (``fully_shard``, what
     accelerate calls) over 2 gloo processes: the transformer auto-wrap policy finds the decoder
     layers through the LogProbModel wrapper, and the chunked-head log-probs and their DPO gradients
-    (DTensor shards gathered) equal the unsharded model's within 1e-5."""
+    (DTensor shards gathered) equal the unsharded model's within 1e-5. ``lora``: LoRA policy with
+    the adapters-off reference computed first, through the wrapped module (its forward is what
+    gathers the shards)."""
     here = os.path.dirname(__file__)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           os.path.join(here, "fsdp_worker.py"), str(tmp_path / "result")]
+           os.path.join(here, "fsdp_worker.py"), str(tmp_path / "result"), case]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(2):
