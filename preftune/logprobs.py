@@ -90,12 +90,13 @@ class ChunkedHeadLogp(torch.autograd.Function):
             end = min(start + chunk_size, n)
             target = targets[start:end, None]
             logits = _head_logits(hidden[start:end], weight, bias)  # (n_c, V) fp32
-            chunk_logps = torch.log_softmax(logits, dim=-1)
-            logps[start:end] = chunk_logps.gather(1, target).squeeze(1)
-            lse[start:end] = logits.gather(1, target).squeeze(1) - logps[start:end]
-            del logits
+            target_logits = logits.gather(1, target).squeeze(1)
+            top, total = _exp_shifted_(logits)  # logits now hold exp(logits - top)
+            lse[start:end] = top + total.log()
+            logps[start:end] = target_logits - lse[start:end]
             if need_hidden or keep:
-                d = _minus_onehot(chunk_logps.exp_(), target).to(weight.dtype)  # (n_c, V) p - e_t
+                probs = logits.div_(total[:, None])
+                d = _minus_onehot(probs, target).to(weight.dtype)  # (n_c, V) p - e_t
                 if need_hidden:
                     unit[start:end] = d @ weight
                 if keep:
@@ -135,6 +136,18 @@ class ChunkedHeadLogp(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
+def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: (n, V) logits -> exp(logits - top); returns (n,) ``top`` (row max) and ``total`` (row sum).
+
+    log-sum-exp = top + log(total), softmax = the result / total: the same arithmetic as
+    ``log_softmax``, but written over the logits instead of into a second (n, V) buffer, so
+    a chunk costs one (chunk, V) buffer at its peak, not two (and one fewer allocation).
+    """
+    top = logits.amax(dim=1)
+    total = logits.sub_(top[:, None]).exp_().sum(dim=1)
+    return top, total
+
+
 def _minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """In place: (n, V) probs - one-hot of (n, 1) target."""
     return probs.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=probs.dtype, device=probs.device))
@@ -157,8 +170,9 @@ def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):  # reference forward: nothing kept
         logits = _head_logits(hidden[start:start + chunk_size], weight, bias)
-        out[start:start + chunk_size] = (logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
-                                         - torch.logsumexp(logits, dim=-1))
+        target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
+        top, total = _exp_shifted_(logits)
+        out[start:start + chunk_size] = target_logits - top - total.log()
     return out
 
 

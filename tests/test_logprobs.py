@@ -220,6 +220,19 @@ def test_chunked_head_matches_full_logits(bias, train_weight, cache_bytes):
         assert (g - r).abs().max() <= 1e-5 * r.abs().max()
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_head_is_exact_for_large_logits(grad):
+    """The in-place softmax (logits overwritten by exp(logits - max)) matches log_softmax, also far from 0."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(30, 16, generator=gen) * 40).requires_grad_(grad)  # logits in the hundreds
+    weight = torch.randn(500, 16, generator=gen)
+    targets = torch.randint(0, 500, (30,), generator=gen)
+    out = chunked_target_logps(hidden, weight, None, targets, chunk_size=8)
+    ref = (hidden @ weight.t()).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max().clamp(min=1)
+
+
 def test_chunked_head_bf16_computes_in_fp32():
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(20, 16, generator=gen).bfloat16()
