@@ -364,13 +364,15 @@ def test_lora_dropout_run_interrupted_in_process_resumes_exactly(setup, tmp_path
 
 
 def signal_on_call(monkeypatch, calls: dict[int, int]) -> None:
-    """Send ``calls[n]`` to this process when the policy's forward runs the n-th time."""
+    """Send ``calls[n]`` to this process when the policy's forward runs the n-th time (reference
+    forwards, which run without grad, are not counted)."""
     original, count = logprobs.batch_logps, {"n": 0}
 
     def wrapper(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] in calls:
-            signal.raise_signal(calls[count["n"]])
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if count["n"] in calls:
+                signal.raise_signal(calls[count["n"]])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(logprobs, "batch_logps", wrapper)
