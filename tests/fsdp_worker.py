@@ -83,6 +83,7 @@ def main(prefix: str, lora: bool) -> None:
               "logps_diff": (logps.detach() - expected_logps).abs().max().item(), "grad_rel_diff": worst}
     with open(f"{prefix}-{rank}.json", "w") as f:
         json.dump(result, f)
+    dist.barrier()  # both ranks done with every collective before gloo is torn down
     dist.destroy_process_group()
 
 
