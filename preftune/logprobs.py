@@ -377,12 +377,10 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
 
 
 def _no_split_modules(model: nn.Module) -> list[str] | None:
-    """The transformer layer class names of ``model`` (through a peft wrapper), or ``None``."""
-    for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
-        names = getattr(candidate, "_no_split_modules", None)
-        if names:
-            return list(names)
-    return None
+    """The transformer layer class names of ``model``, or ``None`` (a peft wrapper forwards the
+    attribute to the model it wraps)."""
+    names = getattr(model, "_no_split_modules", None)
+    return list(names) if names else None
 
 
 class LogProbModel(nn.Module):

@@ -143,7 +143,6 @@ def save_final(cfg, accelerator, model, tokenizer, out: Path) -> None:
     unwrapped = accelerator.unwrap_model(model).model  # the transformers (or peft) model
     if cfg.lora_r and cfg.merge_lora:
         unwrapped = unwrapped.merge_and_unload()
-    if cfg.lora_r and cfg.merge_lora:
         state = unwrapped.state_dict()
     else:  # gathered across ranks (FSDP); keys of the LogProbModel wrapper start with "model."
         state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}

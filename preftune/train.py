@@ -322,8 +322,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             row.update(mean_across(accelerator, window, sorted(metrics)))
             row.update({"learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "pairs_per_second": window_pairs / elapsed, "tokens_per_second": window_tokens / elapsed})
-            if accelerator.device.type == "cuda":  # this process's high-water mark since the start
-                row["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
+            row.update(gpu_peak_memory(accelerator))
             last_metrics = row
             if main:
                 metrics_log.write(row)
@@ -358,9 +357,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         summary = {"steps": step, "train_data": train_report.summary(), "final": last_metrics,
                    "eval_before": eval_before, "eval_after": eval_after,
                    "reference": reference.description if reference is not None else "none", "packing": packing,
-                   "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type)}
-        if accelerator.device.type == "cuda":
-            summary["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
+                   "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type),
+                   **gpu_peak_memory(accelerator)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         metrics_log.close()
     return TrainResult(out, step, last_metrics, eval_before, eval_after)
@@ -390,6 +388,13 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
     elif accelerator.is_main_process:
         log.info("reference log-probs loaded from %s", path)
     return CachedReference(table, path)
+
+
+def gpu_peak_memory(accelerator) -> dict[str, float]:
+    """``{"gpu_peak_memory_gib": ...}``: this process's high-water mark since the start; ``{}`` off GPU."""
+    if accelerator.device.type != "cuda":
+        return {}
+    return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30}
 
 
 def mean_across(accelerator, window: dict[str, list[float]], keys: list[str]) -> dict[str, float]:
