@@ -90,8 +90,8 @@ def register(subparsers) -> None:
                                description="Held-out preference metrics, NLL regression vs the base, and\n"
                                            "(with --generate) KL to the base and the win rate over it.",
                                epilog=EVAL_EPILOG, formatter_class=fmt)
-    ev.add_argument("--model", required=True, help="model to evaluate (folder or hub name)")
-    ev.add_argument("--ref-model", help="the base / reference model (folder or hub name); without it: raw "
+    ev.add_argument("--model", required=True, help="model to evaluate (folder, hub name or .gguf file)")
+    ev.add_argument("--ref-model", help="the base / reference model (folder, hub name or .gguf); without it: raw "
                                         "log-prob preference, no NLL difference, no generation")
     ev.add_argument("--data", required=True, help="held-out preference pairs (any `preftune train` format)")
     ev.add_argument("--nll-data", help="SFT file for the NLL check (default: chosen responses of --data)")
@@ -112,7 +112,7 @@ def register(subparsers) -> None:
                                 description="Sample --n responses per prompt from --model, rank them with\n"
                                             "--judge, and write the best as chosen and the worst as rejected.",
                                 epilog=GENERATE_EPILOG, formatter_class=fmt)
-    gen.add_argument("--model", required=True, help="model to sample (folder or hub name)")
+    gen.add_argument("--model", required=True, help="model to sample (folder, hub name or .gguf file)")
     gen.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or JSONL (see below)")
     gen.add_argument("--n", type=int, default=4, help="samples per prompt (>= 2; default: 4)")
     gen.add_argument("--judge", required=True, help="judge spec ranking the samples")

@@ -158,8 +158,11 @@ def check_data(path: str | os.PathLike, tokenizer=None, max_length: int | None =
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
+        from preftune.gguf_model import is_gguf, load_gguf_tokenizer
+
         try:
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+            tokenizer = (load_gguf_tokenizer(tokenizer) if is_gguf(tokenizer)
+                         else AutoTokenizer.from_pretrained(os.fspath(tokenizer)))
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {err}") from None
     eval_prompts = _eval_prompts(eval_path) if eval_path is not None else None

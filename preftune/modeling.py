@@ -1,7 +1,8 @@
 """Loading models and tokenizers safely, and wrapping them with LoRA.
 
 Safe by default: ``trust_remote_code`` is off unless asked, safetensors weights are
-preferred (``use_safetensors`` when the folder has them), and nothing is unpickled.
+preferred (``use_safetensors`` when the folder has them), and nothing is unpickled. A ``.gguf``
+file (or a folder holding one and no ``config.json``) goes through :mod:`preftune.gguf_model`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    _check_local(name, "tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the tokenizer from {name!r}: {_first_line(exc)}") from None
+    from preftune.gguf_model import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(name):
+        tokenizer = load_gguf_tokenizer(name)
+    else:
+        _check_local(name, "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"could not load the tokenizer from {name!r}: {_first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token; add one to its folder")
@@ -40,10 +46,18 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
                trust_remote_code: bool = False, load_in_4bit: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` with our safety defaults.
 
+    A GGUF path is dequantized to ``dtype`` into a plain model (:func:`preftune.gguf_model.load_gguf_model`).
     Raises ValueError with one readable line when the model can't be loaded.
     """
     from transformers import AutoModelForCausalLM
 
+    from preftune.gguf_model import is_gguf, load_gguf_model
+
+    if is_gguf(name):
+        if load_in_4bit:
+            raise ValueError(f"--load-in-4bit with a GGUF model ({name}): convert it to a folder first "
+                             "(preftune model convert FILE.gguf --out DIR) and pass --model DIR")
+        return load_gguf_model(name, resolve_dtype(dtype), attn_implementation)
     _check_local(name, "model")
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
                   attn_implementation=attn_implementation or "sdpa")
