@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, TrainConfig, coerce, field_type
+from .config import ConfigError, TrainConfig, as_bool, coerce, field_type
 from .judges import JudgeError
 
 GROUP_TITLES = {
@@ -56,16 +56,29 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             choices = f.metadata.get("choices")
             metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-            group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+            const = f.metadata.get("const")
+            extra = dict(nargs="?", const=const) if const is not None else {}
+            group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text, **extra)
+            if f.name == "mixed_precision":  # TRL's spellings
+                for name in ("bf16", "fp16"):
+                    group.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS,
+                                       metavar="BOOL", help=f"TRL's --{name}: the same as --mixed-precision {name} "
+                                                            f"(--{name} false: no mixed precision)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """YAML file (if any) overridden by the flags given on the command line."""
     cfg = TrainConfig.from_yaml(args.config) if getattr(args, "config", None) else TrainConfig()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name, value in vars(args).items():
+    given = vars(args)
+    for name, value in given.items():
         if name in fields:
             setattr(cfg, name, coerce(fields[name], value, source="command line"))
+    for name in ("bf16", "fp16"):  # TRL's flags
+        if name in given:
+            if "mixed_precision" in given:
+                raise ConfigError(f"--{name} and --mixed-precision both given; use one")
+            cfg.mixed_precision = name if as_bool(given[name], name, "command line") else "no"
     return cfg
 
 

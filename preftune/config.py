@@ -17,6 +17,9 @@ import yaml
 
 LOSSES = ("dpo", "ipo", "robust", "hinge", "orpo", "simpo", "kto", "sft")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+REF_DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CHECKPOINTING = ("auto", "on", "off")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -24,10 +27,12 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
 
 
-def _opt(default, help: str, choices=None, group: str = "training"):
+def _opt(default, help: str, choices=None, group: str = "training", const=None):
     meta = {"help": help, "group": group}
     if choices is not None:
         meta["choices"] = choices
+    if const is not None:  # the value of the bare flag (``--gradient-checkpointing`` = on)
+        meta["const"] = const
     return field(default=default, metadata=meta)
 
 
@@ -39,13 +44,28 @@ class TrainConfig:
         None, "Reference model (folder or hub name). Default: a frozen copy of the policy's starting weights.",
         group="model")
     tokenizer: str | None = _opt(None, "Tokenizer folder or name. Default: the policy model's.", group="model")
-    dtype: str = _opt("float32", "Weights dtype.", DTYPES, group="model")
+    dtype: str = _opt("float32", "Weights dtype. A trained model's weights stay float32 (16-bit weights are "
+                                 "refused: AdamW updates round away); use --mixed-precision for 16-bit compute. "
+                                 "16-bit is fine for LoRA's frozen base.", DTYPES, group="model")
+    mixed_precision: str = _opt(
+        "auto", "Compute in bf16/fp16 over fp32 master weights and optimizer state (log-softmax and losses in "
+                "fp32; fp16 with loss scaling, GPU only). auto: bf16 on a GPU with bf16 or a CPU with "
+                "AVX512-BF16/AMX, else no. TRL's --bf16 / --fp16 are accepted.", MIXED_PRECISION, group="model")
+    ref_dtype: str | None = _opt(
+        None, "Weights dtype of the frozen reference copy (bfloat16 halves its memory; its log-prob error "
+              "against fp32 is stated in the README). Default: the policy's --dtype.", REF_DTYPES, group="model")
     attn_implementation: str | None = _opt(
         None, "Attention implementation passed to transformers (sdpa, eager, flex_attention, flash_attention_2). "
               "Default: sdpa.", group="model")
     trust_remote_code: bool = _opt(False, "Allow model/tokenizer code from the model folder or hub (off by default).",
                                    group="model")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.", group="model")
+    gradient_checkpointing: str = _opt(
+        "auto", "Recompute layer activations in backward to save memory (about a third more compute). auto: on when the "
+                "estimated activation memory of the longest batch exceeds --activation-budget; a bare "
+                "--gradient-checkpointing means on.", CHECKPOINTING, group="speed", const="on")
+    activation_budget: float | None = _opt(
+        None, "GiB the body's activations may take before --gradient-checkpointing auto turns checkpointing "
+              "on. Default: a quarter of the memory available at the start (GPU memory on a GPU).", group="speed")
     # --- data ------------------------------------------------------------------------------
     data: str | None = _opt(None, "Training data: .jsonl, .jsonl.gz, .json, .parquet, a save_to_disk folder, "
                                   "or a hub dataset name[:split].", group="data")
@@ -142,7 +162,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value not in choices and not (value is None and "None" in str(f.type)):
                 raise ConfigError(f"--{_flag(f.name)}: {value!r} is not one of {', '.join(choices)}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -184,6 +204,18 @@ class TrainConfig:
             raise ConfigError("--merge-lora needs --lora-r > 0")
         if self.load_in_4bit and not self.lora_r:
             raise ConfigError("--load-in-4bit (QLoRA) needs --lora-r > 0: 4-bit weights can't be trained directly")
+        if self.dtype in ("bfloat16", "float16") and not self.lora_r:
+            raise ConfigError(f"--dtype {self.dtype}: full fine-tuning would train {self.dtype} weights, and AdamW "
+                              f"updates below {self.dtype}'s resolution round away (at lr 1e-6 most weights never "
+                              f"change). Keep --dtype float32 and add --mixed-precision bf16 for 16-bit compute "
+                              f"over fp32 master weights; 16-bit --dtype is for LoRA's frozen base (--lora-r)")
+        if self.ref_dtype and not self.needs_reference:
+            raise ConfigError(f"--ref-dtype: --loss {self.loss} uses no reference model")
+        if self.ref_dtype and self.lora_r and not self.ref_model:
+            raise ConfigError("--ref-dtype: with LoRA the reference is the policy with adapters off (no copy to "
+                              "hold in another dtype); pass --ref-model too for a separate reference")
+        if self.activation_budget is not None and self.activation_budget <= 0:
+            raise ConfigError(f"--activation-budget must be > 0 GiB (got {self.activation_budget})")
         if self.precompute_ref and not self.needs_reference:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} uses no reference model")
         if self.ref_model and not self.needs_reference:
@@ -206,6 +238,12 @@ class TrainConfig:
             if not isinstance(key, str):
                 raise ConfigError(f"{source}: option names must be text, got {key!r}")
             name = key.replace("-", "_")
+            if name in ("bf16", "fp16"):  # TRL's flags: bf16: true -> mixed_precision: bf16
+                if as_bool(value, name, source):
+                    kwargs["mixed_precision"] = name
+                elif kwargs.get("mixed_precision", name) == name:
+                    kwargs["mixed_precision"] = "no"
+                continue
             if name not in known:
                 close = difflib.get_close_matches(name, list(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -247,6 +285,15 @@ def _positive(cfg, *names, optional=False):
             raise ConfigError(f"--{_flag(name)} must be a positive integer (got {value})")
 
 
+def as_bool(value: Any, flag: str, source: str = "config") -> bool:
+    """A YAML/CLI boolean (true/false, yes/no, on/off, 1/0), or ConfigError naming the option."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    raise ConfigError(f"{source}: --{_flag(flag)} expects true or false, got {value!r}")
+
+
 def field_type(f: dataclasses.Field) -> type:
     """The base python type of a field (``int | None`` -> int)."""
     text = str(f.type)
@@ -260,17 +307,16 @@ def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the option."""
     typ = field_type(f)
     optional = "None" in str(f.type)
+    if f.name == "gradient_checkpointing" and (isinstance(value, bool) or str(value).lower() in
+                                               ("true", "false", "yes", "no", "1", "0")):
+        value = "on" if str(value).lower() in ("true", "yes", "1") else "off"  # the old boolean form
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
         raise ConfigError(f"{source}: --{_flag(f.name)} needs a value")
     try:
         if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
-            raise ValueError
+            return as_bool(value, f.name, source)
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.batch import Batch
+from preftune.precision import autocast
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 # Softmax kept from forward to backward for a trained head, at most (beyond: recomputed).
@@ -77,31 +78,34 @@ class ChunkedHeadLogp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, cache_bytes):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, cache_bytes, compute_dtype=None):
         n, vocab = hidden.shape[0], weight.shape[0]
         need_hidden = ctx.needs_input_grad[0]
         need_head = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        keep = need_head and n * vocab * weight.element_size() <= cache_bytes
+        mm_dtype = compute_dtype or weight.dtype  # matmul dtype; logits, softmax and log-probs are fp32
+        keep = need_head and n * vocab * _itemsize(mm_dtype) <= cache_bytes
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         unit = torch.empty_like(hidden) if need_hidden else None
         kept = []
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            target = targets[start:end, None]
-            logits = _head_logits(hidden[start:end], weight, bias)  # (n_c, V) fp32
-            target_logits = logits.gather(1, target).squeeze(1)
-            top, total = _exp_shifted_(logits)  # logits now hold exp(logits - top)
-            lse[start:end] = top + total.log()
-            logps[start:end] = target_logits - lse[start:end]
-            if need_hidden or keep:
-                probs = logits.div_(total[:, None])
-                d = _minus_onehot(probs, target).to(weight.dtype)  # (n_c, V) p - e_t
-                if need_hidden:
-                    unit[start:end] = d @ weight
-                if keep:
-                    kept.append(d)
-        ctx.chunk_size = chunk_size
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # casts are explicit here
+            head_w, head_b = _cast(weight, mm_dtype), _cast(bias, mm_dtype)  # (V, H), (V,): one cast per call
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                target = targets[start:end, None]
+                logits = _head_logits(hidden[start:end].to(mm_dtype), head_w, head_b)  # (n_c, V) fp32
+                target_logits = logits.gather(1, target).squeeze(1)
+                top, total = _exp_shifted_(logits)  # logits now hold exp(logits - top)
+                lse[start:end] = top + total.log()
+                logps[start:end] = target_logits - lse[start:end]
+                if need_hidden or keep:
+                    probs = logits.div_(total[:, None])
+                    d = _minus_onehot(probs, target).to(mm_dtype)  # (n_c, V) p - e_t
+                    if need_hidden:
+                        unit[start:end] = d @ head_w
+                    if keep:
+                        kept.append(d)
+        ctx.chunk_size, ctx.mm_dtype = chunk_size, mm_dtype
         ctx.save_for_backward(hidden, weight, bias, targets, lse, unit, *kept)
         return logps
 
@@ -109,11 +113,13 @@ class ChunkedHeadLogp(torch.autograd.Function):
     def backward(ctx, grad_logps):  # (N,) fp32
         hidden, weight, bias, targets, lse, unit, *kept = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        mm_dtype = ctx.mm_dtype
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden:
             grad_hidden = (unit.float() * -grad_logps[:, None]).to(hidden.dtype)
         if need_weight or need_bias:
-            scaled = (hidden.float() * grad_logps[:, None]).to(weight.dtype)  # (N, H) g * h
+            head_w, head_b = _cast(weight, mm_dtype), _cast(bias, mm_dtype)
+            scaled = (hidden.float() * grad_logps[:, None]).to(mm_dtype)  # (N, H) g * h
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
             grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
             for c, start in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
@@ -121,19 +127,27 @@ class ChunkedHeadLogp(torch.autograd.Function):
                 if kept:
                     d = kept[c]
                 else:
-                    logits = _head_logits(hidden[start:end], weight, bias)
+                    logits = _head_logits(hidden[start:end].to(mm_dtype), head_w, head_b)
                     d = _minus_onehot(logits.sub_(lse[start:end, None]).exp_(), targets[start:end, None])
-                    d = d.to(weight.dtype)
+                    d = d.to(mm_dtype)
                 if need_weight:
-                    if weight.dtype == torch.float32:
+                    if mm_dtype == torch.float32:
                         grad_weight.addmm_(d.t(), scaled[start:end], alpha=-1.0)
-                    else:
+                    else:  # 16-bit matmul, fp32 accumulation across chunks
                         grad_weight -= (d.t() @ scaled[start:end]).float()
                 if need_bias:
                     grad_bias -= (grad_logps[start:end].to(d.dtype) @ d).float()
             grad_weight = grad_weight.to(weight.dtype) if need_weight else None
             grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
 def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,24 +169,30 @@ def _minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, chunk_size: int = 1024,
-                         cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
+                         cache_bytes: int = DEFAULT_CACHE_BYTES,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(N, H) hidden states, (V, H) head weight, (V,) bias or None, (N,) targets -> (N,) fp32 log-probs.
 
     ``chunk_size`` bounds the (chunk, V) logits held at once; ``cache_bytes`` bounds the
     softmax kept from forward to backward for a trained head (0: always recompute).
+    ``compute_dtype`` (e.g. bf16 under mixed precision) is the dtype of the head matmuls;
+    logits are upcast to fp32 before the log-softmax either way.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        return ChunkedHeadLogp.apply(hidden, weight, bias, targets, chunk_size, cache_bytes)
+        return ChunkedHeadLogp.apply(hidden, weight, bias, targets, chunk_size, cache_bytes, compute_dtype)
+    mm_dtype = compute_dtype or weight.dtype
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):  # reference forward: nothing kept
-        logits = _head_logits(hidden[start:start + chunk_size], weight, bias)
-        target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
-        top, total = _exp_shifted_(logits)
-        out[start:start + chunk_size] = target_logits - top - total.log()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        head_w, head_b = _cast(weight, mm_dtype), _cast(bias, mm_dtype)
+        for start in range(0, hidden.shape[0], chunk_size):  # reference forward: nothing kept
+            logits = _head_logits(hidden[start:start + chunk_size].to(mm_dtype), head_w, head_b)
+            target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
+            top, total = _exp_shifted_(logits)
+            out[start:start + chunk_size] = target_logits - top - total.log()
     return out
 
 
@@ -343,37 +363,44 @@ def packed_attention_mask(model: nn.Module, batch: Batch):
 
 
 def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
-                cache_bytes: int = DEFAULT_CACHE_BYTES) -> LogpOutput:
+                cache_bytes: int = DEFAULT_CACHE_BYTES, compute_dtype: torch.dtype | None = None) -> LogpOutput:
     """Summed log-probs of every sequence's target tokens: (S,) with S = K * G.
 
     ``model`` is a causal LM (``transformers``, optionally ``peft``-wrapped) on the batch's
     device. Runs the body on ``input_ids`` and applies the head only at the N predicting
     hidden states, ``chunk_size`` at a time (``cache_bytes``: see :func:`chunked_target_logps`).
     Models whose logits are transformed after the head (softcapping, logit scaling) take
-    the model's own full-logits forward instead.
+    the model's own full-logits forward instead. ``compute_dtype`` (mixed precision): the
+    body runs under ``torch.autocast`` to it and the head's matmuls use it; log-softmax and
+    the returned log-probs are fp32 either way, and the weights keep their own dtype.
     """
     lm = _causal_lm(model)
     attention_mask = packed_attention_mask(lm, batch) if batch.packed else batch.attention_mask
     inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
     rows, cols, targets = batch.token_rows, batch.token_cols, batch.token_targets
+    device_type = batch.input_ids.device.type
     if _needs_full_logits(lm):
-        logits = lm(**inputs).logits[rows, cols].float()  # (N, V)
-        token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        with autocast(device_type, compute_dtype):
+            logits = lm(**inputs).logits[rows, cols]
+        token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (N,) from (N, V)
     else:
-        out = _body(lm)(**inputs)
+        with autocast(device_type, compute_dtype):
+            out = _body(lm)(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
         hidden = hidden[rows, cols]  # (N, H)
         head = lm.get_output_embeddings()
         if type(head) is nn.Linear:
-            token_logps = chunked_target_logps(hidden, head.weight, head.bias, targets, chunk_size, cache_bytes)
+            token_logps = chunked_target_logps(hidden, head.weight, head.bias, targets, chunk_size, cache_bytes,
+                                               compute_dtype)
         else:
-            token_logps = _module_head_logps(head, hidden, targets, chunk_size)
+            with autocast(device_type, compute_dtype):
+                token_logps = _module_head_logps(head, hidden, targets, chunk_size)
     s_count = batch.num_sequences
     logps = torch.zeros(s_count, dtype=torch.float32, device=token_logps.device).index_add(
-        0, batch.token_seq, token_logps)
+        0, batch.token_seq, token_logps.float())
     counts = torch.bincount(batch.token_seq, minlength=s_count)
-    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps)
+    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps.float())
 
 
 def _no_split_modules(model: nn.Module) -> list[str] | None:
@@ -389,14 +416,16 @@ class LogProbModel(nn.Module):
     ``forward(batch) -> LogpOutput``; its parameters are the model's.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.cache_bytes = cache_bytes
+        self.compute_dtype = compute_dtype  # mixed precision: matmul dtype (None = the weights' dtype)
         # FSDP's transformer auto-wrap reads the layer class names from the module it is given;
         # without them it would shard the whole model as one unit (gathered all at once).
         self._no_split_modules = _no_split_modules(model)
 
     def forward(self, batch: Batch) -> LogpOutput:
-        return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes)
+        return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes, self.compute_dtype)

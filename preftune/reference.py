@@ -30,7 +30,8 @@ CACHE_FORMAT_VERSION = 1
 class ModelReference:
     """A frozen, separate reference model run on the same batch layout as the policy."""
 
-    def __init__(self, model, policy=None, chunk_size: int = 1024, description: str = "frozen copy"):
+    def __init__(self, model, policy=None, chunk_size: int = 1024, description: str = "frozen copy",
+                 compute_dtype: torch.dtype | None = None):
         if policy is not None:
             check_separate(policy, model)
         model.eval()
@@ -38,10 +39,12 @@ class ModelReference:
         self.model = model
         self.chunk_size = chunk_size
         self.description = description
+        self.compute_dtype = compute_dtype  # mixed precision: the policy's matmul dtype
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
-        return batch_logps(self.model, batch, chunk_size=self.chunk_size).logps.float()
+        return batch_logps(self.model, batch, chunk_size=self.chunk_size,
+                           compute_dtype=self.compute_dtype).logps.float()
 
 
 class AdapterOffReference:
@@ -49,9 +52,10 @@ class AdapterOffReference:
 
     description = "policy with LoRA adapters disabled"
 
-    def __init__(self, peft_model, chunk_size: int = 1024, forward=None):
+    def __init__(self, peft_model, chunk_size: int = 1024, forward=None, compute_dtype: torch.dtype | None = None):
         self.model = peft_model
         self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype
         # The training loop sets ``forward`` to the prepared (DDP/FSDP-wrapped) LogProbModel: under
         # FSDP only the wrapped module's forward gathers the sharded weights the body needs.
         self.forward = forward
@@ -63,7 +67,8 @@ class AdapterOffReference:
         try:
             with self.model.disable_adapter():
                 out = (self.forward(batch) if self.forward is not None
-                       else batch_logps(self.model, batch, chunk_size=self.chunk_size))
+                       else batch_logps(self.model, batch, chunk_size=self.chunk_size,
+                                        compute_dtype=self.compute_dtype))
                 return out.logps.float()
         finally:
             self.model.train(was_training)

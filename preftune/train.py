@@ -30,7 +30,9 @@ from .data import load_dataset
 from .data.collate import batch_indices, collate_packed, collate_padded
 from .logprobs import LogProbModel, supports_packing
 from .losses import kto_weight_warning
-from .modeling import add_lora, load_model, load_tokenizer
+from .memory import decide_checkpointing, enable_checkpointing
+from .modeling import add_lora, load_model, load_tokenizer, resolve_dtype
+from .precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
 from .objective import compute_objective
 from .reference import (AdapterOffReference, CachedReference, ModelReference, cache_key,
                         compute_reference_table, load_cache, save_cache)
@@ -154,8 +156,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     from transformers import get_scheduler
 
     cfg.validate()
+    precision, precision_why = resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available()
+                                                       else "cpu")
+    compute = compute_dtype(precision)
     # cpu=True where there is no GPU: under torchrun, accelerate then runs gloo DDP over CPU processes.
-    accelerator = Accelerator(gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
+    # mixed_precision: accelerate's loss scaler for fp16, FSDP's param dtype; our forwards autocast themselves.
+    _forget_other_precision(precision)
+    accelerator = Accelerator(gradient_accumulation_steps=1, cpu=not torch.cuda.is_available(),
+                              mixed_precision=precision)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -180,14 +188,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     reference_model = None
     if cfg.needs_reference and (cfg.ref_model or not cfg.lora_r):
         # Default reference: the policy's starting weights, as a separate frozen copy.
-        reference_model = (load_model(cfg.ref_model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code)
+        ref_dtype = cfg.ref_dtype or cfg.dtype
+        reference_model = (load_model(cfg.ref_model, ref_dtype, cfg.attn_implementation, cfg.trust_remote_code)
                            if cfg.ref_model else copy.deepcopy(model))
+        if cfg.ref_dtype:
+            reference_model.to(resolve_dtype(cfg.ref_dtype))
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    check_trainable_dtype(model)
+    if main:
+        log.info("precision: %s (%s); trained weights and AdamW state %s; log-softmax and losses float32",
+                 {"no": "no mixed precision", "bf16": "bf16 compute (autocast)",
+                  "fp16": "fp16 compute (autocast) with loss scaling"}[precision], precision_why,
+                 ", ".join(sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                                   if p.requires_grad})))
     model.to(accelerator.device)
 
     packing = cfg.packing
@@ -202,12 +216,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.needs_reference:
         if reference_model is not None:
             reference_model.to(accelerator.device)
+            held = str(next(reference_model.parameters()).dtype).replace("torch.", "")
             reference = ModelReference(reference_model, policy=model, chunk_size=cfg.logit_chunk_size,
-                                       description=f"frozen copy of {cfg.ref_model or cfg.model}")
+                                       description=f"frozen copy of {cfg.ref_model or cfg.model} ({held})",
+                                       compute_dtype=compute)
         else:
-            reference = AdapterOffReference(model, chunk_size=cfg.logit_chunk_size)
+            reference = AdapterOffReference(model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
         if cfg.precompute_ref:
-            reference = precompute(cfg, reference, train_examples, eval_examples, collate, accelerator)
+            reference = precompute(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
             del reference_model
             reference_model = None
             gc.collect()
@@ -227,6 +243,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                              length_grouped=cfg.length_grouped)
 
     micro_per_epoch = len(epoch_batches(0))
+    checkpointing, checkpointing_why = decide_checkpointing(cfg, model, train_examples, epoch_batches(0), packing,
+                                                            accelerator.device, compute)
+    if checkpointing:
+        enable_checkpointing(model, checkpointing)
+    if main:
+        log.info("gradient checkpointing %s: %s", "on" if checkpointing else "off", checkpointing_why)
+    checkpointing = {0: "off", 1: "every layer"}.get(checkpointing, f"every {checkpointing}th layer")
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
@@ -235,7 +258,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
     # gradient sync and parameter gathering hook into its forward).
-    model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size), optimizer)
+    model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size, compute_dtype=compute), optimizer)
     # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
     trainable = [p for p in model.parameters() if p.requires_grad]
     if isinstance(reference, AdapterOffReference):
@@ -287,7 +310,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         # Numerical guard: every rank takes the same decision (a collective on every rank). A bad step
         # changes neither the weights nor the optimizer moments; it still counts as a step.
-        bad_here = float(not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in step_losses))
+        # fp16: a non-finite gradient is the loss scaler's overflow (it skips the step and lowers the scale).
+        grad_bad = not math.isfinite(grad_norm) and precision != "fp16"
+        bad_here = float(grad_bad or not all(math.isfinite(v) for v in step_losses))
         bad = float(accelerator.reduce(torch.tensor(bad_here, device=accelerator.device), reduction="sum")) > 0
         if bad:
             bad_streak += 1
@@ -358,6 +383,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                    "eval_before": eval_before, "eval_after": eval_after,
                    "reference": reference.description if reference is not None else "none", "packing": packing,
                    "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type),
+                   "mixed_precision": precision, "gradient_checkpointing": checkpointing,
                    **gpu_peak_memory(accelerator)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         metrics_log.close()
@@ -368,14 +394,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 # Pieces of the loop
 # ------------------------------------------------------------------------------------------------
 
-def precompute(cfg, reference, train_examples, eval_examples, collate, accelerator) -> CachedReference:
+def precompute(cfg, reference, train_examples, eval_examples, collate, accelerator,
+               precision: str = "no") -> CachedReference:
     """Compute (or load) the reference log-prob table for train + eval examples."""
     everything = train_examples + eval_examples
     offset = len(train_examples)
     for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
         ex.index = offset + i
-    key = cache_key(everything, reference.model, cfg.dtype,
-                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa"})
+    key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype,
+                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
+                     "mixed_precision": precision})
     cache_dir = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     path = cache_dir / f"ref-{key}.safetensors"
     table = load_cache(path, key)
@@ -388,6 +416,16 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
     elif accelerator.is_main_process:
         log.info("reference log-probs loaded from %s", path)
     return CachedReference(table, path)
+
+
+def _forget_other_precision(precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process; a second ``train`` in the same process (compare
+    sweeps, tests) with another precision would be refused, so that state (not the process group) is reset."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def gpu_peak_memory(accelerator) -> dict[str, float]:

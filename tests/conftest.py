@@ -113,3 +113,13 @@ def _threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_auto_precision(monkeypatch):
+    """``--mixed-precision auto`` means fp32 in tests on every CPU: most tests assert fp32 exactness
+    (packed vs padded, precompute vs live), which a CPU with AVX512-BF16 would otherwise turn into
+    bf16 runs. tests/test_precision.py checks the auto rule itself with explicit cpuinfo text."""
+    import preftune.precision
+
+    monkeypatch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
