@@ -37,7 +37,8 @@ from preftune.data.readers import read_rows
 from preftune.data.records import Location
 from preftune.generate import best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_token_ids
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
-from preftune.logprobs import LogpOutput, batch_logps, supports_packing
+from preftune.logprobs import LogpOutput, batch_logps
+from preftune.packing_check import supports_packing
 from preftune.modeling import load_model, load_tokenizer
 from preftune.objective import compute_objective
 from preftune.reference import ModelReference

@@ -15,16 +15,13 @@ Packed batches carry a (R, 1, L, L) bool mask; it reaches the attention layers u
 because ``transformers.masking_utils`` returns a 4D mask as-is (so its "position ids
 restart => new sequence" detection never runs). It is converted per attention
 implementation: ``sdpa`` bool, ``eager`` additive float (0 / dtype min),
-``flex_attention`` a ``BlockMask``. Flash attention cannot take it (see
-:func:`supports_packing`). Sliding-window layers get the window folded into the mask,
+``flex_attention`` a ``BlockMask``. Flash attention cannot take it; whether a model can is
+decided by a probe forward in :mod:`preftune.packing_check`. Sliding-window layers get the window folded into the mask,
 measured in position ids (= distance within the unpacked sequence).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -269,52 +266,6 @@ def _sliding_layout(config) -> tuple[int | None, list[str] | None]:
     return window, list(layer_types)
 
 
-@functools.lru_cache(maxsize=None)
-def _source_of(module_name: str) -> str:
-    try:
-        return inspect.getsource(sys.modules[module_name])
-    except (OSError, TypeError, KeyError):
-        return ""
-
-
-def _module_source(module: nn.Module) -> str:
-    """Source of the file defining ``module``'s class (cached: read once per model class)."""
-    return _source_of(type(module).__module__)
-
-
-def supports_packing(model: nn.Module, max_length: int | None = None) -> tuple[bool, str]:
-    """Whether ``model`` can run packed (prefix-shared) batches; else (False, why).
-
-    Needs an attention implementation that takes a custom 4D mask (sdpa, eager,
-    flex_attention) and a body that builds its mask with ``transformers.masking_utils``.
-    Sliding-window layers are handled by folding the window into the mask; a model that
-    mixes full and sliding layers also needs to accept a per-layer-type mask dict, unless
-    ``max_length`` (longest sequence) fits in the window. Callers fall back to padding.
-    """
-    lm = _causal_lm(model)
-    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
-    if impl not in PACKING_ATTENTION:
-        return False, (f"attention {impl!r} cannot take a custom attention mask; prefix-shared packing "
-                       f"needs one of {', '.join(PACKING_ATTENTION)}")
-    body = _body(lm)
-    source = _module_source(body)
-    if "create_causal_mask" not in source and "create_sliding_window_causal_mask" not in source:
-        return False, f"{type(body).__name__} does not build its mask with transformers.masking_utils"
-    if "position_ids" not in inspect.signature(body.forward).parameters:
-        return False, f"{type(body).__name__}.forward takes no position_ids"
-    window, layer_types = _sliding_layout(_text_config(lm))
-    if window is not None and layer_types is not None:
-        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            return False, f"layer types {sorted(unknown)} are not supported by packing"
-        mixed = "full_attention" in layer_types
-        fits = max_length is not None and max_length <= window
-        if mixed and not fits and "causal_mask_mapping := attention_mask" not in source:
-            return False, (f"{type(body).__name__} mixes full and sliding-window layers (window {window}) "
-                           "and takes no per-layer mask")
-    return True, ""
-
-
 # ----------------------------------------------------------------------------- masks
 
 
@@ -338,25 +289,40 @@ def _convert_mask(mask: torch.Tensor, impl: str, dtype: torch.dtype):
 
 
 def packed_attention_mask(model: nn.Module, batch: Batch):
-    """The packed batch's mask in the form ``model``'s attention takes: a tensor / BlockMask,
-    or a dict per layer type for models mixing full and sliding-window layers."""
+    """The packed batch's mask in the form ``model``'s attention takes (see :func:`build_packed_mask`),
+    after checking that ``model`` can run packed batches at all (a cached probe after the first batch)."""
+    from preftune.packing_check import supports_packing  # not at the top: packing_check imports this module
+
     lm = _causal_lm(model)
-    longest = int(batch.position_ids.max()) + 1  # longest unpacked sequence
-    ok, why = supports_packing(lm, max_length=longest)
+    ok, why = supports_packing(lm, max_length=int(batch.position_ids.max()) + 1)  # longest unpacked sequence
     if not ok:
         raise ValueError(f"cannot run a packed batch: {why}")
+    return build_packed_mask(lm, batch)
+
+
+def build_packed_mask(model: nn.Module, batch: Batch, layer_dict: bool = False):
+    """The packed batch's (R, 1, L, L) bool mask in the form ``model``'s attention takes; unchecked.
+
+    No ``supports_packing`` check (:func:`packed_attention_mask` makes it): sliding-window
+    layers get the window folded in (measured in position ids); a model mixing full and
+    sliding layers gets a dict per layer type when the window bites, or always with
+    ``layer_dict`` (the packing probe: does the body take one?).
+    """
+    lm = _causal_lm(model)
     impl = getattr(lm.config, "_attn_implementation", None) or "eager"
     dtype = lm.get_input_embeddings().weight.dtype
     mask = batch.attention_mask
     window, layer_types = _sliding_layout(_text_config(lm))
-    if window is None or longest <= window:  # the window never bites
-        return _convert_mask(mask, impl, dtype)
-    pos = batch.position_ids
-    sliding = mask & ((pos[:, :, None] - pos[:, None, :]) < window).unsqueeze(1)  # q - kv < window
-    if layer_types is None or "full_attention" not in layer_types:
-        return _convert_mask(sliding, impl, dtype)
-    return {"full_attention": _convert_mask(mask, impl, dtype),
-            "sliding_attention": _convert_mask(sliding, impl, dtype)}
+    mixed = layer_types is not None and "full_attention" in layer_types
+    bites = window is not None and int(batch.position_ids.max()) + 1 > window  # longest sequence > window
+    sliding = mask
+    if bites:
+        pos = batch.position_ids
+        sliding = mask & ((pos[:, :, None] - pos[:, None, :]) < window).unsqueeze(1)  # q - kv < window
+    if mixed and (bites or layer_dict):
+        return {"full_attention": _convert_mask(mask, impl, dtype),
+                "sliding_attention": _convert_mask(sliding, impl, dtype)}
+    return _convert_mask(sliding, impl, dtype)
 
 
 # ----------------------------------------------------------------------------- log-probs

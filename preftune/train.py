@@ -28,7 +28,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import load_dataset
 from .data.collate import batch_indices, collate_packed, collate_padded
-from .logprobs import LogProbModel, supports_packing
+from .logprobs import LogProbModel
+from .packing_check import supports_packing
 from .losses import kto_weight_warning
 from .memory import decide_checkpointing, enable_checkpointing
 from .modeling import add_lora, load_model, load_tokenizer, resolve_dtype
@@ -207,7 +208,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     packing = cfg.packing
     if packing:
         ok, reason = supports_packing(model)
-        if not ok:
+        if ok:
+            log.info("packing on: %s", reason)
+        else:
             log.warning("packing off: %s; using padded batches", reason)
             packing = False
     collate = make_collate(cfg, tokenizer.pad_token_id, packing)
