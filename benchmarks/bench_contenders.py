@@ -37,8 +37,13 @@ CONTENDERS = {
     "trl-fast-fp32": dict(kind="trl", overrides=dict(bf16=False, gradient_checkpointing=False),
                           group_by_length=True),
     "trl-fp32": dict(kind="trl", overrides=dict(bf16=False, gradient_checkpointing=False)),
+    "trl-fp32-ckpt": dict(kind="trl", overrides=dict(bf16=False)),
     "preftune": dict(kind="preftune", packing=True),
     "preftune-padded": dict(kind="preftune", packing=False),
+    "preftune-ckpt": dict(kind="preftune", packing=True, gradient_checkpointing="on"),
+    "preftune-no-ckpt": dict(kind="preftune", packing=True, gradient_checkpointing="off"),
+    "preftune-bf16": dict(kind="preftune", packing=True, mixed_precision="bf16"),
+    "preftune-bf16-ref": dict(kind="preftune", packing=True, mixed_precision="bf16", ref_dtype="bfloat16"),
 }
 DEFAULT_CONTENDERS = ["trl-default", "trl-fast", "preftune", "preftune-padded"]
 
@@ -49,8 +54,14 @@ def describe(name: str) -> str:
         "trl-fast": "TRL, bf16 autocast, no gradient checkpointing, train_sampling_strategy=group_by_length",
         "trl-fast-fp32": "TRL, fp32, no gradient checkpointing, train_sampling_strategy=group_by_length",
         "trl-fp32": "TRL, fp32, no gradient checkpointing, random sampling",
-        "preftune": "preftune train(), packed prefix-shared batches (default)",
+        "trl-fp32-ckpt": "TRL, fp32, gradient checkpointing (TRL's defaults less bf16 autocast)",
+        "preftune": "preftune train(), defaults (packed prefix-shared, --mixed-precision auto, "
+                    "--gradient-checkpointing auto)",
         "preftune-padded": "preftune train(), packing=False (padded batches)",
+        "preftune-ckpt": "preftune train(), --gradient-checkpointing on",
+        "preftune-no-ckpt": "preftune train(), --gradient-checkpointing off",
+        "preftune-bf16": "preftune train(), --mixed-precision bf16 (fp32 master weights)",
+        "preftune-bf16-ref": "preftune train(), --mixed-precision bf16 --ref-dtype bfloat16",
     }[name]
 
 
@@ -109,19 +120,26 @@ def run_trl(spec: dict) -> dict:
     if contender.get("group_by_length"):
         # LengthGroupedSampler reads a precomputed "length" column; keeping it needs
         # remove_unused_columns=False (TRL's collator ignores the extra columns).
+        def text(row, side):  # chat rows: the rendered conversation (grouping needs relative lengths only)
+            if isinstance(row["prompt"], list):
+                return tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+            return row["prompt"] + row[side]
+
         for row in rows:
-            row["length"] = len(tokenizer(row["prompt"] + row["chosen"])["input_ids"]) + \
-                len(tokenizer(row["prompt"] + row["rejected"])["input_ids"])
+            row["length"] = len(tokenizer(text(row, "chosen"))["input_ids"]) + \
+                len(tokenizer(text(row, "rejected"))["input_ids"])
     dataset = Dataset.from_list(rows)
 
     output_dir = tempfile.mkdtemp(prefix="bench-trl-")
     kwargs = dict(output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
                   max_length=spec["max_length"], beta=0.1, learning_rate=1e-6, logging_steps=1, report_to="none",
                   save_strategy="no", disable_tqdm=True, seed=42, use_cpu=spec["device"] == "cpu",
-                  model_init_kwargs={"dtype": spec["dtype"]})
+                  model_init_kwargs={"dtype": "float32"})  # fp32 weights; spec dtype bfloat16 = TRL's bf16 autocast
     if contender.get("group_by_length"):
         kwargs.update(train_sampling_strategy="group_by_length", remove_unused_columns=False)
     kwargs.update(contender["overrides"])
+    if spec["dtype"] == "bfloat16" and "bf16" not in contender["overrides"]:
+        kwargs["bf16"] = True
     args = DPOConfig(**kwargs)
     collator = RecordingCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                                  truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
@@ -185,8 +203,12 @@ def run_preftune(spec: dict) -> dict:
     output_dir = Path(tempfile.mkdtemp(prefix="bench-preftune-"))
     cfg = TrainConfig(model=str(spec["model_dir"]), data=str(spec["pairs_file"]), output_dir=str(output_dir),
                       loss="dpo", beta=0.1, batch_size=spec["batch_size"], max_length=spec["max_length"],
-                      max_prompt_length=None, max_steps=spec["steps"], logging_steps=1, dtype=spec["dtype"],
-                      progress=False, learning_rate=1e-6, packing=contender["packing"])
+                      max_prompt_length=None, max_steps=spec["steps"], logging_steps=1, dtype="float32",
+                      progress=False, learning_rate=1e-6, packing=contender["packing"],
+                      mixed_precision=contender.get("mixed_precision",
+                                                    "bf16" if spec["dtype"] == "bfloat16" else "auto"),
+                      gradient_checkpointing=contender.get("gradient_checkpointing", "auto"),
+                      ref_dtype=contender.get("ref_dtype"))
     if torch.cuda.is_available() and spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -199,6 +221,8 @@ def run_preftune(spec: dict) -> dict:
     rows = [r for r in rows if "pairs_per_second" in r]
     step_seconds = [batch["pairs"] / row["pairs_per_second"] for batch, row in zip(batches, rows)]
     settings = {"packing": summary.get("packing"), "reference": summary.get("reference"),
+                "mixed_precision": summary.get("mixed_precision"),
+                "gradient_checkpointing": summary.get("gradient_checkpointing"),
                 "length_grouped": cfg.length_grouped, "logit_chunk_size": cfg.logit_chunk_size,
                 "truncated_examples": truncated["examples"]}
     return {"step_seconds": step_seconds, "batches": batches[:len(rows)],

