@@ -34,6 +34,10 @@ MODEL_SHAPES = {
                        num_key_value_heads=4),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2),
+    # Qwen2.5-0.5B's shape with its 151,936 vocabulary (tied head, 0.49B parameters); the tokenizer's
+    # 32k ids use the first rows, the head still scores all 151,936.
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
 
 
@@ -113,9 +117,10 @@ def model_config(size: str, tokenizer):
 
     if size not in MODEL_SHAPES:
         raise ValueError(f"--model-size {size!r}: choose one of {', '.join(MODEL_SHAPES)}")
-    return LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=1024, tie_word_embeddings=False,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPES[size])
+    shape = dict(vocab_size=VOCAB_SIZE, tie_word_embeddings=False, **MODEL_SHAPES[size]) \
+        if "vocab_size" not in MODEL_SHAPES[size] else dict(MODEL_SHAPES[size])
+    return LlamaConfig(max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
 
 
 def build_model_folder(size: str, tokenizer) -> Path:

@@ -38,6 +38,7 @@ CONTENDERS = {
                           group_by_length=True),
     "trl-fp32": dict(kind="trl", overrides=dict(bf16=False, gradient_checkpointing=False)),
     "trl-fp32-ckpt": dict(kind="trl", overrides=dict(bf16=False)),
+    "trl-liger": dict(kind="trl", overrides=dict(use_liger_kernel=True)),
     "preftune": dict(kind="preftune", packing=True),
     "preftune-padded": dict(kind="preftune", packing=False),
     "preftune-ckpt": dict(kind="preftune", packing=True, gradient_checkpointing="on"),
@@ -55,6 +56,7 @@ def describe(name: str) -> str:
         "trl-fast-fp32": "TRL, fp32, no gradient checkpointing, train_sampling_strategy=group_by_length",
         "trl-fp32": "TRL, fp32, no gradient checkpointing, random sampling",
         "trl-fp32-ckpt": "TRL, fp32, gradient checkpointing (TRL's defaults less bf16 autocast)",
+        "trl-liger": "TRL defaults + use_liger_kernel=True (liger-kernel's fused DPO loss and layers)",
         "preftune": "preftune train(), defaults (packed prefix-shared, --mixed-precision auto, "
                     "--gradient-checkpointing auto)",
         "preftune-padded": "preftune train(), packing=False (padded batches)",

@@ -47,7 +47,7 @@ echo "model: $MODEL"
 train() {  # train NAME LIMIT_S ARGS...: one preftune run, its metrics and summary shown
   local name=$1 limit=$2; shift 2
   part "$name"
-  timeout "$limit" python3 -m preftune.cli train --model "$MODEL" --dtype bfloat16 --no-progress \
+  timeout "$limit" python3 -m preftune.cli train --model "$MODEL" --mixed-precision bf16 --no-progress \
     --output-dir "$WORK/${DIR:-$name}" "$@" > "$LOGS/$name.log" 2>&1
   echo "exit $?"
   grep -E "ERROR|Error|launching|reference|done:|held-out" "$LOGS/$name.log" | tail -8
