@@ -14,16 +14,7 @@
 # HH_FILE defaults to ../shared/data/hh-rlhf-harmless-test.jsonl.gz; OUT_DIR to $OUT or runs/gpu-checks.
 # Each part has its own time limit and a failing part does not stop the others. With a .whl/ folder
 # (trl, datasets and their needs for a machine without network), those wheels are installed first.
-set -u
-HH=${1:-../shared/data/hh-rlhf-harmless-test.jsonl.gz}
-LOGS=${2:-${OUT:-runs/gpu-checks}}
-mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_env.sh" runs/gpu-checks "$@"
 WORK=${WORK:-/tmp/preftune-gpu}
 SIZE=${SIZE:-0.5b}  # SIZE=tiny-bench SKIP_BENCH=1: a quick dry run of the script on a CPU
 rm -rf "$WORK"; mkdir -p "$WORK"

@@ -10,16 +10,7 @@
 #
 # Needs trl==1.16.0 and liger-kernel in the environment; a .whl/ folder of wheels (for a machine without
 # network: `pip download trl==1.16.0 liger-kernel -d .whl`) is installed first.
-set -u
-HH=${1:-../shared/data/hh-rlhf-harmless-test.jsonl.gz}
-LOGS=${2:-${OUT:-runs/gpu-issue12}}
-mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_env.sh" runs/gpu-issue12 "$@"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 540 python3 benchmarks/dpo_throughput.py --device cuda --model-size qwen0.5b --dtype bfloat16 \
   --batch-size 32 --max-length 1024 --steps 6 --preftune-repeats 1 --threads 8 --hh-file "$HH" \
