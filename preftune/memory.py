@@ -35,8 +35,8 @@ def activation_bytes_per_token(config, compute_dtype: torch.dtype | None, weight
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 0)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or 0
-    wide = torch.empty((), dtype=weights_dtype).element_size()
-    narrow = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype is not None else wide
+    wide = weights_dtype.itemsize
+    narrow = compute_dtype.itemsize if compute_dtype is not None else wide
     return float(layers * (12 * hidden * wide + 5 * inter * narrow))
 
 

@@ -18,7 +18,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(name: str):
-    return "auto" if name == "auto" else DTYPES[name]
+    """``"float32"`` -> ``torch.float32`` (also bfloat16, float16); ``"auto"`` stays ``"auto"``."""
+    if name == "auto":
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join([*DTYPES, 'auto'])}")
+    return DTYPES[name]
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+from preftune.config import MIXED_PRECISION
+
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 

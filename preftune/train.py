@@ -189,11 +189,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     reference_model = None
     if cfg.needs_reference and (cfg.ref_model or not cfg.lora_r):
         # Default reference: the policy's starting weights, as a separate frozen copy.
-        ref_dtype = cfg.ref_dtype or cfg.dtype
-        reference_model = (load_model(cfg.ref_model, ref_dtype, cfg.attn_implementation, cfg.trust_remote_code)
-                           if cfg.ref_model else copy.deepcopy(model))
-        if cfg.ref_dtype:
-            reference_model.to(resolve_dtype(cfg.ref_dtype))
+        if cfg.ref_model:
+            reference_model = load_model(cfg.ref_model, cfg.ref_dtype or cfg.dtype, cfg.attn_implementation,
+                                         cfg.trust_remote_code)
+        else:
+            reference_model = copy.deepcopy(model)
+            if cfg.ref_dtype:
+                reference_model.to(resolve_dtype(cfg.ref_dtype))
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
     check_trainable_dtype(model)
@@ -246,13 +248,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                              length_grouped=cfg.length_grouped)
 
     micro_per_epoch = len(epoch_batches(0))
-    checkpointing, checkpointing_why = decide_checkpointing(cfg, model, train_examples, epoch_batches(0), packing,
-                                                            accelerator.device, compute)
-    if checkpointing:
-        enable_checkpointing(model, checkpointing)
+    every_n_layers, checkpointing_why = decide_checkpointing(cfg, model, train_examples, epoch_batches(0), packing,
+                                                             accelerator.device, compute)
+    if every_n_layers:
+        enable_checkpointing(model, every_n_layers)
     if main:
-        log.info("gradient checkpointing %s: %s", "on" if checkpointing else "off", checkpointing_why)
-    checkpointing = {0: "off", 1: "every layer"}.get(checkpointing, f"every {checkpointing}th layer")
+        log.info("gradient checkpointing %s: %s", "on" if every_n_layers else "off", checkpointing_why)
+    checkpointing = {0: "off", 1: "every layer"}.get(every_n_layers, f"every {every_n_layers}th layer")
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
