@@ -183,9 +183,9 @@ def run_preftune(spec: dict) -> dict:
     truncated = {"examples": 0}
     make_collate = preftune_train.make_collate
 
-    def recording_make_collate(cfg, pad_id, packing):
+    def recording_make_collate(cfg, pad_id, packing, *args, **kwargs):
         """preftune's own collate, noting what each batch holds (the loop's code is untouched)."""
-        collate = make_collate(cfg, pad_id, packing)
+        collate = make_collate(cfg, pad_id, packing, *args, **kwargs)
 
         def recording_collate(examples):
             stamps.append(time.perf_counter())

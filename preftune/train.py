@@ -27,11 +27,11 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import load_dataset
-from .data.collate import batch_indices, collate_packed, collate_padded
+from .data.collate import attention_cost, batch_indices, collate_packed, collate_padded
 from .logprobs import LogProbModel
 from .packing_check import supports_packing
 from .losses import kto_weight_warning
-from .memory import decide_checkpointing, enable_checkpointing
+from .memory import enable_checkpointing, plan_memory, training_state_bytes
 from .modeling import add_lora, load_model, load_tokenizer, resolve_dtype
 from .precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
 from .objective import compute_objective
@@ -126,10 +126,12 @@ def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> lis
     return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def make_collate(cfg: TrainConfig, pad_id: int, packing: bool):
+def make_collate(cfg: TrainConfig, pad_id: int, packing: bool, row_cost: float | None = None):
+    """The batch builder; ``row_cost`` (:func:`preftune.data.collate.attention_cost`) lets packed rows
+    take several groups where that is cheaper than padding."""
     if packing:
         return partial(collate_packed, pad_id=pad_id, pack_tokens=cfg.pack_tokens,
-                       train_on_prompt=cfg.train_on_prompt)
+                       train_on_prompt=cfg.train_on_prompt, row_cost=row_cost)
     return partial(collate_padded, pad_id=pad_id, train_on_prompt=cfg.train_on_prompt)
 
 
@@ -215,7 +217,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             log.warning("packing off: %s; using padded batches", reason)
             packing = False
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(text_config, "hidden_size", None)
+    row_cost = attention_cost(hidden, getattr(text_config, "intermediate_size", None)) if hidden else None
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing, row_cost)
 
     reference = None
     if cfg.needs_reference:
@@ -248,13 +253,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                              length_grouped=cfg.length_grouped)
 
     micro_per_epoch = len(epoch_batches(0))
-    every_n_layers, checkpointing_why = decide_checkpointing(cfg, model, train_examples, epoch_batches(0), packing,
-                                                             accelerator.device, compute)
-    if every_n_layers:
-        enable_checkpointing(model, every_n_layers)
+    memory_plan = plan_memory(cfg, model, train_examples, epoch_batches(0), packing, accelerator.device, compute,
+                              state_bytes=training_state_bytes(model, reference_model))
+    if memory_plan.every_n_layers:
+        enable_checkpointing(model, memory_plan.every_n_layers)
     if main:
-        log.info("gradient checkpointing %s: %s", "on" if every_n_layers else "off", checkpointing_why)
-    checkpointing = {0: "off", 1: "every layer"}.get(every_n_layers, f"every {every_n_layers}th layer")
+        log.info("gradient checkpointing %s: %s", "on" if memory_plan.every_n_layers else "off", memory_plan.why)
+    checkpointing = memory_plan.checkpointing
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
@@ -263,7 +268,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
     # gradient sync and parameter gathering hook into its forward).
-    model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size, compute_dtype=compute), optimizer)
+    model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size, memory_plan.head_cache_bytes,
+                                                        compute_dtype=compute), optimizer)
     # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
     trainable = [p for p in model.parameters() if p.requires_grad]
     if isinstance(reference, AdapterOffReference):

@@ -250,3 +250,33 @@ def test_shard_no_drops_no_duplicates_equal_steps():
     assert _flat([b for s in shards for b in s]) == list(range(11))
     with pytest.raises(ValueError):
         shard(batches, 2, 2)
+
+
+def test_row_capacity_trades_padding_against_masked_attention():
+    """Groups of 100, 70, 30, 20 tokens (total 220). Rows as long as the longest group (100): first fit
+    decreasing gives [100], [70, 30], [20] -> 3 rows x 100 = 300 positions; one row of 220 holds all.
+    Cost = rows x width x (1 + c x width): 3 rows: 300 + 30,000 c; one row: 220 + 48,400 c; they are equal
+    at c = 80 / 18,400 = 0.00435. So c = 0 and c = 0.001 (330 vs 268.4) choose 220, c = 0.01 (600 vs 704)
+    keeps 100; a mask bound of 40,000 elements (one row's 220^2 = 48,400 exceeds it) keeps 100 too."""
+    from preftune.data.collate import attention_cost, choose_row_capacity
+
+    lengths = [100, 70, 30, 20]
+    assert choose_row_capacity(lengths, 0.0) == 220
+    assert choose_row_capacity(lengths, 0.001) == 220
+    assert choose_row_capacity(lengths, 0.01) == 100
+    assert choose_row_capacity(lengths, 0.0, max_mask_elements=40_000) == 100
+    # SmolLM2-135M: 4 x 576 / (2 x (4 x 576^2 + 3 x 576 x 1536)) = 2304 / 7,962,624 = 2.894e-4
+    assert attention_cost(576, 1536) == pytest.approx(2.894e-4, rel=1e-3)
+
+
+def test_row_cost_layout_puts_groups_longer_than_half_a_row_together():
+    """Groups of 100, 60, 55, 40 tokens: rows of the longest group hold [100], [60, 40], [55] (300 positions,
+    45 of them padding); at c = 1e-4 one row of 255 costs 255 x 1.0255 = 261.5 < 300 x 1.01 = 303, at
+    c = 1e-2 it costs 905 > 600. The packed log-probs of such layouts equal the padded ones
+    (tests/test_logprobs.py::test_packed_padded_naive_agree, "packed_one_row")."""
+    examples = [TokenizedExample(index=i, prompt_ids=[7] * p, completions=[[5] * c, [6] * c])
+                for i, (p, c) in enumerate([(40, 30), (20, 20), (15, 20), (10, 15)])]
+    plain = collate_packed(examples, 0)
+    assert plain.input_ids.shape == (3, 100) and plain.num_tokens == 255
+    assert collate_packed(examples, 0, row_cost=1e-4).input_ids.shape == (1, 255)
+    assert collate_packed(examples, 0, row_cost=1e-2).input_ids.shape == (3, 100)

@@ -73,3 +73,49 @@ def test_checkpointing_changes_memory_not_the_numbers(tiny_model_dir, rule_data,
     assert len(on) == 4 and on == pytest.approx(off, abs=1e-5)
     summary = json.loads((tmp_path / "on" / "summary.json").read_text())
     assert summary["gradient_checkpointing"] == "every layer"
+
+
+def test_default_budget_is_half_the_fixed_memory_with_a_floor_and_a_ceiling(monkeypatch):
+    """Budget = max(half of weights + gradients + AdamW moments + reference, 1 GiB), at most a quarter of the
+    available memory: 6 GiB fixed -> 3 GiB; 1 GiB fixed -> the 1 GiB floor; 6 GiB fixed with 8 GiB available
+    -> 2 GiB."""
+    import preftune.memory as memory
+
+    gib = 2 ** 30
+    cfg = TrainConfig()
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 40 * gib)
+    assert memory._budget(cfg, torch.device("cpu"), 6 * gib)[0] == 3 * gib
+    assert memory._budget(cfg, torch.device("cpu"), 1 * gib)[0] == 1 * gib
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * gib)
+    budget, source = memory._budget(cfg, torch.device("cpu"), 6 * gib)
+    assert budget == 2 * gib and "quarter of the 8.0 GiB" in source
+
+
+def test_training_state_counts_gradients_and_adamw_moments():
+    """A trained fp32 parameter costs 4 x 4 B (weight, gradient, two moments), a frozen one 4 B, and
+    the reference copy 4 B per parameter: n trained + n frozen copy = 20 n bytes."""
+    from preftune.memory import training_state_bytes
+
+    model = tiny_model("llama", vocab_size=64, seed=0)
+    n = sum(p.numel() for p in model.parameters())
+    assert training_state_bytes(model, tiny_model("llama", vocab_size=64, seed=1)) == 20 * n
+    model.requires_grad_(False)
+    assert training_state_bytes(model) == 4 * n
+
+
+def test_head_cache_gets_what_the_body_leaves():
+    """Checkpointing every layer keeps (about) nothing of the body, so the head's softmax may use the whole
+    --activation-budget (here 1 MiB, below the 512 MiB cap); the batch's 3 x 2 x 5 = 30 completion tokens x 64
+    vocab x 4 B = 7,680 B fit. With a 1 KiB budget they don't, and the log says the head recomputes."""
+    from preftune.memory import plan_memory
+
+    model = tiny_model("llama", vocab_size=64, seed=0)
+    examples = _examples([(10, 5), (20, 5), (4, 5)])
+    cfg = TrainConfig(batch_size=3, gradient_checkpointing="on", activation_budget=2 ** 20 / 2 ** 30)
+    plan = plan_memory(cfg, model, examples, [[0, 1, 2]], True, torch.device("cpu"), None)
+    assert plan.every_n_layers == 1 and plan.head_cache_bytes == 2 ** 20 and "recomputed" not in plan.why
+    cfg.activation_budget = 1024 / 2 ** 30
+    plan = plan_memory(cfg, model, examples, [[0, 1, 2]], True, torch.device("cpu"), None)
+    assert plan.head_cache_bytes == 1024 and "(30 completion tokens x 64 = 0.00 GiB) is recomputed" in plan.why
+    cfg.gradient_checkpointing = "off"  # the user chose speed: the head keeps its full cache
+    assert plan_memory(cfg, model, examples, [[0, 1, 2]], True, torch.device("cpu"), None).head_cache_bytes == 2 ** 29
