@@ -112,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    from . import cli_data, cli_eval, cli_model, cli_quickstart
+    from . import cli_data, cli_eval, cli_label, cli_model, cli_quickstart
 
     cli_quickstart.register(sub)
     cli_eval.register(sub)
     cli_data.register(sub)
     cli_model.register(sub)
+    cli_label.register(sub)
     return parser
 
 

@@ -1,5 +1,6 @@
-"""``preftune data check | convert | split``: argument parsing only; the work is in
-:mod:`preftune.doctor`, :mod:`preftune.data.convert` and :mod:`preftune.data.split`.
+"""``preftune data check | convert | split | pairs``: argument parsing only; the work is in
+:mod:`preftune.doctor`, :mod:`preftune.data.convert`, :mod:`preftune.data.split` and
+:mod:`preftune.collect.ratings`.
 
 ``register(subparsers)`` adds the ``data`` command group to the main parser; every handler
 returns the process exit code.
@@ -60,9 +61,28 @@ examples:
   preftune data split pairs.jsonl --train train.jsonl --eval eval.jsonl --eval-size 500 --seed 1"""
 
 
+PAIRS_EPILOG = """\
+input rows:
+  nested  one prompt, several scored responses: UltraFeedback's {"instruction", "completions": [{"response",
+          "overall_score"}, ...]}, or {"prompt", "responses": [texts], "scores": [numbers]}
+  flat    one response per row, grouped by prompt text or --group-by ID: CSAT or thumbs logs such as
+          {"conversation_id", "prompt", "response", "csat": 4}; scores may be numbers, true/false, up/down
+
+strategies (equal scores are ties: never a pair, always counted):
+  best-worst   the best against the worst response of each prompt (score difference >= --margin)
+  all          every pair of responses whose scores differ by >= --margin
+  best-random  the best against a random response scoring >= --margin below it (seeded per prompt)
+--to kto: every response with a score, labelled by --threshold (and --reject-below).
+
+examples:
+  preftune data pairs ultrafeedback.jsonl uf-pairs.jsonl --score-field overall_score
+  preftune data pairs ultrafeedback.jsonl uf-all.jsonl --score-field overall_score --strategy all --margin 1
+  preftune data pairs csat.jsonl csat-pairs.jsonl --score-field csat --group-by conversation_id
+  preftune data pairs csat.jsonl csat-kto.jsonl --score-field csat --to kto --threshold 4 --reject-below 3"""
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``data`` (with ``check``, ``convert``, ``split``) to ``subparsers``; returns its parser."""
-    data = subparsers.add_parser("data", help="check, convert or split a data file",
+    data = subparsers.add_parser("data", help="check, convert or split a data file; scored responses to pairs",
                                  description=DATA_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data.set_defaults(func=lambda args: _usage(data))
@@ -109,6 +129,35 @@ def register(subparsers) -> argparse.ArgumentParser:
     size.add_argument("--eval-size", type=_positive, metavar="N", help="number of records to hold out")
     split.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default 0)")
     split.set_defaults(func=cmd_split)
+
+    from preftune.collect.ratings import STRATEGIES, TARGETS as PAIR_TARGETS
+
+    pairs = commands.add_parser("pairs", help="turn scored / rated responses into pairs or KTO rows",
+                                description="Group the scored responses of SRC by prompt (or an id field) and "
+                                            "write preference pairs (or KTO rows) to DST.",
+                                epilog=PAIRS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    pairs.add_argument("src", metavar="SRC", help="input file, folder or hub dataset")
+    pairs.add_argument("dst", metavar="DST", help="output file: .jsonl, .jsonl.gz or .parquet")
+    pairs.add_argument("--score-field", required=True, metavar="F",
+                       help="the score of a response (a dotted path for nested fields), e.g. overall_score")
+    pairs.add_argument("--to", choices=PAIR_TARGETS, default="pairs", help="pairs (default) or kto rows")
+    pairs.add_argument("--strategy", choices=STRATEGIES, default="best-worst",
+                       help="which pairs per prompt (default best-worst; see below)")
+    pairs.add_argument("--margin", type=float, default=0.0, metavar="M",
+                       help="least score difference of a pair (default 0: any difference; equal scores never pair)")
+    pairs.add_argument("--threshold", type=float, metavar="T", help="--to kto: score >= T is desirable")
+    pairs.add_argument("--reject-below", type=float, metavar="R",
+                       help="--to kto: score < R is undesirable (default T); scores in between are dropped")
+    pairs.add_argument("--group-by", default="prompt", metavar="FIELD",
+                       help="group responses by the prompt text (default) or by this id field")
+    pairs.add_argument("--prompt-field", metavar="F", help="the prompt (default: prompt, instruction, question, ...)")
+    pairs.add_argument("--responses-field", metavar="F",
+                       help="the list of responses in nested rows (default: completions, responses, ...)")
+    pairs.add_argument("--response-field", metavar="F", help="a response's text (default: response, completion, "
+                                                                "text, ...)")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of best-random (default 0)")
+    pairs.set_defaults(func=cmd_pairs)
     return data
 
 
@@ -140,6 +189,18 @@ def cmd_split(args) -> int:
     print(f"  train: {args.train}\n  eval:  {args.eval_out}")
     return 0
 
+
+def cmd_pairs(args) -> int:
+    from preftune.collect.ratings import score_pairs
+
+    result = score_pairs(args.src, args.dst, score_field=args.score_field, to=args.to, strategy=args.strategy,
+                         margin=args.margin, threshold=args.threshold, reject_below=args.reject_below,
+                         group_by=args.group_by, prompt_field=args.prompt_field,
+                         responses_field=args.responses_field, response_field=args.response_field, seed=args.seed)
+    print(result.summary())
+    for sample in result.bad_record_samples[1:]:
+        print(f"  bad: {sample}")
+    return 0 if result.written else 1
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()

@@ -115,8 +115,11 @@ def register(subparsers) -> None:
     gen.add_argument("--model", required=True, help="model to sample (folder, hub name or .gguf file)")
     gen.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or JSONL (see below)")
     gen.add_argument("--n", type=int, default=4, help="samples per prompt (>= 2; default: 4)")
-    gen.add_argument("--judge", required=True, help="judge spec ranking the samples")
+    gen.add_argument("--judge", help="judge spec ranking the samples (required unless --keep-all)")
     gen.add_argument("--out", required=True, metavar="PAIRS.jsonl", help="where to write the pairs")
+    gen.add_argument("--keep-all", action="store_true",
+                     help="write every sample: {\"prompt\", \"responses\": [...], \"meta\"} per prompt, a "
+                          "candidates file for `preftune label serve` (a scoring --judge adds meta.scores)")
     gen.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -150,7 +153,11 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from .evaluate import onpolicy_pairs, read_prompts
 
+    if not args.keep_all and not args.judge:
+        raise ValueError("--judge is required to rank the samples (or --keep-all to write them all unranked)")
     prompts = read_prompts(args.prompts, limit=args.max_prompts)
+    if args.keep_all:
+        return _write_candidates(args, prompts)
     pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                     batch_size=args.batch_size, dtype=args.dtype,
@@ -161,6 +168,20 @@ def cmd_generate(args) -> int:
     print(f"{len(pairs)} pairs from {len(prompts)} prompts written to {args.out}; skipped: "
           f"{counts['skipped_ties']} prompts whose {args.n} samples all tied, "
           f"{counts['skipped_empty']} whose best or worst sample was empty")
+    return 0
+
+
+def _write_candidates(args, prompts) -> int:
+    from .generate import onpolicy_candidates
+
+    records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  batch_size=args.batch_size, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    with open(args.out, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"{len(records)} prompts with {args.n} responses each written to {args.out} (candidates: "
+          f"preftune label serve {args.out} --db labels.sqlite)")
     return 0
 
 

@@ -4,6 +4,8 @@
 * :func:`sequence_logps` — summed log-prob of each completion given its prompt.
 * :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples.
 * :func:`best_vs_worst_pairs` — best and worst of n samples per prompt, by a judge.
+* :func:`candidate_records` / :func:`onpolicy_candidates` — every sample per prompt kept, as a
+  candidates file for people to label (``preftune generate --keep-all``, ``preftune label serve``).
 
 Prompts are plain text, or chat message lists (``[{"role": ..., "content": ...}]``)
 rendered with the tokenizer's chat template and ``add_generation_prompt=True``.
@@ -277,3 +279,55 @@ def best_vs_worst_pairs(prompts: Sequence[Prompt], samples_per_prompt: Sequence[
             continue
         pairs.append({"prompt": prompt, "chosen": samples[best], "rejected": samples[worst]})
     return pairs, skipped_ties
+
+
+# ----------------------------------------------------------------------------- candidates (--keep-all)
+
+
+def candidate_records(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Sequence[str]],
+                      judge: Judge | None = None, meta: dict | None = None) -> list[dict]:
+    """Every sample of every prompt: ``{"prompt", "responses": [...], "meta": {...}}`` per prompt.
+
+    ``meta`` (e.g. the model and sampling settings) is copied into each record with ``n``. A
+    scoring judge adds ``meta["scores"]`` (one per response, in order); a pairwise judge adds
+    nothing (its verdicts are what the people labelling replace). Empty samples are kept: every
+    sample is written, and the labelling app lets people mark both responses bad.
+    """
+    check_lengths(prompts=prompts, samples_per_prompt=samples_per_prompt)
+    scores: list[list[float]] | None = None
+    if isinstance(judge, ScoringJudge):
+        flat = judge.score([p for p, samples in zip(prompts, samples_per_prompt) for _ in samples],
+                           [s for samples in samples_per_prompt for s in samples])
+        scores, offset = [], 0
+        for samples in samples_per_prompt:
+            scores.append([float(x) for x in flat[offset:offset + len(samples)]])
+            offset += len(samples)
+    records = []
+    for i, (prompt, samples) in enumerate(zip(prompts, samples_per_prompt)):
+        record_meta = {**(meta or {}), "n": len(samples)}
+        if scores is not None:
+            record_meta["scores"] = scores[i]
+        records.append({"prompt": prompt, "responses": list(samples), "meta": record_meta})
+    return records
+
+
+def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge: str | Judge | None = None,
+                        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                        batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
+                        device: str | None = None) -> list[dict]:
+    """Load ``model_path``, sample ``n`` responses per prompt, and return :func:`candidate_records`
+    (the meta records the model and the sampling settings)."""
+    from preftune.judges import make_judge
+    from preftune.modeling import load_model, load_tokenizer
+
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code)
+    model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, batch_size=batch_size)
+    meta = {"model": str(model_path), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+            "seed": seed}
+    return candidate_records(prompts, samples, judge, meta)

@@ -118,9 +118,9 @@ def test_kl_is_zero_against_itself_and_positive_after_training(trained_dir, tiny
     assert abs(same["kl"]) < 1e-6 and same["kl_stderr"] < 1e-6
     assert all(s["model"] == s["base"] for s in same["samples"])  # same weights, same seed
 
-    moved = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, kl_samples=4,
+    moved = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, kl_samples=16,
                            **common)["generation"]
-    assert moved["kl_samples"] == 32
+    assert moved["kl_samples"] == 128
     assert moved["kl"] > 2 * moved["kl_stderr"] > 0, (moved["kl"], moved["kl_stderr"])
 
     # With temperature 1 and one sample per prompt the judged samples are reused for the KL:
