@@ -44,6 +44,9 @@ CONTENDERS = {
     "preftune-ckpt": dict(kind="preftune", packing=True, gradient_checkpointing="on"),
     "preftune-no-ckpt": dict(kind="preftune", packing=True, gradient_checkpointing="off"),
     "preftune-bf16": dict(kind="preftune", packing=True, mixed_precision="bf16"),
+    "preftune-fp32": dict(kind="preftune", packing=True, mixed_precision="no"),
+    # glibc's mmap threshold fixed at 128 KiB: freed tensors go back to the OS instead of the heap
+    "preftune-mmap": dict(kind="preftune", packing=True, env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
     "preftune-bf16-ref": dict(kind="preftune", packing=True, mixed_precision="bf16", ref_dtype="bfloat16"),
 }
 DEFAULT_CONTENDERS = ["trl-default", "trl-fast", "preftune", "preftune-padded"]
@@ -63,6 +66,8 @@ def describe(name: str) -> str:
         "preftune-ckpt": "preftune train(), --gradient-checkpointing on",
         "preftune-no-ckpt": "preftune train(), --gradient-checkpointing off",
         "preftune-bf16": "preftune train(), --mixed-precision bf16 (fp32 master weights)",
+        "preftune-fp32": "preftune train(), --mixed-precision no (fp32 compute; checkpointing auto)",
+        "preftune-mmap": "preftune train(), defaults, with MALLOC_MMAP_THRESHOLD_=131072 (glibc allocator)",
         "preftune-bf16-ref": "preftune train(), --mixed-precision bf16 --ref-dtype bfloat16",
     }[name]
 

@@ -105,6 +105,7 @@ def run_worker(spec: dict, log_path: Path) -> dict:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(bench_contenders.CONTENDERS.get(spec.get("name"), {}).get("env", {}))  # e.g. allocator settings
     before = _machine_cpu()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],

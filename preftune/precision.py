@@ -15,6 +15,7 @@ is emulated and runs orders of magnitude slower than fp32.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -39,8 +40,17 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def _host_has_fast_bf16() -> bool:
-    return cpu_has_fast_bf16()
+def host_has_fast_bf16(environ=os.environ, cpuinfo: str | None = None) -> bool:
+    """:func:`cpu_has_fast_bf16`, unless ``PREFTUNE_CPU_BF16`` says (``0``: treat this CPU as without
+    bf16, so ``--mixed-precision auto`` is fp32; ``1``: as with it)."""
+    forced = environ.get("PREFTUNE_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return cpu_has_fast_bf16(cpuinfo)
+
+
+def _host_has_fast_bf16() -> bool:  # tests patch this one
+    return host_has_fast_bf16()
 
 
 def resolve_mixed_precision(name: str, device: torch.device | str) -> tuple[str, str]:

@@ -123,3 +123,4 @@ def _fp32_auto_precision(monkeypatch):
     import preftune.precision
 
     monkeypatch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+    monkeypatch.setenv("PREFTUNE_CPU_BF16", "0")  # the same rule in the CLI runs tests start as subprocesses

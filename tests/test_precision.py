@@ -183,3 +183,14 @@ def test_bf16_mixed_precision_learns_the_rule(tiny_model_dir, rule_data, tmp_pat
     result = train(rule_config(tiny_model_dir, rule_data, tmp_path / "run", mixed_precision="bf16"))
     assert result.eval_before["rewards/accuracies"] == 0.0  # policy and reference: identical bf16 forwards
     assert result.eval_after["rewards/accuracies"] >= 0.9
+
+
+def test_cpu_bf16_can_be_forced_by_environment():
+    """PREFTUNE_CPU_BF16=0/1 overrides the /proc/cpuinfo check (tests set 0 for the CLI runs they start)."""
+    from preftune.precision import host_has_fast_bf16
+
+    with_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    without = "flags\t\t: fpu avx2\n"
+    assert host_has_fast_bf16({}, with_bf16) and not host_has_fast_bf16({}, without)
+    assert not host_has_fast_bf16({"PREFTUNE_CPU_BF16": "0"}, with_bf16)
+    assert host_has_fast_bf16({"PREFTUNE_CPU_BF16": "1"}, without)
