@@ -7,16 +7,21 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-000120/`` holding
   ``weights_only=True`` (never arbitrary pickles);
 * ``rng.pt`` — the torch, Python and NumPy (and CUDA) RNG states of every process, also
   ``weights_only``;
-* ``state.json`` — step, data position, number of processes and the config it was written under.
+* ``state.json`` — step, data position, number of processes, the config it was written under, the
+  run that wrote it (``run_id``, ``data_fingerprint``: see :mod:`preftune.run_folder`) and the numerical
+  guard's state (``weights_norm``, streaks: see :mod:`preftune.guard`).
 
 It is written into ``step-000120.tmp-<pid>`` and renamed into place only when complete and
 fsync'ed, so a crash (even SIGKILL) mid-write leaves nothing that ``latest`` would pick up; such
-leftover ``.tmp-`` folders are removed by the next save.
+leftover ``.tmp-`` folders are removed by the next save, but only those of processes that are gone
+(never a live run's). ``latest`` is the newest checkpoint of *this folder's run*: another run's
+checkpoint in the folder is never continued by it.
 
 Test hook: with ``PREFTUNE_TEST_CRASH_IN_CHECKPOINT=STAGE`` (or ``STAGE:STEP``) in the environment
 the process SIGKILLs itself at that stage of writing (the step ``STEP`` checkpoint, or the
-first one); stages are :data:`CRASH_STAGES`. ``tests/test_crash_safety.py`` uses it to prove
-that an interrupted write is never resumed from.
+first one); stages are :data:`CRASH_STAGES` (and, for the final model,
+:data:`preftune.run_folder.FINAL_CRASH_STAGES`). ``tests/test_crash_safety.py`` and
+``tests/test_run_safety.py`` use it to prove that an interrupted write is never resumed from.
 """
 
 from __future__ import annotations
@@ -30,14 +35,20 @@ from pathlib import Path
 
 import torch
 
+from .files import disk_full_guard, fsync_dir, remove_left_temp, tensor_bytes
+from .modeling import describe_unreadable
+
 CHECKPOINT_PREFIX = "step-"
 TMP_MARK = ".tmp-"  # in the name of folders being written (or left over by a crash)
 CRASH_HOOK_ENV = "PREFTUNE_TEST_CRASH_IN_CHECKPOINT"
 CRASH_STAGES = ("after_model", "after_optimizer", "before_rename", "after_rename")
 
-# Options that may differ between a run and its resumption (they don't change the weights).
+# Options that may differ between a run and its resumption (they don't change the weights). The
+# learning rate may change too, said in the log (run_state.resume); the data path when the checkpoint
+# holds the data's fingerprint (the content is compared instead).
 RESUME_SAFE_OPTIONS = {"resume_from", "progress", "max_steps", "save_steps", "save_total_limit", "logging_steps",
-                       "eval_steps", "tensorboard", "output_dir", "ref_cache_dir"}
+                       "eval_steps", "tensorboard", "report_to", "run_name", "output_dir", "ref_cache_dir",
+                       "overwrite_output_dir", "learning_rate"}
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -53,28 +64,69 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are ignored); only run ``run_id``'s if given."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and TMP_MARK not in p.name
              and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.json").exists()]
+    if run_id is not None:
+        found = [p for p in found if checkpoint_run(p) == run_id]
     return sorted(found, key=checkpoint_step)
 
 
-def resolve_resume(resume_from: str, output_dir: str | Path) -> Path:
-    """``latest`` -> the newest complete checkpoint; a path -> itself (checked)."""
+def checkpoint_run(path: Path) -> str | None:
+    """The run id in a checkpoint's state.json (None: unreadable, or written before run ids existed)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_resume(resume_from: str, output_dir: str | Path, run_id: str | None = None) -> Path:
+    """``latest`` -> the newest complete checkpoint of run ``run_id`` (the folder's run; any run when
+    None, a folder from before run ids); a path -> itself (checked)."""
     if resume_from == "latest":
-        found = list_checkpoints(output_dir)
+        found = list_checkpoints(output_dir, run_id)
         if not found:
+            others = list_checkpoints(output_dir)
+            if others:
+                raise ValueError(f"--resume-from latest: no checkpoint of this folder's run (run {run_id}) in "
+                                 f"{checkpoint_dir(output_dir)}; {others[-1].name} was written by run "
+                                 f"{checkpoint_run(others[-1])}, which 'latest' never continues. Pass its path to "
+                                 f"--resume-from if you mean to continue it, with the data it was trained on")
             raise ValueError(f"--resume-from latest: no checkpoint in {checkpoint_dir(output_dir)}")
         return found[-1]
     path = Path(resume_from)
     if not (path / "state.json").exists():
         raise ValueError(f"--resume-from {resume_from}: not a preftune checkpoint (no state.json)")
     return path
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json`` (step, config, run id, ...); ValueError naming it when unreadable."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path} is unreadable: state.json: {_first_line(exc)}"
+                         f"{previous_hint(path)}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"checkpoint {path} is unreadable: state.json has no step{previous_hint(path)}")
+    return state
+
+
+def previous_hint(path: Path) -> str:
+    """``; the previous checkpoint of its run is .../step-000011: --resume-from .../step-000011`` (or '')."""
+    path = Path(path)
+    if not path.name.startswith(CHECKPOINT_PREFIX) or not path.name[len(CHECKPOINT_PREFIX):].isdigit():
+        return ""
+    run = checkpoint_run(path)
+    earlier = [p for p in list_checkpoints(path.parent.parent, run) if checkpoint_step(p) < checkpoint_step(path)]
+    if not earlier:
+        return ""
+    return f"; the previous checkpoint of its run is {earlier[-1].name}: --resume-from {earlier[-1]}"
 
 
 def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, scheduler, state: dict,
@@ -90,22 +142,25 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
 
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"*{TMP_MARK}*"):  # left by a crash mid-write: never complete, never resumed from
-        shutil.rmtree(stale, ignore_errors=True)
+    # Left by a crash mid-write (never complete, never resumed from); a live process's are not touched.
+    remove_left_temp(root, f"*{TMP_MARK}*")
     final = checkpoint_path(output_dir, step)
     tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
     tmp.mkdir()
     replaced = None
+    optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state)
     try:
-        save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
-                  str(tmp / "model.safetensors"))
-        _crash_point("after_model", step)
-        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        _crash_point("after_optimizer", step)
-        torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        with disk_full_guard(tmp, needed, hint=_kept_hint(output_dir, step)):
+            save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
+                      str(tmp / "model.safetensors"))
+            _crash_point("after_model", step)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _crash_point("after_optimizer", step)
+            torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+            _fsync_dir(tmp)
         _crash_point("before_rename", step)
         if final.exists():  # the same step written again: move the old one aside, then swap
             replaced = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
@@ -125,35 +180,50 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
     return final
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _kept_hint(output_dir, step: int) -> str:
+    """What a failed save leaves to resume from (for the disk-full message)."""
+    kept = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < step]
+    if not kept:
+        return "no earlier checkpoint is kept; free some space and run again"
+    return f"the newest kept checkpoint is {kept[-1]}; free some space and resume with --resume-from latest"
+
+
 def load_checkpoint(path: Path) -> dict:
     """Everything in a checkpoint folder; tensors loaded without unpickling code.
 
-    Raises ValueError naming the folder when a file is missing or unreadable.
+    Raises ValueError naming the folder and the file when one is missing, truncated or refused (a
+    pickle holding anything but tensors and numbers), and naming the previous checkpoint of its run.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        loaded = {
-            "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-            "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
-            "rng": torch.load(path / "rng.pt", weights_only=True, map_location="cpu"),
-            "state": json.loads((path / "state.json").read_text()),
-        }
-    except Exception as exc:  # safetensors, pickle (weights_only refusal), json and OS errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} is unreadable: {first}") from None
-    if not isinstance(loaded["state"], dict) or "step" not in loaded["state"]:
-        raise ValueError(f"checkpoint {path} is unreadable: state.json has no step")
+    state = read_state(path)
+    loaded = {"state": state}
+    for key, name in (("model", "model.safetensors"), ("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"),
+                      ("rng", "rng.pt")):
+        file = path / name
+        try:
+            loaded[key] = (load_file(str(file)) if name.endswith(".safetensors")
+                           else torch.load(file, weights_only=True, map_location="cpu"))
+        except Exception as exc:  # safetensors, pickle (weights_only refusal), zip and OS errors alike
+            raise ValueError(f"checkpoint {path} is unreadable: {describe_unreadable(file, exc)}"
+                             f"{previous_hint(path)}") from None
     return loaded
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Options whose values differ between a checkpoint's config and this run's."""
+def config_differences(saved: dict, current: dict, data_by_content: bool = False) -> list[str]:
+    """Options whose values differ between a checkpoint's config and this run's.
+
+    ``data_by_content``: the checkpoint holds its data's fingerprint, which is compared instead of the path.
+    """
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if key in RESUME_SAFE_OPTIONS:
+        if key in RESUME_SAFE_OPTIONS or (data_by_content and key == "data"):
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"--{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}")
@@ -221,18 +291,4 @@ def _crash_point(stage: str, step: int) -> None:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        for child in path.iterdir() if path.is_dir() else []:
-            if child.is_file():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir

@@ -1,8 +1,10 @@
 """Command line: argument parsing only; every command calls into the library.
 
 ``preftune train`` has one flag per :class:`preftune.config.TrainConfig` field (generated
-from the dataclass, so the help text and the YAML keys can't drift apart). Flags given on
-the command line override the ``--config`` file; bad values give one line and exit 2.
+from the dataclass, so the help text and the YAML keys can't drift apart), also spelled with
+underscores as TRL does (``--learning_rate``). Flags given on the command line override the
+``--config`` file; bad values give one line and exit 2. No parser accepts abbreviations
+(``--lr`` is not ``--lr-scheduler``): :class:`Parser` is the class of every (sub)parser.
 """
 
 from __future__ import annotations
@@ -35,7 +37,51 @@ data formats (one JSON object per line, or Parquet / datasets folders with the s
   implicit prompt {"chosen": str, "rejected": str}  (prompt = up to the last common "\\n\\nAssistant:")
   KTO (--loss kto){"prompt": str, "completion": str, "label": bool}  (paired files are unpaired for you)
   SFT (--loss sft){"prompt": str, "completion": str} or {"messages": [...]}  (or a paired file: chosen side)
+
+every flag is also accepted with underscores, as TRL spells it (--learning_rate = --learning-rate); --config
+also reads a YAML of TRL's DPOConfig names (per_device_train_batch_size, loss_type, bf16 ...), logs what it
+mapped and refuses what it cannot honour (README: Bring your TRL config).
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes no abbreviations (``--learning-rat`` is an error, not ``--learning-rate``).
+
+    ``add_subparsers`` makes its sub-parsers of the parent's class, so every command inherits this.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        """argparse's one line, plus what an unrecognized flag may have meant."""
+        if message.startswith("unrecognized arguments:"):
+            given = next((w for w in message.split()[2:] if w.startswith("--")), None)
+            if given:
+                message += _flag_hint(given.split("=")[0], _option_strings(self))
+        super().error(message)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --flag of ``parser`` and of its sub-commands (the top-level parser reports unrecognized ones)."""
+    found = [o for action in parser._actions for o in action.option_strings if o.startswith("--")
+             and action.help is not argparse.SUPPRESS]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return sorted(set(found))
+
+
+def _flag_hint(given: str, options: list[str]) -> str:
+    starts = [o for o in options if o.startswith(given)]
+    if starts:
+        return f" ({given} is the start of {', '.join(starts[:4])}: flags are never abbreviated; give one in full)"
+    import difflib
+
+    close = difflib.get_close_matches(given.replace("_", "-"), options, n=3, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,15 +96,24 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         default = f.default
         help_text += f" (default: {'off' if default is False else 'on' if default is True else default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings ("10-30% more time")
+        # TRL's spelling (--learning_rate) as a hidden alias of the same option
+        alias = ["--" + f.name] if "_" in f.name else []
         if field_type(f) is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
+            for name in alias:
+                group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             choices = f.metadata.get("choices")
             metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
             const = f.metadata.get("const")
             extra = dict(nargs="?", const=const) if const is not None else {}
             group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text, **extra)
+            for name in alias:
+                group.add_argument(name, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                                   help=argparse.SUPPRESS, **extra)
             if f.name == "mixed_precision":  # TRL's spellings
                 for name in ("bf16", "fp16"):
                     group.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS,
@@ -89,17 +144,20 @@ def flags_markdown() -> str:
         flag = "--" + f.name.replace("_", "-")
         if field_type(f) is bool:
             flag += f" / --no-{f.name.replace('_', '-')}"
-        choices = f.metadata.get("choices")
+        choices, domain = f.metadata.get("choices"), f.metadata.get("domain")
         text = f.metadata.get("help", "") + (f" One of: {', '.join(choices)}." if choices else "")
+        text += f" Must be {domain.describe(field_type(f) is int)}." if domain else ""
         lines.append(f"| `{flag}` | `{f.default}` | {text} |")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="preftune",
-        description="Preference fine-tuning for causal language models: DPO, IPO, robust DPO, hinge, ORPO, SimPO, "
-                    "KTO and SFT, with packed prefix-shared batches and a cheap reference model.")
+        description="Preference fine-tuning for causal language models: DPO and every TRL loss type (IPO, robust, "
+                    "hinge, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP ...), ORPO, SimPO, CPO, KTO, BCO and SFT, with "
+                    "packed prefix-shared batches, a cheap reference model, and a labelling app "
+                    "(`preftune train --help` lists every method with its paper).")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -202,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"preftune: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first finishes the step and checkpoints), or one outside training
+        if os.environ.get("PREFTUNE_DEBUG"):
+            raise
+        print("preftune: aborted (Ctrl-C); steps since the last checkpoint were not saved", file=sys.stderr)
+        return 130
 
 
 def _version() -> str:

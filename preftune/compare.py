@@ -57,7 +57,7 @@ SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "
 EVAL_OPTIONS = {"generate": int, "judge": str, "max_new_tokens": int, "temperature": float, "top_p": float,
                 "seed": int, "batch_size": int, "beta": float, "kl_samples": int, "nll_data": str,
                 "max_examples": int}
-SET_BY_SWEEP = ("model", "data", "eval_data", "output_dir")  # TrainConfig fields the sweep file owns
+SET_BY_SWEEP = ("model", "data", "eval_data", "output_dir", "overwrite_output_dir")  # TrainConfig fields the sweep file owns
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -139,7 +139,9 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
     if fixed:
         raise ConfigError(f"{fixed[0]!r} is set by the sweep, not per variant")
     values = {"progress": False, **sweep.common, **options, "model": sweep.base, "data": sweep.data,
-              "eval_data": sweep.eval_data, "output_dir": str(sweep.output_dir / name)}
+              "eval_data": sweep.eval_data, "output_dir": str(sweep.output_dir / name),
+              # the sweep owns its variant folders: a variant trained again replaces what an earlier try left
+              "overwrite_output_dir": True}
     cfg = TrainConfig.from_dict(values, source=f"variant {name}").validate()
     return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval)}
 

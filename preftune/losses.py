@@ -1,16 +1,18 @@
 """Preference losses: one pure function per method, on per-sequence log-probs.
 
-Every function takes (B,) tensors of per-sequence log-probs (one value per completion)
-and returns ``(losses, chosen_rewards, rejected_rewards)``, all (B,):
+Every pair loss takes (B,) tensors of per-sequence log-probs (one value per completion)
+and returns ``(losses, chosen_rewards, rejected_rewards)``, all (B,), sometimes with a 4th
+element, a dict of detached per-example metrics named as TRL names them:
 
 * ``losses`` is unreduced: the caller takes the mean (and averages across processes).
 * rewards are detached; they are for logging only.
 
-ORPO returns a 4th element (a dict of per-example metrics) and KTO returns
-``(losses, rewards, metrics)``; see their docstrings. ``rpo_loss`` returns losses only.
+Unpaired losses (KTO, BCO, APO-zero unpaired) return ``(losses, rewards, metrics)``;
+:func:`rpo_loss` and :func:`sft_loss` return losses only.
 
-Whether the log-probs are *summed* over the completion's tokens or *averaged* (divided
-by the completion length) depends on the method: see :data:`AVERAGED_LOGPS`. Everything
+Which log-probs each method is given — *summed* over the completion's tokens or *averaged*
+(divided by the completion length) — whether it needs a reference model, its data kind, its
+options and its paper are one row of the method table, :mod:`preftune.methods`. Everything
 is computed in float32 at least (fp16/bf16 inputs are upcast; float64 stays float64), and
 the results come back in that dtype.
 
@@ -24,19 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Every loss name the training loop may be asked for.
-METHODS = frozenset({"dpo", "robust", "hinge", "ipo", "orpo", "simpo", "kto", "sft"})
-
-# Methods that need no reference model (no reference log-probs are computed).
-REFERENCE_FREE = frozenset({"orpo", "simpo", "sft"})
-
-# Methods whose log-probs are token-AVERAGED (sum of token log-probs / completion length)
-# rather than summed; the training loop must pass averaged log-probs to these.
-AVERAGED_LOGPS = frozenset({"ipo", "orpo", "simpo"})
-
-# Methods trained on (prompt, chosen, rejected) pairs. The others are KTO (unpaired
-# completions with a desirable/undesirable label) and SFT (one completion).
-PAIRED = frozenset({"dpo", "robust", "hinge", "ipo", "orpo", "simpo"})
+# f-divergences of f-DPO (Wang et al. 2023); see :func:`f_divergence_scores`.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 # ORPO: log-probs above this are clamped before log(1 - p), so p == 1 exactly (an averaged
 # log-prob of 0, which fp32 log-softmax can produce) gives a large finite log-odds, not inf.
@@ -127,6 +118,53 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > cut, near_zero, far)
 
 
+def f_divergence_scores(
+    logratios: torch.Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5
+) -> torch.Tensor:
+    """f-DPO: Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization
+    with Diverse Divergence Constraints", Theorem 1: under an f-divergence the implicit reward
+    is beta * f'(u) with u = pi / pi_ref, so DPO-type losses compare f'(u) instead of log u:
+
+        reverse_kl        f'(u) = log u                    (plain DPO)
+        forward_kl        f'(u) = 1 - 1/u                  (the paper's -1/u plus 1: the constant
+                                                            cancels in chosen - rejected)
+        js_divergence     f'(u) = log 2 + log sigmoid(log u)
+        alpha_divergence  f'(u) = (u^(a-1) - 1) / (a - 1),  a = f_alpha_divergence_coef
+
+    The alpha form is TRL's parameterisation (its ``f_alpha_divergence_coef``; the paper's
+    (1 - u^-alpha) / alpha has alpha = 1 - a); a -> 1 is reverse KL, and as in TRL the exponent
+    (a - 1) log u is clamped at 80 so exp stays finite in float32.
+
+    Args:
+        logratios: (B,) log u = policy log-prob - reference log-prob (float32 or wider).
+        f_divergence_type: one of :data:`F_DIVERGENCES`.
+        f_alpha_divergence_coef: a, for alpha_divergence only.
+
+    Returns:
+        (B,) the scores f'(u), same dtype.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        coef = float(f_alpha_divergence_coef)
+        if not math.isfinite(coef):
+            raise ValueError(f"f_alpha_divergence_coef must be finite, got {coef}")
+        if abs(coef - 1.0) < 1e-6:  # the limit (u^0 - 1) / 0 -> log u
+            return logratios
+        return (torch.exp(((coef - 1.0) * logratios).clamp(max=80.0)) - 1.0) / (coef - 1.0)
+    raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence_type!r}")
+
+
+def _score_margin(chosen_logratios, rejected_logratios, f_divergence_type, f_alpha_divergence_coef):
+    """(B,) f'(u_chosen) - f'(u_rejected): the h of DPO, generalised by :func:`f_divergence_scores`."""
+    return (f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+            - f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef))
+
+
 # ----------------------------------------------------------------------------- DPO family
 
 
@@ -137,6 +175,10 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_nll: torch.Tensor | None = None,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO: Rafailov et al. 2023, "Direct Preference Optimization", eq. 7.
 
@@ -150,12 +192,21 @@ def dpo_loss(
 
         loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 
+    (TRL 1.16's ``sigmoid`` ignores ``label_smoothing``; here it acts.) ``f_divergence_type``
+    replaces the log-ratios in h by f'(u) (:func:`f_divergence_scores`, f-DPO).
+    ``sft_weight`` > 0 adds RPO's NLL term (:func:`rpo_loss`), and then ``chosen_nll`` is
+    required. Given token-AVERAGED log-probs this is TRL's ``sigmoid_norm`` (length-normalised
+    DPO, Lambert et al. 2024, "Tulu 3", §5).
+
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) summed log-probs of the chosen /
             rejected completion under the policy.
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model.
         beta: > 0, the strength of the KL penalty (0.1 in the paper).
         label_smoothing: eps in [0, 0.5).
+        f_divergence_type, f_alpha_divergence_coef: see :func:`f_divergence_scores`.
+        chosen_nll: (B,) token-averaged NLL of the chosen completion, for ``sft_weight``.
+        sft_weight: >= 0, RPO's alpha.
 
     Returns:
         losses (B,), chosen_rewards (B,) = beta * (policy_chosen - ref_chosen),
@@ -166,10 +217,15 @@ def dpo_loss(
     chosen_logratios, rejected_logratios = _logratios(  # (B,) each
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    logits = beta * (chosen_logratios - rejected_logratios)  # (B,) = beta * h
+    logits = beta * _score_margin(chosen_logratios, rejected_logratios, f_divergence_type,
+                                  f_alpha_divergence_coef)  # (B,) = beta * h
     losses = -F.logsigmoid(logits)
     if eps > 0:
         losses = (1 - eps) * losses - eps * F.logsigmoid(-logits)
+    if sft_weight:
+        if chosen_nll is None:
+            raise ValueError("dpo_loss: sft_weight > 0 needs chosen_nll (the RPO term would be ignored)")
+        losses = rpo_loss(losses, chosen_nll, sft_weight)
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
@@ -180,6 +236,8 @@ def robust_dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     label_smoothing: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Robust DPO (rDPO): Chowdhury, Kini & Natarajan 2024, "Provably Robust DPO: Aligning
     Language Models with Noisy Feedback", their unbiased (de-noised) loss.
@@ -204,7 +262,8 @@ def robust_dpo_loss(
     chosen_logratios, rejected_logratios = _logratios(  # (B,) each
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    logits = beta * (chosen_logratios - rejected_logratios)  # (B,)
+    logits = beta * _score_margin(chosen_logratios, rejected_logratios, f_divergence_type,
+                                  f_alpha_divergence_coef)  # (B,)
     losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
@@ -215,6 +274,8 @@ def hinge_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hinge loss of SLiC: Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with
     Human Feedback", rank calibration loss max(0, delta - log p(y+|x) + log p(y-|x)).
@@ -233,7 +294,8 @@ def hinge_loss(
     chosen_logratios, rejected_logratios = _logratios(  # (B,) each
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    losses = torch.relu(1 - beta * _score_margin(chosen_logratios, rejected_logratios, f_divergence_type,
+                                                 f_alpha_divergence_coef))
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
@@ -250,7 +312,7 @@ def ipo_loss(
         loss = (h - 1 / (2 * beta))^2,   h as in :func:`dpo_loss`
 
     The log-probs must be token-AVERAGED (sum / completion length), as the IPO authors and
-    TRL do; "ipo" is in :data:`AVERAGED_LOGPS`. With summed log-probs the fixed target
+    TRL do (its row in :mod:`preftune.methods` says so). With summed log-probs the fixed target
     1/(2 beta) would mean very different things for short and long completions.
 
     Args: as :func:`dpo_loss` but averaged log-probs, (B,) each.
@@ -285,6 +347,283 @@ def rpo_loss(dpo_losses: torch.Tensor, chosen_nll: torch.Tensor, alpha: float) -
     alpha = _check_non_negative(alpha, "alpha (sft_weight)")
     _check_shapes(dpo_losses=dpo_losses, chosen_nll=chosen_nll)
     return _fp32(dpo_losses) + alpha * _fp32(chosen_nll)
+
+
+def exo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EXO (pairwise, "EXO-pref"): Ji et al. 2024, "Towards Efficient Exact Optimization of
+    Language Model Alignment", eq. 16 with K = 2: KL(p_theta || p_label), where over {chosen,
+    rejected} p_theta = softmax(beta * log-ratios) and the label distribution is (1 - eps, eps):
+
+        q = sigmoid(beta * h)
+        loss = q * (log q - log(1 - eps)) + (1 - q) * (log(1 - q) - log eps)
+
+    computed with log sigmoid for stability. eps = ``label_smoothing`` must be > 0 (the paper
+    uses 1e-3); as in TRL. h as in :func:`dpo_loss` (f-divergences apply).
+
+    Args: as :func:`dpo_loss`; ``label_smoothing`` = eps in (0, 1).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    eps = float(label_smoothing)
+    if not (0.0 < eps < 1.0):
+        raise ValueError(f"exo_pair needs label_smoothing (eps) in (0, 1): log eps is its target for the rejected "
+                         f"side (the EXO paper uses 1e-3), got {label_smoothing}")
+    chosen_logratios, rejected_logratios = _logratios(  # (B,) each
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * _score_margin(chosen_logratios, rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    log_q_chosen, log_q_rejected = F.logsigmoid(logits), F.logsigmoid(-logits)  # (B,) each
+    losses = (torch.exp(log_q_chosen) * (log_q_chosen - math.log1p(-eps))
+              + torch.exp(log_q_rejected) * (log_q_rejected - math.log(eps)))
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def nca_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NCA (pairwise): Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards", the NCA loss with K = 2 responses. With r = beta * log-ratio:
+
+        loss = -log sigmoid(r_chosen) - 1/2 log sigmoid(-r_chosen) - 1/2 log sigmoid(-r_rejected)
+
+    Each reward is scored on its own (not only the margin), so unlike DPO it keeps the chosen
+    likelihood from falling. As in TRL.
+
+    Args: as :func:`dpo_loss` (beta only).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios  # (B,) each
+    losses = (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+              - 0.5 * F.logsigmoid(-rejected_rewards))
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def bco_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BCO on pairs: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment", eq. 7 without its reward shift delta, as TRL's ``bco_pair``: the chosen completion
+    classified as good and the rejected one as bad, with r = beta * log-ratio:
+
+        loss = -log sigmoid(r_chosen) - log sigmoid(-r_rejected)
+
+    The paper's form with the running reward shift delta is the unpaired :func:`bco_loss`
+    (``--loss bco``); TRL users rely on this one under this name.
+
+    Args: as :func:`dpo_loss` (beta only).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sppo_hard_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPPO, hard labels: Wu et al. 2024, "Self-Play Preference Optimization for Language Model
+    Alignment", eq. 4.7 with the win probability P set to 1 for the chosen and 0 for the
+    rejected completion and eta = 1 / beta:
+
+        loss = (log-ratio_chosen - 1 / (2 beta))^2 + (log-ratio_rejected + 1 / (2 beta))^2
+
+    The paper estimates P with a preference model (PairRM) outside the trainer; this is the
+    form TRL offers (``sppo_hard``) for plain preference pairs.
+
+    Args: as :func:`dpo_loss` (beta only).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def _sorted_logistic(delta: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """(B,) -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)."""
+    return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+
+
+def aot_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AOT (paired): Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport", the paired objective: first-order stochastic dominance of the policy's margins
+    over the reference's, a 1-D optimal-transport problem solved by sorting within the batch:
+
+        m = sort(policy_chosen - policy_rejected),  m_ref = sort(ref_chosen - ref_rejected)
+        loss_i = -(1 - eps) log sigmoid(beta (m_i - m_ref_i)) - eps log sigmoid(-beta (m_i - m_ref_i))
+
+    Loss i belongs to the i-th smallest margin, not to pair i: the value depends on the whole
+    (per-process) batch, so WPO's per-pair weights do not apply. As in TRL.
+
+    Args: as :func:`dpo_loss`; ``label_smoothing`` = eps in [0, 0.5).
+    Returns: losses (B,) in sorted order; rewards per pair as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    eps = _check_label_smoothing(label_smoothing)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    policy_margins = _fp32(policy_chosen_logps) - _fp32(policy_rejected_logps)  # (B,)
+    ref_margins = _fp32(ref_chosen_logps) - _fp32(ref_rejected_logps)  # (B,)
+    delta = torch.sort(policy_margins).values - torch.sort(ref_margins).values
+    losses = _sorted_logistic(delta, beta, eps)
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def aot_unpaired_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AOT (unpaired): Melnyk et al. 2024 (as :func:`aot_loss`), the unpaired objective: the
+    distribution of chosen log-ratios should dominate that of rejected log-ratios:
+
+        delta = sort(log-ratio_chosen) - sort(log-ratio_rejected)
+        loss_i = -(1 - eps) log sigmoid(beta delta_i) - eps log sigmoid(-beta delta_i)
+
+    The data are still pairs (TRL's ``aot_unpaired``); only the matching is by rank.
+
+    Args: as :func:`dpo_loss`; ``label_smoothing`` = eps in [0, 0.5).
+    Returns: losses (B,) in sorted order; rewards per pair as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    eps = _check_label_smoothing(label_smoothing)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    delta = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
+    losses = _sorted_logistic(delta, beta, eps)
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def apo_zero_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """APO-zero: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", eq. 7: for chosen completions better than the model's own outputs, raise the
+    chosen likelihood and lower the rejected one, each anchored at the reference:
+
+        loss = (1 - sigmoid(beta * log-ratio_chosen)) + sigmoid(beta * log-ratio_rejected)
+
+    Args: as :func:`dpo_loss` (beta only).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = torch.sigmoid(-chosen_rewards) + torch.sigmoid(rejected_rewards)  # 1 - sigmoid(x) = sigmoid(-x)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def apo_down_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """APO-down: D'Oosterlinck et al. 2024 (as :func:`apo_zero_loss`), eq. 8: for chosen
+    completions *worse* than the model's own outputs, lower both likelihoods, the rejected
+    one more:
+
+        loss = sigmoid(beta * log-ratio_chosen) + (1 - sigmoid(beta * (log-ratio_chosen - log-ratio_rejected)))
+
+    It lowers the chosen likelihood on purpose, so it is not meant to make a model prefer
+    chosen completions it could not write (the synthetic-rule test says so).
+
+    Args: as :func:`dpo_loss` (beta only).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    losses = torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards - chosen_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def discopop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiscoPOP (log-ratio modulated loss, LRML): Lu et al. 2024, "Discovering Preference
+    Optimization Algorithms with and for Large Language Models", eq. 5. With x = beta * h
+    (h as in :func:`dpo_loss`) and the mixing weight m = sigmoid(x / tau):
+
+        loss = (1 - m) * -log sigmoid(x) + m * exp(-x)
+
+    m * exp(-x) is computed as exp(log sigmoid(x / tau) - x), which equals it but stays 0
+    instead of 0 * inf = NaN when x is very negative. The paper's tau is 0.05 (as TRL's default). Note
+    that at x = 0 (policy == reference, the usual start) d loss / dx = (0.25 / tau)(1 - log 2) - 0.75,
+    positive for tau < 0.102: descent first lowers the margin, into a local minimum near x = -0.11 at
+    tau 0.05 (tests/test_methods.py shows it on the synthetic task).
+
+    Args: as :func:`dpo_loss`; ``tau`` > 0 (``--discopop-tau``).
+    Returns: as :func:`dpo_loss`.
+    """
+    beta = _check_beta(beta)
+    tau = _check_positive(tau, "tau (discopop_tau)")
+    chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * _score_margin(chosen_logratios, rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    modulation = torch.sigmoid(logits / tau)  # (B,)
+    losses = (1 - modulation) * -F.logsigmoid(logits) + torch.exp(F.logsigmoid(logits / tau) - logits)
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
 # ----------------------------------------------------------------------------- reference-free
@@ -404,6 +743,77 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_token_nll: torch.Tensor,
+    beta: float,
+    cpo_alpha: float = 1.0,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """CPO: Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
+    Performance in Machine Translation", eq. 3 (reference-free DPO) plus its NLL term:
+
+        x = beta * (policy_chosen - policy_rejected) - gamma
+        loss = -(1 - eps) log sigmoid(x) - eps log sigmoid(-x) + cpo_alpha * NLL
+
+    With summed log-probs and gamma = 0 this is CPO (``--loss cpo``); with token-AVERAGED
+    log-probs and the margin gamma it is CPO-SimPO (``--loss cpo_simpo``; TRL's CPOConfig
+    ``loss_type="simpo"``, whose gamma_beta_ratio-free form is -log sigmoid(beta * avg margin
+    - simpo_gamma)). eps is TRL's ``label_smoothing`` (0 in the paper).
+
+    The NLL is TRL's: the mean over all chosen-completion tokens of the batch (one number,
+    ``chosen_token_nll``), not the paper's per-sequence sum: CPO's authors trained with TRL's
+    form, and it is the one users rely on.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) summed (CPO) or token-averaged
+            (CPO-SimPO) log-probs.
+        chosen_token_nll: 0-d, -sum of chosen token log-probs / number of chosen tokens.
+        beta: > 0 (0.1 in TRL's CPOConfig).
+        cpo_alpha: >= 0, the NLL weight (1.0 in the paper and TRL).
+        gamma: the SimPO margin (0 for CPO).
+        label_smoothing: eps in [0, 0.5).
+
+    Returns:
+        losses (B,), chosen_rewards (B,) = beta * policy_chosen, rejected_rewards (B,) =
+        beta * policy_rejected (TRL's), and {"nll_loss": the NLL (0-d)}; detached.
+    """
+    beta = _check_beta(beta)
+    cpo_alpha = _check_non_negative(cpo_alpha, "cpo_alpha")
+    eps = _check_label_smoothing(label_smoothing)
+    gamma = float(gamma)
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma (simpo_gamma) must be finite, got {gamma}")
+    _check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    nll = _fp32(torch.as_tensor(chosen_token_nll)).reshape(())
+    chosen_rewards = beta * _fp32(policy_chosen_logps)  # (B,)
+    rejected_rewards = beta * _fp32(policy_rejected_logps)  # (B,)
+    logits = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits) + cpo_alpha * nll
+    return losses, chosen_rewards.detach(), rejected_rewards.detach(), {"nll_loss": nll.detach()}
+
+
+def sft_loss(policy_chosen_logps: torch.Tensor, chosen_counts: torch.Tensor) -> torch.Tensor:
+    """SFT: the negative log-likelihood of the completion tokens, one mean over every token of
+    the batch (each token weighs the same, as TRL's SFT and its DPO ``loss_type="sft"``):
+
+        loss = -sum_i policy_chosen_logps_i / sum_i chosen_counts_i
+
+    Args:
+        policy_chosen_logps: (B,) SUMMED log-probs of each (chosen) completion.
+        chosen_counts: (B,) its number of tokens.
+
+    Returns:
+        losses (B,), every entry the batch's loss (so a mean, or a per-pair weighting, treats
+        it like any other loss).
+    """
+    _check_shapes(policy_chosen_logps=policy_chosen_logps, chosen_counts=chosen_counts)
+    loss = -_fp32(policy_chosen_logps).sum() / chosen_counts.sum().clamp(min=1)
+    return loss.expand(policy_chosen_logps.shape[0])
+
+
 # ----------------------------------------------------------------------------- KTO
 
 
@@ -516,3 +926,169 @@ def kto_weight_warning(
         f"eq. 9). With undesirable_weight = {undesirable_weight:g}, set desirable_weight between "
         f"{low:.3g} and {4.0 / 3.0 * low:.3g}."
     )
+
+
+def apo_zero_unpaired_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """APO-zero, unpaired: D'Oosterlinck et al. 2024 (see :func:`apo_zero_loss`), eq. 7 split per
+    completion, as TRL's KTOConfig ``loss_type="apo_zero_unpaired"``. With r = policy - ref:
+
+        desirable:   loss = w_D * (1 - sigmoid(beta * r))
+        undesirable: loss = w_U * sigmoid(beta * r)
+
+    KTO's loss without its KL reference point (no mismatched completions are needed).
+
+    Args: as :func:`kto_loss`, without ``kl``.
+    Returns: losses (B,), rewards (B,) = beta * r (detached), {}.
+    """
+    beta = _check_beta(beta)
+    desirable_weight = _check_positive(desirable_weight, "desirable_weight")
+    undesirable_weight = _check_positive(undesirable_weight, "undesirable_weight")
+    logratios = _unpaired_logratios(policy_logps, ref_logps, labels)
+    rewards = beta * logratios
+    losses = torch.where(labels.to(logratios.device), desirable_weight * torch.sigmoid(-rewards),
+                         undesirable_weight * torch.sigmoid(rewards))
+    return losses, rewards.detach(), {}
+
+
+def bco_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    reward_shift: torch.Tensor | float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """BCO: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment", eq. 7: a binary classifier whose logit is the implicit reward r = beta *
+    (policy - ref), thumbs-up completions the positive class, with the reward shift delta:
+
+        desirable:   loss = -log sigmoid(r - delta)
+        undesirable: loss = -log sigmoid(-(r - delta))
+
+    delta (``reward_shift``) is the running mean of the batches' mean rewards
+    (:func:`bco_reward_shift`), as in the paper's code and TRL's former BCOTrainer; it is
+    detached. (The paper's optional density-ratio matching, UDM, needs a prompt classifier
+    and is not offered.)
+
+    Args:
+        policy_logps, ref_logps: (B,) summed log-probs of each example's completion.
+        labels: (B,) bool, True = desirable.
+        reward_shift: delta, 0-d (or float).
+        beta: > 0 (TRL's BCO default 0.1).
+
+    Returns:
+        losses (B,), rewards (B,) = r (detached), {"delta": delta (0-d)}.
+    """
+    beta = _check_beta(beta)
+    logratios = _unpaired_logratios(policy_logps, ref_logps, labels)
+    delta = torch.as_tensor(reward_shift, dtype=logratios.dtype, device=logratios.device).reshape(()).detach()
+    shifted = beta * logratios - delta
+    losses = torch.where(labels.to(logratios.device), -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
+    return losses, (beta * logratios).detach(), {"delta": delta}
+
+
+def bco_reward_shift(batch_mean_reward: torch.Tensor, previous: tuple[float, int] | None) -> tuple[float, int]:
+    """BCO's delta: the running mean of the batches' mean rewards (one value per optimizer
+    micro-batch, all batches weighing the same, as TRL's RunningMoments over batch means).
+
+    Args:
+        batch_mean_reward: 0-d, this batch's mean of beta * (policy - ref) (averaged across
+            processes by the caller).
+        previous: (mean, count) so far, or None before the first batch.
+
+    Returns:
+        (mean, count) including this batch: the new delta and its count.
+    """
+    value = float(batch_mean_reward)
+    if not math.isfinite(value):
+        raise ValueError(f"BCO's batch mean reward is not finite ({value})")
+    if previous is None:
+        return value, 1
+    mean, count = previous
+    return mean + (value - mean) / (count + 1), count + 1
+
+
+def _unpaired_logratios(policy_logps, ref_logps, labels) -> torch.Tensor:
+    _check_shapes(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
+    if labels.dtype != torch.bool:
+        raise ValueError(f"labels must be a bool tensor (True = desirable), got dtype {labels.dtype}")
+    return _fp32(policy_logps) - _fp32(ref_logps)  # (B,)
+
+
+# ----------------------------------------------------------------------------- log-prob modifiers
+
+
+def length_desensitized_logps(
+    token_logps: torch.Tensor, token_seq: torch.Tensor, num_groups: int, alpha: float
+) -> torch.Tensor:
+    """LD-DPO: Liu et al. 2024, "Length Desensitization in Directed Preference Optimization",
+    eq. 9: a pair's log-probs count the tokens both completions have in full, and the longer
+    one's extra tokens with weight alpha (a "public length" l_p = min(l_chosen, l_rejected)):
+
+        logp~(y) = sum_{t <= l_p} log p(y_t) + alpha * sum_{t > l_p} log p(y_t)
+
+    The same weighting is applied to policy and reference log-probs (as in the paper and TRL).
+    alpha = 1 is plain summed log-probs; alpha = 0 drops the excess tokens.
+
+    Args:
+        token_logps: (N,) log-prob of every completion token of the batch, each sequence's
+            tokens in their text order (the order :mod:`preftune.batch` lists them).
+        token_seq: (N,) long, the sequence of each token; sequence s = k * G + g, so for pairs
+            0..G-1 are the chosen and G..2G-1 the rejected completions.
+        num_groups: G (the batch holds 2G sequences).
+        alpha: in [0, 1].
+
+    Returns:
+        (2G,) float32 length-desensitised summed log-probs.
+    """
+    alpha = float(alpha)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"ld_alpha must be in [0, 1] (1 = plain DPO), got {alpha}")
+    _check_shapes(token_logps=token_logps, token_seq=token_seq)
+    num_seqs = 2 * num_groups
+    counts = torch.bincount(token_seq, minlength=num_seqs)  # (2G,)
+    if counts.shape[0] != num_seqs:
+        raise ValueError(f"length_desensitized_logps needs pairs: token_seq has ids >= 2 * num_groups ({num_seqs})")
+    order = torch.argsort(token_seq, stable=True)  # (N,) tokens grouped by sequence, text order kept
+    starts = torch.cumsum(counts, 0) - counts  # (2G,) first sorted position of each sequence
+    position = torch.empty_like(token_seq)
+    position[order] = torch.arange(token_seq.shape[0], device=token_seq.device) - starts[token_seq[order]]
+    public = torch.minimum(counts[:num_groups], counts[num_groups:]).repeat(2)  # (2G,) l_p per sequence
+    logps = _fp32(token_logps)
+    weights = torch.where(position < public[token_seq], torch.ones_like(logps), torch.full_like(logps, alpha))
+    return torch.zeros(num_seqs, dtype=logps.dtype, device=logps.device).index_add(0, token_seq, logps * weights)
+
+
+def wpo_weights(
+    token_logps: torch.Tensor, token_log_sum_sq: torch.Tensor, token_seq: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """WPO: Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
+    eq. 2 with the paper's sampled weight alignment: each pair's loss is weighted by how
+    likely the policy is to produce both completions, per token and relative to its own
+    expected token probability sum_v p(v)^2:
+
+        w(y) = exp( 1/|y| sum_t [log p(y_t) - log sum_v p(v | y_<t)^2] )
+        weight = w(chosen) * w(rejected)        (detached, as in the paper and TRL)
+
+    Args:
+        token_logps: (N,) policy log-prob of every completion token.
+        token_log_sum_sq: (N,) log sum_v p(v)^2 of the policy's distribution at each token.
+        token_seq: (N,) long sequence id (0..G-1 chosen, G..2G-1 rejected).
+        num_groups: G.
+
+    Returns:
+        (G,) detached float32 weights, one per pair.
+    """
+    _check_shapes(token_logps=token_logps, token_log_sum_sq=token_log_sum_sq, token_seq=token_seq)
+    num_seqs = 2 * num_groups
+    aligned = (_fp32(token_logps) - _fp32(token_log_sum_sq)).detach()  # (N,)
+    sums = torch.zeros(num_seqs, dtype=aligned.dtype, device=aligned.device).index_add(0, token_seq, aligned)
+    counts = torch.bincount(token_seq, minlength=num_seqs).clamp(min=1)
+    weights = torch.exp(sums / counts)  # (2G,)
+    return weights[:num_groups] * weights[num_groups:]

@@ -1,13 +1,17 @@
 """Loading models and tokenizers safely, and wrapping them with LoRA.
 
 Safe by default: ``trust_remote_code`` is off unless asked, safetensors weights are
-preferred (``use_safetensors`` when the folder has them), and nothing is unpickled. A ``.gguf``
-file (or a folder holding one and no ``config.json``) goes through :mod:`preftune.gguf_model`.
+preferred (``use_safetensors`` when the folder has them), and nothing is unpickled: a ``.bin``
+pickle holding more than tensors is refused with our own message (never torch's advice to load it
+unsafely), a truncated one is named as such. A ``.gguf`` file (or a folder holding one and no
+``config.json``) goes through :mod:`preftune.gguf_model`. :func:`check_vocab` refuses a tokenizer
+whose ids the model's embedding has no row for, at load time instead of mid-step.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -84,7 +88,60 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
         if not trust_remote_code and "trust_remote_code" in str(exc):
             hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"
         raise ValueError(f"could not load the model from {name!r}: {_first_line(exc)}{hint}") from None
+    except Exception as exc:  # a .bin pickle refused by weights_only, or torn (EOFError, torch's zip reader)
+        weights = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
+        if not weights or not (_refused_pickle(exc) or isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)):
+            raise
+        raise ValueError(f"could not load the model from {name!r}: {describe_unreadable(weights[0], exc)}") from None
     return model
+
+
+def check_vocab(tokenizer, model, examples=()) -> None:
+    """Refuse token ids that the model's input embedding has no row for, before training starts.
+
+    A tokenizer larger than the embedding (another model's tokenizer, added tokens without
+    ``resize_token_embeddings``) otherwise fails mid-step with an IndexError. Raises ValueError when
+    the pad token or an id in ``examples`` (:class:`~preftune.data.records.TokenizedExample`) is out
+    of range; warns when only unused ids are.
+    """
+    embedding = model.get_input_embeddings()
+    rows = int(embedding.weight.shape[0])
+    size = len(tokenizer)
+    if size <= rows:
+        return
+    fix = ("use the tokenizer the model was trained with, or resize the model's embeddings first "
+           "(model.resize_token_embeddings(len(tokenizer)), then save it and pass that folder)")
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad >= rows:
+        raise ValueError(f"the tokenizer has {size} tokens but the model's embedding only {rows} rows: its pad token "
+                         f"id {pad} has no embedding; {fix}")
+    for ex in examples:
+        top = max(max(ex.prompt_ids, default=0), *(max(ids, default=0) for ids in ex.completions))
+        if top >= rows:
+            raise ValueError(f"the tokenizer has {size} tokens but the model's embedding only {rows} rows: "
+                             f"{ex.location or f'example {ex.index}'} has token id {top}, which has no embedding; "
+                             f"{fix}")
+    log.warning("the tokenizer has %d tokens but the model's embedding only %d rows; this data uses none of the "
+                "ids >= %d, but generating or other data may: %s", size, rows, rows, fix)
+
+
+def describe_unreadable(file: Path, exc: BaseException) -> str:
+    """Why a weights or state file could not be loaded, in our words: missing, truncated or corrupt,
+    or a pickle refused by ``weights_only`` (torch's advice to load it unsafely is never repeated)."""
+    from .files import size_text
+
+    file = Path(file)
+    if isinstance(exc, FileNotFoundError) or not file.exists():
+        return f"{file.name} is missing"
+    if _refused_pickle(exc):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it refers to {found.group(1)})" if found else ""
+        return (f"{file.name} holds a pickle with objects other than tensors and numbers{what}, which preftune "
+                f"refuses to load: loading it could run code. Use files written by preftune or safetensors weights")
+    size = file.stat().st_size if file.is_file() else 0
+    if isinstance(exc, (EOFError, RuntimeError, OSError)) or "safetensor" in type(exc).__name__.lower():
+        return f"{file.name} is truncated or corrupt ({size_text(size)}; {_first_line(exc)[:120]})"
+    return f"{file.name}: {_first_line(exc)}"
 
 
 def add_lora(model, r: int, alpha: float, dropout: float, targets: str, seed: int = 0):
@@ -117,6 +174,12 @@ def _check_local(name: str, what: str) -> None:
     path = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) and not path.exists():
         raise ValueError(f"{what} folder not found: {name}")
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) refused the pickle (an ``UnpicklingError``; matched by name, so that
+    this module never imports a pickle module)."""
+    return any(cls.__name__ == "UnpicklingError" for cls in type(exc).__mro__)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,99 +1,199 @@
-"""From per-sequence log-probs to one method's loss and metrics.
+"""From per-sequence log-probs to the loss and metrics of a method (or a weighted sum of methods).
 
-This is the only place where methods differ inside the loop: it picks the inputs each
-pure loss in :mod:`preftune.losses` wants (summed or token-averaged log-probs, chosen
-NLL, KTO's KL point) and names the metrics the way TRL users know them.
+The method table (:mod:`preftune.methods`) says, per method, which tensors its pure loss takes
+(summed or token-averaged log-probs, the chosen NLL, KTO's KL point ...) and which options;
+this module builds those tensors from one batch's log-probs, calls each loss, applies the
+loop-level options (WPO weights, LD-DPO lengths), sums the weighted losses and names the
+metrics the way TRL users know them. Nothing here names a method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from . import losses as L
+from . import methods as M
 from .logprobs import LogpOutput
 
-# Metrics every method logs (others add their own).
+# Metrics every paired method logs (others add their own).
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
 
+_REWARD_SHIFT = "reward_shift"  # the state key of BCO's running mean reward
+
 
 def compute_objective(
-    method: str,
+    method: str | M.Combination,
     policy: LogpOutput,
     num_groups: int,
     ref_logps: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    orpo_lambda: float = 0.1,
-    simpo_gamma: float = 0.5,
-    sft_weight: float = 0.0,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    *,
+    loss_weights: str | None = None,
+    token_seq: torch.Tensor | None = None,
+    token_log_sum_sq: torch.Tensor | None = None,
+    state: dict | None = None,
+    update_state: bool = False,
     mean_across_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (a scalar with grad) and detached scalar metrics for one batch.
 
-    ``policy.logps`` / ``policy.counts`` are (S,) with S = K * G (see :mod:`preftune.batch`);
-    ``ref_logps`` (S,) summed reference log-probs, or None for reference-free methods.
-    ``mean_across_processes`` averages KTO's KL point over data-parallel ranks.
+    Args:
+        method: a --loss value (``"dpo"``, ``"sigmoid,bco_pair,sft"``) or a parsed
+            :class:`preftune.methods.Combination`; ``loss_weights`` goes with a string.
+        policy: ``logps`` / ``counts`` (S,) with S = K * G (see :mod:`preftune.batch`) and
+            ``token_logps`` (N,).
+        num_groups: G.
+        ref_logps: (S,) the reference's sequence log-probs — summed, or length-desensitised
+            like the policy's when ``ld_alpha`` is set (:class:`preftune.reference` does both) —
+            or None for reference-free methods.
+        labels: (G,) bool for unpaired data (True = desirable).
+        token_seq: (N,) sequence id of each token (``Batch.token_seq``), for ``ld_alpha`` and
+            ``use_weighting``.
+        token_log_sum_sq: (N,) log sum_v p(v)^2 of the policy at each token, for ``use_weighting``.
+        state: values kept across batches (BCO's running mean reward); ``update_state`` adds
+            this batch to them (training) or only reads them (evaluation). Without a state BCO
+            uses this batch's mean reward.
+        mean_across_processes: averages a tensor over data-parallel ranks (KTO's KL point,
+            BCO's mean reward); called on every rank.
+        options: TrainConfig fields by name (``beta=0.1``, ``label_smoothing=...``); a loss
+            keyword whose field is not given keeps the loss function's default.
     """
-    G = num_groups
-    logps, counts = policy.logps, policy.counts.clamp(min=1)
-    mean_logps = logps / counts
+    combination = M.parse(method, loss_weights) if isinstance(method, (str, list, tuple)) else method
+    kind = combination.kind
+    tensors = _Tensors(policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
+                       mean_across_processes)
+    weights = None
+    if options.get("use_weighting"):  # WPO (Zhou et al. 2024): one detached weight per pair
+        if token_log_sum_sq is None or token_seq is None:
+            raise ValueError("use_weighting (WPO) needs token_log_sum_sq and token_seq (per-token log sum p^2)")
+        weights = L.wpo_weights(policy.token_logps, token_log_sum_sq, token_seq, num_groups)
 
-    if method == "sft":
-        # Token-level mean NLL over the batch (every completion token weighs the same).
-        loss = -logps.sum() / counts.sum()
-        return loss, {"loss": loss.detach(), "nll": loss.detach()}
-
-    if method == "kto":
-        own, partner = logps[:G], logps[G:]
-        ref_own, ref_partner = ref_logps[:G], ref_logps[G:]
-        # z0 = max(0, mean over ALL ranks' mismatched pairs): average the unclamped local means
-        # (equal counts per rank), then clamp — clamping per rank first would bias z0 upwards.
-        kl = mean_across_processes(L.kto_kl_estimate(partner, ref_partner, clamp=False)).clamp(min=0)
-        losses, rewards, extra = L.kto_loss(own, ref_own, labels, kl, beta, desirable_weight, undesirable_weight)
-        loss = losses.mean()
-        metrics = {"loss": loss.detach(), "kl": kl}
-        metrics.update(_kto_metrics(rewards, own.detach(), labels))
-        return loss, metrics
-
-    chosen, rejected = logps[:G], logps[G:2 * G]
-    chosen_nll = -mean_logps[:G]  # (G,) token-averaged NLL of the chosen completion
+    total = 0.0
+    rewards: tuple[torch.Tensor, ...] = ()
     extra: dict[str, torch.Tensor] = {}
-    if method in ("dpo", "robust", "hinge", "ipo"):
-        if ref_logps is None:
-            raise ValueError(f"--loss {method} needs reference log-probs")
-        ref_chosen, ref_rejected = ref_logps[:G], ref_logps[G:2 * G]
-        if method == "ipo":  # IPO compares token-averaged log-probs (Azar et al. 2023; as TRL)
-            losses, rc, rr = L.ipo_loss(mean_logps[:G], mean_logps[G:2 * G],
-                                        ref_chosen / counts[:G], ref_rejected / counts[G:2 * G], beta)
-        elif method == "dpo":
-            losses, rc, rr = L.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
-            if sft_weight:
-                losses = L.rpo_loss(losses, chosen_nll, sft_weight)
-        elif method == "robust":
-            losses, rc, rr = L.robust_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
-        else:
-            losses, rc, rr = L.hinge_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
-    elif method == "orpo":
-        losses, rc, rr, extra = L.orpo_loss(mean_logps[:G], mean_logps[G:2 * G], chosen_nll, orpo_lambda)
-    elif method == "simpo":
-        losses, rc, rr = L.simpo_loss(mean_logps[:G], mean_logps[G:2 * G], beta, simpo_gamma,
-                                      chosen_nll=chosen_nll, sft_weight=sft_weight)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    components: dict[str, torch.Tensor] = {}
+    for row, weight in zip(combination.methods, combination.weights):
+        if row.reference and ref_logps is None:
+            raise ValueError(f"--loss {row.name} needs reference log-probs")
+        kwargs = {kw: options[name] for kw, name in row.options.items() if name in options}
+        result = row.loss(**{name: tensors.get(name, row) for name in row.inputs}, **kwargs)
+        losses, row_rewards, row_extra = _unpack(result)
+        if weights is not None and "use_weighting" in row.modifiers:
+            losses = losses * weights
+        row_loss = losses.mean()
+        total = total + weight * row_loss
+        components[f"loss/{row.name}"] = row_loss.detach()
+        rewards = rewards or row_rewards  # the first method with rewards names rewards/*
+        extra.update(row_extra)
 
-    loss = losses.mean()
-    metrics = {"loss": loss.detach()}
-    metrics.update(pair_metrics(rc, rr, chosen.detach(), rejected.detach()))
-    metrics["nll"] = chosen_nll.detach().mean()
+    loss = total if isinstance(total, torch.Tensor) else torch.zeros((), device=policy.logps.device)
+    metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
+    G, raw = num_groups, policy.logps
+    if kind == "sft":
+        metrics["nll"] = tensors.get("chosen_token_nll").detach()
+    elif kind == "unpaired":
+        metrics.update(_unpaired_metrics(rewards[0], raw[:G].detach(), labels))
+    else:
+        if rewards:
+            metrics.update(pair_metrics(rewards[0], rewards[1], raw[:G].detach(), raw[G:2 * G].detach()))
+        else:  # only methods without rewards (sft on pairs): the log-probs still say what moved
+            metrics.update({"logps/chosen": raw[:G].detach().mean(), "logps/rejected": raw[G:2 * G].detach().mean()})
+        metrics["nll"] = tensors.get("chosen_nll").detach().mean()
+    if len(components) > 1:
+        metrics.update(components)
     for key, value in extra.items():
         metrics[key] = value.detach().float().mean()
+    if weights is not None:
+        metrics["wpo/weights"] = weights.mean()
     return loss, metrics
+
+
+class _Tensors:
+    """The named inputs of :mod:`preftune.methods` for one batch, built on first use."""
+
+    def __init__(self, policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
+                 mean_across_processes):
+        self.policy, self.G, self.ref, self.labels = policy, num_groups, ref_logps, labels
+        self.options, self.state, self.update_state = options, state, update_state
+        self.mean_across_processes = mean_across_processes
+        self.counts = policy.counts.clamp(min=1)  # (S,)
+        self.ld_logps = None
+        if options.get("ld_alpha") is not None:  # LD-DPO (Liu et al. 2024): length-desensitised sums
+            if token_seq is None:
+                raise ValueError("ld_alpha (LD-DPO) needs token_seq (which sequence each token belongs to)")
+            self.ld_logps = L.length_desensitized_logps(policy.token_logps, token_seq, num_groups, options["ld_alpha"])
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def sequence_logps(self, row) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S,) policy and reference log-probs as ``row`` takes them: summed (length-desensitised
+        under LD-DPO for rows that take it) or token-averaged."""
+        policy = self.ld_logps if self.ld_logps is not None and "ld_alpha" in row.modifiers else self.policy.logps
+        ref = self.ref
+        if row.logps == "mean":
+            policy = policy / self.counts
+            ref = None if ref is None else ref / self.counts
+        return policy, ref
+
+    def get(self, name: str, row=None) -> torch.Tensor:
+        G = self.G
+        if name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+            policy, ref = self.sequence_logps(row)
+            source = policy if name.startswith("policy") else ref
+            return source[:G] if "_chosen_" in name else source[G:2 * G]
+        if name not in self._cache:
+            self._cache[name] = self._build(name)
+        return self._cache[name]
+
+    def _build(self, name: str) -> torch.Tensor:
+        G, logps, ref = self.G, self.policy.logps, self.ref
+        if name == "chosen_nll":  # (G,) token-averaged NLL of each chosen completion
+            return -(logps / self.counts)[:G]
+        if name == "chosen_token_nll":  # 0-d: NLL per token over all chosen tokens of the batch
+            return -logps[:G].sum() / self.counts[:G].sum()
+        if name == "chosen_counts":
+            return self.counts[:G]
+        if name == "policy_logps":  # unpaired: each example's own completion is sequence k = 0
+            return logps[:G]
+        if name == "ref_logps":
+            return ref[:G]
+        if name == "labels":
+            return self.labels
+        if name == "kl":
+            # KTO's z0 = max(0, mean over ALL ranks' mismatched pairs): average the unclamped local means
+            # (equal counts per rank), then clamp — clamping per rank first would bias z0 upwards.
+            local = L.kto_kl_estimate(logps[G:2 * G], ref[G:2 * G], clamp=False)
+            return self.mean_across_processes(local).clamp(min=0)
+        if name == _REWARD_SHIFT:
+            return self._reward_shift()
+        raise ValueError(f"no input named {name!r} (see preftune.methods)")
+
+    def _reward_shift(self) -> torch.Tensor:
+        """BCO's delta: the running mean of the batches' mean rewards beta * (policy - ref)."""
+        beta = self.options["beta"]
+        rewards = beta * (self.policy.logps[:self.G].detach().float() - self.ref[:self.G].float())
+        batch_mean = self.mean_across_processes(rewards.mean())  # a collective: every rank, every batch
+        if self.state is None:
+            return batch_mean
+        if self.update_state:
+            self.state[_REWARD_SHIFT] = L.bco_reward_shift(batch_mean, self.state.get(_REWARD_SHIFT))
+        saved = self.state.get(_REWARD_SHIFT)
+        return batch_mean if saved is None else torch.tensor(saved[0], device=batch_mean.device)
+
+
+def _unpack(result) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """A loss's return value -> (losses, rewards, metrics): a tensor (losses only), or a tuple of
+    losses, one (unpaired) or two (chosen, rejected) reward tensors and optionally a metrics dict."""
+    if isinstance(result, torch.Tensor):
+        return result, (), {}
+    *tensors, last = result
+    if isinstance(last, dict):
+        return tensors[0], tuple(tensors[1:]), last
+    return tensors[0] if tensors else last, tuple(tensors[1:]) + ((last,) if tensors else ()), {}
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
@@ -108,8 +208,9 @@ def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
     }
 
 
-def _kto_metrics(rewards, logps, labels) -> dict[str, torch.Tensor]:
-    """KTO logs desirable rewards as rewards/chosen and undesirable as rewards/rejected.
+def _unpaired_metrics(rewards, logps, labels) -> dict[str, torch.Tensor]:
+    """Unpaired methods log desirable rewards as rewards/chosen and undesirable as rewards/rejected
+    (as TRL's KTOTrainer).
 
     A batch with no example of one label reports NaN for that side; the loop averages with
     ``nanmean`` so it never pollutes the logged value.

@@ -6,7 +6,10 @@
   stored in a safetensors file keyed by a fingerprint of everything that changes them.
 * ``None`` — reference-free methods (ORPO, SimPO, SFT) load no reference at all.
 
-Every reference answers ``logps(batch) -> (S,)`` summed log-probs, without grad.
+Every reference answers ``logps(batch) -> (S,)`` summed log-probs, without grad — or, with
+``ld_alpha`` (LD-DPO), the same length-desensitised sums the policy's are
+(:func:`preftune.losses.length_desensitized_logps`). A :class:`ModelReference` can also take
+TR-DPO's soft updates from the policy (:meth:`ModelReference.sync`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .batch import Batch
-from .logprobs import batch_logps
+from .logprobs import LogpOutput, batch_logps
+from .losses import length_desensitized_logps
 
 log = logging.getLogger("preftune")
 
@@ -28,23 +32,67 @@ CACHE_FORMAT_VERSION = 1
 
 
 class ModelReference:
-    """A frozen, separate reference model run on the same batch layout as the policy."""
+    """A frozen, separate reference model run on the same batch layout as the policy.
+
+    ``syncs``: the run will :meth:`sync` it from ``policy`` (TR-DPO), so their parameters must
+    match by name and shape; checked here, before any step.
+    """
 
     def __init__(self, model, policy=None, chunk_size: int = 1024, description: str = "frozen copy",
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, ld_alpha: float | None = None, syncs: bool = False):
         if policy is not None:
             check_separate(policy, model)
+            if syncs:
+                _check_same_parameters(policy, model)
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self.chunk_size = chunk_size
         self.description = description
         self.compute_dtype = compute_dtype  # mixed precision: the policy's matmul dtype
+        self.ld_alpha = ld_alpha
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
-        return batch_logps(self.model, batch, chunk_size=self.chunk_size,
-                           compute_dtype=self.compute_dtype).logps.float()
+        out = batch_logps(self.model, batch, chunk_size=self.chunk_size, compute_dtype=self.compute_dtype)
+        return sequence_logps(out, batch, self.ld_alpha)
+
+    @torch.no_grad()
+    def sync(self, policy, alpha: float) -> None:
+        """TR-DPO: Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment",
+        the soft update, every ``ref_model_sync_steps`` optimizer steps:
+
+            theta_ref <- alpha * theta_policy + (1 - alpha) * theta_ref
+
+        alpha = 1 is the hard update (the reference becomes the policy). Computed in float32 and
+        stored in the reference's own dtype; ``policy`` is the plain (unwrapped) model.
+        """
+        policy_params = _check_same_parameters(policy, self.model)
+        for name, ref_param in self.model.named_parameters():
+            mixed = alpha * policy_params[name].detach().float() + (1.0 - alpha) * ref_param.float()
+            ref_param.copy_(mixed.to(ref_param.dtype))
+
+
+def _check_same_parameters(policy, reference) -> dict:
+    """The policy's parameters by name, after checking the reference has the same names and shapes."""
+    policy_params = dict(policy.named_parameters())
+    ref_params = dict(reference.named_parameters())
+    missing = sorted(set(ref_params) ^ set(policy_params))
+    shapes = [n for n in ref_params if n in policy_params and ref_params[n].shape != policy_params[n].shape]
+    if missing or shapes:
+        first = (missing or shapes)[0]
+        raise ValueError(f"--sync-ref-model (TR-DPO) mixes the policy's weights into the reference's, but their "
+                         f"parameters differ ({len(missing)} names, {len(shapes)} shapes; e.g. {first}): the "
+                         f"reference must be the same architecture as the policy, with unsharded weights (not "
+                         f"FSDP / DeepSpeed ZeRO-3)")
+    return policy_params
+
+
+def sequence_logps(out: LogpOutput, batch: Batch, ld_alpha: float | None = None) -> torch.Tensor:
+    """(S,) float32 summed log-probs of ``out``, length-desensitised when ``ld_alpha`` is set (pairs)."""
+    if ld_alpha is None:
+        return out.logps.float()
+    return length_desensitized_logps(out.token_logps, batch.token_seq, batch.num_groups, ld_alpha)
 
 
 class AdapterOffReference:
@@ -52,10 +100,12 @@ class AdapterOffReference:
 
     description = "policy with LoRA adapters disabled"
 
-    def __init__(self, peft_model, chunk_size: int = 1024, forward=None, compute_dtype: torch.dtype | None = None):
+    def __init__(self, peft_model, chunk_size: int = 1024, forward=None, compute_dtype: torch.dtype | None = None,
+                 ld_alpha: float | None = None):
         self.model = peft_model
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self.ld_alpha = ld_alpha
         # The training loop sets ``forward`` to the prepared (DDP/FSDP-wrapped) LogProbModel: under
         # FSDP only the wrapped module's forward gathers the sharded weights the body needs.
         self.forward = forward
@@ -69,7 +119,7 @@ class AdapterOffReference:
                 out = (self.forward(batch) if self.forward is not None
                        else batch_logps(self.model, batch, chunk_size=self.chunk_size,
                                         compute_dtype=self.compute_dtype))
-                return out.logps.float()
+                return sequence_logps(out, batch, self.ld_alpha)
         finally:
             self.model.train(was_training)
 
@@ -160,14 +210,35 @@ def compute_reference_table(reference, examples, make_batch, batch_size: int, ac
     return local.cpu()
 
 
-def save_cache(path: Path, table: torch.Tensor, key: str) -> None:
-    """Write the table atomically (temp file + rename) as safetensors with its key."""
+def save_cache(path: Path, table: torch.Tensor, key: str) -> bool:
+    """Write the table atomically (temp file + rename) as safetensors with its key; whether it was written.
+
+    A failed write (a full disk, a read-only folder) is a warning naming the path and the space needed,
+    never an error: the table is in memory and training goes on with it, uncached.
+    """
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .files import DiskFullError, disk_full_guard, size_text
+
     tmp = path.with_suffix(".tmp")
-    save_file({"logps": table.contiguous()}, str(tmp), metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
-    os.replace(tmp, path)
+    needed = table.numel() * table.element_size()
+    try:
+        with disk_full_guard(path, needed):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": table.contiguous()}, str(tmp),
+                      metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
+            os.replace(tmp, path)
+    except Exception as exc:  # DiskFullError, other OS errors, safetensors' SafetensorError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = str(exc) if isinstance(exc, DiskFullError) else f"{path}: {first} (needs about {size_text(needed)})"
+        log.warning("reference cache not written: %s; training goes on with the table computed in memory "
+                    "(the next run computes it again)", why)
+        return False
+    return True
 
 
 def load_cache(path: Path, key: str) -> torch.Tensor | None:

@@ -28,7 +28,18 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # a torn last line (the run was killed mid-write): the rows before it stand
+            raise ValueError(f"{path}:{number}: not a JSON object") from None
+    return rows
 
 
 def _figure(width: float, height: float, columns: int = 1):

@@ -3,7 +3,9 @@
 Read top to bottom: set up (data, model, reference, batches, optimizer) -> for each
 optimizer step: micro-batches -> log-probs -> objective -> backward -> clip -> step ->
 log / evaluate / checkpoint -> save the final model. What the run writes and reads back
-(checkpoints, resume, the final model, metrics.jsonl) is in :mod:`preftune.run_state`.
+(checkpoints, resume, the final model, metrics.jsonl) is in :mod:`preftune.run_state`; the run
+folder's lock, identity and re-run rules in :mod:`preftune.run_folder`; the numerical guard in
+:mod:`preftune.guard`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import copy
 import functools
 import gc
-import json
 import logging
 import math
 import signal
@@ -32,18 +33,17 @@ from .logprobs import LogProbModel
 from .packing_check import supports_packing
 from .losses import kto_weight_warning
 from .memory import enable_checkpointing, plan_memory, training_state_bytes
-from .modeling import add_lora, load_model, load_tokenizer, resolve_dtype
+from .files import write_atomic
+from .guard import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
+from .modeling import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
 from .precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
 from .objective import compute_objective
 from .reference import (AdapterOffReference, CachedReference, ModelReference, cache_key,
-                        compute_reference_table, load_cache, save_cache)
-from .run_state import MetricsLog, resume, save_final, save_training_state
+                        compute_reference_table, data_fingerprint, load_cache, save_cache)
+from .run_folder import RunFolder, claim_output_dir
+from .run_state import MetricsLog, progress_bar, resume, save_final, save_training_state, summary_json
 
 log = logging.getLogger("preftune")
-
-
-class TrainingDiverged(ValueError):
-    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
 
 
 class TrainingInterrupted(SystemExit):
@@ -147,18 +147,28 @@ def read_examples(cfg: TrainConfig, tokenizer, source: str, main: bool):
                         "; ".join(report.bad_record_samples))
     if not examples:
         raise ValueError(f"{source}: no usable examples ({report.summary()})")
-    if cfg.loss == "kto":
+    if cfg.method.kl_partners:  # KTO's KL reference point (the method table says who needs it)
         attach_kl_partners(examples, cfg.seed)
     return examples, report
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Train as ``cfg`` says. The output folder is claimed first (its lock held until the run ends
+    however it ends; a folder holding another run refused): :func:`preftune.run_folder.claim_output_dir`."""
+    cfg.validate()
+    handlers = StopOnSignal.handlers()
+    with claim_output_dir(cfg) as run:
+        try:
+            return _train(cfg, run)
+        finally:  # however it ended (a full disk mid-loop too), Ctrl-C and SIGTERM work as before
+            StopOnSignal.put_back(handlers)
+
+
+def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    cfg.validate()
     precision, precision_why = resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available()
                                                        else "cpu")
     compute = compute_dtype(precision)
@@ -171,16 +181,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     metrics_log = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(out / "config.yaml")
-        metrics_log = MetricsLog(out, cfg.tensorboard)
+    if main:  # claim_output_dir made the folder; run.set_data writes config.yaml and run.json
+        from .trackers import with_trackers  # --report-to: the rows also go to each tracker
+
+        metrics_log = with_trackers(MetricsLog(out), cfg, out)
+        if not cfg.max_grad_norm:  # 0 or none: no clipping, as in HF Trainer; said, not silent
+            log.info("gradient clipping off (--max-grad-norm %s)", cfg.max_grad_norm)
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     train_examples, train_report = read_examples(cfg, tokenizer, cfg.data, main)
+    run.set_data(data_fingerprint(train_examples), cfg.data)  # a resumed checkpoint must have seen this data
     eval_examples = read_examples(cfg, tokenizer, cfg.eval_data, main)[0] if cfg.eval_data else []
-    if cfg.loss == "kto" and main:
+    if "desirable_weight" in cfg.method.fields and main:  # class balance of thumbs-up/down data
         n_pos = sum(1 for e in train_examples if e.label)
         warning = kto_weight_warning(n_pos, len(train_examples) - n_pos, cfg.desirable_weight, cfg.undesirable_weight)
         if warning:
@@ -201,6 +214,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
     check_trainable_dtype(model)
+    check_vocab(tokenizer, model, train_examples + eval_examples)
     if main:
         log.info("precision: %s (%s); trained weights and AdamW state %s; log-softmax and losses float32",
                  {"no": "no mixed precision", "bf16": "bf16 compute (autocast)",
@@ -229,9 +243,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             held = str(next(reference_model.parameters()).dtype).replace("torch.", "")
             reference = ModelReference(reference_model, policy=model, chunk_size=cfg.logit_chunk_size,
                                        description=f"frozen copy of {cfg.ref_model or cfg.model} ({held})",
-                                       compute_dtype=compute)
+                                       compute_dtype=compute, ld_alpha=cfg.ld_alpha, syncs=cfg.sync_ref_model)
         else:
-            reference = AdapterOffReference(model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
+            reference = AdapterOffReference(model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute,
+                                            ld_alpha=cfg.ld_alpha)
         if cfg.precompute_ref:
             reference = precompute(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
             del reference_model
@@ -247,7 +262,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     @functools.lru_cache(maxsize=2)
     def epoch_batches(epoch: int) -> list[list[int]]:
         """This epoch's global batches (each cut into per-rank slices of batch_size)."""
-        if cfg.loss == "kto":
+        if cfg.kind == "unpaired":
             return mixed_label_batches(train_examples, global_batch, cfg.seed, epoch)
         return batch_indices(train_examples, global_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
                              length_grouped=cfg.length_grouped)
@@ -265,7 +280,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # "constant" is constant after the warmup (transformers' plain "constant" would skip the warmup)
+    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
     # gradient sync and parameter gathering hook into its forward).
     model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size, memory_plan.head_cache_bytes,
@@ -275,11 +292,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     if isinstance(reference, AdapterOffReference):
         reference.forward = model  # through the wrapper, whose forward gathers FSDP shards
 
-    step, bad_streak = 0, 0
-    if cfg.resume_from:
-        step, bad_streak = resume(cfg, accelerator, model, optimizer, scheduler)
+    step = 0
+    sharded = accelerator.distributed_type == "FSDP"
+    guard = StepGuard(cfg.max_bad_steps, initial_norm=weights_norm(trainable, sharded, accelerator.reduce))
+    if run.resume_path:
+        saved = resume(cfg, accelerator, model, optimizer, scheduler, run)
+        step = int(saved["step"])
+        guard.restore(saved, step)
 
-    evaluator = partial(evaluate_examples, cfg=cfg, reference=reference, collate=collate, accelerator=accelerator)
+    method_state: dict = {}  # what a method keeps across batches (BCO's running mean reward); not checkpointed
+    evaluator = partial(evaluate_examples, cfg=cfg, reference=reference, collate=collate, accelerator=accelerator,
+                        state=method_state)
     eval_before = {}
     if eval_examples and step == 0:
         eval_before = evaluator(model, eval_examples)
@@ -288,7 +311,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- the loop ------------------------------------------------------------------------------
     stop = StopOnSignal(first_step=step)  # Ctrl-C / SIGTERM: checkpoint after this step, then exit
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.loss}", unit="step", disable=not (main and cfg.progress))
+    bar = progress_bar(total_steps, step, cfg.loss, enabled=main and cfg.progress)  # plain lines off a terminal
     model.train()
     window: dict[str, list[float]] = {}
     window_start, window_pairs, window_tokens = time.perf_counter(), 0, 0
@@ -309,7 +332,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             step_rows.extend(ids)
             batch = collate([train_examples[i] for i in ids]).to(accelerator.device)
             loss, metrics = batch_objective(cfg, batch, model, reference,
-                                            mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"))
+                                            mean_across_processes=lambda t: accelerator.reduce(t, reduction="mean"),
+                                            state=method_state, update_state=True)
             accelerator.backward(loss * weight / cfg.grad_accum)
             if weight > 0:  # a zero-weight stand-in batch is not logged
                 for key, value in metrics.items():
@@ -319,38 +343,39 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_tokens += sum(train_examples[i].num_tokens for i in global_ids)
             micro += 1
         grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        # Numerical guard: every rank takes the same decision (a collective on every rank). A bad step
-        # changes neither the weights nor the optimizer moments; it still counts as a step.
+        # Numerical guard (preftune.guard): every rank takes the same decision (a collective on every rank).
+        # A bad step changes neither the weights nor the optimizer moments; it still counts as a step.
         # fp16: a non-finite gradient is the loss scaler's overflow (it skips the step and lowers the scale).
         grad_bad = not math.isfinite(grad_norm) and precision != "fp16"
         bad_here = float(grad_bad or not all(math.isfinite(v) for v in step_losses))
         bad = float(accelerator.reduce(torch.tensor(bad_here, device=accelerator.device), reduction="sum")) > 0
         if bad:
-            bad_streak += 1
             what = ("loss " + ", ".join(f"{v:g}" for v in step_losses) if not all(map(math.isfinite, step_losses))
                     else f"gradient norm {grad_norm:g}")
             log.warning("step %d: non-finite %s; update skipped (%d of --max-bad-steps %d in a row); rows: %s",
-                        step + 1, what, bad_streak, cfg.max_bad_steps, describe_rows(train_examples, step_rows))
+                        step + 1, what, guard.bad_streak + 1, cfg.max_bad_steps,
+                        describe_rows(train_examples, step_rows))
             for values in window.values():  # keep this step's values out of the logged means
                 del values[len(values) - len(step_losses):]
-            if bad_streak >= cfg.max_bad_steps:
-                # Finish this (skipped) step as the loop would, so the checkpoint is a state the run passed
-                # through; its weights are those of the last good step.
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                path = save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro, bad_streak)
-                stop.restore()
-                raise TrainingDiverged(f"{bad_streak} consecutive steps with a non-finite loss or gradient (steps "
-                                       f"{step + 2 - bad_streak}-{step + 1}); stopping. The last good weights are "
-                                       f"in checkpoint {path or 'written by the main process'}. Check the rows "
-                                       f"named above, or try a lower --learning-rate or --dtype float32.")
         else:
-            bad_streak = 0
             optimizer.step()
+        collapse = guard.after_step(step + 1, bad, grad_norm,
+                                    None if bad else weights_norm(trainable, sharded, accelerator.reduce))
+        if collapse:
+            # Finish this step as the loop would. After skipped steps the weights are the last good step's:
+            # checkpoint them (a state the run passed through); collapsed weights are not checkpointed.
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if bad:
+                save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro, run, guard)
+            stop.restore()
+            raise guard.diverged(collapse, cfg.output_dir, run.run_id, cfg.learning_rate)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TR-DPO: the reference follows the policy
+            reference.sync(accelerator.unwrap_model(model).model, cfg.ref_model_mixup_alpha)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
@@ -372,20 +397,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             if main:
                 metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
         if cfg.save_steps and step % cfg.save_steps == 0:
-            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, bad_streak)
+            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard)
     bar.close()
+    stop.requested(accelerator)  # a signal during the last step: checkpoint and exit non-zero, like any other
     stop.restore()
     if stop.stopping:  # the same decision on every rank (see StopOnSignal.requested)
         just_saved = cfg.save_steps and step > stop.first_step and step % cfg.save_steps == 0
         path = (ckpt.checkpoint_path(cfg.output_dir, step) if just_saved
-                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, bad_streak))
+                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard))
         message = (f"interrupted at step {step} of {total_steps}; checkpoint saved to {path}. To continue, run the "
                    f"same command with --resume-from latest")
         if main:
             log.warning(message)
         raise TrainingInterrupted(message, path if main else None, step, 128 + stop.signum)
 
-    save_final(cfg, accelerator, model, tokenizer, out)  # first: an interrupted final eval loses nothing
+    guard.check_trained(step)  # every step skipped: fail, save nothing
+    run.step = step
+    save_final(cfg, accelerator, model, tokenizer, run)  # first: an interrupted final eval loses nothing
     eval_after = evaluator(model, eval_examples) if eval_examples else {}
     if eval_after and main:
         metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in eval_after.items()}})
@@ -395,8 +423,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                    "reference": reference.description if reference is not None else "none", "packing": packing,
                    "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type),
                    "mixed_precision": precision, "gradient_checkpointing": checkpointing,
+                   "run_id": run.run_id, "data_fingerprint": run.data_fingerprint,
                    **gpu_peak_memory(accelerator)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_atomic(out / "summary.json", summary_json(summary))
+        from .model_card import write_model_card  # OUTPUT/README.md, a Hugging Face model card
+
+        write_model_card(out, cfg, summary, num_examples=len(train_examples))
         metrics_log.close()
     return TrainResult(out, step, last_metrics, eval_before, eval_after)
 
@@ -414,7 +446,7 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
         ex.index = offset + i
     key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype,
                     {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
-                     "mixed_precision": precision})
+                     "mixed_precision": precision, "ld_alpha": cfg.ld_alpha})
     cache_dir = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     path = cache_dir / f"ref-{key}.safetensors"
     table = load_cache(path, key)
@@ -466,8 +498,11 @@ def _nanmean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t: t):
+def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t: t, state=None,
+                    update_state=False):
     """The configured method's loss and metrics for one batch; ``model(batch)`` is its LogpOutput.
+    The options passed are those the method table says the method reads (``cfg.method_options()``);
+    ``state`` / ``update_state``: see :func:`preftune.objective.compute_objective`.
 
     The reference runs first: its no-grad forward (body activations, head logits chunk) is freed
     before the policy builds its graph (activations, the kept softmax), instead of stacking on top
@@ -476,14 +511,13 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
     ref_logps = reference.logps(batch) if reference is not None else None
     policy = model(batch)
     return compute_objective(
-        cfg.loss, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma,
-        sft_weight=cfg.sft_weight, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
-        mean_across_processes=mean_across_processes)
+        cfg.method, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels,
+        token_seq=batch.token_seq if cfg.ld_alpha is not None else None,  # LD-DPO counts tokens per sequence
+        state=state, update_state=update_state, mean_across_processes=mean_across_processes, **cfg.method_options())
 
 
 @torch.no_grad()
-def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> dict[str, float]:
+def evaluate_examples(model, examples, cfg, reference, collate, accelerator, state=None) -> dict[str, float]:
     """Held-out metrics with the training objective (no grad), averaged over all examples."""
     was_training = model.training
     model.eval()
@@ -498,7 +532,7 @@ def evaluate_examples(model, examples, cfg, reference, collate, accelerator) -> 
         # A rank that has run out runs a throw-away batch (weight 0): it keeps the ranks in step and
         # gives this rank the method's metric names, so every rank reduces the same keys below.
         batch = collate(chunk or examples[:1]).to(accelerator.device)
-        _, metrics = batch_objective(cfg, batch, forward, reference)
+        _, metrics = batch_objective(cfg, batch, forward, reference, state=state)
         for key, value in metrics.items():
             value = float(value)
             sums.setdefault(key, 0.0)
@@ -565,9 +599,21 @@ class StopOnSignal:
         return self.stopping
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.put_back(self._previous)
         self._previous = {}
+
+    @classmethod
+    def handlers(cls) -> dict:
+        """The current handlers of :attr:`SIGNALS` (empty off the main thread, where they can't be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {getattr(signal, name): signal.getsignal(getattr(signal, name)) for name in cls.SIGNALS
+                if hasattr(signal, name)}
+
+    @staticmethod
+    def put_back(handlers: dict) -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def describe_rows(examples, ids: list[int], limit: int = 10) -> str:

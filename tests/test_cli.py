@@ -21,7 +21,8 @@ def test_bad_flag_value_is_one_line(capsys):
     code = main(["train", "--model", "m", "--data", "d", "--output-dir", "o", "--loss", "dpp"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == ["preftune: error: --loss: 'dpp' is not one of dpo, ipo, robust, hinge, orpo, simpo, kto, sft"]
+    assert len(err) == 1 and err[0].startswith("preftune: error: --loss: 'dpp' is not one of dpo, ipo, robust, hinge, "
+                                               "orpo, simpo, kto, sft, ")  # ... the method table's names
     code = main(["train", "--model", "m", "--data", "d", "--output-dir", "o", "--beta", "abc"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "preftune: error: command line: --beta expects float, got 'abc'"

@@ -7,6 +7,8 @@ import json
 import pytest
 import yaml
 
+from preftune.report import read_metrics
+
 from preftune import report
 from preftune.compare import best_variant, load_sweep, run_compare, write_report
 from preftune.config import ConfigError
@@ -188,3 +190,13 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
         assert third[name]["evaluation"]["preference"]["pairs"] == 8
         assert (out / name / "metrics.jsonl").read_text() == metrics[name]  # no training ran
         assert json.loads((out / name / "done.json").read_text())["spec"]["eval"]["max_examples"] == 8
+
+    # Change a training setting of one variant: it is trained again into its folder (which holds the
+    # earlier model: the sweep overwrites its own variant folders), the others are not.
+    values["variants"][0]["beta"] = 0.2
+    run_compare(write_sweep(config, **values))
+    fourth = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert fourth["dpo"]["status"] == "done" and fourth["dpo"]["steps"] == 3, fourth["dpo"].get("error")
+    assert sum(1 for row in read_metrics(out / "dpo" / "metrics.jsonl") if "loss" in row) == 3
+    assert fourth["ipo"]["status"] == "done (trained earlier, evaluated again)" or \
+        fourth["ipo"]["status"] == "done (earlier run)"

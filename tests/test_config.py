@@ -17,13 +17,14 @@ def valid(**kw) -> TrainConfig:
     ({"loss": "dpp"}, "--loss: 'dpp' is not one of dpo, ipo, robust, hinge, orpo, simpo, kto, sft"),
     ({"beta": 0.0}, "--beta must be > 0 (got 0.0); beta = 0 leaves DPO's loss stuck at log 2"),
     ({"label_smoothing": 0.5}, "--label-smoothing must be in [0, 0.5) (got 0.5)"),
-    ({"label_smoothing": 0.1, "loss": "ipo"}, "--label-smoothing applies to --loss dpo or robust only, not ipo"),
+    ({"label_smoothing": 0.1, "loss": "ipo"},
+     "--label-smoothing applies to --loss dpo, robust, exo_pair, aot, aot_unpaired, cpo or cpo_simpo only, not ipo"),
     ({"batch_size": 0}, "--batch-size must be a positive integer (got 0)"),
     ({"max_prompt_length": 600, "max_length": 512}, "--max-prompt-length (600) must be < --max-length (512)"),
     ({"dtype": "fp8"}, "--dtype: 'fp8' is not one of float32, bfloat16, float16, auto"),
     ({"precompute_ref": True, "loss": "orpo"}, "--precompute-ref: --loss orpo uses no reference model"),
     ({"merge_lora": True}, "--merge-lora needs --lora-r > 0"),
-    ({"sft_weight": 1.0, "loss": "ipo"}, "--sft-weight applies to --loss dpo (RPO) or simpo, not ipo"),
+    ({"sft_weight": 1.0, "loss": "ipo"}, "--sft-weight applies to --loss dpo or simpo only, not ipo"),
 ])
 def test_bad_values_name_the_option(kwargs, message):
     with pytest.raises(ConfigError) as err:

@@ -64,7 +64,8 @@ def options(setup, out, **overrides) -> dict:
     values = dict(model=str(setup["model"]), data=str(setup["train"]), eval_data=str(setup["eval"]),
                   output_dir=str(out), loss="dpo", beta=0.1, learning_rate=3e-3, batch_size=4, grad_accum=2,
                   max_steps=MAX_STEPS, max_length=48, max_prompt_length=24, lr_scheduler="cosine", warmup_steps=2,
-                  logging_steps=1, save_steps=1, save_total_limit=2, seed=0, progress=False)
+                  logging_steps=1, save_steps=1, save_total_limit=2, seed=0, progress=False,
+                  mixed_precision="no")  # fp32 in every process, also on a CPU with bf16 (auto would pick it)
     values.update(overrides)
     return values
 
@@ -87,11 +88,15 @@ def argv(setup, out, **overrides) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(setup) -> dict:
     """The uninterrupted run, every checkpoint kept: final weights and the run folder."""
+    import preftune.precision
+
     out = setup["root"] / "uninterrupted"
     previous = torch.get_num_threads()  # module scope: set up before the per-test thread fixtures
     torch.set_num_threads(THREADS)
-    try:
-        train(config(setup, out, save_total_limit=0))
+    try:  # ... and before conftest's fp32 rule for --mixed-precision auto: apply it here too
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+            train(config(setup, out, save_total_limit=0))
     finally:
         torch.set_num_threads(previous)
     return {"weights": load_file(str(out / "model.safetensors")), "out": out}
@@ -162,6 +167,15 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
 # checkpoint files
 # ------------------------------------------------------------------------------------------------
 
+def undo_patches(monkeypatch) -> None:
+    """``monkeypatch.undo()`` without undoing conftest's fp32 rule for --mixed-precision auto (the same
+    fixture holds it: undone, a CPU with AVX512-BF16 would run the rest of the test in bf16)."""
+    import preftune.precision
+
+    monkeypatch.undo()
+    monkeypatch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL in-process: not an Exception, so no clean-up code runs."""
 
@@ -197,7 +211,7 @@ def test_a_write_killed_at_any_stage_is_never_resumed_from(tmp_path, monkeypatch
         assert latest.name == "step-000001" and leftovers == [f"step-000002.tmp-{os.getpid()}"]
     assert ckpt.load_checkpoint(latest)["model"]["extra"].tolist() == [float(latest.name[-1])] * 2
 
-    monkeypatch.undo()
+    undo_patches(monkeypatch)
     ckpt.save_checkpoint(tmp_path, 3, params, optimizer, scheduler, {"step": 3}, keep=5)
     names = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir())
     assert all(ckpt.TMP_MARK not in n for n in names), names  # the leftover is gone
@@ -355,7 +369,7 @@ def test_lora_dropout_run_interrupted_in_process_resumes_exactly(setup, tmp_path
     assert (stopped.value.code, stopped.value.step) == (130, 2)
     assert stopped.value.checkpoint == ckpt.checkpoint_path(out, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
-    monkeypatch.undo()
+    undo_patches(monkeypatch)
     assert all("lora_" in k for k in load_file(str(stopped.value.checkpoint / "model.safetensors")))
     train(config(setup, out, resume_from="latest", **lora))
     whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
@@ -492,7 +506,7 @@ def test_consecutive_bad_steps_stop_with_the_last_good_checkpoint(setup, tmp_pat
     assert f"checkpoint {last}" in str(diverged.value) and "(steps 3-5)" in str(diverged.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # Its weights are those after step 2: compare with a clean 2-step run.
-    monkeypatch.undo()
+    undo_patches(monkeypatch)
     train(guard_config(setup, tmp_path / "two", max_steps=2, save_steps=None))
     clean = load_file(str(tmp_path / "two" / "model.safetensors"))
     saved = ckpt.load_checkpoint(last)["model"]

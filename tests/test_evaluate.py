@@ -237,3 +237,16 @@ def test_cli_help_has_examples(capsys):
             parser().parse_args([command, "--help"])
         text = capsys.readouterr().out
         assert "example" in text, command
+
+
+def test_read_metrics_drops_a_torn_last_line_only(tmp_path):
+    """A run killed mid-write leaves half a row at the end: the rows before it are read; a bad row
+    elsewhere is an error naming its line."""
+    from preftune.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not a JSON object"):
+        read_metrics(path)

@@ -10,20 +10,33 @@ import pytest
 import torch
 
 from preftune.losses import (
-    AVERAGED_LOGPS,
-    METHODS,
-    PAIRED,
-    REFERENCE_FREE,
+    apo_down_loss,
+    apo_zero_loss,
+    apo_zero_unpaired_loss,
+    aot_loss,
+    aot_unpaired_loss,
+    bco_loss,
+    bco_pair_loss,
+    bco_reward_shift,
+    cpo_loss,
+    discopop_loss,
     dpo_loss,
+    exo_pair_loss,
+    f_divergence_scores,
     hinge_loss,
     ipo_loss,
     kto_kl_estimate,
     kto_loss,
     kto_weight_warning,
+    length_desensitized_logps,
+    nca_pair_loss,
     orpo_loss,
     robust_dpo_loss,
     rpo_loss,
+    sft_loss,
     simpo_loss,
+    sppo_hard_loss,
+    wpo_weights,
 )
 
 
@@ -340,6 +353,18 @@ PAIRED_LOSSES = [
     lambda beta: ipo_loss(**PAIR, beta=beta),
     lambda beta: simpo_loss(t(-1.0), t(-2.0), beta=beta, gamma=1.0),
     lambda beta: kto_loss(t(-1.0), t(-2.0), torch.tensor([True]), kl=0.0, beta=beta),
+    lambda beta: exo_pair_loss(**PAIR, beta=beta, label_smoothing=0.1),
+    lambda beta: nca_pair_loss(**PAIR, beta=beta),
+    lambda beta: bco_pair_loss(**PAIR, beta=beta),
+    lambda beta: sppo_hard_loss(**PAIR, beta=beta),
+    lambda beta: aot_loss(**PAIR, beta=beta),
+    lambda beta: aot_unpaired_loss(**PAIR, beta=beta),
+    lambda beta: apo_zero_loss(**PAIR, beta=beta),
+    lambda beta: apo_down_loss(**PAIR, beta=beta),
+    lambda beta: discopop_loss(**PAIR, beta=beta),
+    lambda beta: cpo_loss(t(-1.0), t(-2.0), t(0.5), beta=beta),
+    lambda beta: apo_zero_unpaired_loss(t(-1.0), t(-2.0), torch.tensor([True]), beta=beta),
+    lambda beta: bco_loss(t(-1.0), t(-2.0), torch.tensor([True]), 0.0, beta=beta),
 ]
 
 
@@ -373,9 +398,239 @@ def test_half_precision_inputs_give_float32_outputs():
     assert_close(losses, [0.598139])  # -1, -2, -3 are exact in bf16
 
 
-def test_method_sets():
-    assert REFERENCE_FREE == {"orpo", "simpo", "sft"}
-    assert AVERAGED_LOGPS == {"ipo", "orpo", "simpo"}
-    assert PAIRED == {"dpo", "robust", "hinge", "ipo", "orpo", "simpo"}
-    assert REFERENCE_FREE | AVERAGED_LOGPS | PAIRED | {"kto"} == METHODS
-    assert "kto" not in PAIRED and "sft" not in PAIRED
+# ----------------------------------------------------------------------------- f-DPO
+
+
+def test_f_divergence_scores_hand_computed():
+    """log u = 2 (u = e^2):
+    reverse_kl: 2;  forward_kl: 1 - e^-2 = 1 - 0.135335 = 0.864665
+    js: log 2 + log sigmoid(2) = 0.693147 - 0.126928 = 0.566219
+    alpha (a = 0.5): (e^{(0.5 - 1) * 2} - 1) / (0.5 - 1) = (0.367879 - 1) / -0.5 = 1.264241
+    a = 1 is the reverse-KL limit: 2.
+    """
+    logratios = t(2.0)
+    assert_close(f_divergence_scores(logratios, "reverse_kl"), [2.0])
+    assert_close(f_divergence_scores(logratios, "forward_kl"), [0.864665])
+    assert_close(f_divergence_scores(logratios, "js_divergence"), [0.566219])
+    assert_close(f_divergence_scores(logratios, "alpha_divergence", 0.5), [1.264241])
+    assert_close(f_divergence_scores(logratios, "alpha_divergence", 1.0), [2.0])
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        f_divergence_scores(logratios, "hellinger")
+
+
+def test_dpo_under_f_divergences_hand_computed():
+    """PAIR: log-ratios 2 (chosen) and 0 (rejected), beta 0.1; h = f'(e^2) - f'(e^0):
+    forward_kl: h = 0.864665 - 0 -> -log sigmoid(0.0864665) = log(1 + 0.917165) = 0.650848
+    js: h = 0.566219 - (log 2 + log sigmoid(0) = 0) -> log(1 + e^-0.0566219) = log(1.944951) = 0.665237
+    alpha 0.5: h = 1.264241 - 0 -> log(1 + e^-0.1264241) = log(1.881245) = 0.631932
+    Rewards stay beta * log-ratio: 0.2 and 0.
+    """
+    for kind, expected in (("forward_kl", 0.650848), ("js_divergence", 0.665237), ("alpha_divergence", 0.631932)):
+        losses, chosen_rewards, rejected_rewards = dpo_loss(**PAIR, beta=0.1, f_divergence_type=kind,
+                                                            f_alpha_divergence_coef=0.5)
+        assert_close(losses, [expected])
+        assert_close(chosen_rewards, [0.2])
+        assert_close(rejected_rewards, [0.0])
+
+
+def test_dpo_with_sft_weight_is_rpo():
+    """0.598139 + 1.0 * 1.5 = 2.098139 (the RPO term inside dpo_loss); without chosen_nll it is refused."""
+    losses, _, _ = dpo_loss(**PAIR, beta=0.1, chosen_nll=t(1.5), sft_weight=1.0)
+    assert_close(losses, [2.098139])
+    with pytest.raises(ValueError, match="chosen_nll"):
+        dpo_loss(**PAIR, beta=0.1, sft_weight=1.0)
+
+
+# ----------------------------------------------------------------------------- TRL's other DPO loss types
+
+
+def test_exo_pair_hand_computed():
+    """beta 0.1, eps 0.1, beta h = 0.2: q = sigmoid(0.2) = 0.549834, 1 - q = 0.450166
+    log q = -0.598139, log(1 - q) = -0.798139, log 0.9 = -0.105361, log 0.1 = -2.302585
+    loss = 0.549834 * (-0.598139 + 0.105361) + 0.450166 * (-0.798139 + 2.302585)
+         = 0.549834 * -0.492778 + 0.450166 * 1.504446 = -0.270946 + 0.677250 = 0.406304
+    eps = 0 is refused (log 0).
+    """
+    losses, chosen_rewards, _ = exo_pair_loss(**PAIR, beta=0.1, label_smoothing=0.1)
+    assert_close(losses, [0.406304])
+    assert_close(chosen_rewards, [0.2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        exo_pair_loss(**PAIR, beta=0.1, label_smoothing=0.0)
+
+
+def test_nca_pair_hand_computed():
+    """beta 1: r_chosen = 2, r_rejected = 0.
+    -log sigmoid(2) = 0.126928; -log sigmoid(-2) = 2.126928; -log sigmoid(0) = 0.693147
+    loss = 0.126928 + 0.5 * 2.126928 + 0.5 * 0.693147 = 0.126928 + 1.063464 + 0.346574 = 1.536966
+    """
+    losses, chosen_rewards, rejected_rewards = nca_pair_loss(**PAIR, beta=1.0)
+    assert_close(losses, [1.536966])
+    assert_close(chosen_rewards, [2.0])
+    assert_close(rejected_rewards, [0.0])
+
+
+def test_bco_pair_hand_computed():
+    """beta 1: -log sigmoid(2) - log sigmoid(-0) = 0.126928 + 0.693147 = 0.820075."""
+    losses, _, _ = bco_pair_loss(**PAIR, beta=1.0)
+    assert_close(losses, [0.820075])
+
+
+def test_sppo_hard_hand_computed():
+    """beta 0.5 -> 1 / (2 beta) = 1; log-ratios 2 and 0: (2 - 1)^2 + (0 + 1)^2 = 2."""
+    losses, chosen_rewards, _ = sppo_hard_loss(**PAIR, beta=0.5)
+    assert_close(losses, [2.0])
+    assert_close(chosen_rewards, [1.0])
+
+
+AOT_BATCH = dict(policy_chosen_logps=t(-1.0, -3.0), policy_rejected_logps=t(-2.0, -1.0),
+                 ref_chosen_logps=t(-3.0, -2.0), ref_rejected_logps=t(-2.0, -1.0))
+
+
+def test_aot_hand_computed():
+    """Two pairs, beta 1, eps 0. Policy margins chosen - rejected: [-1 - -2, -3 - -1] = [1, -2] -> sorted
+    [-2, 1]; reference margins [-3 - -2, -2 - -1] = [-1, -1] -> sorted [-1, -1]; delta = [-1, 2]:
+    losses = [-log sigmoid(-1), -log sigmoid(2)] = [1.313262, 0.126928] (by rank, not by pair).
+    Rewards per pair: beta * (policy - ref) chosen [2, -1], rejected [0, 0].
+    """
+    losses, chosen_rewards, rejected_rewards = aot_loss(**AOT_BATCH, beta=1.0)
+    assert_close(losses, [1.313262, 0.126928])
+    assert_close(chosen_rewards, [2.0, -1.0])
+    assert_close(rejected_rewards, [0.0, 0.0])
+    smoothed, _, _ = aot_loss(**AOT_BATCH, beta=1.0, label_smoothing=0.1)
+    # eps 0.1: 0.9 * 1.313262 + 0.1 * -log sigmoid(1) = 1.181936 + 0.031326 = 1.213262;
+    #          0.9 * 0.126928 + 0.1 * -log sigmoid(-2) = 0.114235 + 0.212693 = 0.326928
+    assert_close(smoothed, [1.213262, 0.326928])
+
+
+def test_aot_unpaired_hand_computed():
+    """Chosen log-ratios [-1 - -3, -3 - -2] = [2, -1] -> sorted [-1, 2]; rejected [0, 0] -> [0, 0];
+    delta = [-1, 2] -> losses [-log sigmoid(-1), -log sigmoid(2)] = [1.313262, 0.126928]."""
+    losses, _, _ = aot_unpaired_loss(**AOT_BATCH, beta=1.0)
+    assert_close(losses, [1.313262, 0.126928])
+
+
+def test_apo_zero_and_apo_down_hand_computed():
+    """APO-zero, beta 1, log-ratios 2 and 0: (1 - sigmoid(2)) + sigmoid(0) = 0.119203 + 0.5 = 0.619203.
+    APO-down, log-ratios 2 (chosen -1 vs ref -3) and 1 (rejected -2 vs ref -3):
+    sigmoid(2) + (1 - sigmoid(2 - 1)) = 0.880797 + 0.268941 = 1.149738.
+    Its gradient on the chosen log-prob is sigmoid'(2) - sigmoid'(1) = 0.104994 - 0.196612 = -0.091618
+    (the margin term wins: descent raises it); at log-ratios 0 and -2 it is sigmoid'(0) - sigmoid'(2)
+    = 0.25 - 0.104994 = +0.145006: descent lowers the chosen log-prob, APO-down's purpose.
+    """
+    losses, _, _ = apo_zero_loss(**PAIR, beta=1.0)
+    assert_close(losses, [0.619203])
+    chosen = t(-1.0).requires_grad_()
+    down, _, _ = apo_down_loss(chosen, t(-2.0), t(-3.0), t(-3.0), beta=1.0)
+    assert_close(down, [1.149738])
+    down.sum().backward()
+    assert_close(chosen.grad, [-0.091618])
+    chosen = t(-3.0).requires_grad_()
+    apo_down_loss(chosen, t(-3.0), t(-3.0), t(-1.0), beta=1.0)[0].sum().backward()
+    assert_close(chosen.grad, [0.145006])
+
+
+def test_discopop_hand_computed_and_finite_for_large_negative_margins():
+    """beta 1, h = 2 -> x = 2.
+    tau 1: m = sigmoid(2) = 0.880797; loss = 0.119203 * 0.126928 + 0.880797 * e^-2
+         = 0.015130 + 0.880797 * 0.135335 = 0.015130 + 0.119203 = 0.134333
+    tau 0.05: m = sigmoid(40) = 1 - 4e-18 -> loss = e^-2 = 0.135335.
+    x = -200: m = sigmoid(-4000) = 0 and exp(200) overflows float32 (0 * inf = NaN in the naive form);
+    here loss = -log sigmoid(-200) = 200, gradient -1.
+    """
+    losses, _, _ = discopop_loss(**PAIR, beta=1.0, tau=1.0)
+    assert_close(losses, [0.134333])
+    losses, _, _ = discopop_loss(**PAIR, beta=1.0)
+    assert_close(losses, [0.135335])
+    chosen = t(-200.0).requires_grad_()
+    losses, _, _ = discopop_loss(chosen, t(0.0), t(0.0), t(0.0), beta=1.0)
+    losses.sum().backward()
+    assert_close(losses, [200.0], tol=1e-4)
+    assert_close(chosen.grad, [-1.0])
+
+
+# ----------------------------------------------------------------------------- CPO, SFT
+
+
+def test_cpo_hand_computed():
+    """CPO, summed log-probs -1 and -2, beta 0.1, cpo_alpha 1, NLL 0.5:
+    -log sigmoid(0.1 * (-1 - -2)) + 0.5 = -log sigmoid(0.1) + 0.5 = 0.644397 + 0.5 = 1.144397
+    CPO-SimPO (averaged -1, -2), beta 2, gamma 1, cpo_alpha 0.5: -log sigmoid(2 - 1) + 0.25
+    = 0.313262 + 0.25 = 0.563262. Rewards beta * logp: -0.1, -0.2; metric nll_loss 0.5.
+    """
+    losses, chosen_rewards, rejected_rewards, metrics = cpo_loss(t(-1.0), t(-2.0), t(0.5), beta=0.1)
+    assert_close(losses, [1.144397])
+    assert_close(chosen_rewards, [-0.1])
+    assert_close(rejected_rewards, [-0.2])
+    assert_close(metrics["nll_loss"], 0.5)
+    losses, _, _, _ = cpo_loss(t(-1.0), t(-2.0), t(0.5), beta=2.0, cpo_alpha=0.5, gamma=1.0)
+    assert_close(losses, [0.563262])
+
+
+def test_sft_loss_is_one_mean_over_tokens():
+    """Summed log-probs -3 (2 tokens) and -5 (3 tokens): -(-3 - 5) / (2 + 3) = 8 / 5 = 1.6 for each entry
+    (a per-sequence average would give (1.5 + 1.667) / 2 = 1.583)."""
+    assert_close(sft_loss(t(-3.0, -5.0), torch.tensor([2, 3])), [1.6, 1.6])
+
+
+# ----------------------------------------------------------------------------- unpaired: APO-zero, BCO
+
+
+def test_apo_zero_unpaired_hand_computed():
+    """beta 1, r = policy - ref = [-1 - -2, -1 - -2] = [1, 1], labels [desirable, undesirable]:
+    desirable 1 - sigmoid(1) = 0.268941; undesirable sigmoid(1) = 0.731059, x w_U = 2 -> 1.462117."""
+    labels = torch.tensor([True, False])
+    losses, rewards, metrics = apo_zero_unpaired_loss(t(-1.0, -1.0), t(-2.0, -2.0), labels, beta=1.0)
+    assert_close(losses, [0.268941, 0.731059])
+    assert_close(rewards, [1.0, 1.0])
+    assert metrics == {}
+    weighted, _, _ = apo_zero_unpaired_loss(t(-1.0, -1.0), t(-2.0, -2.0), labels, beta=1.0, undesirable_weight=2.0)
+    assert_close(weighted, [0.268941, 1.462117])
+
+
+def test_bco_hand_computed():
+    """beta 1, r = [-1 - -2, -3 - -2] = [1, -1], delta 0.5, labels [desirable, undesirable]:
+    desirable -log sigmoid(1 - 0.5) = 0.474077; undesirable -log sigmoid(-(-1 - 0.5)) = -log sigmoid(1.5)
+    = 0.201413. delta is detached and logged."""
+    delta = torch.tensor(0.5, requires_grad=True)
+    losses, rewards, metrics = bco_loss(t(-1.0, -3.0), t(-2.0, -2.0), torch.tensor([True, False]), delta, beta=1.0)
+    assert_close(losses, [0.474077, 0.201413])
+    assert_close(rewards, [1.0, -1.0])
+    assert_close(metrics["delta"], 0.5)
+    assert not metrics["delta"].requires_grad
+
+
+def test_bco_reward_shift_is_the_running_mean_of_batch_means():
+    """Batch means 0.2, 0.8, 0.5: running means 0.2, (0.2 + 0.8) / 2 = 0.5, (0.2 + 0.8 + 0.5) / 3 = 0.5."""
+    state = bco_reward_shift(t(0.2), None)
+    assert state == (pytest.approx(0.2), 1)
+    state = bco_reward_shift(t(0.8), state)
+    assert state == (pytest.approx(0.5), 2)
+    assert bco_reward_shift(t(0.5), state) == (pytest.approx(0.5), 3)
+    with pytest.raises(ValueError, match="not finite"):
+        bco_reward_shift(t(float("nan")), state)
+
+
+# ----------------------------------------------------------------------------- LD-DPO, WPO
+
+
+def test_length_desensitized_logps_hand_computed():
+    """One pair; chosen tokens [-1, -2, -3] (3), rejected [-4, -5] (2), listed interleaved
+    (token_seq [0, 1, 0, 1, 0]); alpha 0.5, public length min(3, 2) = 2:
+    chosen = -1 + -2 + 0.5 * -3 = -4.5; rejected = -4 + -5 = -9 (no excess).
+    alpha 1 gives the plain sums -6 and -9; alpha 0 drops the excess: -3 and -9.
+    """
+    token_logps, token_seq = t(-1.0, -4.0, -2.0, -5.0, -3.0), torch.tensor([0, 1, 0, 1, 0])
+    assert_close(length_desensitized_logps(token_logps, token_seq, 1, 0.5), [-4.5, -9.0])
+    assert_close(length_desensitized_logps(token_logps, token_seq, 1, 1.0), [-6.0, -9.0])
+    assert_close(length_desensitized_logps(token_logps, token_seq, 1, 0.0), [-3.0, -9.0])
+    with pytest.raises(ValueError, match="ld_alpha"):
+        length_desensitized_logps(token_logps, token_seq, 1, 1.5)
+
+
+def test_wpo_weights_hand_computed():
+    """One pair: chosen tokens log p [-1, -1] with log sum p^2 [-2, -2] -> aligned mean +1 -> e^1;
+    rejected token -3 with -1 -> -2 -> e^-2; weight = e^1 * e^-2 = e^-1 = 0.367879 (detached)."""
+    token_logps = t(-1.0, -1.0, -3.0).requires_grad_()
+    weights = wpo_weights(token_logps, t(-2.0, -2.0, -1.0), torch.tensor([0, 0, 1]), 1)
+    assert_close(weights, [0.367879])
+    assert not weights.requires_grad

@@ -157,3 +157,13 @@ def test_reference_runs_before_the_policy_graph_is_built():
     loss, _ = batch_objective(TrainConfig(model="m", data="d", loss="dpo", beta=0.1), OneGroup(), policy, Reference())
     assert calls == ["reference", "policy"]
     assert loss.requires_grad
+
+
+def test_constant_schedule_warms_up_first(tiny_model_dir, rule_data, tmp_path):
+    """--lr-scheduler constant is constant *after* the warmup (recipes/dpo.yaml relies on it; transformers'
+    plain "constant" skips warmup): with lr 3e-3 and 2 warmup steps the steps run at 0, 1.5e-3, then 3e-3; the
+    row of a step logs the rate after its scheduler update (as HF Trainer does): 1.5e-3, 3e-3, 3e-3, 3e-3."""
+    train(rule_config(tiny_model_dir, rule_data, tmp_path / "run", max_steps=4, warmup_steps=2, logging_steps=1,
+                      eval_data=None))
+    rates = [r["learning_rate"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert rates == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3])

@@ -27,10 +27,20 @@ The contract (see :class:`~preftune.data.records.TokenizedExample`): for every c
 A chat template that renders the prompt differently inside the full conversation (some change
 earlier turns once a later one exists) makes step 3 cut after the longest common prefix of the
 rendered texts; that is counted (``report.template_mismatches``) or warned about, never silent.
+
+**Huge records** are bounded before they are tokenized (:func:`bound_example`): with ``max_length``
+set, each text is cut to ``max_length * CHARS_PER_TOKEN_BOUND`` characters (the prompt, and each
+prompt message, keeps its end; completions keep their start), since no kept token can lie further
+than that from the end of the prompt or the start of a completion unless tokens average more than
+:data:`CHARS_PER_TOKEN_BOUND` characters. A 20 MB record then costs what a 32 KB one does (not
+gigabytes of token ids), and the ids are those of tokenize-then-truncate: when the cut text yields
+fewer than the needed tokens plus :data:`SAFETY_TOKENS` (very long tokens), the record is
+tokenized whole instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -41,6 +51,9 @@ from preftune.data.records import Example, TokenizedExample
 
 if TYPE_CHECKING:
     from preftune.data.load import DataReport
+
+CHARS_PER_TOKEN_BOUND = 32  # characters kept per token of max_length before tokenizing (English: ~4 per token)
+SAFETY_TOKENS = 16  # tokens the cut text must yield beyond those kept, else the record is tokenized whole
 
 
 def tokenize_example(tokenizer, example: Example, index: int, max_length: int | None = None,
@@ -58,12 +71,16 @@ def tokenize_example(tokenizer, example: Example, index: int, max_length: int | 
     _check_length("max_length", max_length)
     _check_length("max_prompt_length", max_prompt_length)
     prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
-    texts, append_eos, mismatch = render(tokenizer, example)
+    bounded, cuts = bound_example(example, max_length)
+    texts, append_eos, mismatch = render(tokenizer, bounded)
+    bodies = [_encode(tokenizer, text, add_special_tokens=False) for text in texts]
+    if cuts and not bound_was_safe(bodies, cuts, max_length, max_prompt_length):
+        texts, append_eos, mismatch = render(tokenizer, example)
+        bodies = [_encode(tokenizer, text, add_special_tokens=False) for text in texts]
     if mismatch and report is None:
         warnings.warn(f"{example.location}: the chat template renders the prompt differently inside "
                       "the full conversation; the completion was cut after their longest common prefix",
                       stacklevel=2)
-    bodies = [_encode(tokenizer, text, add_special_tokens=False) for text in texts]
     return assemble(tokenizer, example, index, bodies, prefix, append_eos, max_length, max_prompt_length,
                     report, mismatch)
 
@@ -88,16 +105,20 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int | None
         rendered = []
         for example in examples[start:start + chunk_size]:
             try:
-                rendered.append((example, *render(tokenizer, example)))
+                bounded, cuts = bound_example(example, max_length)
+                rendered.append((example, cuts, *render(tokenizer, bounded)))
             except DataError as err:
                 on_bad(err)
-        flat = [text for _, texts, _, _ in rendered for text in texts]
+        flat = [text for _, _, texts, _, _ in rendered for text in texts]
         encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         offset = 0
-        for example, texts, append_eos, mismatch in rendered:
+        for example, cuts, texts, append_eos, mismatch in rendered:
             bodies = [list(ids) for ids in encoded[offset:offset + len(texts)]]
             offset += len(texts)
             try:
+                if cuts and not bound_was_safe(bodies, cuts, max_length, max_prompt_length):
+                    texts, append_eos, mismatch = render(tokenizer, example)  # very long tokens: whole
+                    bodies = [_encode(tokenizer, text, add_special_tokens=False) for text in texts]
                 tokenized = assemble(tokenizer, example, len(out), bodies, prefix, append_eos, max_length,
                                      max_prompt_length, report, mismatch)
             except DataError as err:
@@ -112,6 +133,51 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int | None
         bar.update(min(chunk_size, len(examples) - start))
     bar.close()
     return out
+
+
+def bound_example(example: Example, max_length: int | None) -> tuple[Example, tuple[bool, ...] | None]:
+    """``example`` with every text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters cut to
+    that (prompt texts keep their end, completion texts their start), and which parts were cut:
+    ``(prompt_cut, completion_0_cut, ...)``, or ``None`` when nothing was (the example itself is returned).
+    """
+    if max_length is None or CHARS_PER_TOKEN_BOUND is None:
+        return example, None
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+
+    def cut(text, keep_end: bool):
+        if isinstance(text, str):
+            if len(text) <= limit:
+                return text, False
+            return (text[-limit:] if keep_end else text[:limit]), True
+        if isinstance(text, list):  # chat messages: each content on its own
+            out, any_cut = [], False
+            for message in text:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, str) and len(content) > limit:
+                    message = {**message, "content": content[-limit:] if keep_end else content[:limit]}
+                    any_cut = True
+                out.append(message)
+            return (out, True) if any_cut else (text, False)
+        return text, False
+
+    names = ["chosen", "rejected"] if example.kind == "pair" else ["completion"]
+    prompt, prompt_cut = cut(example.prompt, keep_end=True)
+    completions = {name: cut(getattr(example, name), keep_end=False) for name in names}
+    cuts = (prompt_cut, *(completions[name][1] for name in names))
+    if not any(cuts):
+        return example, None
+    return dataclasses.replace(example, prompt=prompt, **{name: completions[name][0] for name in names}), cuts
+
+
+def bound_was_safe(bodies: list[list[int]], cuts: tuple[bool, ...], max_length: int,
+                   max_prompt_length: int | None) -> bool:
+    """Whether the cut texts' ids (``bodies``, as from :func:`render`) reach :data:`SAFETY_TOKENS` beyond
+    every token truncation keeps, so that the cut cannot have changed a kept token."""
+    prompt_tokens = len(bodies[0])
+    if cuts[0] and prompt_tokens < min(max_prompt_length or max_length, max_length) + SAFETY_TOKENS:
+        return False
+    return all(not was_cut or len(full) - prompt_tokens >= max_length + SAFETY_TOKENS
+               for was_cut, full in zip(cuts[1:], bodies[1:]))
 
 
 def render(tokenizer, example: Example) -> tuple[list[str], bool, bool]:

@@ -1,0 +1,7 @@
+"""``python -m preftune ...`` is the ``preftune`` console script."""
+
+import sys
+
+from preftune.cli import main
+
+sys.exit(main())

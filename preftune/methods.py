@@ -1,0 +1,322 @@
+"""The method table: every training method is one row.
+
+A row says everything the rest of preftune needs to know about a method: its pure loss
+function (:mod:`preftune.losses`), whether it needs a reference model, whether that loss takes
+*summed* or token-*averaged* log-probs, its data kind, which tensors and options it is given,
+its per-method defaults and its paper. Config validation and ``--help``
+(:mod:`preftune.config`), the objective (:mod:`preftune.objective`) and the training loop
+read the rows; nothing else names a method. Adding a method = one loss function, one row,
+one test.
+
+Names are TRL's (``DPOConfig.loss_type``, ``CPOConfig``, ``KTOConfig``) where TRL has the
+method, ``sigmoid`` being another name of ``dpo``. Several methods can be trained at once as a
+weighted sum (MPO, Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal Large
+Language Models via Mixed Preference Optimization": ``--loss sigmoid,bco_pair,sft
+--loss-weights 0.8,0.2,1.0``): :func:`parse` returns such a :class:`Combination`.
+
+Tensors a loss may ask for (``inputs``), built by :mod:`preftune.objective`, all (G,) for G
+pairs or examples unless said otherwise:
+
+* pairs: ``policy_chosen_logps``, ``policy_rejected_logps``, ``ref_chosen_logps``,
+  ``ref_rejected_logps`` (summed or averaged as the row says; length-desensitised under
+  ``--ld-alpha``); ``chosen_nll`` (token-averaged NLL of each chosen completion);
+  ``chosen_token_nll`` (0-d: the NLL per token over all chosen tokens of the batch);
+  ``chosen_counts`` (tokens per chosen completion). SFT data is read as its "chosen" side.
+* unpaired: ``policy_logps``, ``ref_logps`` (summed, each example's own completion),
+  ``labels`` (bool, True = desirable), ``kl`` (0-d, KTO's reference point from mismatched
+  completions), ``reward_shift`` (0-d, BCO's running mean reward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import losses as L
+
+KINDS = ("pair", "unpaired", "sft")
+
+PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+F_DIVERGENCE = {"f_divergence_type": "f_divergence_type", "f_alpha_divergence_coef": "f_alpha_divergence_coef"}
+# Loop-level options the objective applies to a row's per-pair losses (not keywords of its loss).
+LOOP_OPTIONS = ("use_weighting", "ld_alpha")
+BOTH = frozenset(LOOP_OPTIONS)
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """One row of the table."""
+
+    name: str  # the --loss name (TRL's where TRL has the method)
+    loss: Callable  # the pure loss function
+    citation: str  # paper (authors year, "title"), equation where it helps
+    reference: bool  # needs reference log-probs
+    logps: str  # "sum" or "mean": summed or token-averaged log-probs go to `loss`
+    kinds: tuple[str, ...]  # data kinds it trains on; the first is its kind when trained alone
+    inputs: tuple[str, ...]  # tensors passed to `loss`, by name (module docstring)
+    options: Mapping[str, str] = field(default_factory=dict)  # keyword of `loss` -> TrainConfig field
+    modifiers: frozenset[str] = frozenset()  # LOOP_OPTIONS it takes (WPO weighting, LD-DPO)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # its own defaults of TrainConfig fields
+    aliases: tuple[str, ...] = ()  # other --loss names of the same row
+    kl_partners: bool = False  # needs a mismatched completion per example (KTO's KL point)
+    check: Callable[[Mapping[str, Any]], str | None] | None = None  # options -> error message or None
+    notes: str = ""  # for the README's methods table
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """Every TrainConfig field this method reads."""
+        return frozenset(self.options.values()) | self.modifiers
+
+    @property
+    def short_citation(self) -> str:
+        """``Rafailov et al. 2023`` (the part before the title)."""
+        return self.citation.split(",")[0].strip()
+
+
+def _exo_check(options: Mapping[str, Any]) -> str | None:
+    if not options.get("label_smoothing"):
+        return "--loss exo_pair needs --label-smoothing > 0 (EXO's eps; the paper uses 1e-3)"
+    return None
+
+
+METHODS: tuple[Method, ...] = (
+    Method("dpo", L.dpo_loss, 'Rafailov et al. 2023, "Direct Preference Optimization", eq. 7', True, "sum", ("pair",),
+           PAIR + ("chosen_nll",), {"beta": "beta", "label_smoothing": "label_smoothing", "sft_weight": "sft_weight",
+                                    **F_DIVERGENCE}, BOTH, aliases=("sigmoid",),
+           notes="`--label-smoothing` > 0 = conservative DPO (cDPO); `--sft-weight` = RPO (Pang et al. 2024), an NLL "
+                 "term on the chosen response; `--f-divergence-type` = f-DPO (Wang et al. 2023)"),
+    Method("ipo", L.ipo_loss, 'Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human '
+                              'Preferences", eq. 17', True, "mean", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+           notes="token-averaged log-probs, as the IPO authors and TRL"),
+    Method("robust", L.robust_dpo_loss, 'Chowdhury et al. 2024, "Provably Robust DPO"', True, "sum", ("pair",), PAIR,
+           {"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, BOTH,
+           notes="unbiased under label noise `--label-smoothing`"),
+    Method("hinge", L.hinge_loss, 'Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"',
+           True, "sum", ("pair",), PAIR, {"beta": "beta", **F_DIVERGENCE}, BOTH,
+           notes="margin 1/beta on the reference-relative log-ratios, as TRL"),
+    Method("orpo", L.orpo_loss, 'Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference '
+                                'Model", eq. 6-7', False, "mean", ("pair",),
+           ("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"), {"lambda_": "orpo_lambda"},
+           notes="NLL + odds-ratio term (`--orpo-lambda`); the NLL covers the chosen completion's tokens only, "
+                 "token-averaged, as the paper's code does (TRL's also counts prompt tokens): the prompt is not what "
+                 "we want the model to learn to write"),
+    Method("simpo", L.simpo_loss, 'Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free '
+                                  'Reward", eq. 6', False, "mean", ("pair",),
+           ("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"),
+           {"beta": "beta", "gamma": "simpo_gamma", "sft_weight": "sft_weight"}, defaults={"beta": 2.0},
+           notes="length-normalised, margin `--simpo-gamma` (the margin itself, not gamma/beta); beta 2.0 by default"),
+    Method("kto", L.kto_loss, 'Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", '
+                              'eq. 8', True, "sum", ("unpaired",), ("policy_logps", "ref_logps", "labels", "kl"),
+           {"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+           kl_partners=True, notes="unpaired thumbs-up/down data; KL point from mismatched completions"),
+    Method("sft", L.sft_loss, "supervised fine-tuning (negative log-likelihood)", False, "sum", ("sft", "pair"),
+           ("policy_chosen_logps", "chosen_counts"), modifiers=frozenset({"use_weighting"}),
+           notes="NLL per token of the completions; in a combination, of the chosen ones (TRL's `sft` loss_type)"),
+    Method("exo_pair", L.exo_pair_loss, 'Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model '
+                                        'Alignment", eq. 16', True, "sum", ("pair",), PAIR,
+           {"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, BOTH, check=_exo_check,
+           notes="needs `--label-smoothing` > 0 (the paper's 1e-3)"),
+    Method("nca_pair", L.nca_pair_loss, 'Chen et al. 2024, "Noise Contrastive Alignment of Language Models with '
+                                        'Explicit Rewards"', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+           notes="scores each reward on its own, so the chosen likelihood does not fall"),
+    Method("bco_pair", L.bco_pair_loss, 'Jung et al. 2024, "Binary Classifier Optimization for Large Language Model '
+                                        'Alignment"', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+           notes="TRL's form, without the paper's reward shift (that is `bco`)"),
+    Method("sppo_hard", L.sppo_hard_loss, 'Wu et al. 2024, "Self-Play Preference Optimization for Language Model '
+                                          'Alignment", eq. 4.7', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+           notes="win probability 1 for chosen, 0 for rejected (no preference model)"),
+    Method("aot", L.aot_loss, 'Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal '
+                              'Transport"', True, "sum", ("pair",), PAIR,
+           {"beta": "beta", "label_smoothing": "label_smoothing"}, frozenset({"ld_alpha"}),
+           notes="margins matched by rank within each batch; no `--use-weighting`"),
+    Method("aot_unpaired", L.aot_unpaired_loss, 'Melnyk et al. 2024, "Distributional Preference Alignment of LLMs '
+                                                'via Optimal Transport"', True, "sum", ("pair",), PAIR,
+           {"beta": "beta", "label_smoothing": "label_smoothing"}, frozenset({"ld_alpha"}),
+           notes="chosen and rejected log-ratios matched by rank; no `--use-weighting`"),
+    Method("apo_zero", L.apo_zero_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and "
+                                        "Contrastive Revisions\", eq. 7", True, "sum", ("pair",), PAIR,
+           {"beta": "beta"}, BOTH, notes="chosen better than the model's outputs: chosen up, rejected down"),
+    Method("apo_down", L.apo_down_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and "
+                                        "Contrastive Revisions\", eq. 8", True, "sum", ("pair",), PAIR,
+           {"beta": "beta"}, BOTH, notes="chosen worse than the model's outputs: both down, rejected more"),
+    Method("discopop", L.discopop_loss, 'Lu et al. 2024, "Discovering Preference Optimization Algorithms with and '
+                                        'for Large Language Models", eq. 5', True, "sum", ("pair",), PAIR,
+           {"beta": "beta", "tau": "discopop_tau", **F_DIVERGENCE}, BOTH,
+           notes="log-ratio modulated logistic/exponential mix, `--discopop-tau`"),
+    Method("sigmoid_norm", L.dpo_loss, 'Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model '
+                                       'Post-Training", length-normalised DPO', True, "mean", ("pair",), PAIR,
+           {"beta": "beta"}, BOTH, defaults={"beta": 5.0},
+           notes="DPO on token-averaged log-probs; beta 5 by default (Tulu 3)"),
+    Method("cpo", L.cpo_loss, 'Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM '
+                              'Performance in Machine Translation", eq. 3', False, "sum", ("pair",),
+           ("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
+           {"beta": "beta", "cpo_alpha": "cpo_alpha", "label_smoothing": "label_smoothing"},
+           notes="reference-free DPO + `--cpo-alpha` x NLL (per token over the batch, as TRL)"),
+    Method("cpo_simpo", L.cpo_loss, 'Xu et al. 2024 with Meng et al. 2024 (CPO-SimPO), "Contrastive Preference '
+                                    'Optimization" + "SimPO"', False, "mean", ("pair",),
+           ("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
+           {"beta": "beta", "cpo_alpha": "cpo_alpha", "gamma": "simpo_gamma", "label_smoothing": "label_smoothing"},
+           defaults={"beta": 2.0}, notes="TRL's CPOConfig(loss_type='simpo'): SimPO + `--cpo-alpha` x NLL"),
+    Method("apo_zero_unpaired", L.apo_zero_unpaired_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference "
+                                                          "Optimization and Contrastive Revisions\", eq. 7, unpaired",
+           True, "sum", ("unpaired",), ("policy_logps", "ref_logps", "labels"),
+           {"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+           notes="TRL's KTOConfig(loss_type='apo_zero_unpaired'): KTO without the KL point"),
+    Method("bco", L.bco_loss, 'Jung et al. 2024, "Binary Classifier Optimization for Large Language Model '
+                              'Alignment", eq. 7', True, "sum", ("unpaired",),
+           ("policy_logps", "ref_logps", "labels", "reward_shift"), {"beta": "beta"},
+           notes="unpaired; reward shift = running mean reward (restarts on --resume-from)"),
+)
+
+_BY_NAME: dict[str, Method] = {name: m for m in METHODS for name in (m.name, *m.aliases)}
+# Every accepted --loss name: the rows in table order, then the aliases.
+NAMES: tuple[str, ...] = tuple(m.name for m in METHODS) + tuple(a for m in METHODS for a in m.aliases)
+# Every TrainConfig field some method reads (options of the loss functions and LOOP_OPTIONS).
+OPTION_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for m in METHODS for f in sorted(m.fields)))
+
+
+def get(name: str) -> Method:
+    """The row of ``name`` (a --loss name or alias); ValueError listing the names otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"--loss: {name!r} is not one of {', '.join(NAMES)}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Combination:
+    """The methods of one run and their weights (one method: weight 1). Read like a row."""
+
+    methods: tuple[Method, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(m.name for m in self.methods)
+
+    @property
+    def reference(self) -> bool:
+        return any(m.reference for m in self.methods)
+
+    @property
+    def kl_partners(self) -> bool:
+        return any(m.kl_partners for m in self.methods)
+
+    @property
+    def kind(self) -> str:
+        """The data kind all methods can train on (the first method's order decides)."""
+        common = [k for k in self.methods[0].kinds if all(k in m.kinds for m in self.methods)]
+        if not common:
+            kinds = "; ".join(f"{m.name}: {', '.join(m.kinds)}" for m in self.methods)
+            raise ValueError(f"--loss {self.name}: these methods train on different data kinds ({kinds})")
+        return common[0]
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset().union(*(m.fields for m in self.methods))
+
+    def default(self, field_name: str, fallback: Any = None) -> Any:
+        """The first method's own default of a TrainConfig field, else ``fallback``."""
+        return next((m.defaults[field_name] for m in self.methods if field_name in m.defaults), fallback)
+
+
+def parse(loss: str | list | tuple, loss_weights: str | list | tuple | float | None = None) -> Combination:
+    """``"sigmoid,bco_pair,sft"`` and ``"0.8,0.2,1.0"`` (or lists, as YAML gives them) -> a
+    :class:`Combination`; ValueError naming --loss / --loss-weights for anything else."""
+    names = _split(loss)
+    if not names:
+        raise ValueError("--loss: no method given")
+    rows = tuple(get(name) for name in names)
+    seen = [m.name for m in rows]
+    repeated = sorted({n for n in seen if seen.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--loss {','.join(names)}: {', '.join(repeated)} given twice (sigmoid is dpo)")
+    if loss_weights is None or (isinstance(loss_weights, str) and loss_weights.strip().lower() in ("", "none")):
+        weights = (1.0,) * len(rows)
+    else:
+        parts = _split(loss_weights)
+        try:
+            weights = tuple(float(w) for w in parts)
+        except ValueError:
+            raise ValueError(f"--loss-weights: {loss_weights!r} is not a comma-separated list of numbers") from None
+        if len(weights) != len(rows):
+            raise ValueError(f"--loss-weights: {len(weights)} weight(s) for {len(rows)} method(s) in --loss "
+                             f"{','.join(names)}; give one per method")
+        bad = [w for w in weights if not (w >= 0 and w != float("inf"))]
+        if bad or not any(weights):
+            raise ValueError(f"--loss-weights: {loss_weights!r}: weights must be finite, >= 0 and not all 0")
+    combination = Combination(rows, weights)
+    combination.kind  # noqa: B018 (raises for methods of different data kinds)
+    return combination
+
+
+def _split(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        items = str(value).strip().strip("[]").split(",")
+    return [item.strip().strip("'\"").strip() for item in items if item.strip().strip("'\"").strip()]
+
+
+def check_options(combination: Combination, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Every method option that was changed from its default must act (PITFALLS: an accepted flag that is
+    silently ignored). ValueError naming the flag and the methods that read it.
+
+    ``options``: the values of :data:`OPTION_FIELDS` (and ``beta``); ``defaults``: each field's default.
+    """
+    name = combination.name
+    for field_name in OPTION_FIELDS:
+        value = options.get(field_name, defaults.get(field_name))
+        if value == defaults.get(field_name) or (field_name == "beta" and value is None):
+            continue
+        readers = [m for m in combination.methods if field_name in m.fields]
+        if not readers:
+            takers = [m.name for m in METHODS if field_name in m.fields]
+            raise ValueError(f"--{_flag(field_name)} applies to --loss {_or(takers)} only, not {name}")
+        if field_name in ("f_divergence_type", "use_weighting", "ld_alpha"):
+            # f-DPO's reparameterisation, WPO's per-pair weights and LD-DPO's lengths only hold for the
+            # reference-based losses that take them (TRL refuses the same combinations)
+            missing = [m.name for m in combination.methods if m.reference and field_name not in m.fields]
+            if missing:
+                raise ValueError(f"--{_flag(field_name)} does not apply to --loss {_or(missing)} (methods that take "
+                                 f"it: {_or([m.name for m in METHODS if field_name in m.fields])})")
+    coef = options.get("f_alpha_divergence_coef", defaults.get("f_alpha_divergence_coef"))
+    if coef != defaults.get("f_alpha_divergence_coef") and options.get("f_divergence_type") != "alpha_divergence":
+        raise ValueError("--f-alpha-divergence-coef applies to --f-divergence-type alpha_divergence only")
+    if options.get("use_weighting") and combination.kind != "pair":
+        raise ValueError(f"--use-weighting (WPO) weights preference pairs; --loss {name} trains on {combination.kind} "
+                         f"data")
+    for method in combination.methods:
+        message = method.check(options) if method.check else None
+        if message:
+            raise ValueError(message)
+
+
+def help_text() -> str:
+    """The --loss help: every name with its paper."""
+    rows = []
+    for m in METHODS:
+        alias = f" (= {', '.join(m.aliases)})" if m.aliases else ""
+        rows.append(f"{m.name}{alias}: {m.short_citation}")
+    return ("Method, by TRL's loss_type names; several joined by commas are summed with --loss-weights (MPO, Wang "
+            "et al. 2024). " + "; ".join(rows) + ".")
+
+
+def markdown_table() -> str:
+    """The README's methods table (kept in sync by tests/test_methods.py)."""
+    lines = ["| `--loss` | paper | reference model | log-probs | data | notes |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        names = " / ".join(f"`{n}`" for n in (m.name, *m.aliases))
+        logps = "token-averaged" if m.logps == "mean" else "summed"
+        lines.append(f"| {names} | {m.citation} | {'yes' if m.reference else 'none'} | {logps} | "
+                     f"{' or '.join(m.kinds)} | {m.notes} |")
+    return "\n".join(lines)
+
+
+def _flag(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
