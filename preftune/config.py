@@ -174,7 +174,7 @@ class TrainConfig:
                                                "1) / (a - 1) (the paper's alpha is 1 - a).", group="method",
                                           domain=Range())  # any finite number (a = 1: the reverse-KL limit)
     use_weighting: bool = _opt(False, "WPO (Zhou et al. 2024): weight each pair by the policy's aligned probability "
-                                      "of both completions. Not available in training yet (see the README).",
+                                      "of both completions (one extra no-grad pass of the output head per policy forward).",
                                group="method")
     ld_alpha: float | None = _opt(None, "LD-DPO (Liu et al. 2024): weight in [0, 1] of the longer completion's "
                                         "tokens beyond the shorter one's length (1 = plain DPO).", group="method",
@@ -338,10 +338,6 @@ class TrainConfig:
             methods.check_options(method, {name: getattr(self, name) for name in methods.OPTION_FIELDS}, defaults)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.use_weighting:
-            raise ConfigError("--use-weighting (WPO): its weights need log sum_v p(v)^2 of the policy at every "
-                              "completion token, which preftune's chunked output head does not compute yet; "
-                              "train without it")
         if not self.sync_ref_model:
             for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
                 if getattr(self, name) != defaults[name]:

@@ -46,6 +46,7 @@ class LogpOutput:
     logps: torch.Tensor  # (S,) fp32: summed log-prob of each sequence's target tokens
     counts: torch.Tensor  # (S,) long: number of target tokens of each sequence
     token_logps: torch.Tensor  # (N,) fp32: per target token, in the batch's token order
+    token_log_sum_sq: torch.Tensor | None = None  # (N,) fp32 log sum_v p(v)^2 per token (WPO), no grad
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -324,8 +325,27 @@ def build_packed_mask(model: nn.Module, batch: Batch, layer_dict: bool = False):
 # ----------------------------------------------------------------------------- log-probs
 
 
+@torch.no_grad()
+def head_log_sum_sq(head: nn.Module, hidden: torch.Tensor, chunk_size: int,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N, H) hidden -> (N,) fp32 ``log sum_v p(v)^2`` of the head's distribution at each token.
+
+    WPO's normaliser (Zhou et al. 2024: the probability of a token under the policy's own
+    sampling, ``log p(y_t) - log sum_v p(v)^2``). No gradient flows through it, so it is a
+    separate no-grad pass over the head, ``chunk_size`` rows at a time: one more head matmul per
+    policy forward, only when ``--use-weighting`` is on.
+    """
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        with autocast(hidden.device.type, compute_dtype):
+            logits = head(hidden[start:start + chunk_size].detach())  # (n_c, V)
+        out.append(torch.logsumexp(2 * logits.float().log_softmax(-1), dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
-                cache_bytes: int = DEFAULT_CACHE_BYTES, compute_dtype: torch.dtype | None = None) -> LogpOutput:
+                cache_bytes: int = DEFAULT_CACHE_BYTES, compute_dtype: torch.dtype | None = None,
+                with_log_sum_sq: bool = False) -> LogpOutput:
     """Summed log-probs of every sequence's target tokens: (S,) with S = K * G.
 
     ``model`` is a causal LM (``transformers``, optionally ``peft``-wrapped) on the batch's
@@ -335,8 +355,10 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
     the model's own full-logits forward instead. ``compute_dtype`` (mixed precision): the
     body runs under ``torch.autocast`` to it and the head's matmuls use it; log-softmax and
     the returned log-probs are fp32 either way, and the weights keep their own dtype.
+    ``with_log_sum_sq``: also ``token_log_sum_sq`` (:func:`head_log_sum_sq`, for WPO).
     """
     lm = _causal_lm(model)
+    log_sum_sq = None
     attention_mask = packed_attention_mask(lm, batch) if batch.packed else batch.attention_mask
     inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
@@ -346,12 +368,16 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
         with autocast(device_type, compute_dtype):
             logits = lm(**inputs).logits[rows, cols]
         token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (N,) from (N, V)
+        if with_log_sum_sq:
+            log_sum_sq = torch.logsumexp(2 * logits.detach().float().log_softmax(-1), dim=-1)
     else:
         with autocast(device_type, compute_dtype):
             out = _body(lm)(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
         hidden = hidden[rows, cols]  # (N, H)
         head = lm.get_output_embeddings()
+        if with_log_sum_sq:
+            log_sum_sq = head_log_sum_sq(head, hidden, chunk_size, compute_dtype)
         if type(head) is nn.Linear:
             token_logps = chunked_target_logps(hidden, head.weight, head.bias, targets, chunk_size, cache_bytes,
                                                compute_dtype)
@@ -363,7 +389,7 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
     logps = torch.zeros(s_count, dtype=torch.float32, device=token_logps.device).index_add(
         0, batch.token_seq, token_logps)
     counts = torch.bincount(batch.token_seq, minlength=s_count)
-    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps)
+    return LogpOutput(logps=logps, counts=counts, token_logps=token_logps, token_log_sum_sq=log_sum_sq)
 
 
 def _no_split_modules(model: nn.Module) -> list[str] | None:
@@ -380,9 +406,10 @@ class LogProbModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, with_log_sum_sq: bool = False):
         super().__init__()
         self.model = model
+        self.with_log_sum_sq = with_log_sum_sq  # WPO: also log sum_v p(v)^2 per token
         self.chunk_size = chunk_size
         self.cache_bytes = cache_bytes
         self.compute_dtype = compute_dtype  # mixed precision: matmul dtype (None = the weights' dtype)
@@ -391,4 +418,5 @@ class LogProbModel(nn.Module):
         self._no_split_modules = _no_split_modules(model)
 
     def forward(self, batch: Batch) -> LogpOutput:
-        return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes, self.compute_dtype)
+        return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes, self.compute_dtype,
+                           self.with_log_sum_sq)

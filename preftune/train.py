@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
     # The log-prob forward as one module, so DDP/FSDP wrap the call that really runs (their
     # gradient sync and parameter gathering hook into its forward).
     model, optimizer = accelerator.prepare(LogProbModel(model, cfg.logit_chunk_size, memory_plan.head_cache_bytes,
-                                                        compute_dtype=compute), optimizer)
+                                                        compute_dtype=compute, with_log_sum_sq=cfg.use_weighting), optimizer)
     # FSDP replaces each parameter with a sharded one: clip (and checkpoint) what the prepared model holds.
     trainable = [p for p in model.parameters() if p.requires_grad]
     if isinstance(reference, AdapterOffReference):
@@ -512,7 +512,9 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
     policy = model(batch)
     return compute_objective(
         cfg.method, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels,
-        token_seq=batch.token_seq if cfg.ld_alpha is not None else None,  # LD-DPO counts tokens per sequence
+        # LD-DPO counts tokens per sequence; WPO weights pairs by their tokens' aligned probabilities
+        token_seq=batch.token_seq if cfg.ld_alpha is not None or cfg.use_weighting else None,
+        token_log_sum_sq=policy.token_log_sum_sq,
         state=state, update_state=update_state, mean_across_processes=mean_across_processes, **cfg.method_options())
 
 

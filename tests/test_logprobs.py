@@ -6,6 +6,8 @@ padded and naive paths, for every architecture we claim. The naive path runs the
 model (full logits, plain autograd) on each unpadded sequence alone.
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -287,3 +289,24 @@ def test_peft_lora_model():
     assert (logps - base_logps).abs().max() > 1e-3  # the adapters are active ...
     with torch.no_grad(), lora.disable_adapter():  # ... and "adapters off" is the base model
         assert (batch_logps(lora, collate_packed(examples, 0)).logps - base_logps).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_log_sum_sq_for_wpo_matches_full_logits(arch):
+    """WPO's per-token log sum_v p(v)^2 from the chunked no-grad head pass equals the one from the model's
+    full logits (fp32, 1e-5), on a packed batch; it carries no gradient and leaves the log-probs unchanged.
+    Hand check of the quantity: a uniform distribution over V gives log(V * (1/V)^2) = -log V."""
+    model = model_for(arch)
+    examples = make_examples()
+    batch = collate_packed(examples, 0, pack_tokens=10_000)
+    plain = batch_logps(model, batch, chunk_size=16)
+    out = batch_logps(model, batch, chunk_size=16, with_log_sum_sq=True)
+    assert plain.token_log_sum_sq is None and torch.equal(out.token_logps, plain.token_logps)
+    logits = model(input_ids=batch.input_ids, attention_mask=packed_attention_mask(model, batch),
+                   position_ids=batch.position_ids).logits[batch.token_rows, batch.token_cols]
+    expected = torch.logsumexp(2 * logits.float().log_softmax(-1), dim=-1)
+    assert (out.token_log_sum_sq - expected).abs().max() < 1e-5
+    assert not out.token_log_sum_sq.requires_grad
+    vocab = 7
+    uniform = torch.logsumexp(2 * torch.zeros(1, vocab).log_softmax(-1), dim=-1)
+    assert uniform.item() == pytest.approx(-math.log(vocab))

@@ -265,7 +265,6 @@ def test_combinations_read_as_rows():
     ({"loss": "cpo", "ld_alpha": 0.5}, "--ld-alpha applies to"),
     ({"loss": "kto", "cpo_alpha": 0.5}, "--cpo-alpha applies to --loss cpo or cpo_simpo only"),
     ({"loss": "exo_pair"}, "needs --label-smoothing > 0"),
-    ({"loss": "dpo", "use_weighting": True}, "does not compute yet"),
     ({"loss": "aot", "use_weighting": True}, "--use-weighting applies to --loss dpo, .* only, not aot"),
     ({"loss": "dpo,aot", "use_weighting": True}, "--use-weighting does not apply to --loss aot"),
     ({"loss": "dpo", "ref_model_sync_steps": 8}, "applies to --sync-ref-model"),
@@ -420,6 +419,7 @@ RULE_RUNS = [
     ("dpo", {"ld_alpha": 0.5}),  # LD-DPO
     ("dpo", {"f_divergence_type": "js_divergence"}),  # f-DPO
     ("dpo", {"sync_ref_model": True, "ref_model_sync_steps": 8}),  # TR-DPO
+    ("dpo", {"use_weighting": True}),  # WPO
 ]
 
 
