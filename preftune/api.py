@@ -54,6 +54,7 @@ def build_config(config: str | os.PathLike | None, options: dict[str, Any], sour
             raise ConfigError(f"{source}: {name} expects a path or text, got {type(value).__name__}")
         setattr(cfg, name, coerce(fields[name], os.fspath(value) if isinstance(value, os.PathLike) else value,
                                   source))
+    cfg.given = getattr(cfg, "given", frozenset()) | set(options)
     return cfg.validate()
 
 

@@ -129,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name, value in given.items():
         if name in fields:
             setattr(cfg, name, coerce(fields[name], value, source="command line"))
+    cfg.given = getattr(cfg, "given", frozenset()) | {name for name in given if name in fields}
     for name in ("bf16", "fp16"):  # TRL's flags
         if name in given:
             if "mixed_precision" in given:

@@ -393,7 +393,9 @@ class TrainConfig:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{source}: unknown option {key!r}{hint}")
             kwargs[name] = coerce(known[name], value, source)
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        cfg.given = frozenset(kwargs)  # what the user set (a resume keeps the checkpoint's value of the rest)
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":

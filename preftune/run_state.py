@@ -112,7 +112,14 @@ def resume(cfg, accelerator, model, optimizer, scheduler, run) -> dict:
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     before_lr = (saved.get("config") or {}).get("learning_rate")
-    if before_lr is not None and before_lr != cfg.learning_rate:
+    given = getattr(cfg, "given", None)  # None: built in Python without from_dict/CLI: every value counts as set
+    if before_lr is not None and before_lr != cfg.learning_rate and given is not None \
+            and "learning_rate" not in given:
+        # not asked for: the run goes on at its own rate (the default must not replace it)
+        if accelerator.is_main_process:
+            log.info("learning rate %g from the checkpoint (give --learning-rate to change it on resume)", before_lr)
+        cfg.learning_rate = before_lr
+    elif before_lr is not None and before_lr != cfg.learning_rate:
         change_learning_rate(optimizer, scheduler, before_lr, cfg.learning_rate)
         if accelerator.is_main_process:
             log.warning("learning rate changed from %g to %g on resume: the schedule goes on from step %d with "

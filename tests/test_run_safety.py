@@ -357,6 +357,20 @@ def test_a_collapse_names_the_checkpoint_before_it_and_a_resume_may_lower_the_le
     assert [r["learning_rate"] for r in metric_rows(out) if r["step"] in (5, 6)] == [1e-4, 1e-4]
 
 
+def test_a_resume_without_learning_rate_keeps_the_checkpoints_rate(setup, tmp_path, capsys, caplog):
+    """Steps 1-2 at 3e-3 from the command line, then `--resume-from latest` on the command line without
+    --learning-rate: the run goes on at 3e-3 (not the 1e-6 default) and says where the rate came from."""
+    out = tmp_path / "run"
+    assert main(argv(setup, out, max_steps=2, save_steps=1)) == 0
+    args = [a for a in argv(setup, out, max_steps=4, save_steps=1, resume_from="latest")]
+    at = args.index("--learning-rate")
+    del args[at:at + 2]
+    with caplog.at_level("INFO", logger="preftune"):
+        assert main(args) == 0
+    assert any("learning rate 0.003 from the checkpoint" in r.getMessage() for r in caplog.records)
+    assert [r["learning_rate"] for r in metric_rows(out) if r["step"] in (3, 4)] == [3e-3, 3e-3]
+
+
 def test_all_zero_gradients_stop_the_run_naming_a_checkpoint_from_before_they_began(setup, tmp_path, monkeypatch):
     """Zero gradients from step 4 on, --max-bad-steps 3: stop after step 6; checkpoints 4 and 5 (written
     during the streak, whose weights already gave zero gradients from step 4) are not named, step 2 is."""
