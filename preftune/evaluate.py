@@ -35,7 +35,8 @@ from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
-from preftune.generate import best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_token_ids
+from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
+                               sample_token_ids)
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
 from preftune.logprobs import LogpOutput, batch_logps
 from preftune.packing_check import supports_packing
@@ -278,11 +279,8 @@ def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], jud
     if n < 2:
         raise ValueError(f"--n must be >= 2 to have a best and a worst sample (got {n})")
     judge = make_judge(judge) if isinstance(judge, str) else judge
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(str(model_path), trust_remote_code)
-    model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code).to(device).eval()
-    samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed, batch_size=batch_size)
+    samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
+                               trust_remote_code, device)
     pairs, skipped_ties = best_vs_worst_pairs(prompts, samples, judge)
     kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
     return kept, {"prompts": len(prompts), "pairs": len(kept), "skipped_ties": skipped_ties,
