@@ -44,7 +44,7 @@ from preftune.modeling import load_model, load_tokenizer
 from preftune.objective import compute_objective
 from preftune.reference import ModelReference
 from preftune.stats import kl_from_samples
-from preftune.train import make_collate, read_examples
+from preftune.data.pipeline import make_collate, read_examples
 
 log = logging.getLogger("preftune")
 
