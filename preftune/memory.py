@@ -113,14 +113,13 @@ class MemoryPlan:
 
 
 def plan_memory(cfg, model, examples, batches: list[list[int]], packing: bool, device: torch.device,
-                compute_dtype: torch.dtype | None, state_bytes: int | None = None,
-                vocab_size: int | None = None) -> MemoryPlan:
+                compute_dtype: torch.dtype | None, state_bytes: int | None = None) -> MemoryPlan:
     """Checkpointing (``cfg.gradient_checkpointing`` auto / on / off) and the head cache for this run.
 
     ``state_bytes``: :func:`training_state_bytes` of the policy and reference (None: the budget is
-    a quarter of the available memory alone); ``vocab_size``: the head's width (None: the model's).
+    a quarter of the available memory alone).
     """
-    from .logprobs import DEFAULT_CACHE_BYTES
+    from .logprobs import DEFAULT_CACHE_BYTES, _text_config
 
     weights_dtype = next(model.parameters()).dtype
     per_token = activation_bytes_per_token(model.config, compute_dtype, weights_dtype)
@@ -152,8 +151,7 @@ def plan_memory(cfg, model, examples, batches: list[list[int]], packing: bool, d
     # Forced off: the user chose speed over memory, so the head keeps its full cache too.
     cache = (DEFAULT_CACHE_BYTES if budget is None or mode == "off"
              else int(min(DEFAULT_CACHE_BYTES, max(0.0, budget - kept))))
-    vocab = vocab_size or getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config")
-                                  else model.config, "vocab_size", 0)
+    vocab = getattr(_text_config(model), "vocab_size", 0)
     softmax = most_head * vocab * (compute_dtype or weights_dtype).itemsize
     if softmax > cache:
         why += (f"; the head's softmax ({most_head} completion tokens x {vocab} = {softmax / GIB:.2f} GiB) "
@@ -176,13 +174,6 @@ def _budget(cfg, device: torch.device, state_bytes: int | None) -> tuple[float |
     if quarter is not None:
         return quarter, f"a quarter of the {available / GIB:.1f} GiB available"
     return None, "unknown"
-
-
-def decide_checkpointing(cfg, model, examples, batches: list[list[int]], packing: bool, device: torch.device,
-                         compute_dtype: torch.dtype | None, state_bytes: int | None = None) -> tuple[int, str]:
-    """``(every_n_layers, why)`` of :func:`plan_memory`: 0 = off, 1 = every layer recomputed, n = every n-th."""
-    plan = plan_memory(cfg, model, examples, batches, packing, device, compute_dtype, state_bytes)
-    return plan.every_n_layers, plan.why
 
 
 def _has_every_n_layers(model) -> bool:

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data.collate import attention_cost, batch_indices
 # the data path the loop and evaluation share (make_collate stays reachable here: benchmarks wrap it)
 from .data.pipeline import balanced_split, make_collate, mixed_label_batches, read_examples  # noqa: F401
-from .logprobs import LogProbModel
+from .logprobs import LogProbModel, _text_config
 from .packing_check import supports_packing
 from .losses import kto_weight_warning
 from .memory import enable_checkpointing, plan_memory, training_state_bytes
@@ -151,7 +151,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
         else:
             log.warning("packing off: %s; using padded batches", reason)
             packing = False
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config = _text_config(model)
     hidden = getattr(text_config, "hidden_size", None)
     row_cost = attention_cost(hidden, getattr(text_config, "intermediate_size", None)) if hidden else None
     collate = make_collate(cfg, tokenizer.pad_token_id, packing, row_cost)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 from preftune.config import TrainConfig
 from preftune.data.records import TokenizedExample
-from preftune.memory import activation_bytes_per_token, decide_checkpointing
+from preftune.memory import activation_bytes_per_token, plan_memory
 from preftune.tiny import tiny_model
 from preftune.train import train
 
@@ -38,17 +38,18 @@ def test_auto_turns_checkpointing_on_only_over_the_budget():
     batches = [[0, 1], [2]]
     longest = 60  # batch [0, 1], packed
     cfg = TrainConfig(batch_size=2, gradient_checkpointing="auto", activation_budget=longest * per_token / 2**30 * 1.01)
-    on, why = decide_checkpointing(cfg, model, examples, batches, True, torch.device("cpu"), None)
+    plan = plan_memory(cfg, model, examples, batches, True, torch.device("cpu"), None)
+    on, why = plan.every_n_layers, plan.why
     assert not on and f"({longest} tokens" in why and "fit --activation-budget" in why
     cfg.activation_budget = longest * per_token / 2**30 * 0.99
-    on, why = decide_checkpointing(cfg, model, examples, batches, True, torch.device("cpu"), None)
+    plan = plan_memory(cfg, model, examples, batches, True, torch.device("cpu"), None)
+    on, why = plan.every_n_layers, plan.why
     assert on and "exceed" in why
     # padded: the prompt is run once per completion: 2 x 10 + 10 + 2 x 20 + 20 = 90 tokens
-    on, why = decide_checkpointing(cfg, model, examples, batches, False, torch.device("cpu"), None)
-    assert "(90 tokens" in why
+    assert "(90 tokens" in plan_memory(cfg, model, examples, batches, False, torch.device("cpu"), None).why
     for mode, expected in (("on", 1), ("off", 0)):
         cfg.gradient_checkpointing = mode
-        assert decide_checkpointing(cfg, model, examples, batches, True, torch.device("cpu"), None)[0] == expected
+        assert plan_memory(cfg, model, examples, batches, True, torch.device("cpu"), None).every_n_layers == expected
 
 
 def test_selective_checkpointing_recomputes_as_few_layers_as_the_budget_allows():
@@ -107,8 +108,6 @@ def test_head_cache_gets_what_the_body_leaves():
     """Checkpointing every layer keeps (about) nothing of the body, so the head's softmax may use the whole
     --activation-budget (here 1 MiB, below the 512 MiB cap); the batch's 3 x 2 x 5 = 30 completion tokens x 64
     vocab x 4 B = 7,680 B fit. With a 1 KiB budget they don't, and the log says the head recomputes."""
-    from preftune.memory import plan_memory
-
     model = tiny_model("llama", vocab_size=64, seed=0)
     examples = _examples([(10, 5), (20, 5), (4, 5)])
     cfg = TrainConfig(batch_size=3, gradient_checkpointing="on", activation_budget=2 ** 20 / 2 ** 30)
