@@ -35,6 +35,7 @@ from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
+from preftune.files import json_safe
 from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
                                sample_token_ids)
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
@@ -329,14 +330,4 @@ def format_table(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     """JSON text; non-finite floats become null (JSON has no NaN)."""
-    return json.dumps(_finite(result), indent=1)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(json_safe(result), indent=1)

@@ -12,10 +12,23 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf) inside dicts, lists and tuples replaced by None:
+    JSON has no NaN, and readers choke on the ``NaN`` Python's ``json`` writes by default."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class DiskFullError(ValueError):

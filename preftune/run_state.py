@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .files import DiskFullError, disk_full_guard, free_bytes, size_text, tensor_bytes, write_atomic
+from .files import DiskFullError, disk_full_guard, free_bytes, json_safe, size_text, tensor_bytes, write_atomic
 from .run_folder import save_model_folder
 
 log = logging.getLogger("preftune")
@@ -225,16 +224,8 @@ def _keep_trained(run, write, needed: int) -> str:
 
 
 def summary_json(summary: dict) -> str:
-    """summary.json's text: NaN and infinities become null (JSON has no NaN; readers choke on it)."""
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(v) for v in value]
-        return value
-    return json.dumps(finite(summary), indent=1, default=str, allow_nan=False)
+    """summary.json's text: NaN and infinities become null (:func:`preftune.files.json_safe`)."""
+    return json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False)
 
 
 class MetricsLog:
