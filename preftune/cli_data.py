@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .cli_args import open_fraction, positive_int, print_usage
+
 DATA_DESCRIPTION = """\
 Look at a data file before training on it, rewrite it in another format, or split it into
 train and held-out files with no prompt on both sides. Inputs: .jsonl, .jsonl.gz, .json,
@@ -85,7 +87,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="check, convert or split a data file; scored responses to pairs",
                                  description=DATA_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    data.set_defaults(func=lambda args: _usage(data))
+    data.set_defaults(func=lambda args: print_usage(data))
 
     check = commands.add_parser("check", help="report every problem in a data file (exit 1 on errors)",
                                 description="Read a whole data file and report its problems and statistics, "
@@ -94,9 +96,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH", help="the data file, folder or hub dataset to check")
     check.add_argument("--tokenizer", metavar="T", help="tokenizer folder or name for exact token lengths "
                                                          "(default: characters / 4, marked approximate)")
-    check.add_argument("--max-length", type=_positive, metavar="N",
+    check.add_argument("--max-length", type=positive_int, metavar="N",
                        help="count the pairs training would truncate or drop at this --max-length")
-    check.add_argument("--max-prompt-length", type=_positive, metavar="N",
+    check.add_argument("--max-prompt-length", type=positive_int, metavar="N",
                        help="... and at this --max-prompt-length (the end of the prompt is kept)")
     check.add_argument("--eval", metavar="PATH", dest="eval_path",
                        help="held-out file: report prompts it shares with PATH (a train/eval leak, an error)")
@@ -124,9 +126,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     split.add_argument("--eval", required=True, metavar="OUT", dest="eval_out",
                        help="held-out output (.jsonl, .jsonl.gz, .parquet)")
     size = split.add_mutually_exclusive_group()
-    size.add_argument("--eval-fraction", type=_fraction, metavar="F",
+    size.add_argument("--eval-fraction", type=open_fraction, metavar="F",
                       help="share of the records to hold out (default 0.1)")
-    size.add_argument("--eval-size", type=_positive, metavar="N", help="number of records to hold out")
+    size.add_argument("--eval-size", type=positive_int, metavar="N", help="number of records to hold out")
     split.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default 0)")
     split.set_defaults(func=cmd_split)
 
@@ -201,27 +203,3 @@ def cmd_pairs(args) -> int:
     for sample in result.bad_record_samples[1:]:
         print(f"  bad: {sample}")
     return 0 if result.written else 1
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expects a number between 0 and 1, got {text!r}")
-    return value

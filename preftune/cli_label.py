@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 
+from .cli_args import fraction, port, positive_int, print_usage
+
 LABEL_DESCRIPTION = """\
 Collect preferences from people: a local web app shows each annotator one task at a time (a prompt
 and two responses side by side, 3+ responses to rank, or one response to rate thumbs up/down),
@@ -76,7 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     label = subparsers.add_parser("label", help="collect preferences from people in a local web app",
                                   description=LABEL_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
     commands = label.add_subparsers(dest="label_command", metavar="SUBCOMMAND")
-    label.set_defaults(func=lambda args: _usage(label))
+    label.set_defaults(func=lambda args: print_usage(label))
 
     from preftune.collect.candidates import MODES
 
@@ -85,12 +87,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                                             "in --db.", allow_abbrev=False)
     serve.add_argument("candidates", metavar="CANDIDATES", help="candidates file (see below)")
     serve.add_argument("--db", required=True, metavar="LABELS.sqlite", help="the labels database (made if missing)")
-    serve.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0: any free port)")
+    serve.add_argument("--port", type=port, default=8765, help="port (default 8765; 0: any free port)")
     serve.add_argument("--host", help="listen on this address instead of 127.0.0.1 (then a token is required)")
     serve.add_argument("--token", default=os.environ.get("PREFTUNE_LABEL_TOKEN"),
                        help="the token annotators' links carry (default: $PREFTUNE_LABEL_TOKEN; with --host and "
                             "no token, one is made up and printed)")
-    serve.add_argument("--overlap", type=_positive, default=1, metavar="N",
+    serve.add_argument("--overlap", type=positive_int, default=1, metavar="N",
                        help="annotators per task (default 1); nobody is shown a task twice")
     serve.add_argument("--guidelines", metavar="FILE", help="text shown to annotators above the tasks")
     serve.add_argument("--mode", choices=MODES, default="auto",
@@ -114,9 +116,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     export.add_argument("--db", required=True, metavar="LABELS.sqlite", help="the labels database")
     export.add_argument("--out", required=True, metavar="FILE", help="output: .jsonl, .jsonl.gz or .parquet")
     export.add_argument("--to", choices=TARGETS, default="pairs", help="what to write (default pairs)")
-    export.add_argument("--min-votes", type=_positive, default=1, metavar="K",
+    export.add_argument("--min-votes", type=positive_int, default=1, metavar="K",
                         help="non-skip labels a task needs (default 1)")
-    export.add_argument("--min-agreement", type=_fraction, default=0.0, metavar="A",
+    export.add_argument("--min-agreement", type=fraction, default=0.0, metavar="A",
                         help="the winner's share of the votes at least (0-1; default 0: a strict majority suffices)")
     export.set_defaults(func=cmd_export)
     return label
@@ -147,38 +149,3 @@ def cmd_export(args) -> int:
     result = export_labels(args.db, args.out, to=args.to, min_votes=args.min_votes, min_agreement=args.min_agreement)
     print(result.summary())
     return 0 if result.written else 1
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expects a port number 0-65535, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expects a number between 0 and 1, got {text!r}")
-    return value

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import print_usage
+
 MODEL_DESCRIPTION = """\
 GGUF models (llama.cpp, Ollama, LM Studio files) in. 'preftune train', 'eval' and 'generate'
 take --model FILE.gguf (or a folder holding one .gguf) directly: the weights are dequantized to
@@ -41,7 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     model = subparsers.add_parser("model", help="convert a GGUF model to a folder, or fetch one",
                                   description=MODEL_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
     commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
-    model.set_defaults(func=lambda args: _usage(model))
+    model.set_defaults(func=lambda args: print_usage(model))
 
     convert = commands.add_parser("convert", help="write a .gguf as a plain Hugging Face folder",
                                   description="Dequantize a GGUF file and save it, with its tokenizer, as a "
@@ -78,8 +80,3 @@ def cmd_fetch(args) -> int:
     print(f"{path}\n  use it as --model {path} (or --model {path.parent}), or convert it: "
           f"preftune model convert {path} --out DIR")
     return 0
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
