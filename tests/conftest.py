@@ -39,6 +39,19 @@ def rule_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def train_argv(options: dict) -> list[str]:
+    """``preftune train`` arguments for TrainConfig field values: booleans as --flag / --no-flag,
+    None left out."""
+    args = ["train"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

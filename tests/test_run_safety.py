@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import rule_pairs, write_jsonl
+from conftest import rule_pairs, train_argv, write_jsonl
 from preftune import checkpoint as ckpt
 from preftune import logprobs
 from preftune import run_folder
@@ -67,14 +67,7 @@ def config(setup, out, **overrides) -> TrainConfig:
 
 
 def argv(setup, out, **overrides) -> list[str]:
-    args = ["train"]
-    for key, value in options(setup, out, **overrides).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
+    return train_argv(options(setup, out, **overrides))
 
 
 def error_lines(capsys) -> list[str]:
