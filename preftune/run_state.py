@@ -229,32 +229,19 @@ def summary_json(summary: dict) -> str:
 
 
 class MetricsLog:
-    """``OUTPUT/metrics.jsonl`` (one JSON object per row) and, with ``--tensorboard``, the same
-    scalars in ``OUTPUT/tensorboard`` (needs the ``tensorboard`` package)."""
+    """``OUTPUT/metrics.jsonl``: one JSON object per row (trackers, ``--report-to``, wrap it:
+    :func:`preftune.trackers.with_trackers`)."""
 
-    def __init__(self, out: Path, tensorboard: bool = False):
+    def __init__(self, out: Path):
         self.path = out / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
     def write(self, row: dict) -> None:
         line = json.dumps(row) + "\n"
         with disk_full_guard(self.path, len(line.encode())), open(self.path, "a") as fh:
             fh.write(line)  # a torn line (a crash mid-write) is dropped by the resume: drop_metrics_after
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(key, value, global_step=row["step"])
-            self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        pass  # each row is written and closed as it comes
 
 
 # ------------------------------------------------------------------------------------------------
