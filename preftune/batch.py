@@ -43,6 +43,7 @@ class Batch:
     num_completions: int  # K
     packed: bool
     labels: torch.Tensor | None = None  # (G,) bool, KTO desirable/undesirable
+    margins: torch.Tensor | None = None  # (G,) float, pairs' margin field (reward models), None if none has one
     num_tokens: int = 0  # non-padding tokens in input_ids (for tokens/s)
 
     @property

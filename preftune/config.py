@@ -161,6 +161,10 @@ class TrainConfig:
                               group="method", domain=NON_NEGATIVE)
     sft_weight: float = _opt(0.0, "Weight of an NLL term on the chosen response (RPO for dpo; SimPO's SFT term).",
                              group="method", domain=NON_NEGATIVE)
+    center_rewards_coefficient: float = _opt(
+        0.0, "reward: weight of the centring term c * (r_chosen + r_rejected)^2 that keeps rewards near 0 "
+              "(Eisenstein et al. 2023; TRL's RewardConfig, which suggests 0.01). Default: 0, off.", group="method",
+        domain=NON_NEGATIVE)
     desirable_weight: float = _opt(1.0, "KTO: weight of desirable examples.", group="method", domain=POSITIVE)
     undesirable_weight: float = _opt(1.0, "KTO: weight of undesirable examples.", group="method", domain=POSITIVE)
     cpo_alpha: float = _opt(1.0, "CPO, CPO-SimPO: weight of the NLL term (Xu et al. 2024).", group="method",

@@ -41,10 +41,10 @@ from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_k
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
 from preftune.logprobs import LogpOutput, batch_logps
 from preftune.packing_check import supports_packing
-from preftune.modeling import load_model, load_tokenizer
+from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 from preftune.objective import compute_objective
 from preftune.reference import ModelReference
-from preftune.stats import kl_from_samples
+from preftune.stats import kl_from_samples, wilson_interval
 from preftune.data.pipeline import make_collate, read_examples
 
 log = logging.getLogger("preftune")
@@ -84,6 +84,13 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         raise ValueError(f"beta must be > 0 (got {beta})")
     judge = make_judge(judge) if isinstance(judge, str) else judge  # fail fast, before loading models
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_reward_model_folder(model_path):
+        if ref_model is not None or generate or nll_data is not None:
+            raise ValueError(f"{model_path} is a reward model: it is evaluated on held-out pairs only (no "
+                             "--ref-model, --generate or --nll-data); use it as --judge reward-model:PATH instead")
+        return evaluate_reward_model(model_path, data, batch_size=batch_size, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
+                                     packing=packing, trust_remote_code=trust_remote_code, device=device)
     cfg = TrainConfig(model=str(model_path), loss="dpo", beta=beta, batch_size=batch_size, max_length=max_length,
                       max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
                       logit_chunk_size=logit_chunk_size, trust_remote_code=trust_remote_code).validate(require_io=False)
@@ -115,6 +122,46 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
             model, base, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples)
     return result
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int = 1024,
+                          max_prompt_length: int | None = None, max_examples: int | None = None,
+                          dtype: str = "float32", packing: bool = True, trust_remote_code: bool = False,
+                          device=None) -> dict:
+    """A reward model's held-out pair accuracy: reward(chosen) > reward(rejected), on the training
+    data path (the same tokens, collate and head read as ``preftune train --loss reward``)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = TrainConfig(model=str(model_path), loss="reward", batch_size=batch_size, max_length=max_length,
+                      max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
+                      trust_remote_code=trust_remote_code).validate(require_io=False)
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code)
+    model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code, head="reward").to(device).eval()
+    packing = packing and supports_packing(model)[0]
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing)
+    pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate(pairs[start:start + batch_size]).to(device)
+            rewards = batch_logps(model, batch).rewards.float().cpu()  # (2G,) chosen then rejected
+            chosen.append(rewards[:batch.num_groups])
+            rejected.append(rewards[batch.num_groups:])
+    rc, rr = torch.cat(chosen), torch.cat(rejected)
+    n = len(pairs)
+    accuracy = float((rc > rr).float().mean())
+    low, high = wilson_interval(accuracy, n)
+    return {"model": str(model_path), "kind": "reward", "reference": "none: a reward model", "data": str(data),
+            "settings": {"max_length": max_length, "max_prompt_length": max_prompt_length, "dtype": dtype},
+            "preference": {"pairs": n, "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high,
+                           "accuracy_definition": "reward(chosen) > reward(rejected) (reward model)",
+                           "reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
+                           "reward_margin": float((rc - rr).mean()), "logps_chosen": None, "logps_rejected": None,
+                           "logp_margin": None, "dpo_loss": None, "beta": None,
+                           "bt_loss": float(torch.nn.functional.softplus(rr - rc).mean())},
+            "nll": None, "generation": None}
 
 
 # ----------------------------------------------------------------------------- held-out pairs
@@ -298,6 +345,15 @@ def _fmt(value, spec: str = ".4f") -> str:
 def format_table(result: dict) -> str:
     """The result of :func:`evaluate_model` as a plain-text table (one metric a line)."""
     pref, nll, gen = result["preference"], result["nll"], result.get("generation")
+    if result.get("kind") == "reward":
+        rows = [("reward model", result["model"]), ("held-out pairs", f"{pref['pairs']} ({result['data']})"),
+                ("pair accuracy", f"{pref['accuracy']:.4f} [{pref['accuracy_low']:.3f}, {pref['accuracy_high']:.3f}]"
+                                  f" 95% CI   [{pref['accuracy_definition']}]"),
+                ("reward chosen / rejected", f"{pref['reward_chosen']:+.4f} / {pref['reward_rejected']:+.4f}"),
+                ("reward margin", f"{pref['reward_margin']:+.4f}"),
+                ("Bradley-Terry loss", f"{pref['bt_loss']:.4f}")]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
     rows = [("model", result["model"]), ("reference", result["reference"]),
             ("held-out pairs", f"{pref['pairs']} ({result['data']})"),
             ("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]")]

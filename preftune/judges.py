@@ -177,63 +177,68 @@ def load_function(target: str) -> Callable:
 
 
 class RewardModelJudge(ScoringJudge):
-    """Scores with a sequence-classification reward model: the (single) logit of prompt + response.
+    """Scores with a reward model (``preftune train --loss reward``, or any one-logit
+    ``AutoModelForSequenceClassification`` folder): its scalar on prompt + response.
 
-    The text scored is the tokenizer's chat template applied to the prompt's messages plus
-    the response as an assistant turn when the prompt is a message list and the tokenizer
-    has a template; otherwise plain ``prompt + response``. Batched, no grad, eval mode.
-    Loaded with ``trust_remote_code=False``.
+    The text goes through the training data path (:func:`preftune.data.tokenize.tokenize_example`,
+    the collate functions, :func:`preftune.logprobs.batch_logps`), so a response is scored exactly
+    as the reward model saw its training pairs: a message-list prompt with the response as the
+    assistant turn under the chat template, a plain prompt with the response and EOS. Batched, no
+    grad, eval mode, loaded with ``trust_remote_code=False``; ``max_length`` keeps the end of long
+    prompts as training does (None: no limit).
     """
 
     def __init__(self, path: str, batch_size: int = 8, max_length: int | None = None, device: str | None = None,
-                 spec: str = ""):
+                 spec: str = "", dtype: str = "float32"):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 
         self.spec = spec or f"reward-model:{path}"
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"could not load the reward model from {path!r}: {str(exc).splitlines()[0]}") from None
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {path!r} has num_labels={self.model.config.num_labels}; "
-                             "a reward model must output one logit (num_labels=1)")
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError(f"reward model tokenizer {path!r} has neither a pad nor an EOS token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # Classification heads read the last non-pad token; they find it by the config's pad id.
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if not is_reward_model_folder(path):
+            raise ValueError(f"could not load the reward model from {path!r}: not a reward model folder (a "
+                             "config.json with a one-label ...ForSequenceClassification architecture); train one "
+                             "with preftune train --loss reward")
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path, dtype, head="reward")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
 
-    def text(self, prompt: Prompt, response: str) -> str:
-        if not isinstance(prompt, str) and getattr(self.tokenizer, "chat_template", None):
-            messages = list(prompt) + [{"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt_text(prompt) + response
+    def examples(self, prompts, responses) -> list:
+        """The responses as tokenized SFT examples of the training path (one completion each)."""
+        from preftune.data.records import Example
+        from preftune.data.tokenize import special_prefix_ids, tokenize_example
+
+        prefix = special_prefix_ids(self.tokenizer)
+        out = []
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            if isinstance(prompt, str):
+                example = Example(kind="sft", prompt=prompt, completion=response)
+            else:
+                example = Example(kind="sft", prompt=list(prompt),
+                                  completion=[{"role": "assistant", "content": response}])
+            tokenized = tokenize_example(self.tokenizer, example, index, self.max_length, prefix_ids=prefix)
+            if tokenized is None:
+                raise ValueError(f"response {index} is empty after truncation to max_length {self.max_length}")
+            out.append(tokenized)
+        return out
 
     def score(self, prompts, responses) -> list[float]:
         import torch
 
+        from preftune.data.collate import collate_padded
+        from preftune.logprobs import batch_logps
+
         check_lengths(prompts=prompts, responses=responses)
-        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
+        examples = self.examples(prompts, responses)
         scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
-            # Template output that already starts with BOS must not get a second one.
-            bos = self.tokenizer.bos_token
-            add_special = not (bos and all(t.startswith(bos) for t in chunk))
-            encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special,
-                                     truncation=self.max_length is not None, max_length=self.max_length)
-            with torch.no_grad():
-                logits = self.model(input_ids=encoded["input_ids"].to(self.device),
-                                    attention_mask=encoded["attention_mask"].to(self.device)).logits  # (B, 1)
-            scores.extend(logits[:, 0].float().cpu().tolist())
+        with torch.no_grad():
+            for start in range(0, len(examples), self.batch_size):
+                batch = collate_padded(examples[start:start + self.batch_size],
+                                       pad_id=self.tokenizer.pad_token_id).to(self.device)
+                scores.extend(batch_logps(self.model, batch).rewards.float().cpu().tolist())
         return scores
 
 

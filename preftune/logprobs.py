@@ -47,6 +47,7 @@ class LogpOutput:
     counts: torch.Tensor  # (S,) long: number of target tokens of each sequence
     token_logps: torch.Tensor  # (N,) fp32: per target token, in the batch's token order
     token_log_sum_sq: torch.Tensor | None = None  # (N,) fp32 log sum_v p(v)^2 per token (WPO), no grad
+    rewards: torch.Tensor | None = None  # (S,) fp32 scalar head output of a reward model (then logps are 0)
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -364,6 +365,8 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
                   use_cache=False)
     rows, cols, targets = batch.token_rows, batch.token_cols, batch.token_targets
     device_type = batch.input_ids.device.type
+    if is_reward_model(lm):
+        return _batch_rewards(lm, batch, inputs, compute_dtype)
     if _needs_full_logits(lm):
         with autocast(device_type, compute_dtype):
             logits = lm(**inputs).logits[rows, cols]
@@ -390,6 +393,38 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
         0, batch.token_seq, token_logps)
     counts = torch.bincount(batch.token_seq, minlength=s_count)
     return LogpOutput(logps=logps, counts=counts, token_logps=token_logps, token_log_sum_sq=log_sum_sq)
+
+
+def is_reward_model(model: nn.Module) -> bool:
+    """True for a one-logit sequence-classification model (a reward model), peft-wrapped or not."""
+    lm = _causal_lm(model)
+    return (type(lm).__name__.endswith("ForSequenceClassification")
+            and getattr(lm.config, "num_labels", None) == 1)
+
+
+def _batch_rewards(lm: nn.Module, batch: Batch, inputs: dict, compute_dtype) -> LogpOutput:
+    """A reward model's scalar per sequence: its head on the hidden state of the sequence's last
+    token (the last completion token, EOS for completions that end with it), which has attended to
+    the sequence's prompt and completion only, in the padded and the packed layout alike. As
+    ``AutoModelForSequenceClassification`` scores the last non-pad token of an unpacked row."""
+    with autocast(batch.input_ids.device.type, compute_dtype):
+        out = _body(lm)(**inputs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
+    S, L = batch.num_sequences, batch.input_ids.shape[1]
+    # Each target token t sits one column after its predicting state: (row, col + 1).
+    flat = batch.token_rows * L + batch.token_cols + 1  # (N,)
+    last = torch.full((S,), -1, dtype=flat.dtype, device=flat.device).scatter_reduce(
+        0, batch.token_seq, flat, reduce="amax")  # (S,) flat position of each sequence's last token
+    if bool((last < 0).any()):
+        raise ValueError("a sequence of the batch has no completion token: a reward model scores the last one")
+    head = getattr(lm, "score", None)
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no `score` head")
+    with autocast(batch.input_ids.device.type, compute_dtype):
+        rewards = head(hidden[last // L, last % L])  # (S, 1)
+    counts = torch.bincount(batch.token_seq, minlength=S)
+    zeros = torch.zeros(S, dtype=torch.float32, device=hidden.device)
+    return LogpOutput(logps=zeros, counts=counts, token_logps=zeros.new_zeros(0), rewards=rewards[:, 0].float())
 
 
 def _no_split_modules(model: nn.Module) -> list[str] | None:

@@ -62,6 +62,7 @@ class Method:
     kl_partners: bool = False  # needs a mismatched completion per example (KTO's KL point)
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # options -> error message or None
     notes: str = ""  # for the README's methods table
+    model_head: str = "lm"  # "lm": a causal LM's log-probs; "reward": a one-logit sequence-classification head
 
     @property
     def fields(self) -> frozenset[str]:
@@ -167,6 +168,13 @@ METHODS: tuple[Method, ...] = (
                               'Alignment", eq. 7', True, "sum", ("unpaired",),
            ("policy_logps", "ref_logps", "labels", "reward_shift"), {"beta": "beta"},
            notes="unpaired; reward shift = running mean reward (restarts on --resume-from)"),
+    Method("reward", L.reward_loss, 'Ouyang et al. 2022, "Training language models to follow instructions with '
+                                    'human feedback", eq. 1 (Bradley-Terry reward model)', False, "sum", ("pair",),
+           ("chosen_rewards", "rejected_rewards", "margins"),
+           {"center_rewards_coefficient": "center_rewards_coefficient"}, model_head="reward",
+           notes="trains a reward model: a one-logit sequence-classification head on the causal LM (initialised from "
+                 "it); a pair's `margin` field and `--center-rewards-coefficient` as TRL's RewardTrainer; the saved "
+                 "folder is a judge: `--judge reward-model:PATH`"),
 )
 
 _BY_NAME: dict[str, Method] = {name: m for m in METHODS for name in (m.name, *m.aliases)}
@@ -202,6 +210,11 @@ class Combination:
     @property
     def kl_partners(self) -> bool:
         return any(m.kl_partners for m in self.methods)
+
+    @property
+    def model_head(self) -> str:
+        """``"reward"`` when the run trains a reward model (one method alone), else ``"lm"``."""
+        return self.methods[0].model_head
 
     @property
     def kind(self) -> str:
@@ -246,6 +259,10 @@ def parse(loss: str | list | tuple, loss_weights: str | list | tuple | float | N
         bad = [w for w in weights if not (w >= 0 and w != float("inf"))]
         if bad or not any(weights):
             raise ValueError(f"--loss-weights: {loss_weights!r}: weights must be finite, >= 0 and not all 0")
+    heads = {m.model_head for m in rows}
+    if len(rows) > 1 and "reward" in heads:
+        raise ValueError(f"--loss {','.join(names)}: reward trains a reward model (a classification head, no "
+                         "log-probs); it cannot be combined with other methods")
     combination = Combination(rows, weights)
     combination.kind  # noqa: B018 (raises for methods of different data kinds)
     return combination

@@ -10,7 +10,10 @@ whose ids the model's embedding has no row for, at load time instead of mid-step
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -52,13 +55,21 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = None,
-               trust_remote_code: bool = False, load_in_4bit: bool = False):
+               trust_remote_code: bool = False, load_in_4bit: bool = False, head: str = "lm"):
     """``AutoModelForCausalLM.from_pretrained`` with our safety defaults.
 
     A GGUF path is dequantized to ``dtype`` into a plain model (:func:`preftune.gguf_model.load_gguf_model`).
+    ``head="reward"``: a reward model, a one-logit ``AutoModelForSequenceClassification``: a saved
+    reward model as it is, any causal LM (folder, hub name or GGUF) with its body copied and a new
+    ``score`` head (:func:`reward_model_from_causal_lm`).
     Raises ValueError with one readable line when the model can't be loaded.
     """
     from transformers import AutoModelForCausalLM
+
+    if head == "reward":
+        return _load_reward_model(name, dtype, attn_implementation, trust_remote_code, load_in_4bit)
+    if head != "lm":
+        raise ValueError(f"unknown model head {head!r} (lm or reward)")
 
     from preftune.gguf_model import is_gguf, load_gguf_model
 
@@ -93,6 +104,61 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
         if not weights or not (_refused_pickle(exc) or isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)):
             raise
         raise ValueError(f"could not load the model from {name!r}: {describe_unreadable(weights[0], exc)}") from None
+    return model
+
+
+def is_reward_model_folder(name: str | os.PathLike) -> bool:
+    """True when ``name`` is a local folder holding a one-logit sequence-classification model."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    architectures = data.get("architectures") or []
+    labels = data.get("num_labels", len(data.get("id2label") or {}) or None)
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures) and labels in (1, None)
+
+
+def _load_reward_model(name, dtype, attn_implementation, trust_remote_code, load_in_4bit):
+    from transformers import AutoModelForSequenceClassification
+
+    if load_in_4bit:
+        raise ValueError("--load-in-4bit is not supported with --loss reward; use --lora-r on a full-precision model")
+    if not is_reward_model_folder(name):
+        return reward_model_from_causal_lm(load_model(name, dtype, attn_implementation, trust_remote_code))
+    _check_local(name, "model")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation or "sdpa", use_safetensors=any(Path(name).glob("*.safetensors")))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the reward model from {name!r}: {_first_line(exc)}") from None
+    if model.config.num_labels != 1:
+        raise ValueError(f"{name!r} has num_labels={model.config.num_labels}; a reward model has one (num_labels=1)")
+    return model
+
+
+def reward_model_from_causal_lm(lm):
+    """A one-logit ``AutoModelForSequenceClassification`` with ``lm``'s body (weights copied, same
+    dtype and attention implementation) and a new ``score`` head (initialised by transformers'
+    ``_init_weights``, normal with the config's ``initializer_range``, from torch's current seed)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+    config.architectures = None
+    try:
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=next(lm.parameters()).dtype, attn_implementation=getattr(lm.config, "_attn_implementation",
+                                                                                 None) or "sdpa")
+    except ValueError as exc:
+        raise ValueError(f"{type(lm).__name__} has no sequence-classification form for a reward model: "
+                         f"{_first_line(exc)}") from None
+    body = getattr(model, model.base_model_prefix)
+    body.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
     return model
 
 

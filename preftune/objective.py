@@ -32,6 +32,7 @@ def compute_objective(
     ref_logps: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    margins: torch.Tensor | None = None,
     loss_weights: str | None = None,
     token_seq: torch.Tensor | None = None,
     token_log_sum_sq: torch.Tensor | None = None,
@@ -52,6 +53,7 @@ def compute_objective(
             like the policy's when ``ld_alpha`` is set (:class:`preftune.reference` does both) —
             or None for reference-free methods.
         labels: (G,) bool for unpaired data (True = desirable).
+        margins: (G,) float, each pair's ``margin`` (reward models); None = 0.
         token_seq: (N,) sequence id of each token (``Batch.token_seq``), for ``ld_alpha`` and
             ``use_weighting``.
         token_log_sum_sq: (N,) log sum_v p(v)^2 of the policy at each token, for ``use_weighting``.
@@ -66,7 +68,7 @@ def compute_objective(
     combination = M.parse(method, loss_weights) if isinstance(method, (str, list, tuple)) else method
     kind = combination.kind
     tensors = _Tensors(policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
-                       mean_across_processes)
+                       mean_across_processes, margins)
     weights = None
     if options.get("use_weighting"):  # WPO (Zhou et al. 2024): one detached weight per pair
         if token_log_sum_sq is None or token_seq is None:
@@ -98,6 +100,9 @@ def compute_objective(
         metrics["nll"] = tensors.get("chosen_token_nll").detach()
     elif kind == "unpaired":
         metrics.update(_unpaired_metrics(rewards[0], raw[:G].detach(), labels))
+    elif policy.rewards is not None:  # a reward model: its rewards, no log-probs
+        metrics.update({k: v for k, v in pair_metrics(rewards[0], rewards[1], rewards[0], rewards[1]).items()
+                        if k.startswith("rewards/")})
     else:
         if rewards:
             metrics.update(pair_metrics(rewards[0], rewards[1], raw[:G].detach(), raw[G:2 * G].detach()))
@@ -117,8 +122,8 @@ class _Tensors:
     """The named inputs of :mod:`preftune.methods` for one batch, built on first use."""
 
     def __init__(self, policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
-                 mean_across_processes):
-        self.policy, self.G, self.ref, self.labels = policy, num_groups, ref_logps, labels
+                 mean_across_processes, margins=None):
+        self.policy, self.G, self.ref, self.labels, self.margins = policy, num_groups, ref_logps, labels, margins
         self.options, self.state, self.update_state = options, state, update_state
         self.mean_across_processes = mean_across_processes
         self.counts = policy.counts.clamp(min=1)  # (S,)
@@ -163,6 +168,12 @@ class _Tensors:
             return ref[:G]
         if name == "labels":
             return self.labels
+        if name in ("chosen_rewards", "rejected_rewards"):
+            if self.policy.rewards is None:
+                raise ValueError(f"{name} needs a reward model's output (a sequence-classification head)")
+            return self.policy.rewards[:G] if name == "chosen_rewards" else self.policy.rewards[G:2 * G]
+        if name == "margins":
+            return self.margins
         if name == "kl":
             # KTO's z0 = max(0, mean over ALL ranks' mismatched pairs): average the unclamped local means
             # (equal counts per rank), then clamp — clamping per rank first would bias z0 upwards.

@@ -146,9 +146,12 @@ def _probe_form(model: nn.Module, lm: nn.Module, longest: int, layer_dict: bool)
         out = batch_logps(model, dataclasses.replace(packed, attention_mask=mask, packed=False))
     except Exception as error:  # noqa: BLE001 - any failure of the packed forward means: no packing
         return False, f"packed probe forward of {name}{form} raised {_first_line(error)}"
-    if not torch.isfinite(out.token_logps).all():
+    # A reward model's probe compares its rewards (the last token of each sequence) instead.
+    values, expected = ((out.rewards, padded.rewards) if out.rewards is not None
+                        else (out.token_logps, padded.token_logps))
+    if not torch.isfinite(values).all():
         return False, f"packed probe forward of {name}{form} gave non-finite log-probs"
-    diff = float((out.token_logps - padded.token_logps).abs().max())
+    diff = float((values - expected).abs().max())
     tolerance = probe_tolerance(dtype)
     numbers = f"max |diff| {diff:.1e}, tolerance {tolerance:.2g} for {str(dtype).removeprefix('torch.')} {_impl(lm)}"
     if diff <= tolerance:

@@ -120,7 +120,10 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
             log.warning(warning)
 
     # ---- model and reference --------------------------------------------------------------
-    model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.load_in_4bit)
+    model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.load_in_4bit,
+                       head=cfg.method.model_head)
+    if cfg.method.model_head == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # transformers' classifier finds the last token by it
     reference_model = None
     if cfg.needs_reference and (cfg.ref_model or not cfg.lora_r):
         # Default reference: the policy's starting weights, as a separate frozen copy.
@@ -431,7 +434,7 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
     ref_logps = reference.logps(batch) if reference is not None else None
     policy = model(batch)
     return compute_objective(
-        cfg.method, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels,
+        cfg.method, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, margins=batch.margins,
         # LD-DPO counts tokens per sequence; WPO weights pairs by their tokens' aligned probabilities
         token_seq=batch.token_seq if cfg.ld_alpha is not None or cfg.use_weighting else None,
         token_log_sum_sq=policy.token_log_sum_sq,

@@ -160,7 +160,8 @@ def test_every_row_is_complete():
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     inputs = {"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_nll",
-              "chosen_token_nll", "chosen_counts", "policy_logps", "ref_logps", "labels", "kl", "reward_shift"}
+              "chosen_token_nll", "chosen_counts", "policy_logps", "ref_logps", "labels", "kl", "reward_shift",
+              "chosen_rewards", "rejected_rewards", "margins"}
     names = [n for m in M.METHODS for n in (m.name, *m.aliases)]
     assert len(names) == len(set(names)) == len(M.NAMES)
     for m in M.METHODS:
@@ -385,6 +386,7 @@ def test_tr_dpo_run_updates_the_reference(tiny_model_dir, rule_data, tmp_path, m
 
 # Methods whose rule test lives elsewhere.
 RULE_TESTED_ELSEWHERE = {
+    "reward": "tests/test_reward.py::test_tiny_reward_model_learns_the_rule (held-out pair accuracy >= 0.9)",
     "dpo": "tests/test_train.py::test_dpo_learns_the_rule",
     "ipo": "tests/test_train.py::test_other_dpo_family_losses_train",
     "robust": "tests/test_train.py::test_other_dpo_family_losses_train",

@@ -66,6 +66,13 @@ def _group_completions(examples: list[TokenizedExample], kl_completions: bool) -
     return [list(ex.completions) for ex in examples]
 
 
+def _margins(examples: list[TokenizedExample]) -> torch.Tensor | None:
+    """(G,) each pair's ``margin`` (0 where a pair has none), or None when no example has one."""
+    if all(ex.margin is None for ex in examples):
+        return None
+    return torch.tensor([ex.margin or 0.0 for ex in examples], dtype=torch.float32)
+
+
 def _labels(examples: list[TokenizedExample]) -> torch.Tensor | None:
     if all(ex.label is not None for ex in examples):
         return torch.tensor([bool(ex.label) for ex in examples], dtype=torch.bool)
@@ -138,6 +145,7 @@ def collate_padded(
         num_completions=k_count,
         packed=False,
         labels=_labels(examples),
+        margins=_margins(examples),
         num_tokens=int(lengths.sum()),
     )
 
@@ -328,6 +336,7 @@ def collate_packed(
         num_completions=k_count,
         packed=True,
         labels=_labels(examples),
+        margins=_margins(examples),
         num_tokens=int(lengths.sum()),
     )
 

@@ -5,7 +5,8 @@ Accepted rows (``kind`` says which family; extra keys are ignored):
 =========  ====================================================================================
 pair       ``prompt``, ``chosen``, ``rejected`` as strings (standard), or as chat messages
            (conversational; ``chosen``/``rejected`` may repeat the prompt messages first), or
-           only ``chosen``/``rejected`` sharing their beginning (implicit prompt, see below)
+           only ``chosen``/``rejected`` sharing their beginning (implicit prompt, see below);
+           optionally ``margin`` (a number, read by ``--loss reward``)
 unpaired   ``prompt``, ``completion``, ``label`` (bool, or the integers 0/1) — KTO
 sft        ``prompt`` and ``completion``, or ``messages`` (the last one, from the assistant, is
            the completion; everything before it the prompt)
@@ -141,7 +142,17 @@ def _pair(row: dict, location: Location | None) -> Example:
     if chosen == rejected:
         raise DataError(location, "'chosen' and 'rejected' are identical after the prompt", reason="identical")
     return Example(kind="pair", prompt=prompt, chosen=chosen, rejected=rejected, location=location,
-                   prompt_source=source)
+                   prompt_source=source, margin=_margin(row, location))
+
+
+def _margin(row: dict, location: Location | None) -> float | None:
+    """A pair's optional ``margin`` (how much better chosen is; reward-model training, as TRL's)."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise DataError(location, f"field 'margin' must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _unpaired(row: dict, location: Location | None) -> Example:

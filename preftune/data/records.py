@@ -50,6 +50,7 @@ class Example:
     label: bool | None = None
     location: Location | None = None
     prompt_source: str = "explicit"  # "explicit" | "implicit" | "messages"
+    margin: float | None = None  # pairs: the optional ``margin`` field (reward models)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TokenizedExample:
     label: bool | None = None
     location: Location | None = None
     truncated: bool = False
+    margin: float | None = None  # pairs: the optional ``margin`` field (reward models)
 
     @property
     def num_tokens(self) -> int:

@@ -225,7 +225,8 @@ def assemble(tokenizer, example: Example, index: int, bodies: list[list[int]], p
         if max(len(ids) for ids in completion_ids) > room:
             completion_ids, truncated = [ids[:room] for ids in completion_ids], True
     return TokenizedExample(index=index, prompt_ids=prompt_ids, completions=completion_ids,
-                            label=example.label, location=example.location, truncated=truncated)
+                            label=example.label, location=example.location, truncated=truncated,
+                            margin=example.margin)
 
 
 def special_prefix_ids(tokenizer) -> list[int]:
