@@ -2,6 +2,7 @@
 
 * :func:`sample` — seeded, batched, left-padded generation -> completion texts.
 * :func:`sequence_logps` — summed log-prob of each completion given its prompt.
+* :func:`completion_logps` — the same for token ids (e.g. sampled ones).
 * :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples.
 * :func:`best_vs_worst_pairs` — best and worst of n samples per prompt, by a judge.
 * :func:`candidate_records` / :func:`onpolicy_candidates` — every sample per prompt kept, as a
@@ -9,6 +10,13 @@
 
 Prompts are plain text, or chat message lists (``[{"role": ..., "content": ...}]``)
 rendered with the tokenizer's chat template and ``add_generation_prompt=True``.
+
+One data path (STYLE.md): prompts and completions are tokenized by the training data path
+(:mod:`preftune.data.tokenize`: boundary-exact, one BOS, the chat template), and every score
+comes from the training loop's batches (:mod:`preftune.data.collate`, packed when the model
+can run packed batches) and :func:`preftune.logprobs.batch_logps` (output head applied only
+where a completion token is predicted, in chunks; never the (B, L, V) logits). A prompt is
+sampled on exactly the ids it is trained and scored on.
 The model is put in eval mode for each call and given back in the mode it came in.
 """
 
@@ -16,10 +24,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
+from preftune.data.collate import attention_cost, collate_packed, collate_padded
+from preftune.data.records import Example, TokenizedExample
+from preftune.data.tokenize import special_prefix_ids, split_ids, tokenize_example
 from preftune.judges import Judge, Prompt, ScoringJudge, check_lengths
+from preftune.logprobs import _text_config, batch_logps
+from preftune.packing_check import supports_packing
+from preftune.precision import autocast
 from preftune.stats import kl_from_samples
 
 
@@ -27,7 +42,8 @@ from preftune.stats import kl_from_samples
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """Plain text unchanged; a message list through the chat template (generation prompt on)."""
+    """Plain text unchanged; a message list through the chat template (generation prompt on),
+    as :func:`preftune.data.tokenize.render_messages` renders a training prompt."""
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
@@ -36,20 +52,21 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Prompt token ids, with the tokenizer's special tokens (BOS) unless the text already has them."""
-    text = render_prompt(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=_adds_special(tokenizer, text))["input_ids"]
+def prompt_token_ids(tokenizer, prompt: Prompt, prefix_ids: list[int] | None = None) -> list[int]:
+    """The prompt's ids as the training data path builds them: the rendered prompt encoded without
+    special tokens, the tokenizer's BOS (:func:`~preftune.data.tokenize.special_prefix_ids`, or
+    ``prefix_ids``) put in front unless the rendered text starts with it already.
+
+    Equal to a training example's ``prompt_ids`` unless a token merges across the boundary with
+    its completion (then training moves that token to the completion; there is no completion here).
+    """
+    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    body = list(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    ids, _, _ = split_ids(body, [body], prefix)  # the prompt as its own full text: nothing to cut
     if not ids:
-        raise ValueError(f"prompt {text!r:.60} encodes to no tokens; a completion needs at least one "
+        raise ValueError(f"prompt {prompt!r:.60} encodes to no tokens; a completion needs at least one "
                          "token before it to be predicted from")
-    return list(ids)
-
-
-def _adds_special(tokenizer, text: str) -> bool:
-    # Chat templates often write BOS themselves; adding another would be a double BOS.
-    bos = tokenizer.bos_token
-    return not (bos and text.startswith(bos))
+    return ids
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -88,7 +105,8 @@ def _eval_mode(model):
 
 
 def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
-           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+           compute_dtype: torch.dtype | None = None) -> list[list[str]]:
     """``n`` sampled completions per prompt, decoded with the prompt removed and special tokens skipped.
 
     Returns ``texts[i][j]``: the j-th completion of prompt i. Generation stops at EOS (the
@@ -96,21 +114,24 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     ``temperature=0`` is greedy decoding. Sampling uses exactly ``temperature`` and
     ``top_p``: the model's own generation config (top-k, repetition penalty, ...) is
     overridden. Results are reproducible for the same (seed, prompts, n, batch_size) on the
-    same device; the global RNG state is restored afterwards.
+    same device; the global RNG state is restored afterwards. ``compute_dtype`` (e.g.
+    ``torch.bfloat16``) runs the forwards under ``torch.autocast`` to it (None: the weights' dtype).
     """
     _, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+                                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                                         compute_dtype=compute_dtype)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
-                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     batch_size: int = 8) -> tuple[list[list[int]], list[list[int]]]:
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+                     compute_dtype: torch.dtype | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """Like :func:`sample` but token ids: ``(prompt_ids, completion_ids)``, one entry per sample.
 
-    Sample ``s = i * n + j`` is the j-th completion of prompt i. A completion keeps its
-    final EOS when it has one (its probability is part of the sequence's), and nothing after.
+    Sample ``s = i * n + j`` is the j-th completion of prompt i. The prompt ids are
+    :func:`prompt_token_ids` (the training path's). A completion keeps its final EOS when it
+    has one (its probability is part of the sequence's), and nothing after.
     """
     from transformers import GenerationConfig
 
@@ -128,10 +149,12 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
                               repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, num_beams=1,
                               **sampling)
-    prompt_ids = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
+    prefix = special_prefix_ids(tokenizer)
+    prompt_ids = [ids for ids in (prompt_token_ids(tokenizer, p, prefix) for p in prompts) for _ in range(n)]
     completion_ids: list[list[int]] = []
     cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), _eval_mode(model), torch.no_grad():
+    with (torch.random.fork_rng(devices=cuda_devices), _eval_mode(model), torch.no_grad(),
+          autocast(device.type, compute_dtype)):
         torch.manual_seed(seed)
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start:start + batch_size]
@@ -154,82 +177,121 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
 
 
 def sequence_logps(model, tokenizer, prompts: Sequence[Prompt], completions: Sequence[str],
-                   batch_size: int = 8, append_eos: bool = False) -> torch.Tensor:
+                   batch_size: int = 8, append_eos: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(S,) summed log-prob of each completion given its prompt under ``model`` (float32, CPU).
 
-    Boundary-exact: the prompt and prompt + completion are tokenized, and the completion's
-    tokens are the tail of the latter after the prompt's ids. If the prompt's ids are not
-    a prefix of the joint ids (BPE merged across the boundary), the completion is
-    tokenized on its own after the prompt's ids, as generation would have produced it.
-    ``append_eos`` adds the EOS token to each completion (score "says this, then stops").
+    Tokenized as the training data path tokenizes an SFT example
+    (:func:`preftune.data.tokenize.tokenize_example`): boundary-exact (a BPE token merged across
+    the prompt/completion boundary belongs to the completion), one BOS, chat prompts through the
+    template; scored as :func:`completion_logps` scores.
+
+    ``append_eos=True`` scores the completion as a *finished* response ("says this, then
+    stops"), exactly the ids training scores: a plain-text completion with the tokenizer's EOS
+    appended, a reply to a chat prompt as the assistant turn with the template's end of turn
+    (e.g. ``<|im_end|>\n``; no EOS, as in training). ``append_eos=False`` (the default) scores
+    the completion text's own tokens only: no EOS, and a chat reply as the text right after the
+    rendered prompt, without the end of turn. An empty completion then scores 0.
     """
     check_lengths(prompts=prompts, completions=completions)
-    prompt_ids, completion_ids = [], []
-    for prompt, completion in zip(prompts, completions):
-        ids = encode_prompt(tokenizer, prompt)
-        text = render_prompt(tokenizer, prompt)
-        joint = list(tokenizer(text + completion, add_special_tokens=_adds_special(tokenizer, text))["input_ids"])
-        if joint[:len(ids)] == ids:
-            tail = joint[len(ids):]
-        else:
-            tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-        if append_eos:
-            if tokenizer.eos_token_id is None:
-                raise ValueError("append_eos=True but the tokenizer has no EOS token")
-            tail.append(tokenizer.eos_token_id)
-        prompt_ids.append(ids)
-        completion_ids.append(tail)
-    return completion_logps(model, prompt_ids, completion_ids, _pad_id(tokenizer), batch_size)
+    if append_eos and tokenizer.eos_token_id is None:
+        raise ValueError("append_eos=True but the tokenizer has no EOS token")
+    prefix = special_prefix_ids(tokenizer)
+    examples = [_scoring_example(tokenizer, prompt, completion, append_eos, index, prefix)
+                for index, (prompt, completion) in enumerate(zip(prompts, completions))]
+    return _score(model, examples, _pad_id(tokenizer), batch_size, compute_dtype)
+
+
+def _scoring_example(tokenizer, prompt: Prompt, completion: str, finished: bool, index: int,
+                     prefix: list[int]) -> TokenizedExample:
+    """One (prompt, completion) through the training path's tokenizer; see :func:`sequence_logps`."""
+    if finished and not isinstance(prompt, str):  # a finished chat reply: the template ends the turn
+        reply = [{"role": "assistant", "content": completion}]
+        return tokenize_example(tokenizer, Example(kind="sft", prompt=list(prompt), completion=reply), index,
+                                prefix_ids=prefix)
+    text = render_prompt(tokenizer, prompt)
+    if not completion:  # the training path refuses an empty completion; scored alone it is just the end
+        ending = [tokenizer.eos_token_id] if finished else []
+        return TokenizedExample(index=index, prompt_ids=prompt_token_ids(tokenizer, text, prefix),
+                                completions=[ending])
+    example = tokenize_example(tokenizer, Example(kind="sft", prompt=text, completion=completion), index,
+                               prefix_ids=prefix)
+    ids = example.completions[0]
+    if not finished and ids[-1] == tokenizer.eos_token_id and not completion.endswith(tokenizer.eos_token):
+        example.completions = [ids[:-1]]  # the EOS the plain-text path appended (not one the text ends with)
+    return example
 
 
 def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-                     pad_id: int, batch_size: int = 8) -> torch.Tensor:
-    """(S,) summed log-probs of token-id completions after token-id prompts; no grad.
+                     pad_id: int, batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(S,) float32 CPU summed log-probs of token-id completions after token-id prompts, in input order.
 
-    One right-padded forward per batch of ``[prompt | completion | pad...]`` rows; the
-    logits at position t predict token t + 1, so completion token t is read at t - 1.
-    An empty completion scores 0.
+    Sequence s is an SFT-kind :class:`~preftune.data.records.TokenizedExample` (one prompt, K = 1
+    completion), batched ``batch_size`` sequences at a time by the training loop's collate
+    function and scored by :func:`preftune.logprobs.batch_logps`; no grad, eval mode. An empty
+    completion scores 0. ``compute_dtype`` (e.g. ``torch.bfloat16``): ``batch_logps``'s mixed
+    precision (autocast body, head matmuls in it, log-softmax fp32); None: the weights' dtype.
     """
     check_lengths(prompt_ids=prompt_ids, completion_ids=completion_ids)
-    device = _device(model)
-    totals: list[torch.Tensor] = []
+    examples = [TokenizedExample(index=s, prompt_ids=list(prompt), completions=[list(completion)])
+                for s, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids))]
+    return _score(model, examples, pad_id, batch_size, compute_dtype)
+
+
+def _score(model, examples: list[TokenizedExample], pad_id: int, batch_size: int,
+           compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """(S,) float32 CPU ``batch_logps`` of one-completion examples; ``examples[s].index == s``.
+
+    Longest first (as the loop orders a length-grouped epoch), so an out-of-memory error shows at
+    the first batch; empty completions are not collated (they would have no target token) and
+    score 0.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(not example.prompt_ids for example in examples):
+        raise ValueError("every prompt needs at least one token")
+    logps = torch.zeros(len(examples), dtype=torch.float32)  # (S,)
+    scored = sorted((ex for ex in examples if ex.completions[0]), key=lambda ex: -ex.num_tokens)
+    if not scored:
+        return logps
+    collate, device = _scoring_collate(model, pad_id), _device(model)
     with _eval_mode(model), torch.no_grad():
-        for start in range(0, len(prompt_ids), batch_size):
-            prompts = prompt_ids[start:start + batch_size]
-            completions = completion_ids[start:start + batch_size]
-            width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, L)
-            attention_mask = torch.zeros_like(input_ids)
-            completion_mask = torch.zeros((len(prompts), width - 1), dtype=torch.bool)  # (B, L-1), by predictor
-            for row, (p, c) in enumerate(zip(prompts, completions)):
-                if not p:
-                    raise ValueError("every prompt needs at least one token")
-                input_ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-                attention_mask[row, :len(p) + len(c)] = 1
-                completion_mask[row, len(p) - 1:len(p) + len(c) - 1] = True
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            logits = logits[:, :-1].float().cpu()  # (B, L-1, V)
-            targets = input_ids[:, 1:]  # (B, L-1)
-            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, L-1)
-            totals.append((token_logps * completion_mask).sum(-1))
-    return torch.cat(totals) if totals else torch.zeros(0)
+        for start in range(0, len(scored), batch_size):
+            batch = collate(scored[start:start + batch_size])
+            out = batch_logps(model, batch.to(device), compute_dtype=compute_dtype)  # (G,) with K = 1
+            logps[batch.example_index] = out.logps.float().cpu()
+    return logps
+
+
+def _scoring_collate(model, pad_id: int):
+    """The training loop's batch builder (``preftune.train``): packed when ``model`` can run packed
+    batches (:func:`~preftune.packing_check.supports_packing`), rows as cheap as
+    :func:`~preftune.data.collate.attention_cost` makes them; else padded. No prompt tokens scored."""
+    if not supports_packing(model)[0]:
+        return partial(collate_padded, pad_id=pad_id)
+    config = _text_config(model)
+    hidden = getattr(config, "hidden_size", None)
+    row_cost = attention_cost(hidden, getattr(config, "intermediate_size", None)) if hidden else None
+    return partial(collate_packed, pad_id=pad_id, row_cost=row_cost)
 
 
 def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: int = 4, max_new_tokens: int = 64,
-                seed: int = 0, batch_size: int = 8) -> tuple[float, float]:
+                seed: int = 0, batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """Monte-Carlo KL(model || base) per sequence, in nats: ``(mean, stderr)``.
 
     Draws ``n_samples`` completions per prompt from ``model`` at temperature 1 and top-p 1
     (any other setting would not sample the model's own distribution), scores the sampled
-    token ids (not re-tokenized text) under both models, and averages log p - log q with
-    :func:`preftune.stats.kl_from_samples`. Completions cut at ``max_new_tokens`` estimate
-    the KL of the distribution over such truncated sequences. ``model is base`` gives 0.
+    token ids (not re-tokenized text) under both models with :func:`completion_logps`, and
+    averages log p - log q with :func:`preftune.stats.kl_from_samples`. Completions cut at
+    ``max_new_tokens`` estimate the KL of the distribution over such truncated sequences.
+    ``model is base`` gives 0. ``compute_dtype`` is used for sampling and scoring alike.
     """
     prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n_samples,
-                                                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+                                                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                                                  compute_dtype=compute_dtype)
     pad_id = _pad_id(tokenizer)
-    policy_logps = completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size)  # (S,)
-    base_logps = completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size)  # (S,)
+    policy_logps = completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype)  # (S,)
+    base_logps = completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype)  # (S,)
     return kl_from_samples(policy_logps, base_logps)
 
 
