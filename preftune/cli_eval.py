@@ -80,6 +80,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                                                                   "(default: 8)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                         help="weights dtype (default: float32)")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                        help="compute precision of the forwards and sampling, as in preftune train (default: auto "
+                             "= bf16 on GPUs and CPUs with bf16 matmul instructions, else no)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder / hub")
 
 
@@ -142,7 +145,7 @@ def cmd_eval(args) -> int:
                             batch_size=args.batch_size, max_length=args.max_length,
                             max_prompt_length=args.max_prompt_length, beta=args.beta, kl_samples=args.kl_samples,
                             max_examples=args.max_examples, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
+                            trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
     text = to_json(result)
     if args.output:
         Path(args.output).write_text(text)
@@ -161,7 +164,7 @@ def cmd_generate(args) -> int:
     pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                     batch_size=args.batch_size, dtype=args.dtype,
-                                    trust_remote_code=args.trust_remote_code)
+                                    trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
     with open(args.out, "w") as fh:
         for pair in pairs:
             fh.write(json.dumps(pair) + "\n")
@@ -176,7 +179,8 @@ def _write_candidates(args, prompts) -> int:
 
     records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                  batch_size=args.batch_size, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                                  batch_size=args.batch_size, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                  mixed_precision=args.mixed_precision)
     with open(args.out, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

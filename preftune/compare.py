@@ -56,7 +56,7 @@ CRITERIA = {
 SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "eval", "criterion", "isolate")
 EVAL_OPTIONS = {"generate": int, "judge": str, "max_new_tokens": int, "temperature": float, "top_p": float,
                 "seed": int, "batch_size": int, "beta": float, "kl_samples": int, "nll_data": str,
-                "max_examples": int}
+                "max_examples": int, "mixed_precision": str}
 SET_BY_SWEEP = ("model", "data", "eval_data", "output_dir", "overwrite_output_dir")  # TrainConfig fields the sweep file owns
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -185,6 +185,7 @@ def evaluate_variant(spec: dict) -> dict:
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}")
     options = dict(spec["eval"])
     options.setdefault("batch_size", cfg.batch_size)
+    options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
     return evaluate_model(cfg.output_dir, cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code, **options)

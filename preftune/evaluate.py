@@ -36,8 +36,8 @@ from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
 from preftune.files import json_safe
-from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
-                               sample_token_ids)
+from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, resolve_compute_dtype, sample,
+                               sample_from_path, sample_token_ids)
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
 from preftune.logprobs import LogpOutput, batch_logps
 from preftune.packing_check import supports_packing
@@ -58,7 +58,7 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
                    batch_size: int = 8, max_length: int = 1024, max_prompt_length: int | None = 512, beta: float = 0.1,
                    kl_samples: int = 1, max_examples: int | None = None, dtype: str = "float32",
                    packing: bool = True, logit_chunk_size: int = 1024, trust_remote_code: bool = False,
-                   device: str | None = None) -> dict:
+                   device: str | None = None, mixed_precision: str = "no") -> dict:
     """Metrics of ``model_path`` on held-out pairs ``data``, against ``ref_model`` when given.
 
     Args:
@@ -70,6 +70,8 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         judge: a :func:`preftune.judges.make_judge` spec or a Judge.
         kl_samples: samples per prompt for the KL estimate (always drawn at temperature 1, top-p 1).
         beta: scale of the implicit reward (accuracy does not depend on it; margins and loss do).
+        mixed_precision: ``no``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device runs it fast), as
+            ``preftune train --mixed-precision``: the forwards and sampling autocast to it, log-softmax fp32.
 
     Returns a JSON-ready dict: ``preference``, ``nll``, ``generation`` (None when not asked),
     plus ``model``, ``reference``, ``data`` and the settings. See :func:`format_table`.
@@ -82,7 +84,9 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         raise ValueError(f"need generate >= 0 and kl_samples >= 1, got {generate} and {kl_samples}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (got {beta})")
-    judge = make_judge(judge) if isinstance(judge, str) else judge  # fail fast, before loading models
+    if isinstance(judge, str):  # fail fast, before loading models; a reward model judges in our precision
+        judge = make_judge(judge, **({"mixed_precision": mixed_precision} if judge.startswith("reward-model:")
+                                     else {}))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_reward_model_folder(model_path):
         if ref_model is not None or generate or nll_data is not None:
@@ -90,7 +94,9 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
                              "--ref-model, --generate or --nll-data); use it as --judge reward-model:PATH instead")
         return evaluate_reward_model(model_path, data, batch_size=batch_size, max_length=max_length,
                                      max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
-                                     packing=packing, trust_remote_code=trust_remote_code, device=device)
+                                     packing=packing, trust_remote_code=trust_remote_code, device=device,
+                                     mixed_precision=mixed_precision)
+    compute = resolve_compute_dtype(mixed_precision, device)
     cfg = TrainConfig(model=str(model_path), loss="dpo", beta=beta, batch_size=batch_size, max_length=max_length,
                       max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
                       logit_chunk_size=logit_chunk_size, trust_remote_code=trust_remote_code).validate(require_io=False)
@@ -107,12 +113,13 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
     result = {"model": str(model_path), "reference": str(ref_model) if ref_model is not None else RAW_PREFERENCE,
               "data": str(data), "settings": {"beta": beta, "max_length": max_length,
                                               "max_prompt_length": max_prompt_length, "dtype": dtype}}
-    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device)
+    result["settings"]["compute_dtype"] = str(compute or "weights' dtype").replace("torch.", "")
+    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device, compute)
 
     sft_cfg = TrainConfig(**{**cfg.to_dict(), "loss": "sft"})
     sft_examples, _ = read_examples(sft_cfg, tokenizer, str(nll_data or data), main=True)
     result["nll"] = nll_metrics(model, base, sft_examples, make_collate(sft_cfg, tokenizer.pad_token_id, packing),
-                                cfg, device)
+                                cfg, device, compute)
     result["nll"]["data"] = str(nll_data) if nll_data else f"chosen responses of {data}"
 
     result["generation"] = None
@@ -120,7 +127,7 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         prompts = read_prompts(data, limit=generate)
         result["generation"] = generation_metrics(
             model, base, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples)
+            top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples, compute_dtype=compute)
     return result
 
 
@@ -130,10 +137,11 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
 def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int = 1024,
                           max_prompt_length: int | None = None, max_examples: int | None = None,
                           dtype: str = "float32", packing: bool = True, trust_remote_code: bool = False,
-                          device=None) -> dict:
+                          device=None, mixed_precision: str = "no") -> dict:
     """A reward model's held-out pair accuracy: reward(chosen) > reward(rejected), on the training
     data path (the same tokens, collate and head read as ``preftune train --loss reward``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute = resolve_compute_dtype(mixed_precision, device)
     cfg = TrainConfig(model=str(model_path), loss="reward", batch_size=batch_size, max_length=max_length,
                       max_prompt_length=max_prompt_length, max_examples=max_examples, dtype=dtype,
                       trust_remote_code=trust_remote_code).validate(require_io=False)
@@ -146,7 +154,7 @@ def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = collate(pairs[start:start + batch_size]).to(device)
-            rewards = batch_logps(model, batch).rewards.float().cpu()  # (2G,) chosen then rejected
+            rewards = batch_logps(model, batch, compute_dtype=compute).rewards.float().cpu()  # (2G,) chosen, rejected
             chosen.append(rewards[:batch.num_groups])
             rejected.append(rewards[batch.num_groups:])
     rc, rr = torch.cat(chosen), torch.cat(rejected)
@@ -168,13 +176,14 @@ def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int
 
 
 @torch.no_grad()
-def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device) -> dict:
+def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None) -> dict:
     """DPO metrics over all held-out pairs at once (exact means, not means of batch means)."""
-    reference = ModelReference(base, policy=model, chunk_size=cfg.logit_chunk_size) if base is not None else None
+    reference = (ModelReference(base, policy=model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
+                 if base is not None else None)
     policy_parts, ref_parts = [], []
     for start in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[start:start + cfg.batch_size]).to(device)
-        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)
+        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
         G = batch.num_groups  # sequence s = k * G + g: chosen first, then rejected
         policy_parts.append((out.logps.view(2, G), out.counts.view(2, G)))
         if reference is not None:
@@ -203,17 +212,18 @@ def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device)
 
 
 @torch.no_grad()
-def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device) -> dict:
+def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None) -> dict:
     """Mean NLL per completion token (token-weighted over the file) under model and base."""
     totals = {"model": 0.0, "base": 0.0}
     tokens = 0
     for start in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[start:start + cfg.batch_size]).to(device)
-        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size)  # (G,) with K = 1
+        out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)  # (G,), K = 1
         totals["model"] -= float(out.logps.sum())
         tokens += int(out.counts.sum())
         if base is not None:
-            totals["base"] -= float(batch_logps(base, batch, chunk_size=cfg.logit_chunk_size).logps.sum())
+            totals["base"] -= float(batch_logps(base, batch, chunk_size=cfg.logit_chunk_size,
+                                                compute_dtype=compute).logps.sum())
     model_nll = totals["model"] / tokens
     base_nll = totals["base"] / tokens if base is not None else None
     return {"tokens": tokens, "sequences": len(examples), "model": model_nll, "base": base_nll,
@@ -236,19 +246,20 @@ class _RecordingJudge(ScoringJudge):
 
 def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge: Judge | None,
                        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 8, kl_samples: int = 1) -> dict:
+                       batch_size: int = 8, kl_samples: int = 1, compute_dtype=None) -> dict:
     """Sample model and base on ``prompts``; KL(model || base) and the model's win rate under ``judge``.
 
     Both sample with the same seed. The KL is estimated on samples drawn at temperature 1 and
     top-p 1 (the model's own distribution); with those settings and ``kl_samples == 1`` the
     judged samples are reused, which gives exactly :func:`preftune.generate.estimate_kl`.
     """
-    common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, compute_dtype=compute_dtype)
     if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
         prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, **common)
         pad_id = tokenizer.pad_token_id
-        kl, kl_stderr = kl_from_samples(completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size),
-                                        completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size))
+        kl, kl_stderr = kl_from_samples(
+            completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype),
+            completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype))
         model_texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     else:
         kl, kl_stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples, **common)
@@ -316,7 +327,7 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Pr
 def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], judge: str | Judge, n: int = 4,
                    max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
-                   device: str | None = None) -> tuple[list[dict], dict[str, int]]:
+                   device: str | None = None, mixed_precision: str = "no") -> tuple[list[dict], dict[str, int]]:
     """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
 
     Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
@@ -328,7 +339,7 @@ def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], jud
         raise ValueError(f"--n must be >= 2 to have a best and a worst sample (got {n})")
     judge = make_judge(judge) if isinstance(judge, str) else judge
     samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
-                               trust_remote_code, device)
+                               trust_remote_code, device, mixed_precision)
     pairs, skipped_ties = best_vs_worst_pairs(prompts, samples, judge)
     kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
     return kept, {"prompts": len(prompts), "pairs": len(kept), "skipped_ties": skipped_ties,

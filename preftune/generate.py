@@ -376,21 +376,30 @@ def candidate_records(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Se
 def sample_from_path(model_path, prompts: Sequence[Prompt], n: int, max_new_tokens: int = 64,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
                      dtype: str = "float32", trust_remote_code: bool = False,
-                     device: str | None = None) -> list[list[str]]:
-    """Load the model folder (or GGUF) at ``model_path`` and :func:`sample` ``n`` responses per prompt."""
+                     device: str | None = None, mixed_precision: str = "no") -> list[list[str]]:
+    """Load the model folder (or GGUF) at ``model_path`` and :func:`sample` ``n`` responses per prompt
+    (``mixed_precision``: as ``preftune train --mixed-precision``; ``auto`` = bf16 where it is fast)."""
     from preftune.modeling import load_model, load_tokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(str(model_path), trust_remote_code)
     model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code).to(device).eval()
     return sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_p=top_p, seed=seed, batch_size=batch_size)
+                  top_p=top_p, seed=seed, batch_size=batch_size,
+                  compute_dtype=resolve_compute_dtype(mixed_precision, device))
+
+
+def resolve_compute_dtype(mixed_precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of a ``--mixed-precision`` value on ``device`` (None: the weights' own)."""
+    from preftune.precision import compute_dtype, resolve_mixed_precision
+
+    return compute_dtype(resolve_mixed_precision(mixed_precision, torch.device(device).type)[0])
 
 
 def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge: str | Judge | None = None,
                         max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                         batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
-                        device: str | None = None) -> list[dict]:
+                        device: str | None = None, mixed_precision: str = "no") -> list[dict]:
     """Load ``model_path``, sample ``n`` responses per prompt, and return :func:`candidate_records`
     (the meta records the model and the sampling settings)."""
     from preftune.judges import make_judge
@@ -399,7 +408,7 @@ def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge
         raise ValueError(f"--n must be >= 1, got {n}")
     judge = make_judge(judge) if isinstance(judge, str) else judge
     samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
-                               trust_remote_code, device)
+                               trust_remote_code, device, mixed_precision)
     meta = {"model": str(model_path), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
             "seed": seed}
     return candidate_records(prompts, samples, judge, meta)

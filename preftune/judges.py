@@ -185,13 +185,14 @@ class RewardModelJudge(ScoringJudge):
     as the reward model saw its training pairs: a message-list prompt with the response as the
     assistant turn under the chat template, a plain prompt with the response and EOS. Batched, no
     grad, eval mode, loaded with ``trust_remote_code=False``; ``max_length`` keeps the end of long
-    prompts as training does (None: no limit).
+    prompts as training does (None: no limit); ``mixed_precision`` as ``preftune train``'s.
     """
 
     def __init__(self, path: str, batch_size: int = 8, max_length: int | None = None, device: str | None = None,
-                 spec: str = "", dtype: str = "float32"):
+                 spec: str = "", dtype: str = "float32", mixed_precision: str = "no"):
         import torch
 
+        from preftune.generate import resolve_compute_dtype
         from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 
         self.spec = spec or f"reward-model:{path}"
@@ -205,6 +206,7 @@ class RewardModelJudge(ScoringJudge):
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.compute_dtype = resolve_compute_dtype(mixed_precision, self.device)  # autocast, as in training
 
     def examples(self, prompts, responses) -> list:
         """The responses as tokenized SFT examples of the training path (one completion each)."""
@@ -238,7 +240,8 @@ class RewardModelJudge(ScoringJudge):
             for start in range(0, len(examples), self.batch_size):
                 batch = collate_padded(examples[start:start + self.batch_size],
                                        pad_id=self.tokenizer.pad_token_id).to(self.device)
-                scores.extend(batch_logps(self.model, batch).rewards.float().cpu().tolist())
+                rewards = batch_logps(self.model, batch, compute_dtype=self.compute_dtype).rewards
+                scores.extend(rewards.float().cpu().tolist())
         return scores
 
 
