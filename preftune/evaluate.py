@@ -45,7 +45,7 @@ from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 from preftune.objective import compute_objective
 from preftune.reference import ModelReference
 from preftune.stats import kl_from_samples, wilson_interval
-from preftune.data.pipeline import make_collate, read_examples
+from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 
 log = logging.getLogger("preftune")
 
@@ -107,7 +107,7 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
     if ref_model is not None:
         base = load_model(str(ref_model), dtype, trust_remote_code=trust_remote_code).to(device).eval()
     packing = packing and supports_packing(model)[0] and (base is None or supports_packing(base)[0])
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing)
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
 
     pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
     result = {"model": str(model_path), "reference": str(ref_model) if ref_model is not None else RAW_PREFERENCE,

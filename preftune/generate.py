@@ -24,49 +24,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 
-from preftune.data.collate import attention_cost, collate_packed, collate_padded
+from preftune.data.pipeline import scoring_collate
 from preftune.data.records import Example, TokenizedExample
-from preftune.data.tokenize import special_prefix_ids, split_ids, tokenize_example
+from preftune.data.tokenize import prompt_token_ids, render_prompt, special_prefix_ids, tokenize_example
 from preftune.judges import Judge, Prompt, ScoringJudge, check_lengths
-from preftune.logprobs import _text_config, batch_logps
-from preftune.packing_check import supports_packing
+from preftune.logprobs import batch_logps
 from preftune.precision import autocast
 from preftune.stats import kl_from_samples
 
 
 # ----------------------------------------------------------------------------- tokens
-
-
-def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """Plain text unchanged; a message list through the chat template (generation prompt on),
-    as :func:`preftune.data.tokenize.render_messages` renders a training prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("a prompt is a list of messages but the tokenizer has no chat template; "
-                         "pass plain-text prompts or a tokenizer with a template")
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
-def prompt_token_ids(tokenizer, prompt: Prompt, prefix_ids: list[int] | None = None) -> list[int]:
-    """The prompt's ids as the training data path builds them: the rendered prompt encoded without
-    special tokens, the tokenizer's BOS (:func:`~preftune.data.tokenize.special_prefix_ids`, or
-    ``prefix_ids``) put in front unless the rendered text starts with it already.
-
-    Equal to a training example's ``prompt_ids`` unless a token merges across the boundary with
-    its completion (then training moves that token to the completion; there is no completion here).
-    """
-    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
-    body = list(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
-    ids, _, _ = split_ids(body, [body], prefix)  # the prompt as its own full text: nothing to cut
-    if not ids:
-        raise ValueError(f"prompt {prompt!r:.60} encodes to no tokens; a completion needs at least one "
-                         "token before it to be predicted from")
-    return ids
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -254,25 +224,13 @@ def _score(model, examples: list[TokenizedExample], pad_id: int, batch_size: int
     scored = sorted((ex for ex in examples if ex.completions[0]), key=lambda ex: -ex.num_tokens)
     if not scored:
         return logps
-    collate, device = _scoring_collate(model, pad_id), _device(model)
+    collate, device = scoring_collate(model, pad_id), _device(model)
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(scored), batch_size):
             batch = collate(scored[start:start + batch_size])
             out = batch_logps(model, batch.to(device), compute_dtype=compute_dtype)  # (G,) with K = 1
             logps[batch.example_index] = out.logps.float().cpu()
     return logps
-
-
-def _scoring_collate(model, pad_id: int):
-    """The training loop's batch builder (``preftune.train``): packed when ``model`` can run packed
-    batches (:func:`~preftune.packing_check.supports_packing`), rows as cheap as
-    :func:`~preftune.data.collate.attention_cost` makes them; else padded. No prompt tokens scored."""
-    if not supports_packing(model)[0]:
-        return partial(collate_padded, pad_id=pad_id)
-    config = _text_config(model)
-    hidden = getattr(config, "hidden_size", None)
-    row_cost = attention_cost(hidden, getattr(config, "intermediate_size", None)) if hidden else None
-    return partial(collate_packed, pad_id=pad_id, row_cost=row_cost)
 
 
 def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: int = 4, max_new_tokens: int = 64,

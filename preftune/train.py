@@ -27,10 +27,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data.collate import attention_cost, batch_indices
+from .data.collate import batch_indices
 # the data path the loop and evaluation share (make_collate stays reachable here: benchmarks wrap it)
-from .data.pipeline import balanced_split, make_collate, mixed_label_batches, read_examples  # noqa: F401
-from .logprobs import LogProbModel, _text_config
+from .data.pipeline import balanced_split, make_collate, mixed_label_batches, model_row_cost, read_examples  # noqa: F401
+from .logprobs import LogProbModel
 from .packing_check import supports_packing
 from .losses import kto_weight_warning
 from .memory import enable_checkpointing, plan_memory, training_state_bytes
@@ -154,10 +154,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
         else:
             log.warning("packing off: %s; using padded batches", reason)
             packing = False
-    text_config = _text_config(model)
-    hidden = getattr(text_config, "hidden_size", None)
-    row_cost = attention_cost(hidden, getattr(text_config, "intermediate_size", None)) if hidden else None
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing, row_cost)
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
 
     reference = None
     if cfg.needs_reference:

@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 
-import preftune.generate as generate
+import preftune.packing_check as packing_check
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.load import DataReport
 from preftune.data.records import Example
-from preftune.data.tokenize import tokenize_examples
+from preftune.data.tokenize import render_prompt, tokenize_examples
 from preftune.generate import completion_logps, estimate_kl, sample_token_ids, sequence_logps
 from preftune.logprobs import batch_logps
 from preftune.tiny import CHAT_TEMPLATE, tiny_model
@@ -47,7 +47,7 @@ def model(tiny_tokenizer):
 def layout(request, monkeypatch):
     """Run each test with the packed collate (the tiny Llama supports it) and with the padded one."""
     if request.param == "padded":
-        monkeypatch.setattr(generate, "supports_packing", lambda model: (False, "test: padded"))
+        monkeypatch.setattr(packing_check, "supports_packing", lambda model: (False, "test: padded"))
     return request.param
 
 
@@ -85,7 +85,7 @@ def brute_force_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
 def test_sequence_logps_is_the_training_path_and_right(model, tiny_tokenizer, case, layout):
     """append_eos=True scores exactly the training examples' ids (plain: EOS appended; chat: the
     template's end of turn), and those scores are the brute-force forward's."""
-    assert generate.supports_packing(model)[0] == (layout == "packed")
+    assert packing_check.supports_packing(model)[0] == (layout == "packed")
     prompts, completions = CASES[case]
     examples = training_examples(tiny_tokenizer, prompts, completions)
     prompt_ids = [ex.prompt_ids for ex in examples]
@@ -111,7 +111,7 @@ def test_sequence_logps_without_the_ending(model, tiny_tokenizer, case, layout):
     """append_eos=False: the completion text's own tokens after the rendered prompt, no EOS and no
     end of turn; the same ids through the training path's plain-text tokenization."""
     prompts, completions = CASES[case]
-    rendered = [generate.render_prompt(tiny_tokenizer, p) for p in prompts]
+    rendered = [render_prompt(tiny_tokenizer, p) for p in prompts]
     examples = training_examples(tiny_tokenizer, rendered, completions)
     prompt_ids = [ex.prompt_ids for ex in examples]
     completion_ids = [ex.completions[0][:-1] for ex in examples]  # the appended EOS dropped

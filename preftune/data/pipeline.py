@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .collate import collate_packed, collate_padded
+from .collate import attention_cost, collate_packed, collate_padded
 from .load import load_dataset
 
 if TYPE_CHECKING:
@@ -73,6 +73,27 @@ def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> lis
             n += 1
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def model_row_cost(model) -> float | None:
+    """:func:`~preftune.data.collate.attention_cost` of ``model``'s text config (None when it names no
+    hidden size): what lets packed rows take several groups where that is cheaper than padding."""
+    from ..logprobs import _text_config
+
+    config = _text_config(model)
+    hidden = getattr(config, "hidden_size", None)
+    return attention_cost(hidden, getattr(config, "intermediate_size", None)) if hidden else None
+
+
+def scoring_collate(model, pad_id: int, packing: bool = True):
+    """The training loop's batch builder for scoring without a TrainConfig (generation, KL): packed
+    when ``packing`` and ``model`` can run packed batches
+    (:func:`~preftune.packing_check.supports_packing`), else padded; no prompt tokens scored."""
+    from ..packing_check import supports_packing
+
+    if not (packing and supports_packing(model)[0]):
+        return partial(collate_padded, pad_id=pad_id)
+    return partial(collate_packed, pad_id=pad_id, row_cost=model_row_cost(model))
 
 
 def make_collate(cfg: TrainConfig, pad_id: int, packing: bool, row_cost: float | None = None):

@@ -135,6 +135,34 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int | None
     return out
 
 
+def render_prompt(tokenizer, prompt) -> str:
+    """A prompt to sample from: plain text unchanged; a message list through the chat template
+    (generation prompt on), as :func:`render_messages` renders a training prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a prompt is a list of messages but the tokenizer has no chat template; "
+                         "pass plain-text prompts or a tokenizer with a template")
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(tokenizer, prompt, prefix_ids: list[int] | None = None) -> list[int]:
+    """The prompt's ids as the training data path builds them: the rendered prompt encoded without
+    special tokens, the tokenizer's BOS (:func:`special_prefix_ids`, or
+    ``prefix_ids``) put in front unless the rendered text starts with it already.
+
+    Equal to a training example's ``prompt_ids`` unless a token merges across the boundary with
+    its completion (then training moves that token to the completion; there is no completion here).
+    """
+    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    body = list(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    ids, _, _ = split_ids(body, [body], prefix)  # the prompt as its own full text: nothing to cut
+    if not ids:
+        raise ValueError(f"prompt {prompt!r:.60} encodes to no tokens; a completion needs at least one "
+                         "token before it to be predicted from")
+    return ids
+
+
 def bound_example(example: Example, max_length: int | None) -> tuple[Example, tuple[bool, ...] | None]:
     """``example`` with every text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters cut to
     that (prompt texts keep their end, completion texts their start), and which parts were cut:
