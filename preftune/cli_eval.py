@@ -104,7 +104,9 @@ def register(subparsers) -> None:
     ev.add_argument("--kl-samples", type=int, default=1, help="samples per prompt for the KL estimate (default: 1)")
     ev.add_argument("--beta", type=float, default=0.1, help="implicit-reward scale (default: 0.1)")
     ev.add_argument("--max-length", type=int, default=1024, help="max prompt + completion tokens (default: 1024)")
-    ev.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens (default: 512)")
+    ev.add_argument("--max-prompt-length", type=int, default=None,
+                    help="max prompt tokens (default: no own limit; --max-length bounds prompt + completion, "
+                         "the prompt's start cut first, as in preftune train)")
     ev.add_argument("--max-examples", type=int, help="use only the first N held-out records")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ev.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")

@@ -55,7 +55,7 @@ RAW_PREFERENCE = "none: raw log-prob preference (chosen logp > rejected logp)"
 def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_model: str | os.PathLike | None = None,
                    nll_data: str | os.PathLike | None = None, generate: int = 0, judge: str | Judge | None = None,
                    max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                   batch_size: int = 8, max_length: int = 1024, max_prompt_length: int | None = 512, beta: float = 0.1,
+                   batch_size: int = 8, max_length: int = 1024, max_prompt_length: int | None = None, beta: float = 0.1,
                    kl_samples: int = 1, max_examples: int | None = None, dtype: str = "float32",
                    packing: bool = True, logit_chunk_size: int = 1024, trust_remote_code: bool = False,
                    device: str | None = None, mixed_precision: str = "no") -> dict:
