@@ -15,6 +15,7 @@ what each variant changes::
     eval: {generate: 16, judge: "python:mymod:score"}   # evaluate_model options (optional)
     criterion: win_rate               # or eval_accuracy (default: win_rate when eval has a judge)
     isolate: true                     # one subprocess per variant (default; gives its peak memory)
+    train_eval: true                  # also evaluate eval_data inside each run, before and after (default)
 
 Relative paths are relative to the current directory, as for ``preftune train --config``.
 
@@ -53,7 +54,8 @@ CRITERIA = {
     "eval_accuracy": "held-out preference accuracy: implicit reward beta * (logp_variant - logp_base) of the "
                      "chosen response > the rejected one",
 }
-SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "eval", "criterion", "isolate")
+SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "eval", "criterion", "isolate",
+              "train_eval")
 EVAL_OPTIONS = {"generate": int, "judge": str, "max_new_tokens": int, "temperature": float, "top_p": float,
                 "seed": int, "batch_size": int, "beta": float, "kl_samples": int, "nll_data": str,
                 "max_examples": int, "mixed_precision": str}
@@ -73,6 +75,7 @@ class Sweep:
     eval: dict = field(default_factory=dict)
     criterion: str = "eval_accuracy"
     isolate: bool = True
+    train_eval: bool = True  # also evaluate eval_data inside each training run (before and after: curves)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -128,7 +131,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: criterion win_rate needs eval: {{generate: N, judge: SPEC}}")
     return Sweep(path=path, base=str(raw["base"]), data=str(raw["data"]), eval_data=str(raw["eval_data"]),
                  output_dir=Path(raw["output_dir"]), common=common, variants=variants, eval=evaluation,
-                 criterion=criterion, isolate=bool(raw.get("isolate", True)))
+                 criterion=criterion, isolate=bool(raw.get("isolate", True)),
+                 train_eval=bool(raw.get("train_eval", True)))
 
 
 def variant_spec(sweep: Sweep, variant: dict) -> dict:
@@ -139,11 +143,13 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
     if fixed:
         raise ConfigError(f"{fixed[0]!r} is set by the sweep, not per variant")
     values = {"progress": False, **sweep.common, **options, "model": sweep.base, "data": sweep.data,
-              "eval_data": sweep.eval_data, "output_dir": str(sweep.output_dir / name),
+              # train_eval: false leaves the in-loop held-out passes out; the evaluation after training stays
+              "eval_data": sweep.eval_data if sweep.train_eval else None, "output_dir": str(sweep.output_dir / name),
               # the sweep owns its variant folders: a variant trained again replaces what an earlier try left
               "overwrite_output_dir": True}
     cfg = TrainConfig.from_dict(values, source=f"variant {name}").validate()
-    return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval)}
+    return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval),
+            "eval_data": sweep.eval_data}
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -186,7 +192,7 @@ def evaluate_variant(spec: dict) -> dict:
     options = dict(spec["eval"])
     options.setdefault("batch_size", cfg.batch_size)
     options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
-    return evaluate_model(cfg.output_dir, cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
+    return evaluate_model(cfg.output_dir, spec.get("eval_data") or cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code, **options)
 
