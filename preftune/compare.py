@@ -144,7 +144,8 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
         raise ConfigError(f"{fixed[0]!r} is set by the sweep, not per variant")
     values = {"progress": False, **sweep.common, **options, "model": sweep.base, "data": sweep.data,
               # train_eval: false leaves the in-loop held-out passes out; the evaluation after training stays
-              "eval_data": sweep.eval_data if sweep.train_eval else None, "output_dir": str(sweep.output_dir / name),
+              "eval_data": sweep.eval_data if sweep.train_eval else None,
+              "output_dir": str(sweep.output_dir / name),
               # the sweep owns its variant folders: a variant trained again replaces what an earlier try left
               "overwrite_output_dir": True}
     cfg = TrainConfig.from_dict(values, source=f"variant {name}").validate()
@@ -192,7 +193,8 @@ def evaluate_variant(spec: dict) -> dict:
     options = dict(spec["eval"])
     options.setdefault("batch_size", cfg.batch_size)
     options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
-    return evaluate_model(cfg.output_dir, spec.get("eval_data") or cfg.eval_data, ref_model=cfg.model, max_length=cfg.max_length,
+    data = spec.get("eval_data") or cfg.eval_data  # train_eval: false leaves it out of the training config
+    return evaluate_model(cfg.output_dir, data, ref_model=cfg.model, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code, **options)
 

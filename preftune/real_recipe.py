@@ -119,11 +119,12 @@ class RealRecipeConfig:
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
-        """``full`` (the proof: < 60 min on 2 CPU cores) or ``reduced`` (a smoke run of every stage with
-        fewer prompts, pairs and variants; same thresholds, fewer held-out pairs), with ``overrides``."""
+        """``full`` (the proof; measured about 2 h 20 min on 2 CPU cores, over the 60-minute target) or
+        ``reduced`` (a smoke run of every stage with fewer prompts, pairs and variants; same thresholds,
+        fewer held-out pairs), with ``overrides``."""
         if name not in ("full", "reduced"):
             raise ValueError(f"unknown preset {name!r} (full or reduced)")
-        # full = the defaults, sized to about an hour on 2 CPU cores (measured: the README's real-model section)
+        # full = the defaults (measured: the README's real-model section)
         values: dict = {}
         if name == "reduced":
             values = dict(max_length=256, max_prompt_length=160, a_train_films=32, a_max_new_tokens=32,
@@ -157,8 +158,8 @@ a reward
     trains on the DPO part and is evaluated on the held-out pairs (preference accuracy, win
     rate over the base judged by the reward model, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
-  runs/real), each target marked reached or not. Time on 2 CPU cores: under an hour (--reduced:
-  every stage on fewer prompts, pairs and variants, a smoke run of ~15 min).
+  runs/real), each target marked reached or not. Time on 2 CPU cores: about 2 h 20 min, measured (--reduced:
+  every stage on fewer prompts, pairs and variants, a smoke run of ~25 min).
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
     task B: {cfg.b_main_variant} held-out accuracy >= {cfg.target_b_accuracy} on >= {cfg.target_b_accuracy_pairs} \

@@ -200,3 +200,16 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
     assert sum(1 for row in read_metrics(out / "dpo" / "metrics.jsonl") if "loss" in row) == 3
     assert fourth["ipo"]["status"] == "done (trained earlier, evaluated again)" or \
         fourth["ipo"]["status"] == "done (earlier run)"
+
+
+def test_train_eval_false_keeps_the_held_out_data_out_of_training(tmp_path):
+    """The held-out pairs are evaluated once per variant, after its training, not also inside the loop."""
+    from preftune.compare import variant_spec
+
+    common = dict(base="m", data="d.jsonl", eval_data="e.jsonl", output_dir=str(tmp_path / "out"),
+                  variants=[{"name": "dpo", "loss": "dpo"}])
+    default = load_sweep(write_sweep(tmp_path / "a.yaml", **common))
+    assert default.train_eval and variant_spec(default, default.variants[0])["train"]["eval_data"] == "e.jsonl"
+    sweep = load_sweep(write_sweep(tmp_path / "b.yaml", **common, train_eval=False))
+    spec = variant_spec(sweep, sweep.variants[0])
+    assert spec["train"]["eval_data"] is None and spec["eval_data"] == "e.jsonl"
