@@ -36,11 +36,12 @@ from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
 from preftune.files import json_safe
-from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, resolve_compute_dtype, sample,
-                               sample_from_path, sample_token_ids)
+from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
+                               sample_token_ids)
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
 from preftune.logprobs import LogpOutput, batch_logps
 from preftune.packing_check import supports_packing
+from preftune.precision import resolve_compute_dtype
 from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 from preftune.objective import compute_objective
 from preftune.reference import ModelReference
@@ -148,7 +149,7 @@ def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int
     tokenizer = load_tokenizer(str(model_path), trust_remote_code)
     model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code, head="reward").to(device).eval()
     packing = packing and supports_packing(model)[0]
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing)
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
     pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
     chosen, rejected = [], []
     with torch.no_grad():

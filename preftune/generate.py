@@ -32,6 +32,7 @@ from preftune.data.records import Example, TokenizedExample
 from preftune.data.tokenize import prompt_token_ids, render_prompt, special_prefix_ids, tokenize_example
 from preftune.judges import Judge, Prompt, ScoringJudge, check_lengths
 from preftune.logprobs import batch_logps
+from preftune.precision import resolve_compute_dtype
 from preftune.precision import autocast
 from preftune.stats import kl_from_samples
 
@@ -167,25 +168,29 @@ def sequence_logps(model, tokenizer, prompts: Sequence[Prompt], completions: Seq
     if append_eos and tokenizer.eos_token_id is None:
         raise ValueError("append_eos=True but the tokenizer has no EOS token")
     prefix = special_prefix_ids(tokenizer)
-    examples = [_scoring_example(tokenizer, prompt, completion, append_eos, index, prefix)
+    examples = [scoring_example(tokenizer, prompt, completion, append_eos, index, prefix)
                 for index, (prompt, completion) in enumerate(zip(prompts, completions))]
     return _score(model, examples, _pad_id(tokenizer), batch_size, compute_dtype)
 
 
-def _scoring_example(tokenizer, prompt: Prompt, completion: str, finished: bool, index: int,
-                     prefix: list[int]) -> TokenizedExample:
-    """One (prompt, completion) through the training path's tokenizer; see :func:`sequence_logps`."""
+def scoring_example(tokenizer, prompt: Prompt, completion: str, finished: bool, index: int,
+                    prefix: list[int], max_length: int | None = None) -> TokenizedExample | None:
+    """One (prompt, completion) through the training path's tokenizer; see :func:`sequence_logps`
+    (``finished`` is its ``append_eos``). ``max_length`` cuts as training does; None when the cut
+    leaves no completion token."""
     if finished and not isinstance(prompt, str):  # a finished chat reply: the template ends the turn
         reply = [{"role": "assistant", "content": completion}]
         return tokenize_example(tokenizer, Example(kind="sft", prompt=list(prompt), completion=reply), index,
-                                prefix_ids=prefix)
+                                max_length, prefix_ids=prefix)
     text = render_prompt(tokenizer, prompt)
     if not completion:  # the training path refuses an empty completion; scored alone it is just the end
         ending = [tokenizer.eos_token_id] if finished else []
         return TokenizedExample(index=index, prompt_ids=prompt_token_ids(tokenizer, text, prefix),
                                 completions=[ending])
     example = tokenize_example(tokenizer, Example(kind="sft", prompt=text, completion=completion), index,
-                               prefix_ids=prefix)
+                               max_length, prefix_ids=prefix)
+    if example is None:
+        return None
     ids = example.completions[0]
     if not finished and ids[-1] == tokenizer.eos_token_id and not completion.endswith(tokenizer.eos_token):
         example.completions = [ids[:-1]]  # the EOS the plain-text path appended (not one the text ends with)
@@ -345,13 +350,6 @@ def sample_from_path(model_path, prompts: Sequence[Prompt], n: int, max_new_toke
     return sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, seed=seed, batch_size=batch_size,
                   compute_dtype=resolve_compute_dtype(mixed_precision, device))
-
-
-def resolve_compute_dtype(mixed_precision: str, device) -> torch.dtype | None:
-    """The autocast dtype of a ``--mixed-precision`` value on ``device`` (None: the weights' own)."""
-    from preftune.precision import compute_dtype, resolve_mixed_precision
-
-    return compute_dtype(resolve_mixed_precision(mixed_precision, torch.device(device).type)[0])
 
 
 def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge: str | Judge | None = None,

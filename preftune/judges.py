@@ -192,8 +192,98 @@ class RewardModelJudge(ScoringJudge):
                  spec: str = "", dtype: str = "float32", mixed_precision: str = "no"):
         import torch
 
-        from preftune.generate import resolve_compute_dtype
         from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
+        from preftune.precision import resolve_compute_dtype
+
+        self.spec = spec or f"reward-model:{path}"
+        if not is_reward_model_folder(path):
+            raise ValueError(f"could not load the reward model from {path!r}: not a reward model folder (a "
+                             "config.json with a one-label ...ForSequenceClassification architecture); train one "
+                             "with preftune train --loss reward")
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path, dtype, head="reward")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.compute_dtype = resolve_compute_dtype(mixed_precision, self.device)  # autocast, as in training
+
+    def examples(self, prompts, responses) -> list:
+        """The responses as finished replies on the training path, one completion each
+        (:func:`preftune.generate.scoring_example`, as ``sequence_logps(..., append_eos=True)``)."""
+        from preftune.data.tokenize import special_prefix_ids
+        from preftune.generate import scoring_example
+
+        prefix = special_prefix_ids(self.tokenizer)
+        out = []
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            tokenized = scoring_example(self.tokenizer, prompt, response, True, index, prefix, self.max_length)
+            if tokenized is None:
+                raise ValueError(f"response {index} is empty after truncation to max_length {self.max_length}")
+            out.append(tokenized)
+        return out
+
+    def score(self, prompts, responses) -> list[float]:
+        check_lengths(prompts=prompts, responses=responses)
+        scores = []
+        for prompt, response in zip(prompts, responses):
+            value = self.function(prompt_text(prompt), response)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"judge {self.spec} returned {value!r}; it must return a number") from None
+            if math.isnan(value):
+                raise ValueError(f"judge {self.spec} returned NaN for response {response!r:.60}")
+            scores.append(value)
+        return scores
+
+
+def load_function(target: str) -> Callable:
+    """``module:function`` or ``path/to/file.py:function`` -> the function object."""
+    location, sep, name = target.rpartition(":")
+    if not sep or not location or not name:
+        raise ValueError(f"python judge spec needs MODULE:FUNCTION or FILE.py:FUNCTION, got {target!r}")
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        path = Path(location)
+        if not path.is_file():
+            raise ValueError(f"python judge file not found: {path}")
+        module_name = f"preftune_judge_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # so dataclasses/pickle inside the file work
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as exc:
+            raise ValueError(f"python judge: cannot import module {location!r}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"python judge: {location!r} has no function {name!r}")
+    return function
+
+
+# ----------------------------------------------------------------------------- reward-model:
+
+
+class RewardModelJudge(ScoringJudge):
+    """Scores with a reward model (``preftune train --loss reward``, or any one-logit
+    ``AutoModelForSequenceClassification`` folder): its scalar on prompt + response.
+
+    The text goes through the training data path (:func:`preftune.data.tokenize.tokenize_example`,
+    the collate functions, :func:`preftune.logprobs.batch_logps`), so a response is scored exactly
+    as the reward model saw its training pairs: a message-list prompt with the response as the
+    assistant turn under the chat template, a plain prompt with the response and EOS. Batched, no
+    grad, eval mode, loaded with ``trust_remote_code=False``; ``max_length`` keeps the end of long
+    prompts as training does (None: no limit); ``mixed_precision`` as ``preftune train``'s.
+    """
+
+    def __init__(self, path: str, batch_size: int = 8, max_length: int | None = None, device: str | None = None,
+                 spec: str = "", dtype: str = "float32", mixed_precision: str = "no"):
+        import torch
+
+        from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
+        from preftune.precision import resolve_compute_dtype
 
         self.spec = spec or f"reward-model:{path}"
         if not is_reward_model_folder(path):
@@ -238,6 +328,8 @@ class RewardModelJudge(ScoringJudge):
         scores: list[float] = []
         with torch.no_grad():
             for start in range(0, len(examples), self.batch_size):
+                # Padded, one row per response: a response's score never depends on what shares its row, so
+                # identical responses tie exactly (packed rows differ from padded in the last float bits).
                 batch = collate_padded(examples[start:start + self.batch_size],
                                        pad_id=self.tokenizer.pad_token_id).to(self.device)
                 rewards = batch_logps(self.model, batch, compute_dtype=self.compute_dtype).rewards

@@ -84,6 +84,11 @@ def compute_dtype(mode: str) -> torch.dtype | None:
     return COMPUTE_DTYPES[mode]
 
 
+def resolve_compute_dtype(mixed_precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of a ``--mixed-precision`` value on ``device`` (None: the weights' own)."""
+    return compute_dtype(resolve_mixed_precision(mixed_precision, torch.device(device).type)[0])
+
+
 def autocast(device_type: str, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype``, or a no-op context for ``None``."""
     if dtype is None:

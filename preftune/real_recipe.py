@@ -385,7 +385,7 @@ def sample_in_chunks(cfg: RealRecipeConfig, model, tokenizer, prompts: list, n: 
 
     from preftune.generate import sample
 
-    from preftune.generate import resolve_compute_dtype
+    from preftune.precision import resolve_compute_dtype
 
     compute = resolve_compute_dtype(cfg.mixed_precision, next(model.parameters()).device)
     per_chunk = max(1, cfg.generation_batch_size // n)
