@@ -108,6 +108,10 @@ def register(subparsers) -> None:
                     help="max prompt tokens (default: no own limit; --max-length bounds prompt + completion, "
                          "the prompt's start cut first, as in preftune train)")
     ev.add_argument("--max-examples", type=int, help="use only the first N held-out records")
+    ev.add_argument("--base-cache", metavar="FILE.json",
+                    help="keep the base's share of the work (its held-out log-probs, NLL and samples) in this file "
+                         "and reuse it when another model is evaluated against the same base with the same data "
+                         "and settings (keyed by the base's weights and every setting; same results)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ev.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
     _add_sampling_flags(ev)
@@ -147,7 +151,8 @@ def cmd_eval(args) -> int:
                             batch_size=args.batch_size, max_length=args.max_length,
                             max_prompt_length=args.max_prompt_length, beta=args.beta, kl_samples=args.kl_samples,
                             max_examples=args.max_examples, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
+                            trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision,
+                            base_cache=args.base_cache)
     text = to_json(result)
     if args.output:
         Path(args.output).write_text(text)

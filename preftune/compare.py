@@ -25,7 +25,10 @@ reference for every variant), and writes ``report.md``, ``report.html`` (self-co
 ``summary.json`` and the plots. A variant that fails is reported with its error and the
 sweep goes on. A finished variant leaves ``done.json`` (its settings and results) and is
 skipped when the sweep is run again with the same settings for it; when only the ``eval:``
-settings changed, it is evaluated again without retraining.
+settings changed, it is evaluated again without retraining. The base's share of each evaluation
+(its log-probs of the held-out pairs, its NLL, its samples) is the same for every variant: the first
+variant computes it into ``output_dir/base_cache.json`` and the others read it back
+(:class:`preftune.evaluate.BaseCache`; ``eval: {base_cache: false}`` turns that off).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ SWEEP_KEYS = ("base", "data", "eval_data", "output_dir", "common", "variants", "
               "train_eval")
 EVAL_OPTIONS = {"generate": int, "judge": str, "max_new_tokens": int, "temperature": float, "top_p": float,
                 "seed": int, "batch_size": int, "beta": float, "kl_samples": int, "nll_data": str,
-                "max_examples": int, "mixed_precision": str}
+                "max_examples": int, "mixed_precision": str, "base_cache": bool}
 SET_BY_SWEEP = ("model", "data", "eval_data", "output_dir", "overwrite_output_dir")  # TrainConfig fields the sweep file owns
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -193,6 +196,10 @@ def evaluate_variant(spec: dict) -> dict:
     options = dict(spec["eval"])
     options.setdefault("batch_size", cfg.batch_size)
     options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
+    # the base's share of the evaluation (its held-out log-probs, NLL, samples) is computed by the first
+    # variant and read back by the others (evaluate.BaseCache: keyed by the base's weights and every setting)
+    options["base_cache"] = (str(Path(cfg.output_dir).parent / "base_cache.json")
+                             if options.pop("base_cache", True) else None)
     data = spec.get("eval_data") or cfg.eval_data  # train_eval: false leaves it out of the training config
     return evaluate_model(cfg.output_dir, data, ref_model=cfg.model, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,

@@ -21,6 +21,7 @@ Everything runs without grad, in eval mode, in one process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
-from preftune.files import json_safe
+from preftune.files import json_safe, write_atomic
 from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
                                sample_token_ids)
 from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
@@ -44,7 +45,7 @@ from preftune.packing_check import supports_packing
 from preftune.precision import resolve_compute_dtype
 from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 from preftune.objective import compute_objective
-from preftune.reference import ModelReference
+from preftune.reference import check_separate, data_fingerprint
 from preftune.stats import kl_from_samples, wilson_interval
 from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 
@@ -59,7 +60,8 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
                    batch_size: int = 8, max_length: int = 1024, max_prompt_length: int | None = None, beta: float = 0.1,
                    kl_samples: int = 1, max_examples: int | None = None, dtype: str = "float32",
                    packing: bool = True, logit_chunk_size: int = 1024, trust_remote_code: bool = False,
-                   device: str | None = None, mixed_precision: str = "no") -> dict:
+                   device: str | None = None, mixed_precision: str = "no",
+                   base_cache: str | os.PathLike | None = None) -> dict:
     """Metrics of ``model_path`` on held-out pairs ``data``, against ``ref_model`` when given.
 
     Args:
@@ -73,12 +75,18 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         beta: scale of the implicit reward (accuracy does not depend on it; margins and loss do).
         mixed_precision: ``no``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device runs it fast), as
             ``preftune train --mixed-precision``: the forwards and sampling autocast to it, log-softmax fp32.
+        base_cache: a JSON file (:class:`BaseCache`) that keeps the base's share of the work (its
+            held-out log-probs, NLL and samples) for the next evaluation against the same base: a
+            sweep's variants compute it once. The results are the same with or without it.
 
     Returns a JSON-ready dict: ``preference``, ``nll``, ``generation`` (None when not asked),
-    plus ``model``, ``reference``, ``data`` and the settings. See :func:`format_table`.
+    plus ``model``, ``reference``, ``data``, the settings and, with ``base_cache``, ``base_cache``
+    (which entries were reused, which computed). See :func:`format_table`.
     """
     if generate and ref_model is None:
         raise ValueError("--generate compares samples of the model with the base's: it needs --ref-model")
+    if base_cache is not None and ref_model is None:
+        raise ValueError("--base-cache keeps the base model's results: it needs --ref-model")
     if judge is not None and not generate:
         raise ValueError("--judge is used on generated samples: also pass --generate N")
     if generate < 0 or kl_samples < 1:
@@ -107,20 +115,26 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
     base = None
     if ref_model is not None:
         base = load_model(str(ref_model), dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        check_separate(model, base)
     packing = packing and supports_packing(model)[0] and (base is None or supports_packing(base)[0])
     collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
+    cache = BaseCache(base_cache, base) if base_cache is not None and base is not None else None
+    # what the base's numbers depend on besides its weights and the inputs (BaseCache keys)
+    layout = {"batch_size": batch_size, "packing": packing, "row_cost": model_row_cost(model),
+              "logit_chunk_size": logit_chunk_size, "dtype": dtype, "compute_dtype": str(compute),
+              "device": device.type}
 
     pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
     result = {"model": str(model_path), "reference": str(ref_model) if ref_model is not None else RAW_PREFERENCE,
               "data": str(data), "settings": {"beta": beta, "max_length": max_length,
                                               "max_prompt_length": max_prompt_length, "dtype": dtype}}
     result["settings"]["compute_dtype"] = str(compute or "weights' dtype").replace("torch.", "")
-    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device, compute)
+    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device, compute, cache, layout)
 
     sft_cfg = TrainConfig(**{**cfg.to_dict(), "loss": "sft"})
     sft_examples, _ = read_examples(sft_cfg, tokenizer, str(nll_data or data), main=True)
     result["nll"] = nll_metrics(model, base, sft_examples, make_collate(sft_cfg, tokenizer.pad_token_id, packing),
-                                cfg, device, compute)
+                                cfg, device, compute, cache, layout)
     result["nll"]["data"] = str(nll_data) if nll_data else f"chosen responses of {data}"
 
     result["generation"] = None
@@ -128,7 +142,10 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         prompts = read_prompts(data, limit=generate)
         result["generation"] = generation_metrics(
             model, base, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples, compute_dtype=compute)
+            top_p=top_p, seed=seed, batch_size=batch_size, kl_samples=kl_samples, compute_dtype=compute,
+            cache=cache, layout=layout)
+    if cache is not None:
+        result["base_cache"] = cache.summary()
     return result
 
 
@@ -173,35 +190,119 @@ def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int
             "nll": None, "generation": None}
 
 
+# ----------------------------------------------------------------------------- the base's share, cached
+
+
+class BaseCache:
+    """What an evaluation computes on the base alone, kept in one JSON file for the next evaluation.
+
+    Every variant of a sweep is evaluated against the same base on the same held-out data, and a
+    third of that work is the base's: its log-probs of the held-out pairs (the reference side of
+    the implicit reward), its NLL on the NLL data, and its samples. Those depend only on the base,
+    the data and the settings, never on the variant, so :func:`evaluate_model` with ``base_cache``
+    computes each once and reads it back afterwards. An entry's key hashes everything it depends
+    on: every weight of the base (:func:`preftune.reference.weights_fingerprint`), the tokenized
+    examples or prompts, the batch layout (batch size, packing, logit chunk), the compute dtype,
+    the device type and the torch version, and for samples the sampling settings and seed; a
+    changed input is a new key, never a stale value. Values read back are exactly the computed
+    ones (floats round-trip through JSON), so a cached evaluation equals an uncached one.
+    ``reused`` lists the entries read back, ``stored`` those computed and written.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike, base):
+        self.path = Path(path)
+        self.base = base
+        self._weights: str | None = None
+        self.reused: list[str] = []
+        self.stored: list[str] = []
+
+    def _entries(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("base cache %s unreadable (%s): computing again", self.path, exc)
+            return {}
+        return raw.get("entries", {}) if raw.get("version") == self.VERSION else {}
+
+    def key(self, kind: str, parts: dict) -> str:
+        from preftune.reference import weights_fingerprint
+
+        if self._weights is None:
+            self._weights = weights_fingerprint(self.base)
+        text = json.dumps({"kind": kind, "weights": self._weights, "torch": torch.__version__, **parts},
+                          sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def get_or_compute(self, kind: str, parts: dict, compute):
+        """The cached value of (kind, parts), else ``compute()`` stored under that key."""
+        key = self.key(kind, parts)
+        entry = self._entries().get(key)
+        if entry is not None:
+            self.reused.append(kind)
+            log.info("base cache: reusing the base's %s (%s)", kind, self.path)
+            return entry["value"]
+        value = compute()
+        entries = self._entries()  # read again: another evaluation may have written since
+        entries[key] = {"kind": kind, "value": value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, json.dumps({"version": self.VERSION, "entries": entries}))
+        self.stored.append(kind)
+        return value
+
+    def summary(self) -> dict:
+        return {"path": str(self.path), "reused": list(self.reused), "stored": list(self.stored)}
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's vocabulary, special tokens and chat template (the samples' text depends on them)."""
+    parts = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer.chat_template or ""]
+    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+
+
 # ----------------------------------------------------------------------------- held-out pairs
 
 
 @torch.no_grad()
-def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None) -> dict:
-    """DPO metrics over all held-out pairs at once (exact means, not means of batch means)."""
-    reference = (ModelReference(base, policy=model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
-                 if base is not None else None)
-    policy_parts, ref_parts = [], []
+def pair_logps(model, examples, collate, cfg: TrainConfig, device, compute=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2N,) float32 summed log-probs of held-out pairs, every chosen response then every rejected
+    one, and their (2N,) completion-token counts: the training loop's batches and ``batch_logps``."""
+    parts = []
     for start in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[start:start + cfg.batch_size]).to(device)
         out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)
         G = batch.num_groups  # sequence s = k * G + g: chosen first, then rejected
-        policy_parts.append((out.logps.view(2, G), out.counts.view(2, G)))
-        if reference is not None:
-            ref_parts.append(reference.logps(batch).view(2, G))
-    logps = torch.cat([p for p, _ in policy_parts], dim=1).reshape(-1).float()  # (2N,) chosen then rejected
-    counts = torch.cat([c for _, c in policy_parts], dim=1).reshape(-1)  # (2N,)
-    # No reference: log p_ref = 0, so the implicit reward is beta * log p and the accuracy
-    # is the raw preference chosen logp > rejected logp.
-    ref_logps = torch.cat(ref_parts, dim=1).reshape(-1) if ref_parts else torch.zeros_like(logps)
+        parts.append((out.logps.view(2, G), out.counts.view(2, G)))
+    logps = torch.cat([p for p, _ in parts], dim=1).reshape(-1).float().cpu()
+    return logps, torch.cat([c for _, c in parts], dim=1).reshape(-1).cpu()
+
+
+@torch.no_grad()
+def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None,
+                       cache: BaseCache | None = None, layout: dict | None = None) -> dict:
+    """DPO metrics over all held-out pairs at once (exact means, not means of batch means)."""
+    logps, counts = pair_logps(model, examples, collate, cfg, device, compute)
     n = len(examples)
+    if base is None:
+        # No reference: log p_ref = 0, so the implicit reward is beta * log p and the accuracy
+        # is the raw preference chosen logp > rejected logp.
+        ref_logps = torch.zeros_like(logps)
+    elif cache is None:
+        ref_logps = pair_logps(base, examples, collate, cfg, device, compute)[0]
+    else:
+        ref_logps = torch.tensor(cache.get_or_compute(
+            "held-out pair log-probs", {"examples": data_fingerprint(examples), **(layout or {})},
+            lambda: pair_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
     _, metrics = compute_objective("dpo", LogpOutput(logps, counts, logps.new_zeros(0)), n,
                                    ref_logps=ref_logps, beta=cfg.beta)
     m = {k: float(v) for k, v in metrics.items()}
     out = {"pairs": n, "accuracy": m["rewards/accuracies"],
            "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"],
            "logp_margin": m["logps/chosen"] - m["logps/rejected"]}
-    if reference is not None:
+    if base is not None:
         out.update(accuracy_definition="beta * (logp_model - logp_ref): chosen > rejected",
                    reward_chosen=m["rewards/chosen"], reward_rejected=m["rewards/rejected"],
                    reward_margin=m["rewards/margins"], dpo_loss=m["loss"], beta=cfg.beta)
@@ -213,20 +314,31 @@ def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device,
 
 
 @torch.no_grad()
-def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None) -> dict:
-    """Mean NLL per completion token (token-weighted over the file) under model and base."""
-    totals = {"model": 0.0, "base": 0.0}
-    tokens = 0
+def total_nll(model, examples, collate, cfg: TrainConfig, device, compute=None) -> tuple[float, int]:
+    """Summed NLL of the completion tokens of SFT ``examples`` under ``model``, and their count."""
+    total, tokens = 0.0, 0
     for start in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[start:start + cfg.batch_size]).to(device)
         out = batch_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)  # (G,), K = 1
-        totals["model"] -= float(out.logps.sum())
+        total -= float(out.logps.sum())
         tokens += int(out.counts.sum())
-        if base is not None:
-            totals["base"] -= float(batch_logps(base, batch, chunk_size=cfg.logit_chunk_size,
-                                                compute_dtype=compute).logps.sum())
-    model_nll = totals["model"] / tokens
-    base_nll = totals["base"] / tokens if base is not None else None
+    return total, tokens
+
+
+@torch.no_grad()
+def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device, compute=None,
+                cache: BaseCache | None = None, layout: dict | None = None) -> dict:
+    """Mean NLL per completion token (token-weighted over the file) under model and base."""
+    model_total, tokens = total_nll(model, examples, collate, cfg, device, compute)
+    model_nll = model_total / tokens
+    base_nll = None
+    if base is not None:
+        def base_total() -> float:
+            return total_nll(base, examples, collate, cfg, device, compute)[0]
+
+        total = (base_total() if cache is None else cache.get_or_compute(
+            "NLL", {"examples": data_fingerprint(examples), **(layout or {})}, base_total))
+        base_nll = total / tokens
     return {"tokens": tokens, "sequences": len(examples), "model": model_nll, "base": base_nll,
             "difference": model_nll - base_nll if base is not None else None}
 
@@ -247,7 +359,8 @@ class _RecordingJudge(ScoringJudge):
 
 def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge: Judge | None,
                        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 8, kl_samples: int = 1, compute_dtype=None) -> dict:
+                       batch_size: int = 8, kl_samples: int = 1, compute_dtype=None,
+                       cache: BaseCache | None = None, layout: dict | None = None) -> dict:
     """Sample model and base on ``prompts``; KL(model || base) and the model's win rate under ``judge``.
 
     Both sample with the same seed. The KL is estimated on samples drawn at temperature 1 and
@@ -266,8 +379,14 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
         kl, kl_stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples, **common)
         model_texts = [texts[0] for texts in sample(model, tokenizer, prompts, temperature=temperature,
                                                     top_p=top_p, **common)]
-    base_texts = [texts[0] for texts in sample(base, tokenizer, prompts, temperature=temperature, top_p=top_p,
-                                               **common)]
+    def base_samples() -> list[str]:
+        return [texts[0] for texts in sample(base, tokenizer, prompts, temperature=temperature, top_p=top_p,
+                                             **common)]
+
+    base_texts = base_samples() if cache is None else cache.get_or_compute(
+        "samples", {"prompts": [p if isinstance(p, str) else list(p) for p in prompts],
+                    "tokenizer": _tokenizer_fingerprint(tokenizer), "max_new_tokens": max_new_tokens,
+                    "temperature": temperature, "top_p": top_p, "seed": seed, **(layout or {})}, base_samples)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
            "seed": seed, "kl": kl, "kl_stderr": None if math.isnan(kl_stderr) else kl_stderr,
            "kl_samples": len(prompts) * kl_samples, "judge": None, "win_rate": None,

@@ -175,6 +175,52 @@ def test_win_rate_and_interval_from_a_judge_with_known_outcomes(tiny_model_dir, 
     assert tied["generation"]["score_model"] == tied["generation"]["score_base"] == 1.0
 
 
+def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(trained_dir, tiny_model_dir, rule_data,
+                                                                         judge_file, tmp_path, monkeypatch):
+    """A sweep's variants share the base's held-out log-probs, NLL and samples through ``base_cache``:
+    results equal the uncached ones exactly; the second model runs no base forward for the pairs or
+    the NLL and draws no base samples; a changed seed or base is a new key, not a stale value."""
+    import preftune.evaluate as ev
+
+    opts = dict(ref_model=tiny_model_dir, generate=8, judge=f"python:{judge_file}:rule_score", max_new_tokens=8,
+                max_examples=16, **LENGTHS)
+    cache = tmp_path / "base_cache.json"
+    plain = {name: evaluate_model(path, rule_data["eval"], **opts)
+             for name, path in (("trained", trained_dir), ("base", tiny_model_dir))}
+    first = evaluate_model(trained_dir, rule_data["eval"], base_cache=cache, **opts)
+    assert first.pop("base_cache") == {"path": str(cache), "reused": [],
+                                       "stored": ["held-out pair log-probs", "NLL", "samples"]}
+    assert first == plain["trained"]
+    assert first["preference"]["accuracy"] != 0.5 and first["generation"]["kl"] > 0  # a moved model, really judged
+
+    calls = {"pair_logps": 0, "total_nll": 0, "sample": 0}
+
+    def counting(name):
+        original = getattr(ev, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(ev, name, counting(name))
+    second = evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
+    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples"]
+    assert second == plain["base"]
+    assert calls == {"pair_logps": 1, "total_nll": 1, "sample": 0}  # the model's own forwards only
+
+    reseeded = evaluate_model(trained_dir, rule_data["eval"], base_cache=cache, **{**opts, "seed": 1})
+    assert reseeded["base_cache"]["reused"] == ["held-out pair log-probs", "NLL"]  # samples depend on the seed
+    assert reseeded["base_cache"]["stored"] == ["samples"]
+    other_base = evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache,
+                                **{**opts, "ref_model": trained_dir})
+    assert other_base["base_cache"]["reused"] == []
+    assert len(json.loads(cache.read_text())["entries"]) == 3 + 1 + 3
+    with pytest.raises(ValueError, match="--base-cache .* needs --ref-model"):
+        evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache)
+
+
 def test_bad_requests_are_refused_before_loading(tiny_model_dir, rule_data):
     with pytest.raises(ValueError, match="needs --ref-model"):
         evaluate_model(tiny_model_dir, rule_data["eval"], generate=4)
