@@ -100,7 +100,7 @@ class RealRecipeConfig:
     b_held_out: int = 240
     b_rm_pairs: int = 600
     b_dpo_pairs: int | None = None  # None: all the rest (~1,100 of the shared file)
-    b_rm_learning_rate: float = 1e-5
+    b_rm_learning_rate: float = 5e-5  # measured: held-out accuracy 0.646 vs 0.529 at 1e-5 (600 pairs, one epoch)
     b_rm_epochs: float = 1.0
     b_rm_max_steps: int | None = None
     b_learning_rate: float = 2e-5  # every variant's, unless the variant sets learning_rate
