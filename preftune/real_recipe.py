@@ -119,7 +119,7 @@ class RealRecipeConfig:
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
-        """``full`` (the proof; measured about 2 h 20 min on 2 CPU cores, over the 60-minute target) or
+        """``full`` (the proof; measured 89 min on 2 CPU cores, over the 60-minute target: README) or
         ``reduced`` (a smoke run of every stage with fewer prompts, pairs and variants; same thresholds,
         fewer held-out pairs), with ``overrides``."""
         if name not in ("full", "reduced"):
@@ -158,7 +158,7 @@ a reward
     trains on the DPO part and is evaluated on the held-out pairs (preference accuracy, win
     rate over the base judged by the reward model, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
-  runs/real), each target marked reached or not. Time on 2 CPU cores: about 2 h 20 min, measured (--reduced:
+  runs/real), each target marked reached or not. Time on 2 CPU cores: 89 min, measured (--reduced:
   every stage on fewer prompts, pairs and variants, a smoke run of ~25 min).
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
