@@ -117,10 +117,11 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         base = load_model(str(ref_model), dtype, trust_remote_code=trust_remote_code).to(device).eval()
         check_separate(model, base)
     packing = packing and supports_packing(model)[0] and (base is None or supports_packing(base)[0])
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
-    cache = BaseCache(base_cache, base) if base_cache is not None and base is not None else None
+    row_cost = model_row_cost(model)
+    collate = make_collate(cfg, tokenizer.pad_token_id, packing, row_cost)
+    cache = BaseCache(base_cache, base) if base_cache is not None else None  # base_cache needs ref_model: checked
     # what the base's numbers depend on besides its weights and the inputs (BaseCache keys)
-    layout = {"batch_size": batch_size, "packing": packing, "row_cost": model_row_cost(model),
+    layout = {"batch_size": batch_size, "packing": packing, "row_cost": row_cost,
               "logit_chunk_size": logit_chunk_size, "dtype": dtype, "compute_dtype": str(compute),
               "device": device.type}
 
@@ -384,7 +385,7 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
                                              **common)]
 
     base_texts = base_samples() if cache is None else cache.get_or_compute(
-        "samples", {"prompts": [p if isinstance(p, str) else list(p) for p in prompts],
+        "samples", {"prompts": list(prompts),
                     "tokenizer": _tokenizer_fingerprint(tokenizer), "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p, "seed": seed, **(layout or {})}, base_samples)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
