@@ -106,7 +106,8 @@ class RealRecipeConfig:
     b_learning_rate: float = 2e-5  # every variant's, unless the variant sets learning_rate
     b_epochs: float = 1.0
     b_max_steps: int | None = 48  # caps every variant's run (overrides b_epochs)
-    b_eval_prompts: int = 96  # held-out prompts sampled from each variant and the base, judged by the RM
+    b_eval_prompts: int = 240  # held-out prompts sampled from each variant and the base, judged by the RM (all of
+    # them: at 96 the 95% interval is +-0.10 wide; measured: the same dpo model 0.599 at n=96, 0.640 at n=240)
     b_max_new_tokens: int = 48
     b_variants: list[dict] = field(default_factory=default_variants)
     b_main_variant: str = "dpo"  # Task B's DPO result
