@@ -1,7 +1,8 @@
 """One contender per fresh process: TRL's ``DPOTrainer`` or preftune's ``train``, timed per step.
 
 Each ``run_*`` function is called inside its own subprocess (see ``dpo_throughput.py --worker``),
-so the process's peak RSS (``ru_maxrss``) is that contender's alone. They return a plain dict:
+so the process's peak RSS (``preftune.memory.peak_rss_mb``: Linux ``VmHWM``, which unlike
+``ru_maxrss`` does not start from the parent's size at the fork) is that contender's alone. They return a plain dict:
 
 * ``step_seconds``: wall time of every optimizer step, in order (step 1 is the warmup);
 * ``batches``: per step, what the collator built: ``pairs``, ``sequence_tokens`` (prompt+chosen
@@ -277,13 +278,13 @@ def _sync(device: str) -> None:
 
 def run(spec: dict) -> dict:
     """Entry point in the worker process: run ``spec["name"]`` and add its peak memory."""
-    import resource
+    from preftune.memory import peak_rss_mb
 
     if spec["name"] == "matmul-peak":
         return run_matmul_peak(spec)
     kind = CONTENDERS[spec["name"]]["kind"]
     result = run_trl(spec) if kind == "trl" else run_preftune(spec)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    result["peak_rss_bytes"] = int(peak_rss_mb() * 2**20)
     import torch
 
     if spec["device"] == "cuda" and torch.cuda.is_available():

@@ -2,7 +2,7 @@
 
 Each configuration trains a few DPO-family steps in a fresh subprocess on the same randomly
 initialised Llama (default ~0.2B parameters, fp32, CPU) and reports that process's peak RSS
-(``ru_maxrss``) and the time per step:
+(``preftune.memory.peak_rss_mb``: Linux ``VmHWM``) and the time per step:
 
 * ``dpo``             full fine-tuning, reference = a frozen copy (two models in memory)
 * ``dpo-precompute``  full fine-tuning, reference log-probs precomputed, reference freed
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -72,13 +71,14 @@ def child(spec: dict) -> None:
     import torch
 
     from preftune.config import TrainConfig
+    from preftune.memory import peak_rss_mb
     from preftune.train import train
 
     torch.set_num_threads(spec.pop("threads"))
     start = time.perf_counter()
     result = train(TrainConfig(**spec))
     elapsed = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+    peak_gb = peak_rss_mb() / 1024
     print(json.dumps({"peak_rss_gb": peak_gb, "seconds": elapsed, "steps": result.steps}))
 
 

@@ -159,28 +159,19 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
 # ----------------------------------------------------------------------------- one variant
 
 
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident set size so far in MiB (None where ``resource`` is missing: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
 def run_variant(spec: dict) -> dict:
     """Train one variant and evaluate it against the base; its ``done.json`` record."""
     import torch
 
+    from preftune.memory import peak_rss_mb
     from preftune.train import train
 
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
-    peak = _peak_rss_mb()  # read now: evaluation (which loads the base too) comes after
+    peak = peak_rss_mb()  # read now: evaluation (which loads the base too) comes after
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"name": spec["name"], "spec": spec, "status": "done", "error": None, "steps": result.steps,
             "train_seconds": seconds, "peak_rss_mb": peak,
@@ -390,7 +381,7 @@ def write_report(sweep: Sweep, records: list[dict]) -> Path:
              "(> 0: the variant fits them worse than the base).",
              "train time: wall-clock seconds of preftune.train.train for the variant (loading included)."]
     if sweep.isolate:
-        notes.append("peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss of the variant's own process "
+        notes.append("peak RSS: the peak resident set size of the variant's own process (Linux: VmHWM) "
                      "(python -m preftune.compare --run-variant), read when training ended: the peak resident "
                      "memory of Python, libraries, data, model, reference copy, optimizer state and activations "
                      "(evaluation, later, is not included). In brackets: how much training raised the peak "
