@@ -43,10 +43,12 @@ def _is_fsdp(accelerator) -> bool:
 
 
 def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int, micro: int,
-                        run=None, guard=None) -> Path | None:
+                        run=None, guard=None, method_state: dict | None = None) -> Path | None:
     """Checkpoint all the rest of the run depends on: trainable weights, optimizer moments, scheduler
     position, every rank's RNG state, the data position (``micro`` micro-batches consumed), the run
-    that wrote it (``run``: its id and data fingerprint) and the numerical guard's counters (``guard``).
+    that wrote it (``run``: its id and data fingerprint), the numerical guard's counters (``guard``)
+    and what the method keeps across batches (``method_state``: BCO's running mean reward, the same
+    on every rank).
     While a collapse may be under way (``guard.in_streak``) no older checkpoint is removed.
 
     A collective (every rank calls it); returns the folder on the main process, else ``None``.
@@ -65,6 +67,8 @@ def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int
     if accelerator.is_main_process:
         record = {"step": step, "micro": micro, "processes": accelerator.num_processes, "config": cfg.to_dict(),
                   **(run.identity() if run is not None else {}), **(guard.state() if guard is not None else {})}
+        if method_state:
+            record["method_state"] = {key: list(value) for key, value in method_state.items()}
         keep = 0 if guard is not None and guard.in_streak else cfg.save_total_limit
         path = ckpt.save_checkpoint(cfg.output_dir, step, state, optimizer_state, scheduler, record, keep, rng=rng)
     accelerator.wait_for_everyone()

@@ -215,12 +215,13 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
     step = 0
     sharded = accelerator.distributed_type == "FSDP"
     guard = StepGuard(cfg.max_bad_steps, initial_norm=weights_norm(trainable, sharded, accelerator.reduce))
+    method_state: dict = {}  # what a method keeps across batches (BCO's running mean reward); checkpointed
     if run.resume_path:
         saved = resume(cfg, accelerator, model, optimizer, scheduler, run)
         step = int(saved["step"])
         guard.restore(saved, step)
+        method_state.update({key: tuple(value) for key, value in (saved.get("method_state") or {}).items()})
 
-    method_state: dict = {}  # what a method keeps across batches (BCO's running mean reward); not checkpointed
     evaluator = partial(evaluate_examples, cfg=cfg, reference=reference, collate=collate, accelerator=accelerator,
                         state=method_state)
     eval_before = {}
@@ -287,7 +288,8 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if bad:
-                save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro, run, guard)
+                save_training_state(cfg, accelerator, model, optimizer, scheduler, step + 1, micro, run, guard,
+                                    method_state)
             stop.restore()
             raise guard.diverged(collapse, cfg.output_dir, run.run_id, cfg.learning_rate)
         scheduler.step()
@@ -317,14 +319,15 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
             if main:
                 metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
         if cfg.save_steps and step % cfg.save_steps == 0:
-            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard)
+            save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard, method_state)
     bar.close()
     stop.requested(accelerator)  # a signal during the last step: checkpoint and exit non-zero, like any other
     stop.restore()
     if stop.stopping:  # the same decision on every rank (see StopOnSignal.requested)
         just_saved = cfg.save_steps and step > stop.first_step and step % cfg.save_steps == 0
         path = (ckpt.checkpoint_path(cfg.output_dir, step) if just_saved
-                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard))
+                else save_training_state(cfg, accelerator, model, optimizer, scheduler, step, micro, run, guard,
+                                         method_state))
         message = (f"interrupted at step {step} of {total_steps}; checkpoint saved to {path}. To continue, run the "
                    f"same command with --resume-from latest")
         if main:

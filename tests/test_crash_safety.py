@@ -9,6 +9,7 @@ between its two micro-batches), a cosine schedule with warmup and AdamW. Every "
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -368,6 +369,30 @@ def test_lora_dropout_run_interrupted_in_process_resumes_exactly(setup, tmp_path
     whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     parts = load_file(str(out / "adapter_model.safetensors"))
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+def test_bco_resumes_with_its_running_reward_shift(setup, tmp_path, monkeypatch):
+    """BCO's delta (the running mean of batch rewards) is part of the checkpoint: stopped after step 2
+    and resumed, the run ends with the uninterrupted run's weights, bit for bit. Without it the
+    resumed run would restart delta from its next batch and train on another loss."""
+    rows = []
+    for pair in rule_pairs(32, seed=5):
+        prompt = pair["chosen"][:pair["chosen"].rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+        rows.append({"prompt": prompt, "completion": pair["chosen"][len(prompt):], "label": True})
+        rows.append({"prompt": prompt, "completion": pair["rejected"][len(prompt):], "label": False})
+    data = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    bco = dict(loss="bco", data=str(data), eval_data=None, max_steps=4, save_steps=None)
+    train(config(setup, tmp_path / "whole", **bco))
+    signal_on_call(monkeypatch, {3: signal.SIGTERM})  # policy forwards 3-4 are step 2 (grad_accum 2)
+    out = tmp_path / "parts"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config(setup, out, **bco))
+    assert stopped.value.step == 2
+    mean, count = json.loads((stopped.value.checkpoint / "state.json").read_text())["method_state"]["reward_shift"]
+    assert count == 4 and math.isfinite(mean)  # one value per micro-batch: 2 steps x grad_accum 2
+    undo_patches(monkeypatch)
+    train(config(setup, out, resume_from="latest", **bco))
+    assert_same_weights(load_file(str(tmp_path / "whole" / "model.safetensors")), out)
 
 
 def signal_on_call(monkeypatch, calls: dict[int, int]) -> None:
