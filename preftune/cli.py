@@ -220,8 +220,10 @@ def cmd_train(args) -> int:
         cmd = launch_command(cfg, args.argv)
         logging.getLogger("preftune").info("launching: %s", " ".join(cmd))
         # Ctrl-C reaches the launched processes (same process group): they checkpoint and exit;
-        # this parent just waits for them and passes their exit code on.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # this parent just waits for them and passes their exit code on. A do-nothing handler, not
+        # SIG_IGN: an ignored signal is inherited through exec (and training leaves an ignored SIGINT
+        # ignored), a handler is reset to the default there.
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
             return subprocess.call(cmd)
         finally:

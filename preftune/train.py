@@ -483,7 +483,9 @@ class StopOnSignal:
     launchers such as torchrun forward it again). Installed on every rank; :meth:`requested` takes
     the decision together (a gather every step), so all ranks leave the loop after the same step.
     Holds no model: if ``train`` has left by an exception when a signal arrives, the previous
-    handlers are put back and the signal is delivered to them.
+    handlers are put back and the signal is delivered to them. A signal the process ignores
+    (``SIG_IGN``: started by ``nohup``, or as a background job of a non-interactive shell, which
+    ignores SIGINT) is left ignored.
     """
 
     SIGNALS = ("SIGINT", "SIGTERM")
@@ -498,8 +500,10 @@ class StopOnSignal:
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for name in self.SIGNALS:
-                if hasattr(signal, name):
-                    sig = getattr(signal, name)
+                sig = getattr(signal, name, None)
+                # an ignored signal stays ignored: nohup, a background job of a script, a launcher that
+                # shields its workers from the terminal's Ctrl-C asked for exactly that
+                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,19 @@ def hh_rlhf_path() -> Path:
     if not HH_RLHF.exists():
         pytest.skip(f"shared HH-RLHF data not found at {HH_RLHF} (a fresh clone without ../shared)")
     return HH_RLHF
+
+
+@pytest.fixture(autouse=True)
+def _usual_ctrl_c():
+    """Tests of Ctrl-C handling see Python's usual SIGINT handler even when the suite itself was
+    started with SIGINT ignored (``make test &`` from a script, ``nohup``): training deliberately
+    leaves an ignored SIGINT ignored (tests/test_crash_safety.py checks that case on its own)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True)

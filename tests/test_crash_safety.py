@@ -395,6 +395,24 @@ def test_bco_resumes_with_its_running_reward_shift(setup, tmp_path, monkeypatch)
     assert_same_weights(load_file(str(tmp_path / "whole" / "model.safetensors")), out)
 
 
+def test_an_ignored_sigint_stays_ignored(setup, tmp_path, monkeypatch):
+    """Started with SIGINT ignored (nohup, a script's background job): a SIGINT during training
+    neither stops it nor is re-enabled afterwards; SIGTERM still checkpoints and stops."""
+    quick = dict(max_steps=3, eval_data=None, save_steps=None, grad_accum=1)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_on_call(monkeypatch, {1: signal.SIGINT})
+        assert train(config(setup, tmp_path / "ignored", **quick)).steps == 3  # ran to the end
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal_on_call(monkeypatch, {2: signal.SIGTERM})
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(config(setup, tmp_path / "term", **quick))
+        assert (stopped.value.code, stopped.value.step) == (143, 2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def signal_on_call(monkeypatch, calls: dict[int, int]) -> None:
     """Send ``calls[n]`` to this process when the policy's forward runs the n-th time (reference
     forwards, which run without grad, are not counted)."""
