@@ -120,7 +120,8 @@ class RealRecipeConfig:
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
-        """``full`` (the proof; measured 89 min on 2 CPU cores, over the 60-minute target: README) or
+        """``full`` (the proof; ~2 h on 2 CPU cores, over the 60-minute target: 89 min measured when it
+        judged 96 prompts, ~115 min estimated with the 240 it judges now: README) or
         ``reduced`` (a smoke run of every stage with fewer prompts, pairs and variants; same thresholds,
         fewer held-out pairs), with ``overrides``."""
         if name not in ("full", "reduced"):
@@ -159,7 +160,8 @@ a reward
     trains on the DPO part and is evaluated on the held-out pairs (preference accuracy, win
     rate over the base judged by the reward model, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
-  runs/real), each target marked reached or not. Time on 2 CPU cores: 89 min, measured (--reduced:
+  runs/real), each target marked reached or not. Time on 2 CPU cores: ~2 h (89 min measured when
+  it judged 96 prompts; ~115 min estimated with the 240 it judges now; longer on a slower CPU) (--reduced:
   every stage on fewer prompts, pairs and variants, a smoke run of ~25 min).
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
