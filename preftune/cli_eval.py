@@ -109,9 +109,10 @@ def register(subparsers) -> None:
                          "the prompt's start cut first, as in preftune train)")
     ev.add_argument("--max-examples", type=int, help="use only the first N held-out records")
     ev.add_argument("--base-cache", metavar="FILE.json",
-                    help="keep the base's share of the work (its held-out log-probs, NLL and samples) in this file "
-                         "and reuse it when another model is evaluated against the same base with the same data "
-                         "and settings (keyed by the base's weights and every setting; same results)")
+                    help="keep the base's share of the work (its held-out log-probs, NLL, samples and their "
+                         "reward-model scores) in this file and reuse it when another model is evaluated "
+                         "against the same base with the same data and settings (keyed by the base's weights "
+                         "and every setting; same results)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ev.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
     _add_sampling_flags(ev)

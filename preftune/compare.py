@@ -187,8 +187,9 @@ def evaluate_variant(spec: dict) -> dict:
     options = dict(spec["eval"])
     options.setdefault("batch_size", cfg.batch_size)
     options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
-    # the base's share of the evaluation (its held-out log-probs, NLL, samples) is computed by the first
-    # variant and read back by the others (evaluate.BaseCache: keyed by the base's weights and every setting)
+    # the base's share of the evaluation (its held-out log-probs, NLL, samples, their reward-model scores) is
+    # computed by the first variant and read back by the others (evaluate.BaseCache: keyed by the base's
+    # weights and every setting)
     options["base_cache"] = (str(Path(cfg.output_dir).parent / "base_cache.json")
                              if options.pop("base_cache", True) else None)
     data = spec.get("eval_data") or cfg.eval_data  # train_eval: false leaves it out of the training config

@@ -39,13 +39,13 @@ from preftune.data.records import Location
 from preftune.files import json_safe, write_atomic
 from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
                                sample_token_ids)
-from preftune.judges import Judge, Prompt, ScoringJudge, make_judge, prompt_text
+from preftune.judges import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
 from preftune.logprobs import LogpOutput, batch_logps
 from preftune.packing_check import supports_packing
 from preftune.precision import resolve_compute_dtype
 from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
 from preftune.objective import compute_objective
-from preftune.reference import check_separate, data_fingerprint
+from preftune.reference import check_separate, data_fingerprint, tokenizer_fingerprint
 from preftune.stats import kl_from_samples, wilson_interval
 from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 
@@ -76,8 +76,8 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         mixed_precision: ``no``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device runs it fast), as
             ``preftune train --mixed-precision``: the forwards and sampling autocast to it, log-softmax fp32.
         base_cache: a JSON file (:class:`BaseCache`) that keeps the base's share of the work (its
-            held-out log-probs, NLL and samples) for the next evaluation against the same base: a
-            sweep's variants compute it once. The results are the same with or without it.
+            held-out log-probs, NLL, samples and their reward-model scores) for the next evaluation
+            against the same base: a sweep's variants compute it once. The results are the same with or without it.
 
     Returns a JSON-ready dict: ``preference``, ``nll``, ``generation`` (None when not asked),
     plus ``model``, ``reference``, ``data``, the settings and, with ``base_cache``, ``base_cache``
@@ -199,12 +199,14 @@ class BaseCache:
 
     Every variant of a sweep is evaluated against the same base on the same held-out data, and a
     third of that work is the base's: its log-probs of the held-out pairs (the reference side of
-    the implicit reward), its NLL on the NLL data, and its samples. Those depend only on the base,
+    the implicit reward), its NLL on the NLL data, its samples and a scoring judge's scores of them
+    (a reward model's; :meth:`preftune.judges.ScoringJudge.cache_parts`). Those depend only on the base,
     the data and the settings, never on the variant, so :func:`evaluate_model` with ``base_cache``
     computes each once and reads it back afterwards. An entry's key hashes everything it depends
     on: every weight of the base (:func:`preftune.reference.weights_fingerprint`), the tokenized
     examples or prompts, the batch layout (batch size, packing, logit chunk), the compute dtype,
-    the device type and the torch version, and for samples the sampling settings and seed; a
+    the device type and the torch version, for samples the sampling settings and seed, and for judge scores the judge's
+    weights and settings; a
     changed input is a new key, never a stale value. Values read back are exactly the computed
     ones (floats round-trip through JSON), so a cached evaluation equals an uncached one.
     ``reused`` lists the entries read back, ``stored`` those computed and written.
@@ -256,12 +258,6 @@ class BaseCache:
 
     def summary(self) -> dict:
         return {"path": str(self.path), "reused": list(self.reused), "stored": list(self.stored)}
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's vocabulary, special tokens and chat template (the samples' text depends on them)."""
-    parts = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer.chat_template or ""]
-    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
 
 
 # ----------------------------------------------------------------------------- held-out pairs
@@ -347,17 +343,6 @@ def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device, comput
 # ----------------------------------------------------------------------------- generation
 
 
-class _RecordingJudge(ScoringJudge):
-    """A scoring judge that keeps the scores of its last call (one scoring pass, scores and outcomes)."""
-
-    def __init__(self, judge: ScoringJudge):
-        self.judge, self.spec, self.scores = judge, judge.spec, []
-
-    def score(self, prompts, responses):
-        self.scores = list(self.judge.score(prompts, responses))
-        return self.scores
-
-
 def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge: Judge | None,
                        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                        batch_size: int = 8, kl_samples: int = 1, compute_dtype=None,
@@ -386,7 +371,7 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
 
     base_texts = base_samples() if cache is None else cache.get_or_compute(
         "samples", {"prompts": list(prompts),
-                    "tokenizer": _tokenizer_fingerprint(tokenizer), "max_new_tokens": max_new_tokens,
+                    "tokenizer": tokenizer_fingerprint(tokenizer), "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p, "seed": seed, **(layout or {})}, base_samples)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
            "seed": seed, "kl": kl, "kl_stderr": None if math.isnan(kl_stderr) else kl_stderr,
@@ -395,18 +380,30 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
                        for p, a, b in zip(prompts, model_texts, base_texts)]}
     if judge is None:
         return out
-    recorder = _RecordingJudge(judge) if isinstance(judge, ScoringJudge) else judge
-    compared = recorder.compare(list(prompts), model_texts, base_texts)
+    scores_model = scores_base = None
+    if isinstance(judge, ScoringJudge):
+        # Scored in two calls, model's then base's, with or without a cache: the base's scores are a
+        # function of the base's samples and the judge alone, so a cached evaluation equals an uncached one.
+        scores_model = judge.score(list(prompts), model_texts)
+        parts = judge.cache_parts()
+
+        def base_scores() -> list[float]:
+            return judge.score(list(prompts), base_texts)
+
+        scores_base = (base_scores() if cache is None or parts is None else cache.get_or_compute(
+            "judge scores", {"prompts": list(prompts), "responses": base_texts, **parts}, base_scores))
+        compared = compare_scores(scores_model, scores_base)
+    else:
+        compared = judge.compare(list(prompts), model_texts, base_texts)
     rate = compared.win_rate(0.95)
     out["judge"] = judge.spec or repr(judge)
     out["win_rate"] = {"rate": rate.rate, "low": rate.low, "high": rate.high, "confidence": 0.95, "n": rate.n,
                        "wins": rate.wins, "losses": rate.losses, "ties": compared.ties,
                        "inconsistent": compared.inconsistent, "unparseable": compared.unparseable,
                        "errors": compared.errors}
-    if isinstance(judge, ScoringJudge):
-        n = len(prompts)
-        out["score_model"] = sum(recorder.scores[:n]) / n
-        out["score_base"] = sum(recorder.scores[n:]) / n
+    if scores_model is not None:
+        out["score_model"] = sum(scores_model) / len(scores_model)
+        out["score_base"] = sum(scores_base) / len(scores_base)
     return out
 
 

@@ -116,8 +116,19 @@ class ScoringJudge(Judge):
         n = check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b)
         # One score call over a and b together, so batched judges batch across both.
         scores = self.score(list(prompts) * 2, list(responses_a) + list(responses_b))
-        outcomes = [WIN if sa > sb else LOSS if sa < sb else TIE for sa, sb in zip(scores[:n], scores[n:])]
-        return CompareResult(outcomes=outcomes, ties=sum(o == TIE for o in outcomes))
+        return compare_scores(scores[:n], scores[n:])
+
+    def cache_parts(self) -> dict | None:
+        """What this judge's scores depend on besides the prompt and response (for a cache key such as
+        :class:`preftune.evaluate.BaseCache`'s), or None: its scores are not to be cached."""
+        return None
+
+
+def compare_scores(scores_a: Sequence[float], scores_b: Sequence[float]) -> CompareResult:
+    """Outcomes of a vs b item by item: the higher score wins, equal scores tie."""
+    check_lengths(scores_a=scores_a, scores_b=scores_b)
+    outcomes = [WIN if sa > sb else LOSS if sa < sb else TIE for sa, sb in zip(scores_a, scores_b)]
+    return CompareResult(outcomes=outcomes, ties=sum(o == TIE for o in outcomes))
 
 
 # ----------------------------------------------------------------------------- python:
@@ -231,16 +242,32 @@ class RewardModelJudge(ScoringJudge):
 
         check_lengths(prompts=prompts, responses=responses)
         examples = self.examples(prompts, responses)
-        scores: list[float] = []
+        # Longest first (as the training loop's length-grouped batches): a padded batch then holds texts
+        # of similar length, not one long prompt's worth of padding per row; an out-of-memory error
+        # shows at the first batch. Scores come back in the responses' order.
+        order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
+        scores: list[float] = [0.0] * len(examples)
         with torch.no_grad():
-            for start in range(0, len(examples), self.batch_size):
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
                 # Padded, one row per response: a response's score never depends on what shares its row, so
                 # identical responses tie exactly (packed rows differ from padded in the last float bits).
-                batch = collate_padded(examples[start:start + self.batch_size],
+                batch = collate_padded([examples[i] for i in rows],
                                        pad_id=self.tokenizer.pad_token_id).to(self.device)
                 rewards = batch_logps(self.model, batch, compute_dtype=self.compute_dtype).rewards
-                scores.extend(rewards.float().cpu().tolist())
+                for i, value in zip(rows, rewards.float().cpu().tolist()):
+                    scores[i] = value
         return scores
+
+    def cache_parts(self) -> dict:
+        from preftune.reference import tokenizer_fingerprint, weights_fingerprint
+
+        if getattr(self, "_weights", None) is None:
+            self._weights = weights_fingerprint(self.model)
+        return {"judge": "reward-model", "judge_weights": self._weights,
+                "judge_tokenizer": tokenizer_fingerprint(self.tokenizer), "judge_batch_size": self.batch_size,
+                "judge_max_length": self.max_length, "judge_compute_dtype": str(self.compute_dtype),
+                "judge_device": self.device.type}
 
 
 # ----------------------------------------------------------------------------- make_judge

@@ -163,6 +163,12 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's vocabulary, special tokens and chat template (texts' token ids depend on them)."""
+    parts = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer.chat_template or ""]
+    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+
+
 def data_fingerprint(examples) -> str:
     """Hash of the tokenized examples: covers the data, the tokenizer and every truncation setting."""
     digest = hashlib.blake2b(digest_size=16)

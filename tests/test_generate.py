@@ -68,6 +68,27 @@ def test_left_padding_does_not_change_greedy_output(model, tiny_tokenizer):
     assert batched[1] == alone[0]
 
 
+def test_batches_group_prompts_by_length_and_results_keep_the_prompts_order(model, tiny_tokenizer, monkeypatch):
+    """Prompts of mixed lengths are batched longest first (each batch padded to its own longest), and
+    every completion comes back at its prompt's position: greedy output equals one-at-a-time decoding."""
+    prompts = ["Hi", "Human: Tell me about the library and the garden and the ocean and the river.", "Hello there",
+               "Human: Name a colour and a fruit and a river.", "Yo"]
+    widths = []
+    original = type(model).generate
+
+    def recording(self, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    batched = sample(model, tiny_tokenizer, prompts, temperature=0, max_new_tokens=6, batch_size=2)
+    lengths = sorted((len(tiny_tokenizer(p)["input_ids"]) for p in prompts), reverse=True)
+    assert widths == [lengths[0], lengths[2], lengths[4]]  # not [len of prompt 1, of prompt 3, of "Yo"]...
+    assert widths[0] > widths[1] > widths[2]
+    alone = [sample(model, tiny_tokenizer, [p], temperature=0, max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone
+
+
 def test_generation_stops_at_eos(model, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     always_eos = with_token_bias(model, eos, 100.0)

@@ -214,6 +214,63 @@ def test_trained_reward_model_works_as_a_judge(trained_reward_model):
     assert judge.score(prompts, responses) == pytest.approx(single, abs=1e-5)
 
 
+def test_reward_judge_scores_mixed_lengths_in_the_responses_order(trained_reward_model):
+    """Batches are formed longest first; each score lands at its response's position (equal to scoring
+    it alone), so a long response beside short ones gets its own score, not a neighbour's."""
+    from preftune.judges import RewardModelJudge
+
+    path = str(trained_reward_model["model"])
+    examples = [to_example(row, None, "pair") for row in rule_pairs(7, seed=11)]
+    prompts = [e.prompt for e in examples]
+    responses = [" ".join([e.chosen] * (1 + i % 3)) for i, e in enumerate(examples)]  # 1x, 2x, 3x long
+    batched = RewardModelJudge(path, batch_size=3).score(prompts, responses)
+    single = [RewardModelJudge(path, batch_size=1).score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(round(x, 4) for x in batched)) > 3  # really different scores, so a mix-up would show
+
+
+def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_model, tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """With a reward-model judge the base's judge scores are cached beside its samples: the second
+    evaluation scores only the model's samples, and every number equals the uncached evaluation."""
+    import preftune.judges as judges
+    from preftune.evaluate import evaluate_model
+
+    data = write_jsonl(tmp_path / "held_out.jsonl", rule_pairs(12, seed=5))
+    opts = dict(ref_model=tiny_model_dir, generate=6, judge=f"reward-model:{trained_reward_model['model']}",
+                max_new_tokens=6, max_length=64, max_prompt_length=32)
+    cache = tmp_path / "base_cache.json"
+    plain = evaluate_model(tiny_model_dir, data, **opts)
+    first = evaluate_model(tiny_model_dir, data, base_cache=cache, **opts)
+    assert first.pop("base_cache")["stored"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
+    assert first == plain
+    assert plain["generation"]["win_rate"]["ties"] == 6  # the base against itself: equal samples, equal scores
+
+    scored = []
+    original = judges.RewardModelJudge.score
+    monkeypatch.setattr(judges.RewardModelJudge, "score",
+                        lambda self, p, r: scored.append(len(r)) or original(self, p, r))
+    second = evaluate_model(tiny_model_dir, data, base_cache=cache, **opts)
+    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
+    assert second == plain and scored == [6]  # the model's six samples only
+    # another judge (other weights) is another key: its scores of the base are computed, not reused
+    other = tmp_path / "other-rm"
+    model = load_model(str(trained_reward_model["model"]), head="reward")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "score" in n).mul_(-1.0)
+    model.save_pretrained(other)
+    load_tokenizer_and_save(trained_reward_model["model"], other)
+    flipped = evaluate_model(tiny_model_dir, data, base_cache=cache, **{**opts, "judge": f"reward-model:{other}"})
+    assert "judge scores" in flipped["base_cache"]["stored"]
+    assert flipped["generation"]["score_base"] == pytest.approx(-plain["generation"]["score_base"], abs=1e-4)
+
+
+def load_tokenizer_and_save(source, target):
+    from preftune.modeling import load_tokenizer
+
+    load_tokenizer(str(source)).save_pretrained(target)
+
+
 def test_a_causal_lm_is_not_a_judge(tiny_model_dir):
     from preftune.judges import make_judge
 

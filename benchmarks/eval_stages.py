@@ -1,0 +1,83 @@
+"""Where an evaluation's time goes: ``preftune.evaluate.evaluate_model`` with each stage timed.
+
+The stages are the functions ``evaluate_model`` calls (held-out pair log-probs, NLL, sampling, the KL
+log-probs, judging), each timed by wrapping it; the model is evaluated against ``--base`` exactly as
+a ``compare`` sweep's variant is (``--base-cache FILE``: as the second and later variants are, once
+FILE holds the base's share). Run it from two checkouts (``PYTHONPATH=...``) on the same model and
+data to compare code versions; results of 2026-12-03: benchmarks/results/2026-12-03-eval-stages/.
+
+    python benchmarks/eval_stages.py --model runs/real/b_sweep/dpo --base ~/.cache/preftune/SmolLM2-135M-Instruct \\
+        --data runs/real/data/hh_held_out.jsonl --judge reward-model:runs/real/b_rm --generate 240 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from collections import defaultdict
+
+STAGES = {"pair_logps": "held-out pair log-probs", "total_nll": "NLL", "sample_token_ids": "sampling (model)",
+          "sample": "sampling (base)", "completion_logps": "KL log-probs (model, base)", "score": "judge scores"}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--data", required=True, help="held-out pairs")
+    ap.add_argument("--judge", default=None)
+    ap.add_argument("--generate", type=int, default=240)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-prompt-length", type=int, default=192)
+    ap.add_argument("--mixed-precision", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-cache", default=None)
+    ap.add_argument("--json", default=None, help="write the timings and headline metrics here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ev = importlib.import_module("preftune.evaluate")
+    judges = importlib.import_module("preftune.judges")
+    seconds: dict[str, float] = defaultdict(float)
+
+    def timed(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                seconds[STAGES[name]] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    for name in ("pair_logps", "total_nll", "sample_token_ids", "sample", "completion_logps"):
+        timed(ev, name)
+    timed(judges.RewardModelJudge, "score")
+    start = time.perf_counter()
+    result = ev.evaluate_model(args.model, args.data, ref_model=args.base, generate=args.generate, judge=args.judge,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                               mixed_precision=args.mixed_precision, seed=0, base_cache=args.base_cache)
+    total = time.perf_counter() - start
+    gen = result["generation"] or {}
+    out = {"seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(total, 1)},
+           "accuracy": result["preference"]["accuracy"], "win_rate": gen.get("win_rate"), "kl": gen.get("kl"),
+           "base_cache": result.get("base_cache")}
+    for name, value in out["seconds"].items():
+        print(f"{name:28s} {value:8.1f} s")
+    print(f"accuracy {out['accuracy']:.4f}  win rate {(out['win_rate'] or {}).get('rate')}  kl {out['kl']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
