@@ -120,6 +120,25 @@ def test_targets_reached_and_not():
     assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]
 
 
+def test_every_training_run_gets_the_recipes_checkpointing_setting(tmp_path, monkeypatch):
+    """Off by default (the recipe has the memory and a time target): in the sweep's common options and in
+    each train() call, so the library's auto policy does not recompute every layer."""
+    import yaml
+
+    import preftune.train as train_module
+
+    cfg = recipe.RealRecipeConfig.preset("full")
+    assert cfg.gradient_checkpointing == "off"
+    sweep = yaml.safe_load(recipe.sweep_file(cfg, tmp_path, tmp_path / "base").read_text())
+    assert sweep["common"]["gradient_checkpointing"] == "off"
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config: seen.append(config) or "done")
+    on = recipe.RealRecipeConfig.preset("reduced", gradient_checkpointing="on")
+    done = recipe.train_stage(on, tmp_path / "rm", tmp_path / "base", tmp_path / "d.jsonl", "reward", 1e-5, 1.0)
+    assert done == "done"
+    assert seen[0].gradient_checkpointing == "on" and seen[0].loss == "reward"
+
+
 def test_output_dir_refuses_foreign_files(tmp_path):
     (tmp_path / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="notes.txt"):
