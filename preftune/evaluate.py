@@ -77,7 +77,8 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
             ``preftune train --mixed-precision``: the forwards and sampling autocast to it, log-softmax fp32.
         base_cache: a JSON file (:class:`BaseCache`) that keeps the base's share of the work (its
             held-out log-probs, NLL, samples and their reward-model scores) for the next evaluation
-            against the same base: a sweep's variants compute it once. The results are the same with or without it.
+            against the same base: a sweep's variants compute it once. The results are the same with
+            or without it.
 
     Returns a JSON-ready dict: ``preference``, ``nll``, ``generation`` (None when not asked),
     plus ``model``, ``reference``, ``data``, the settings and, with ``base_cache``, ``base_cache``
@@ -205,10 +206,10 @@ class BaseCache:
     computes each once and reads it back afterwards. An entry's key hashes everything it depends
     on: every weight of the base (:func:`preftune.reference.weights_fingerprint`), the tokenized
     examples or prompts, the batch layout (batch size, packing, logit chunk), the compute dtype,
-    the device type and the torch version, for samples the sampling settings and seed, and for judge scores the judge's
-    weights and settings; a
-    changed input is a new key, never a stale value. Values read back are exactly the computed
-    ones (floats round-trip through JSON), so a cached evaluation equals an uncached one.
+    the device type and the torch version, for samples the sampling settings and seed, and for judge
+    scores the judge's weights and settings; a changed input is a new key, never a stale value.
+    Values read back are exactly the computed ones (floats round-trip through JSON), so a cached
+    evaluation equals an uncached one.
     ``reused`` lists the entries read back, ``stored`` those computed and written.
     """
 

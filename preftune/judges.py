@@ -218,6 +218,7 @@ class RewardModelJudge(ScoringJudge):
         self.batch_size = batch_size
         self.max_length = max_length
         self.compute_dtype = resolve_compute_dtype(mixed_precision, self.device)  # autocast, as in training
+        self._weights: str | None = None  # weights_fingerprint, computed on the first cache_parts()
 
     def examples(self, prompts, responses) -> list:
         """The responses as finished replies on the training path, one completion each
@@ -262,7 +263,7 @@ class RewardModelJudge(ScoringJudge):
     def cache_parts(self) -> dict:
         from preftune.reference import tokenizer_fingerprint, weights_fingerprint
 
-        if getattr(self, "_weights", None) is None:
+        if self._weights is None:
             self._weights = weights_fingerprint(self.model)
         return {"judge": "reward-model", "judge_weights": self._weights,
                 "judge_tokenizer": tokenizer_fingerprint(self.tokenizer), "judge_batch_size": self.batch_size,

@@ -87,8 +87,9 @@ class RealRecipeConfig:
     generation_batch_size: int = 32
     # every training run's --gradient-checkpointing: the library's auto policy recomputes every layer of this
     # 30-layer model at max_length 256 (activations over half its fixed memory) to stay light; the recipe has
-    # the memory (a variant peaks at ~6.4 GB without it) and a time target, and recomputation costs ~1.3x
-    # per step (README, "Speed and memory": 5.86 vs 4.47 s per step on SmolLM2-135M). Same results either way.
+    # the memory (24 GiB here; the README's SmolLM2-135M DPO benchmark, "Speed and memory": 6.39 GB peak
+    # without it vs 3.98 GB with) and a time target, and recomputation costs ~1.3x per step there (5.86 vs
+    # 4.47 s). Not yet measured in a recipe run. Same results either way (tests/test_memory.py).
     gradient_checkpointing: str = "off"
     warmup_ratio: float = 0.1
     # Task A: controlled sentiment (one prompt per training film, best vs worst of its samples)
