@@ -13,19 +13,19 @@ if TYPE_CHECKING:
 def check_targets(cfg: "RealRecipeConfig", metrics: dict) -> list[dict]:
     """Each target with its value and whether it is reached (a missing number is not reached)."""
     a_win = metrics["task_a"]["win_rate"]
-    main = next((v for v in metrics["task_b"]["variants"] if v["name"] == cfg.b_main_variant), {})
+    main = metrics["task_b"].get("dpo") or {}  # the whole-part DPO run (the sweep's variants stop earlier)
     b_win = main.get("win_rate") or {}
     accuracy, pairs = main.get("accuracy"), main.get("pairs") or 0
     return [
         {"name": "task A: DPO win rate over the base (sentiment judge)",
          "target": f">= {cfg.target_a_win_rate} with 95% CI low > 0.5", "value": _rate_text(a_win),
          "reached": a_win["rate"] >= cfg.target_a_win_rate and a_win["low"] > 0.5},
-        {"name": f"task B: {cfg.b_main_variant} held-out preference accuracy",
+        {"name": "task B: DPO held-out preference accuracy",
          "target": f">= {cfg.target_b_accuracy} on >= {cfg.target_b_accuracy_pairs} pairs",
          "value": "n/a" if accuracy is None else f"{accuracy:.3f} on {pairs} pairs",
          "reached": (accuracy is not None and accuracy >= cfg.target_b_accuracy
                      and pairs >= cfg.target_b_accuracy_pairs)},
-        {"name": f"task B: {cfg.b_main_variant} win rate over the base (reward-model judge)",
+        {"name": "task B: DPO win rate over the base (reward-model judge)",
          "target": f">= {cfg.target_b_win_rate} with 95% CI low > 0.5", "value": _rate_text(b_win),
          "reached": bool(b_win) and b_win["rate"] >= cfg.target_b_win_rate and b_win["low"] > 0.5},
     ]
@@ -70,20 +70,26 @@ def task_a_rows(a: dict) -> list[tuple[str, str, str]]:
             ("held-out preference accuracy", "", _num(a["preference_accuracy"]))]
 
 
+TASK_B_HEADER = ("model", "training steps", "held-out accuracy", "win rate vs base [95% CI]", "KL (nats/reply)",
+                 "NLL difference")
+
+
 def task_b_rows(b: dict) -> list[tuple[str, ...]]:
-    """``(model, held-out accuracy, win rate [CI], KL, NLL difference)`` rows of Task B."""
-    rows = [(name, f"{part['accuracy']:.3f} [{part['accuracy_low']:.3f}, {part['accuracy_high']:.3f}] "
-                   f"(n={part['pairs']})", "", "", "")
+    """:data:`TASK_B_HEADER` rows of Task B: the reward model and the base's raw preference, the
+    whole-part DPO (the task's result, when its stage has run), then the sweep's variants."""
+    rows = [(name, "", f"{part['accuracy']:.3f} [{part['accuracy_low']:.3f}, {part['accuracy_high']:.3f}] "
+                       f"(n={part['pairs']})", "", "", "")
             for name, part in (("reward model (Bradley-Terry reward)", b["reward_model"]),
                                ("base (raw log-prob preference)", b["base_raw"]))]
-    for v in b["variants"]:
+    for v in ([b["dpo"]] if b.get("dpo") else []) + b.get("variants", []):
+        steps = "" if v.get("steps") is None else str(v["steps"])
         if v.get("error"):
-            rows.append((v["name"], f"failed: {v['error']}", "", "", ""))
+            rows.append((v["name"], steps, f"failed: {v['error']}", "", "", ""))
             continue
         kl = _num(v["kl"], ".2f") + (f" +- {v['kl_stderr']:.2f}" if v.get("kl_stderr") is not None else "")
         accuracy = (f"{v['accuracy']:.3f} [{v['accuracy_low']:.3f}, {v['accuracy_high']:.3f}] (n={v['pairs']})"
                     if v.get("accuracy") is not None else "n/a")
-        rows.append((v["name"], accuracy, _rate_text(v["win_rate"]), kl, _num(v["nll_difference"], "+.3f")))
+        rows.append((v["name"], steps, accuracy, _rate_text(v["win_rate"]), kl, _num(v["nll_difference"], "+.3f")))
     return rows
 
 
@@ -113,9 +119,11 @@ def write_report(out: Path, metrics: dict) -> None:
               f"part {sizes['rm']}, DPO part {sizes['dpo']} pairs. Accuracy: how often the chosen reply of a held-out "
               "pair gets the higher reward (the variants' implicit reward beta * (logp - logp_base)). Win rate: "
               f"each variant's sample vs the base's for {cfg['b_eval_prompts']} held-out prompts, judged by the "
-              "reward model. NLL difference: per token on the held-out chosen replies, variant - base.", ""]
-    lines += _table(("model", "held-out accuracy", "win rate vs base [95% CI]", "KL (nats/reply)", "NLL difference"),
-                    task_b_rows(b))
+              "reward model. NLL difference: per token on the held-out chosen replies, variant - base. "
+              "`dpo (whole part)` is the task's DPO result, trained on the whole DPO part; the sweep's variants "
+              "below it share one shorter budget" + (f" ({cfg['b_max_steps']} steps)" if cfg.get("b_max_steps")
+                                                    else "") + ", to compare methods.", ""]
+    lines += _table(TASK_B_HEADER, task_b_rows(b))
     lines += ["", "![reward vs KL](b_sweep/frontier.png)", "", "The sweep's own report: `b_sweep/report.md`.", "",
               "## Targets", ""]
     lines += [f"* **{'reached' if t['reached'] else 'not reached'}** — {t['name']}: {t['value']} (target "
@@ -129,7 +137,7 @@ def write_report(out: Path, metrics: dict) -> None:
 def summary_text(out: Path, metrics: dict) -> str:
     lines = ["", "task A (sentiment):"]
     lines += [f"  {name:<36} {base:>18}  {dpo}" for name, base, dpo in task_a_rows(metrics["task_a"])]
-    lines += ["task B (HH-RLHF harmless): model, held-out accuracy, win rate [CI], KL, NLL difference"]
+    lines += ["task B (HH-RLHF harmless): " + ", ".join(TASK_B_HEADER)]
     lines += ["  " + " | ".join(row) for row in task_b_rows(metrics["task_b"])]
     lines += [f"{'reached' if t['reached'] else 'NOT reached'}: {t['name']}: {t['value']} (target {t['target']})"
               for t in metrics["targets"]]

@@ -19,6 +19,7 @@ from preftune.cli_quickstart import register
 from preftune.data.readers import read_rows
 from preftune.data.split import prompt_key
 from preftune.judges import PythonJudge
+from preftune.real_report import task_b_rows
 from preftune.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, counts, review_sentiment
 
 # ------------------------------------------------------------------------------------- the judge
@@ -71,7 +72,7 @@ def test_presets_and_help():
     assert sum(v["loss"] == "dpo" for v in full.b_variants) == 2
     assert reduced.a_train_films < full.a_train_films and reduced.b_held_out < full.b_held_out
     assert len(reduced.b_variants) < len(full.b_variants)
-    assert any(v["name"] == reduced.b_main_variant for v in reduced.b_variants)
+    assert full.b_max_steps and full.b_dpo_max_steps is None  # the sweep is capped, the task's DPO is not
     assert recipe.RealRecipeConfig.preset("reduced", seed=4).seed == 4
     with pytest.raises(ValueError, match="unknown preset"):
         recipe.RealRecipeConfig.preset("tiny")
@@ -105,9 +106,11 @@ def test_spread_pairs_ranks_and_skips_ties():
 
 
 def _metrics(a_rate, a_low, accuracy, pairs, b_rate, b_low) -> dict:
+    sweep_dpo = {"name": "dpo", "accuracy": 0.1, "pairs": 10, "win_rate": {"rate": 0.1, "low": 0.0, "high": 1.0}}
     return {"task_a": {"win_rate": {"rate": a_rate, "low": a_low, "high": 1.0, "n": 128}},
-            "task_b": {"variants": [{"name": "dpo", "accuracy": accuracy, "pairs": pairs,
-                                     "win_rate": {"rate": b_rate, "low": b_low, "high": 1.0, "n": 64}}]}}
+            "task_b": {"dpo": {"name": "dpo (whole part)", "accuracy": accuracy, "pairs": pairs,
+                               "win_rate": {"rate": b_rate, "low": b_low, "high": 1.0, "n": 64}},
+                       "variants": [sweep_dpo]}}  # the targets read the whole-part run, not the sweep's dpo
 
 
 def test_targets_reached_and_not():
@@ -116,8 +119,52 @@ def test_targets_reached_and_not():
     reached = [t["reached"] for t in recipe.check_targets(cfg, _metrics(0.85, 0.49, 0.62, 150, 0.59, 0.51))]
     assert reached == [False, False, False]  # CI low <= 0.5; too few pairs; rate below 0.6
     missing = {"task_a": _metrics(0.9, 0.8, 0, 0, 0, 0)["task_a"],
-               "task_b": {"variants": [{"name": "dpo", "error": "boom", "accuracy": None, "win_rate": None}]}}
-    assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]
+               "task_b": {"variants": [{"name": "dpo", "accuracy": 0.9, "pairs": 240,
+                                        "win_rate": {"rate": 0.9, "low": 0.8, "high": 1.0, "n": 240}}]}}
+    assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]  # no whole-part run
+
+
+def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_path, monkeypatch):
+    """The task's DPO: no step cap (the sweep's variants have one), the sweep's judge, prompts, lengths and base
+    cache, and its row in the report's Task B table above the sweep's."""
+    import yaml
+
+    import preftune.evaluate as evaluate_module
+    import preftune.train as train_module
+
+    cfg = recipe.RealRecipeConfig.preset("full")
+    trained, evaluated = [], []
+    monkeypatch.setattr(train_module, "train", lambda config: trained.append(config) or
+                        train_module.TrainResult(Path(config.output_dir), steps=184))
+    evaluation = {"preference": {"accuracy": 0.65, "pairs": 240}, "nll": {"difference": 0.05},
+                  "generation": {"win_rate": {"rate": 0.69, "low": 0.63, "high": 0.74, "n": 240}, "kl": 5.4,
+                                 "kl_stderr": 0.3}, "base_cache": {"reused": ["samples"], "stored": []}}
+    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda model, data, **options:
+                        evaluated.append((model, data, options)) or evaluation)
+    row = recipe.task_b_dpo(cfg, tmp_path, tmp_path / "base")
+    (config,) = trained
+    assert (config.loss, config.beta, config.max_steps, config.epochs) == ("dpo", cfg.b_dpo_beta, None, cfg.b_epochs)
+    assert config.data == str(tmp_path / "data" / "hh_dpo.jsonl") and config.output_dir == str(tmp_path / "b_dpo")
+    sweep = yaml.safe_load(recipe.sweep_file(cfg, tmp_path, tmp_path / "base").read_text())
+    assert sweep["common"]["max_steps"] == cfg.b_max_steps == 48
+    (model, data, options), = evaluated
+    assert (model, Path(data)) == (tmp_path / "b_dpo", tmp_path / "data" / "hh_held_out.jsonl")
+    for key in ("generate", "judge", "max_new_tokens", "batch_size", "seed"):
+        assert options[key] == sweep["eval"][key], key
+    assert (options["max_length"], options["max_prompt_length"]) == (sweep["common"]["max_length"],
+                                                                     sweep["common"]["max_prompt_length"])
+    assert options["base_cache"] == tmp_path / "b_sweep" / "base_cache.json" and options["ref_model"] == tmp_path / "base"
+    assert (row["steps"], row["accuracy"], row["win_rate"]["rate"], row["kl"]) == (184, 0.65, 0.69, 5.4)
+    assert 0.58 < row["accuracy_low"] < 0.65 < row["accuracy_high"] < 0.71  # Wilson interval, n=240
+    b = {"reward_model": {"accuracy": 0.62, "accuracy_low": 0.56, "accuracy_high": 0.68, "pairs": 240},
+         "base_raw": {"accuracy": 0.55, "accuracy_low": 0.48, "accuracy_high": 0.61, "pairs": 240}, "dpo": row,
+         "variants": [{"name": "dpo", "steps": 48, "error": None, "accuracy": 0.58, "accuracy_low": 0.5,
+                       "accuracy_high": 0.6, "pairs": 240, "win_rate": None, "kl": 1.0, "nll_difference": 0.0}]}
+    rows = task_b_rows(b)
+    assert [(r[0], r[1]) for r in rows] == [("reward model (Bradley-Terry reward)", ""),
+                                             ("base (raw log-prob preference)", ""), ("dpo (whole part)", "184"),
+                                             ("dpo", "48")]
+    assert rows[2][3].startswith("0.690 [0.630, 0.740]") and rows[2][4] == "5.40 +- 0.30"
 
 
 def test_every_training_run_gets_the_recipes_checkpointing_setting(tmp_path, monkeypatch):
@@ -151,14 +198,17 @@ def test_output_dir_refuses_foreign_files(tmp_path):
 def test_a_stage_clears_only_its_own_entries(tmp_path):
     """A re-run's stage removes what that stage wrote earlier (train() refuses a folder holding a run) and
     nothing else."""
-    for name in ("a_dpo/model.safetensors", "b_rm/config.json", "data/a_train_pairs.jsonl", "data/hh_rm.jsonl"):
+    for name in ("a_dpo/model.safetensors", "b_rm/config.json",
+                 "b_dpo/model.safetensors", "data/a_train_pairs.jsonl", "data/hh_rm.jsonl"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("old")
     recipe.check_output_dir(tmp_path)  # only recipe entries: accepted
     recipe.clear_entries(tmp_path, recipe.STAGE_ENTRIES["task A DPO"])
     recipe.clear_entries(tmp_path, recipe.STAGE_ENTRIES["task A pairs"])
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
-        "b_rm/config.json", "data/hh_rm.jsonl"]
+        "b_dpo/model.safetensors", "b_rm/config.json", "data/hh_rm.jsonl"]
+    recipe.clear_entries(tmp_path, recipe.STAGE_ENTRIES["task B DPO"])
+    assert not (tmp_path / "b_dpo").exists() and (tmp_path / "b_rm" / "config.json").is_file()
 
 
 def test_model_stage_fetches_once_then_reuses(tmp_path, monkeypatch):
@@ -249,6 +299,7 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
     out = reduced_run["out"]
     for name in ("report.md", "metrics.json", "a_samples.jsonl", "b_sweep.yaml", "b_sweep/report.md",
                  "b_sweep/summary.json", "b_sweep/frontier.png", "a_dpo/model.safetensors", "b_rm/config.json",
+                 "b_dpo/model.safetensors",
                  "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl", "data/hh_held_out.jsonl",
                  "data/hh_rm.jsonl", "data/hh_dpo.jsonl"):
         assert (out / name).is_file(), name
@@ -259,7 +310,7 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
     for text in ("## Task A", "## Task B", "## Targets", "## Wall time", "b_sweep/frontier.png", "win rate vs base"):
         assert text in report
     assert report.count("reached") >= 3
-    for line in ("[1/8] model", "[8/8] report", "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
+    for line in ("[1/9] model", "[8/9] task B DPO", "[9/9] report", "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
         assert line in reduced_run["stdout"], line
     assert list(metrics["stage_seconds"]) == list(recipe.STAGE_ENTRIES)
     assert _finite(metrics["seconds"]) and metrics["seconds"] >= sum(metrics["stage_seconds"].values()) - 1
@@ -285,6 +336,11 @@ def test_reduced_recipe_metrics_are_finite_and_in_range(reduced_run):
         rate = variant["win_rate"]
         assert 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1 and rate["n"] == cfg.b_eval_prompts
         assert _finite(variant["kl"]) and _finite(variant["nll_difference"])
+    main = b["dpo"]  # the task's DPO, on the whole part: the base's share read back from the sweep's cache
+    assert main["error"] is None and 0 <= main["accuracy"] <= 1 and main["pairs"] == cfg.b_held_out
+    assert main["win_rate"]["n"] == cfg.b_eval_prompts and _finite(main["kl"]) and _finite(main["nll_difference"])
+    assert main["steps"] == math.ceil(cfg.b_dpo_pairs / cfg.batch_size)
+    assert sorted(main["base_cache"]["reused"]) == ["NLL", "held-out pair log-probs", "judge scores", "samples"]
     assert [t["reached"] for t in metrics["targets"]] == [t["reached"] for t in recipe.check_targets(cfg, metrics)]
 
 
