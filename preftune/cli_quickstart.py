@@ -41,8 +41,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    description=QUICKSTART_DESCRIPTION, epilog=QUICKSTART_EPILOG + "\n\n" + help_text(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/quickstart", metavar="DIR", action=_Given,
-                        help="run folder (emptied first): models, data, metrics, report (default: runs/quickstart, "
-                             "with --real runs/real)")
+                        help="run folder (emptied first; with --real each stage replaces its own entries): "
+                             "models, data, metrics, report (default: runs/quickstart, with --real runs/real)")
     parser.add_argument("--quick", action="store_true", help="smaller, faster run for CI: same stages, fewer steps "
                                                              "and samples, target win rate 0.65")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
@@ -59,6 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                                       "the downloaded SmolLM2")
     real.add_argument("--hh-data", metavar="PATH", help="with --real: task B preference pairs (default: "
                                                         "../shared/data/hh-rlhf-harmless-test.jsonl.gz)")
+    real.add_argument("--resume", action="store_true",
+                      help="with --real: keep the stages an earlier run into --output-dir finished (its metrics.json "
+                           "says which; same settings, else an error names the difference) and run the rest")
     real.add_argument("--cache-dir", metavar="DIR", help="with --real: where the fetched and converted model is "
                                                          "kept (default: $PREFTUNE_CACHE or ~/.cache/preftune)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -76,7 +79,8 @@ def cmd_quickstart(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not args.real:
         wrong = [flag for flag, value in (("--reduced", args.reduced), ("--model", args.model),
-                                          ("--hh-data", args.hh_data), ("--cache-dir", args.cache_dir)) if value]
+                                          ("--hh-data", args.hh_data), ("--cache-dir", args.cache_dir),
+                                          ("--resume", args.resume)) if value]
         if wrong:
             raise ValueError(f"{wrong[0]} belongs to the real recipe: add --real")
     elif args.quick:
@@ -94,7 +98,7 @@ def cmd_quickstart(args) -> int:
                                       output_dir=args.output_dir if "output_dir" in given else "runs/real",
                                       threads=args.threads if "threads" in given else 2, model=args.model,
                                       hh_data=args.hh_data, cache_dir=args.cache_dir, seed=args.seed,
-                                      progress=args.progress)
+                                      progress=args.progress, resume=args.resume)
         return 0 if run_real_recipe(cfg).passed else 1
     cfg = QuickstartConfig.preset(quick=args.quick, output_dir=args.output_dir, seed=args.seed,
                                   threads=args.threads, progress=args.progress)

@@ -60,6 +60,7 @@ STAGE_ENTRIES = {
     "task B DPO": ("b_dpo",),
     "report": ("report.md", "metrics.json"),
 }
+TRANSIENT = ("data/hh_rest.jsonl",)  # written and removed again by its stage (cleared in case a run stopped there)
 RUN_ENTRIES = {"data", *(name.split("/")[0] for names in STAGE_ENTRIES.values() for name in names)}
 
 log = logging.getLogger("preftune")
@@ -127,6 +128,7 @@ class RealRecipeConfig:
     b_dpo_beta: float = 0.1
     b_dpo_max_steps: int | None = None  # None: b_epochs over the DPO part
     b_isolate: bool = True  # one process per variant (its own peak memory)
+    resume: bool = False  # keep the stages an earlier run into output_dir finished (same settings); run the rest
     # targets (exit status 0 when all are reached)
     target_a_win_rate: float = 0.8
     target_b_accuracy: float = 0.60
@@ -226,60 +228,123 @@ def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
 def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
     out = check_output_dir(Path(cfg.output_dir))
     metrics: dict = {"config": dataclasses.asdict(cfg), "stage_seconds": {}}
+    kept = resumable_stages(cfg, out) if cfg.resume else {}
+    if kept:
+        metrics = {**kept["metrics"], "config": dataclasses.asdict(cfg),
+                   "stage_seconds": {name: kept["metrics"]["stage_seconds"][name] for name in kept["stages"]},
+                   "resumed": kept["stages"]}
     started = time.perf_counter()
     names = list(STAGE_ENTRIES)
 
-    @contextlib.contextmanager
-    def stage(name: str, title: str):
+    def stage(name: str, title, body) -> None:
+        """Run ``body`` as stage ``name`` (``title``: its line, or a function giving it), unless --resume kept it."""
+        number = f"[{names.index(name) + 1}/{len(names)}] {name}"
+        if name in metrics.get("resumed", ()):
+            echo(f"\n{number}: kept from the earlier run ({_duration(metrics['stage_seconds'][name])}; --resume)")
+            return
         clear_entries(out, STAGE_ENTRIES[name])
-        elapsed = _duration(time.perf_counter() - started)
-        echo(f"\n[{names.index(name) + 1}/{len(names)}] {name}: {title}  (elapsed {elapsed})")
+        title = title() if callable(title) else title
+        echo(f"\n{number}: {title}  (elapsed {_duration(time.perf_counter() - started)})")
         stage_start = time.perf_counter()
-        yield
-        metrics["stage_seconds"][name] = round(time.perf_counter() - stage_start, 1)
+        body()
+        seconds = {**metrics["stage_seconds"], name: round(time.perf_counter() - stage_start, 1)}
+        metrics["stage_seconds"] = {n: seconds[n] for n in names if n in seconds}  # in stage order, kept ones too
         echo(f"  {name}: done in {_duration(metrics['stage_seconds'][name])}")
-        write_metrics(out, metrics)  # after every stage: a run stopped later keeps what it measured
+        write_metrics(out, metrics)  # after every stage: a run stopped later keeps what it measured (--resume)
 
-    with stage("model", "the base model (SmolLM2-135M-Instruct unless --model)"):
-        base = prepare_model(cfg, echo)
-        metrics["model"] = str(base)
-    with stage("task A pairs", f"{cfg.a_samples_per_prompt} base samples for each of {cfg.a_train_films} "
-                               "films, best vs worst by the sentiment judge"):
-        metrics["task_a"] = task_a_pairs(cfg, out, base)
+    def model() -> None:
+        metrics["model"] = str(prepare_model(cfg, echo))
+
+    def a_pairs() -> None:
+        metrics["task_a"] = task_a_pairs(cfg, out, Path(metrics["model"]))
         echo(f"  {metrics['task_a']['train_pairs']} training pairs ({metrics['task_a']['skipped_ties']} films "
              f"skipped: all samples tied), {metrics['task_a']['eval_pairs']} held-out pairs")
-    with stage("task A DPO", f"DPO from the base (beta {cfg.a_beta}, lr {cfg.a_learning_rate})"):
-        train_stage(cfg, out / "a_dpo", base, out / "data" / "a_train_pairs.jsonl", "dpo", cfg.a_learning_rate,
-                    cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
-    with stage("task A evaluation", f"DPO vs base on {cfg.a_held_out_films} held-out films"):
-        metrics["task_a"].update(task_a_evaluation(cfg, out, base))
-    with stage("task B data", "HH-RLHF harmless as chat messages, split by prompt"):
+
+    def a_dpo() -> None:
+        train_stage(cfg, out / "a_dpo", Path(metrics["model"]), out / "data" / "a_train_pairs.jsonl", "dpo",
+                    cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
+
+    def a_evaluation() -> None:
+        metrics["task_a"].update(task_a_evaluation(cfg, out, Path(metrics["model"])))
+
+    def b_data() -> None:
         metrics["task_b"] = {"data": task_b_data(cfg, out)}
         sizes = metrics["task_b"]["data"]["rows"]
         echo(f"  held-out {sizes['held_out']}, reward-model part {sizes['rm']}, DPO part {sizes['dpo']} pairs")
-    with stage("task B reward model", f"reward model on {metrics['task_b']['data']['rows']['rm']} pairs; base's "
-                                      "raw preference accuracy"):
-        metrics["task_b"].update(task_b_reward_model(cfg, out, base))
+
+    def b_reward_model() -> None:
+        metrics["task_b"].update(task_b_reward_model(cfg, out, Path(metrics["model"])))
         echo(f"  reward model held-out accuracy {metrics['task_b']['reward_model']['accuracy']:.3f}, base raw "
              f"accuracy {metrics['task_b']['base_raw']['accuracy']:.3f}")
-    with stage("task B sweep", f"{len(cfg.b_variants)} variants ({', '.join(v['name'] for v in cfg.b_variants)}), "
-                               "judged by the reward model"):
-        metrics["task_b"]["variants"] = task_b_sweep(cfg, out, base, echo)
-    with stage("task B DPO", f"DPO (beta {cfg.b_dpo_beta}) on {b_dpo_budget(cfg)}, evaluated as the variants are"):
-        metrics["task_b"]["dpo"] = task_b_dpo(cfg, out, base)
-        main = metrics["task_b"]["dpo"]
+
+    def b_sweep() -> None:
+        metrics["task_b"]["variants"] = task_b_sweep(cfg, out, Path(metrics["model"]), echo)
+
+    def b_dpo() -> None:
+        metrics["task_b"]["dpo"] = main = task_b_dpo(cfg, out, Path(metrics["model"]))
         echo(f"  {main['steps']} steps: held-out accuracy {main['accuracy']:.3f}, win rate "
              f"{main['win_rate']['rate']:.3f} [{main['win_rate']['low']:.3f}, {main['win_rate']['high']:.3f}]")
-    with stage("report", "report.md and metrics.json"):
+
+    def report() -> None:
         metrics["targets"] = check_targets(cfg, metrics)
         metrics["passed"] = all(t["reached"] for t in metrics["targets"])
-        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        metrics["seconds"] = total_seconds(metrics, time.perf_counter() - started)
         write_metrics(out, metrics)
         write_report(out, metrics)
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
+
+    stage("model", "the base model (SmolLM2-135M-Instruct unless --model)", model)
+    stage("task A pairs", f"{cfg.a_samples_per_prompt} base samples for each of {cfg.a_train_films} films, best vs "
+                          "worst by the sentiment judge", a_pairs)
+    stage("task A DPO", f"DPO from the base (beta {cfg.a_beta}, lr {cfg.a_learning_rate})", a_dpo)
+    stage("task A evaluation", f"DPO vs base on {cfg.a_held_out_films} held-out films", a_evaluation)
+    stage("task B data", "HH-RLHF harmless as chat messages, split by prompt", b_data)
+    stage("task B reward model", lambda: f"reward model on {metrics['task_b']['data']['rows']['rm']} pairs; base's "
+                                         "raw preference accuracy", b_reward_model)
+    stage("task B sweep", f"{len(cfg.b_variants)} variants ({', '.join(v['name'] for v in cfg.b_variants)}), "
+                          "judged by the reward model", b_sweep)
+    stage("task B DPO", f"DPO (beta {cfg.b_dpo_beta}) on {b_dpo_budget(cfg)}, evaluated as the variants are", b_dpo)
+    stage("report", "report.md and metrics.json", report)
+    metrics["seconds"] = total_seconds(metrics, time.perf_counter() - started)
     write_metrics(out, metrics)
     echo(summary_text(out, metrics))
     return RealRecipeResult(out, metrics, metrics["passed"])
+
+
+def total_seconds(metrics: dict, elapsed: float) -> float:
+    """The recipe's run time: this run's ``elapsed`` plus the stages kept from an earlier run (--resume)."""
+    return round(elapsed + sum(metrics["stage_seconds"][name] for name in metrics.get("resumed", ())), 1)
+
+
+# Fields that change neither what a stage computes nor where it reads: a resumed run may differ in them.
+RESUME_FREE = ("output_dir", "progress", "resume", "threads", "cache_dir")
+
+
+def resumable_stages(cfg: RealRecipeConfig, out: Path) -> dict:
+    """What ``--resume`` keeps from ``out``'s earlier run: ``{"stages": [...], "metrics": {...}}``, the
+    leading stages it finished (measured in its metrics.json, every entry they write still there), or {}
+    when there is no earlier run. ValueError when the earlier run had other settings (they are named).
+    The model stage always runs again (it only finds the cached folder) and the report is always rewritten."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        done, before = earlier["stage_seconds"], earlier["config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {path} is not a real recipe's metrics.json ({err!r}); "
+                         "run without --resume to start over") from None
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the earlier run wrote it (lists, not tuples)
+    differ = sorted(k for k in set(now) | set(before) if k not in RESUME_FREE and now.get(k) != before.get(k))
+    if differ:
+        raise ValueError(f"--resume: the earlier run in {out} had other settings ({', '.join(differ)}: "
+                         f"{', '.join(f'{before.get(k)!r} now {now.get(k)!r}' for k in differ)}); "
+                         "run without --resume to start over")
+    stages = []
+    for name, entries in list(STAGE_ENTRIES.items())[1:-1]:
+        if name not in done or not all((out / entry).exists() for entry in entries if entry not in TRANSIENT):
+            break
+        stages.append(name)
+    return {"stages": stages, "metrics": earlier} if stages else {}
 
 
 def check_output_dir(out: Path) -> Path:

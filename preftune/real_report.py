@@ -131,6 +131,10 @@ def write_report(out: Path, metrics: dict) -> None:
     lines += ["", "## Wall time", ""]
     lines += _table(("stage", "seconds"), [(name, f"{s:.0f}") for name, s in metrics["stage_seconds"].items()])
     lines += [f"| total | {metrics['seconds']:.0f} |"]
+    if metrics.get("resumed"):
+        lines += ["", "Kept from an earlier run into this folder (`--resume`, same settings): "
+                  f"{', '.join(metrics['resumed'])}; their seconds are the earlier run's, and the total adds them "
+                  "to this run's."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -90,7 +90,9 @@ def test_cli_flags():
     assert not getattr(args, "given", set())  # --output-dir / --threads not given: --real uses its own defaults
     args = parser.parse_args(["quickstart", "--real", "--output-dir", "x", "--threads", "3"])
     assert args.given == {"output_dir", "threads"} and (args.output_dir, args.threads) == ("x", 3)
-    for argv, message in ((["--reduced"], "add --real"), (["--real", "--quick"], "--reduced")):
+    assert parser.parse_args(["quickstart", "--real", "--resume"]).resume
+    for argv, message in ((["--reduced"], "add --real"), (["--resume"], "--resume belongs"),
+                          (["--real", "--quick"], "--reduced")):
         args = parser.parse_args(["quickstart", *argv])
         with pytest.raises(ValueError, match=message):
             args.func(args)
@@ -165,6 +167,88 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
                                              ("base (raw log-prob preference)", ""), ("dpo (whole part)", "184"),
                                              ("dpo", "48")]
     assert rows[2][3].startswith("0.690 [0.630, 0.740]") and rows[2][4] == "5.40 +- 0.30"
+
+
+def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
+    """Every stage's work replaced by a stub that writes its entries and records its name (``fail_in``
+    raises there, as a run stopped mid-stage); the report functions stay real."""
+    def writes(name, result=None):
+        def work(cfg, out, *args):
+            calls.append(name)
+            if name == fail_in:
+                raise KeyboardInterrupt(name)
+            for entry in recipe.STAGE_ENTRIES[name]:
+                if entry not in recipe.TRANSIENT:
+                    (out / entry).parent.mkdir(parents=True, exist_ok=True)
+                    (out / entry).write_text(name)
+            return result() if callable(result) else result
+        return work
+
+    row = {"accuracy": 0.65, "accuracy_low": 0.59, "accuracy_high": 0.71, "pairs": 240, "steps": 184, "error": None,
+           "win_rate": {"rate": 0.69, "low": 0.63, "high": 0.74, "n": 240}, "kl": 5.4, "kl_stderr": 0.3,
+           "nll_difference": 0.01}
+    monkeypatch.setattr(recipe, "prepare_model", lambda cfg, echo: calls.append("model") or Path("base"))
+    monkeypatch.setattr(recipe, "task_a_pairs", writes("task A pairs", {"train_pairs": 9, "skipped_ties": 0,
+                                                                        "eval_pairs": 4}))
+    monkeypatch.setattr(recipe, "train_stage", lambda cfg, output_dir, *a, **k:
+                        writes("task A DPO")(cfg, output_dir.parent))
+    monkeypatch.setattr(recipe, "task_a_evaluation", writes("task A evaluation", {
+        "win_rate": {"rate": 0.89, "low": 0.82, "high": 0.94, "n": 102}}))
+    monkeypatch.setattr(recipe, "task_b_data", writes("task B data", {"rows": {"held_out": 240, "rm": 600, "dpo": 9}}))
+    monkeypatch.setattr(recipe, "task_b_reward_model", writes("task B reward model", lambda: {
+        "reward_model": dict(row, name="reward model"), "base_raw": dict(row, accuracy=0.55)}))
+    monkeypatch.setattr(recipe, "task_b_sweep", writes("task B sweep", lambda: [dict(row, name="dpo", steps=48)]))
+    monkeypatch.setattr(recipe, "task_b_dpo", writes("task B DPO", lambda: dict(row, name="dpo (whole part)")))
+    import preftune.real_report as report
+    monkeypatch.setattr(report, "task_a_rows", lambda task_a: [])
+    monkeypatch.setattr(report, "write_report", lambda out, metrics: (out / "report.md").write_text(
+        "\n".join(f"{k} {v}" for k, v in metrics["stage_seconds"].items()) + f"\n{metrics.get('resumed')}\n"))
+    monkeypatch.setattr(recipe, "write_report", report.write_report)
+
+
+def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatch):
+    """A run stopped in stage 8 (the whole-part DPO): ``resume`` keeps stages 2-7 (their metrics, entries and
+    measured seconds), runs the model stage, stage 8 and the report, and the total adds the kept seconds."""
+    out, calls = tmp_path / "run", []
+    cfg = recipe.RealRecipeConfig.preset("full", output_dir=str(out), progress=False)
+    _fake_stages(monkeypatch, calls, fail_in="task B DPO")
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_real_recipe(cfg, echo=lambda line: None)
+    earlier = json.loads((out / "metrics.json").read_text())
+    assert list(earlier["stage_seconds"]) == list(recipe.STAGE_ENTRIES)[:7] and "dpo" not in earlier["task_b"]
+    earlier["stage_seconds"] = {name: 100.0 for name in earlier["stage_seconds"]}  # as if each took 100 s
+    (out / "metrics.json").write_text(json.dumps(earlier))
+
+    calls.clear()
+    _fake_stages(monkeypatch, calls)
+    lines: list[str] = []
+    resumed = recipe.RealRecipeConfig.preset("full", output_dir=str(out), progress=False, resume=True, threads=1)
+    result = recipe.run_real_recipe(resumed, echo=lines.append)
+    assert calls == ["model", "task B DPO"]
+    kept = list(recipe.STAGE_ENTRIES)[1:7]
+    assert result.metrics["resumed"] == kept
+    assert sum("kept from the earlier run (1m40s; --resume)" in line for line in lines) == 6
+    seconds = result.metrics["stage_seconds"]
+    assert list(seconds) == list(recipe.STAGE_ENTRIES)  # stage order, the kept ones included
+    assert [seconds[name] for name in kept] == [100.0] * 6 and seconds["task B DPO"] < 10
+    assert 600 <= result.metrics["seconds"] < 610 and result.passed  # the fakes reach every target
+    assert result.metrics["task_b"]["variants"][0]["steps"] == 48  # the sweep's results read back
+    assert result.metrics["task_b"]["dpo"]["name"] == "dpo (whole part)"
+    assert json.loads((out / "metrics.json").read_text())["seconds"] == result.metrics["seconds"]
+
+    # An entry of a kept stage gone: that stage and every later one run again.
+    (out / "b_rm").unlink()
+    calls.clear()
+    recipe.run_real_recipe(resumed, echo=lambda line: None)
+    assert calls == ["model", "task B reward model", "task B sweep", "task B DPO"]
+    # Other settings: refused, naming them; no earlier run: everything runs.
+    with pytest.raises(ValueError, match=r"b_max_steps, seed: 48 now 40, 0 now 1"):
+        recipe.run_real_recipe(recipe.RealRecipeConfig.preset("full", output_dir=str(out), resume=True, seed=1,
+                                                              b_max_steps=40), echo=lambda line: None)
+    calls.clear()
+    recipe.run_real_recipe(recipe.RealRecipeConfig.preset("full", output_dir=str(tmp_path / "new"), resume=True,
+                                                          progress=False), echo=lambda line: None)
+    assert calls == ["model", *list(recipe.STAGE_ENTRIES)[1:8]]
 
 
 def test_every_training_run_gets_the_recipes_checkpointing_setting(tmp_path, monkeypatch):
