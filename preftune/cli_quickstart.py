@@ -51,8 +51,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "with --real 2)")
     real = parser.add_argument_group("the real recipe (--real; see below)")
     real.add_argument("--real", action="store_true",
-                      help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); ~2.5 h on 2 CPU "
-                           "cores (117 min measured up to the sweep's end on a 2-vCPU Intel Xeon, + ~40 min)")
+                      help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); ~2.6 h on 2 CPU "
+                           "cores (158 min measured on a 2-vCPU Intel Xeon)")
     real.add_argument("--reduced", action="store_true", help="with --real: every stage, fewer prompts, pairs "
                                                              "and variants (a smoke run, not the proof)")
     real.add_argument("--model", metavar="PATH", help="with --real: the base model (a folder or .gguf) instead of "

@@ -137,8 +137,8 @@ class RealRecipeConfig:
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
-        """``full`` (the proof; ~2.5 h on 2 CPU cores, over the 60-minute target: 117 min measured up
-        to the sweep's end on a 2-vCPU Intel Xeon, 2026-12-03, + ~40 min for the whole-part DPO: README) or
+        """``full`` (the proof; ~2.6 h on 2 CPU cores, over the 60-minute target: 158 min measured on
+        a 2-vCPU Intel Xeon, 2026-12-03, the sweep 93 min and the whole-part DPO 41 min of it: README) or
         ``reduced`` (a smoke run of every stage with fewer prompts, pairs and variants; same thresholds,
         fewer held-out pairs), with ``overrides``."""
         if name not in ("full", "reduced"):
@@ -179,8 +179,8 @@ a reward
     the task's result. Each is evaluated on the held-out pairs (preference accuracy, win rate over
     the base judged by the reward model on {cfg.b_eval_prompts} prompts, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
-  runs/real), each target marked reached or not. Time on 2 CPU cores: ~2.5 h (on a 2-vCPU Intel Xeon,
-  2026-12-03: 117 min measured up to the sweep's end, the sweep 93 min; the whole-part DPO ~40 min more)
+  runs/real), each target marked reached or not. Time on 2 CPU cores: ~2.6 h (on a 2-vCPU Intel Xeon,
+  2026-12-03: 158 min measured, the sweep 93 min and the whole-part DPO 41 min of it; --resume after a stop)
   (--reduced: every stage on fewer prompts, pairs and variants, a smoke run of ~25-30 min).
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
