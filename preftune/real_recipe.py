@@ -207,8 +207,9 @@ def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
     """Run the nine stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
 
     Torch's intra-op threads are ``cfg.threads`` during the run (``OMP_NUM_THREADS`` too, for the
-    sweep's variant processes), restored afterwards. Raises ValueError if the run folder holds
-    anything the recipe did not write.
+    sweep's variant processes), restored afterwards. With ``cfg.resume`` the stages an earlier run
+    into the folder finished are kept (:func:`resumable_stages`). Raises ValueError if the run folder
+    holds anything the recipe did not write, or (resume) the earlier run had other settings.
     """
     import torch
 
