@@ -208,7 +208,7 @@ def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
 
     Torch's intra-op threads are ``cfg.threads`` during the run (``OMP_NUM_THREADS`` too, for the
     sweep's variant processes), restored afterwards. With ``cfg.resume`` the stages an earlier run
-    into the folder finished are kept (:func:`resumable_stages`). Raises ValueError if the run folder
+    into the folder finished are kept (:func:`resumed_metrics`). Raises ValueError if the run folder
     holds anything the recipe did not write, or (resume) the earlier run had other settings.
     """
     import torch
@@ -229,11 +229,8 @@ def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
 def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
     out = check_output_dir(Path(cfg.output_dir))
     metrics: dict = {"config": dataclasses.asdict(cfg), "stage_seconds": {}}
-    kept = resumable_stages(cfg, out) if cfg.resume else {}
-    if kept:
-        metrics = {**kept["metrics"], "config": dataclasses.asdict(cfg),
-                   "stage_seconds": {name: kept["metrics"]["stage_seconds"][name] for name in kept["stages"]},
-                   "resumed": kept["stages"]}
+    if cfg.resume:  # the earlier run's results and seconds for the stages it finished; this run's config
+        metrics |= {**resumed_metrics(cfg, out), "config": metrics["config"]}
     started = time.perf_counter()
     names = list(STAGE_ENTRIES)
 
@@ -320,10 +317,11 @@ def total_seconds(metrics: dict, elapsed: float) -> float:
 RESUME_FREE = ("output_dir", "progress", "resume", "threads", "cache_dir")
 
 
-def resumable_stages(cfg: RealRecipeConfig, out: Path) -> dict:
-    """What ``--resume`` keeps from ``out``'s earlier run: ``{"stages": [...], "metrics": {...}}``, the
-    leading stages it finished (measured in its metrics.json, every entry they write still there), or {}
-    when there is no earlier run. ValueError when the earlier run had other settings (they are named).
+def resumed_metrics(cfg: RealRecipeConfig, out: Path) -> dict:
+    """What ``--resume`` keeps from ``out``'s earlier run: its metrics.json with ``resumed`` naming the
+    leading stages it finished (measured there, every entry they write still there) and ``stage_seconds``
+    holding theirs only; {} when there is no earlier run or it finished none. ValueError when the earlier
+    run had other settings (they are named).
     The model stage always runs again (it only finds the cached folder) and the report is always rewritten."""
     path = out / "metrics.json"
     if not path.is_file():
@@ -345,7 +343,7 @@ def resumable_stages(cfg: RealRecipeConfig, out: Path) -> dict:
         if name not in done or not all((out / entry).exists() for entry in entries if entry not in TRANSIENT):
             break
         stages.append(name)
-    return {"stages": stages, "metrics": earlier} if stages else {}
+    return {**earlier, "stage_seconds": {name: done[name] for name in stages}, "resumed": stages} if stages else {}
 
 
 def check_output_dir(out: Path) -> Path:

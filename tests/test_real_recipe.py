@@ -171,7 +171,8 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
 
 def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
     """Every stage's work replaced by a stub that writes its entries and records its name (``fail_in``
-    raises there, as a run stopped mid-stage); the report functions stay real."""
+    raises there, as a run stopped mid-stage); report.md lists the stage seconds; the targets and the
+    summary are the real ones."""
     def writes(name, result=None):
         def work(cfg, out, *args):
             calls.append(name)
@@ -201,9 +202,8 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
     monkeypatch.setattr(recipe, "task_b_dpo", writes("task B DPO", lambda: dict(row, name="dpo (whole part)")))
     import preftune.real_report as report
     monkeypatch.setattr(report, "task_a_rows", lambda task_a: [])
-    monkeypatch.setattr(report, "write_report", lambda out, metrics: (out / "report.md").write_text(
+    monkeypatch.setattr(recipe, "write_report", lambda out, metrics: (out / "report.md").write_text(
         "\n".join(f"{k} {v}" for k, v in metrics["stage_seconds"].items()) + f"\n{metrics.get('resumed')}\n"))
-    monkeypatch.setattr(recipe, "write_report", report.write_report)
 
 
 def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatch):
