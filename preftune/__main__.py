@@ -2,6 +2,6 @@
 
 import sys
 
-from preftune.cli import main
+from preftune.cli.main import main
 
 sys.exit(main())

@@ -18,26 +18,26 @@ import inspect
 import os
 from typing import Any
 
-from .config import ConfigError, TrainConfig, coerce, field_type
+from preftune.config.train_config import ConfigError, TrainConfig, coerce, field_type
 
 
 def train(config: str | os.PathLike | None = None, **options: Any):
-    """Train as ``preftune train`` does and return its :class:`preftune.train.TrainResult`.
+    """Train as ``preftune train`` does and return its :class:`preftune.training.loop.TrainResult`.
 
     Args:
         config: a YAML file of options (preftune's or TRL's names), as ``--config``; the keywords
             override it.
-        **options: any :class:`preftune.config.TrainConfig` field (``model``, ``data``,
+        **options: any :class:`preftune.config.train_config.TrainConfig` field (``model``, ``data``,
             ``output_dir``, ``loss``, ``beta``, ``learning_rate``, ``max_steps``, ``report_to`` ...).
 
-    Raises :class:`preftune.config.ConfigError` (a ``ValueError``) for an unknown keyword, naming
+    Raises :class:`preftune.config.train_config.ConfigError` (a ``ValueError``) for an unknown keyword, naming
     the close matches, and for a bad value, before any model or data is loaded.
     """
     cfg = build_config(config, options, "preftune.train")
     if cfg.num_processes > 1:
         raise ConfigError("preftune.train: num_processes > 1 launches new processes; run `preftune train ... "
                           "--num-processes N` from a shell instead")
-    from .train import train as run_training
+    from preftune.training.loop import train as run_training
 
     return run_training(cfg)
 
@@ -69,7 +69,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, **options: Any) 
             ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``kl_samples``,
             ``dtype``, ``trust_remote_code``.
     """
-    from .evaluate import evaluate_model
+    from preftune.evaluation.evaluate import evaluate_model
 
     allowed = [name for name in inspect.signature(evaluate_model).parameters if name not in ("model_path", "data")]
     for name in options:
@@ -79,7 +79,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, **options: Any) 
 
 
 def _suggest(name: str, known: list[str]) -> str:
-    from .trl_config import RENAMED
+    from preftune.config.trl_names import RENAMED
 
     if name in RENAMED and RENAMED[name] in known:
         return f" (TRL's name; preftune's is {RENAMED[name]!r})"

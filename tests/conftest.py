@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.tiny import train_tokenizer, tiny_model
+from preftune.model.tiny import train_tokenizer, tiny_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
@@ -100,7 +100,7 @@ def rule_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def final_model(monkeypatch) -> dict:
     """After ``train()``, ``final_model["model"]`` is the in-memory trained model it saved."""
-    import preftune.train as train_module
+    import preftune.training.loop as train_module
 
     captured = {}
     original = train_module.save_final
@@ -124,7 +124,7 @@ def hh_rlhf_path() -> Path:
 def _usual_ctrl_c():
     """Tests of Ctrl-C handling see Python's usual SIGINT handler even when the suite itself was
     started with SIGINT ignored (``make test &`` from a script, ``nohup``): training deliberately
-    leaves an ignored SIGINT ignored (tests/test_crash_safety.py checks that case on its own)."""
+    leaves an ignored SIGINT ignored (tests/integration/test_crash_safety.py checks that case on its own)."""
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -146,8 +146,8 @@ def _threads():
 def _fp32_auto_precision(monkeypatch):
     """``--mixed-precision auto`` means fp32 in tests on every CPU: most tests assert fp32 exactness
     (packed vs padded, precompute vs live), which a CPU with AVX512-BF16 would otherwise turn into
-    bf16 runs. tests/test_precision.py checks the auto rule itself with explicit cpuinfo text."""
-    import preftune.precision
+    bf16 runs. tests/model/test_precision.py checks the auto rule itself with explicit cpuinfo text."""
+    import preftune.model.precision
 
-    monkeypatch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(preftune.model.precision, "_host_has_fast_bf16", lambda: False)
     monkeypatch.setenv("PREFTUNE_CPU_BF16", "0")  # the same rule in the CLI runs tests start as subprocesses

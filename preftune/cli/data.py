@@ -1,6 +1,6 @@
 """``preftune data check | convert | split | pairs``: argument parsing only; the work is in
-:mod:`preftune.doctor`, :mod:`preftune.data.convert`, :mod:`preftune.data.split` and
-:mod:`preftune.collect.ratings`.
+:mod:`preftune.data.doctor`, :mod:`preftune.data.convert`, :mod:`preftune.data.split` and
+:mod:`preftune.data.ratings`.
 
 ``register(subparsers)`` adds the ``data`` command group to the main parser; every handler
 returns the process exit code.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_args import open_fraction, positive_int, print_usage
+from preftune.cli.args import open_fraction, positive_int, print_usage
 
 DATA_DESCRIPTION = """\
 Look at a data file before training on it, rewrite it in another format, or split it into
@@ -132,7 +132,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default 0)")
     split.set_defaults(func=cmd_split)
 
-    from preftune.collect.ratings import STRATEGIES, TARGETS as PAIR_TARGETS
+    from preftune.data.ratings import STRATEGIES, TARGETS as PAIR_TARGETS
 
     pairs = commands.add_parser("pairs", help="turn scored / rated responses into pairs or KTO rows",
                                 description="Group the scored responses of SRC by prompt (or an id field) and "
@@ -164,7 +164,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_check(args) -> int:
-    from preftune.doctor import check_data
+    from preftune.data.doctor import check_data
 
     report = check_data(args.path, tokenizer=args.tokenizer, max_length=args.max_length,
                         max_prompt_length=args.max_prompt_length, eval_path=args.eval_path)
@@ -193,7 +193,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_pairs(args) -> int:
-    from preftune.collect.ratings import score_pairs
+    from preftune.data.ratings import score_pairs
 
     result = score_pairs(args.src, args.dst, score_field=args.score_field, to=args.to, strategy=args.strategy,
                          margin=args.margin, threshold=args.threshold, reject_below=args.reject_below,

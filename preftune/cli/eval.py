@@ -1,6 +1,6 @@
 """Command line for evaluation: ``preftune eval``, ``preftune generate`` and ``preftune compare``.
 
-Argument parsing only; the work is in :mod:`preftune.evaluate` and :mod:`preftune.compare`.
+Argument parsing only; the work is in :mod:`preftune.evaluate` and :mod:`preftune.evaluation.sweep`.
 ``register(subparsers)`` adds the three commands to the ``preftune`` parser.
 """
 
@@ -144,7 +144,7 @@ def register(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_model, format_table, to_json
+    from preftune.evaluation.evaluate import evaluate_model, format_table, to_json
 
     result = evaluate_model(args.model, args.data, ref_model=args.ref_model, nll_data=args.nll_data,
                             generate=args.generate, judge=args.judge, max_new_tokens=args.max_new_tokens,
@@ -162,7 +162,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .evaluate import onpolicy_pairs, read_prompts
+    from preftune.evaluation.evaluate import onpolicy_pairs, read_prompts
 
     if not args.keep_all and not args.judge:
         raise ValueError("--judge is required to rank the samples (or --keep-all to write them all unranked)")
@@ -183,7 +183,7 @@ def cmd_generate(args) -> int:
 
 
 def _write_candidates(args, prompts) -> int:
-    from .generate import onpolicy_candidates
+    from preftune.evaluation.sampling import onpolicy_candidates
 
     records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -198,7 +198,7 @@ def _write_candidates(args, prompts) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from preftune.evaluation.sweep import run_compare
 
     path = run_compare(args.config)
     print(json.loads((path.parent / "summary.json").read_text())["best_text"])

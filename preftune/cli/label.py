@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from .cli_args import fraction, port, positive_int, print_usage
+from preftune.cli.args import fraction, port, positive_int, print_usage
 
 LABEL_DESCRIPTION = """\
 Collect preferences from people: a local web app shows each annotator one task at a time (a prompt
@@ -136,7 +136,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from preftune.collect.stats import format_stats, label_stats
+    from preftune.collect.agreement import format_stats, label_stats
 
     stats = label_stats(args.db)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))

@@ -1,6 +1,6 @@
 """Command line: argument parsing only; every command calls into the library.
 
-``preftune train`` has one flag per :class:`preftune.config.TrainConfig` field (generated
+``preftune train`` has one flag per :class:`preftune.config.train_config.TrainConfig` field (generated
 from the dataclass, so the help text and the YAML keys can't drift apart), also spelled with
 underscores as TRL does (``--learning_rate``). Flags given on the command line override the
 ``--config`` file; bad values give one line and exit 2. No parser accepts abbreviations
@@ -16,8 +16,8 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, TrainConfig, as_bool, coerce, field_type
-from .judges import JudgeError
+from preftune.config.train_config import ConfigError, TrainConfig, as_bool, coerce, field_type
+from preftune.evaluation.judges.base import JudgeError
 
 GROUP_TITLES = {
     "model": "model", "data": "data", "method": "method and reference", "lora": "LoRA",
@@ -28,7 +28,7 @@ GROUP_TITLES = {
 TRAIN_EPILOG = """\
 examples:
   preftune train --model ./my-sft-model --data pairs.jsonl --output-dir runs/dpo1 --loss dpo --beta 0.1
-  preftune train --config recipes/dpo.yaml --model ./sft --data pairs.jsonl --output-dir runs/dpo2
+  preftune train --config configs/dpo.yaml --model ./sft --data pairs.jsonl --output-dir runs/dpo2
   preftune train --model ./sft --data pairs.jsonl --output-dir runs/lora --lora-r 16 --precompute-ref
 
 data formats (one JSON object per line, or Parquet / datasets folders with the same columns):
@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    from . import cli_data, cli_eval, cli_label, cli_model, cli_quickstart
+    from preftune.cli import data as cli_data
+    from preftune.cli import eval as cli_eval
+    from preftune.cli import label as cli_label
+    from preftune.cli import model as cli_model
+    from preftune.cli import quickstart as cli_quickstart
 
     cli_quickstart.register(sub)
     cli_eval.register(sub)
@@ -198,7 +202,7 @@ def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
     import torch
 
     # The launched processes see LOCAL_RANK and run the training themselves.
-    module = ["-m", "preftune.cli", "train", *argv]
+    module = ["-m", "preftune", "train", *argv]
     n = str(cfg.num_processes)
     if torch.cuda.is_available():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n]
@@ -211,7 +215,7 @@ def launch_command(cfg: TrainConfig, argv: list[str]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from preftune.training.loop import train
 
     cfg = config_from_args(args).validate()
     if needs_launch(cfg) and "LOCAL_RANK" not in os.environ:
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from preftune.common.version import VERSION as __version__
 
     return f"preftune {__version__}"
 

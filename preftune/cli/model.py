@@ -1,4 +1,4 @@
-"""``preftune model convert | fetch``: argument parsing only; the work is in :mod:`preftune.gguf_model`.
+"""``preftune model convert | fetch``: argument parsing only; the work is in :mod:`preftune.model.gguf`.
 
 ``register(subparsers)`` adds the ``model`` command group to the main parser; every handler
 returns the process exit code.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_args import print_usage
+from preftune.cli.args import print_usage
 
 MODEL_DESCRIPTION = """\
 GGUF models (llama.cpp, Ollama, LM Studio files) in. 'preftune train', 'eval' and 'generate'
@@ -66,7 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> int:
-    from preftune.gguf_model import convert_gguf_to_folder
+    from preftune.model.gguf import convert_gguf_to_folder
 
     out = convert_gguf_to_folder(args.gguf, args.out, dtype=args.dtype)
     print(f"wrote {out} (a Hugging Face folder: --model {out})")
@@ -74,7 +74,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from preftune.gguf_model import fetch_smollm2
+    from preftune.model.gguf import fetch_smollm2
 
     path = fetch_smollm2(args.out)
     print(f"{path}\n  use it as --model {path} (or --model {path.parent}), or convert it: "

@@ -1,6 +1,6 @@
-"""``preftune quickstart``: argument parsing only; the run is :func:`preftune.quickstart.run_quickstart`.
+"""``preftune quickstart``: argument parsing only; the run is :func:`preftune.recipes.quickstart.run_quickstart`.
 
-Wired into ``preftune.cli`` with ``register(subparsers)``.
+Wired into ``preftune.cli.main`` with ``register(subparsers)``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class _Given(argparse.Action):
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``quickstart`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from .real_recipe import help_text
+    from preftune.recipes.real import help_text
 
     parser = subparsers.add_parser("quickstart", help="DPO end to end on a tiny generated task, offline (minutes); "
                                                       "--real: SmolLM2 on two real tasks",
@@ -73,7 +73,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def cmd_quickstart(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .quickstart import QuickstartConfig, run_quickstart
+    from preftune.recipes.quickstart import QuickstartConfig, run_quickstart
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -91,7 +91,7 @@ def cmd_quickstart(args) -> int:
         logging.getLogger("preftune").setLevel(logging.WARNING)
         hf_logging.disable_progress_bar()
     if args.real:
-        from .real_recipe import RealRecipeConfig, run_real_recipe
+        from preftune.recipes.real import RealRecipeConfig, run_real_recipe
 
         given = getattr(args, "given", set())
         cfg = RealRecipeConfig.preset("reduced" if args.reduced else "full",

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from . import methods
-from .losses import F_DIVERGENCES
+from preftune.methods import table as methods
+from preftune.methods.losses import F_DIVERGENCES
 
-LOSSES = methods.NAMES  # every --loss name: the method table (preftune.methods) is the one list
+LOSSES = methods.NAMES  # every --loss name: the method table (preftune.methods.table) is the one list
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 REF_DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -143,7 +143,7 @@ class TrainConfig:
     max_examples: int | None = _opt(None, "Use only the first N records of --data (quick trials).", group="data",
                                     domain=POSITIVE)
     # --- method ----------------------------------------------------------------------------
-    # --- method: the options of the method table (preftune.methods) -------------------------------
+    # --- method: the options of the method table (preftune.methods.table) -------------------------------
     loss: str = _opt("dpo", methods.help_text(), group="method")
     loss_weights: str | None = _opt(
         None, "Weights of the methods of a combined --loss, comma-separated, one per method (TRL's loss_weights; "
@@ -238,7 +238,7 @@ class TrainConfig:
                                  "command under `accelerate launch` (GPU) or `torchrun` (CPU); each process "
                                  "takes --batch-size examples per micro-step.", group="scale", domain=POSITIVE)
     accelerate_config: str | None = _opt(None, "accelerate config file for the launch (e.g. "
-                                               "recipes/accelerate/fsdp.yaml); on a GPU machine it launches "
+                                               "configs/accelerate/fsdp.yaml); on a GPU machine it launches "
                                                "through accelerate even with one process.", group="scale")
     # --- output ------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "Run folder: model, tokenizer, metrics.jsonl, config.yaml, checkpoints.",
@@ -270,7 +270,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     @property
     def method(self) -> methods.Combination:
-        """The method table's row(s) of --loss (with --loss-weights): :mod:`preftune.methods`."""
+        """The method table's row(s) of --loss (with --loss-weights): :mod:`preftune.methods.table`."""
         return methods.parse(self.loss, self.loss_weights)
 
     @property
@@ -333,7 +333,7 @@ class TrainConfig:
             raise ConfigError(f"--ref-model: --loss {self.loss} uses no reference model")
         return self
 
-    # --- method-table checks (preftune.methods) --------------------------------------------------
+    # --- method-table checks (preftune.methods.table) --------------------------------------------------
     def _check_method(self, method: methods.Combination) -> None:
         """Options that act for no chosen method are refused by name, as are TR-DPO and WPO where they cannot
         apply."""
@@ -368,7 +368,7 @@ class TrainConfig:
 
     def save_yaml(self, path: str | Path) -> None:
         """Written atomically: a crash leaves the previous file or the new one, never half of one."""
-        from .files import write_atomic
+        from preftune.common.files import write_atomic
 
         write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -377,10 +377,10 @@ class TrainConfig:
         """Build from a dict (YAML), refusing unknown keys with a suggestion and coercing types.
 
         TRL's names (``per_device_train_batch_size``, ``loss_type``, ``bf16`` ...) are read where they
-        mean the same (:mod:`preftune.trl_config`); what was mapped is logged, what can't be honoured
+        mean the same (:mod:`preftune.config.trl_names`); what was mapped is logged, what can't be honoured
         is refused by name.
         """
-        from .trl_config import translate
+        from preftune.config.trl_names import translate
 
         known = {f.name: f for f in dataclasses.fields(cls)}
         values, mapped = translate(values, set(known), source)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SCHEDULERS, ConfigError, as_bool
+from preftune.config.train_config import SCHEDULERS, ConfigError, as_bool
 
 # TRL name -> preftune name, same meaning (value converted where needed, below).
 RENAMED = {
@@ -92,7 +92,7 @@ NO_EFFECT = {
 
 # Every option name of TRL 1.16's DPOConfig (with TrainingArguments), ModelConfig and ScriptArguments,
 # plus a few of earlier versions: a key among them that is not handled above is refused as "a TRL
-# option preftune cannot honour" rather than "unknown". tests/test_conventions.py checks the list
+# option preftune cannot honour" rather than "unknown". tests/integration/test_conventions.py checks the list
 # against the installed TRL.
 TRL_NAMES = frozenset("""
 accelerator_config activation_checkpointing activation_checkpointing_kwargs activation_offloading adam_beta1

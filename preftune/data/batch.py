@@ -14,11 +14,11 @@ Two layouts fill ``input_ids``:
   ``[prompt | completion_0 | completion_1 ...]``; each completion's position ids
   continue from the end of its prompt, it attends to its prompt and its own earlier
   tokens only. ``attention_mask`` is a (R, 1, L, L) bool tensor, True = may attend
-  (converted to what the attention implementation needs by ``preftune.logprobs``).
+  (converted to what the attention implementation needs by ``preftune.model.logprobs``).
 
 Either way, the completion tokens whose log-probs we need are listed flat (N tokens):
 the hidden state at ``(token_rows[i], token_cols[i])`` predicts ``token_targets[i]``,
-which belongs to sequence ``token_seq[i]``. ``preftune.logprobs`` gathers exactly these
+which belongs to sequence ``token_seq[i]``. ``preftune.model.logprobs`` gathers exactly these
 hidden states and applies the output head only there.
 """
 

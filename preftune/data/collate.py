@@ -1,4 +1,4 @@
-"""TokenizedExamples -> :class:`preftune.batch.Batch` (padded or packed prefix-shared), and
+"""TokenizedExamples -> :class:`preftune.data.batch.Batch` (padded or packed prefix-shared), and
 the order in which examples are grouped into batches.
 
 Both layouts list the target tokens the same way: sequence by sequence (``s = k * G + g``),
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from preftune.batch import Batch
+from preftune.data.batch import Batch
 from preftune.data.records import TokenizedExample
 
 # ----------------------------------------------------------------------------- helpers

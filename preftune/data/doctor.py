@@ -158,7 +158,7 @@ def check_data(path: str | os.PathLike, tokenizer=None, max_length: int | None =
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        from preftune.gguf_model import is_gguf, load_gguf_tokenizer
+        from preftune.model.gguf import is_gguf, load_gguf_tokenizer
 
         try:
             tokenizer = (load_gguf_tokenizer(tokenizer) if is_gguf(tokenizer)

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .collate import attention_cost, collate_packed, collate_padded
-from .load import load_dataset
+from preftune.data.collate import attention_cost, collate_packed, collate_padded
+from preftune.data.load import load_dataset
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from preftune.config.train_config import TrainConfig
 
 log = logging.getLogger("preftune")
 
@@ -78,7 +78,7 @@ def mixed_label_batches(examples, batch_size: int, seed: int, epoch: int) -> lis
 def model_row_cost(model) -> float | None:
     """:func:`~preftune.data.collate.attention_cost` of ``model``'s text config (None when it names no
     hidden size): what lets packed rows take several groups where that is cheaper than padding."""
-    from ..logprobs import _text_config
+    from preftune.model.logprobs import _text_config
 
     config = _text_config(model)
     hidden = getattr(config, "hidden_size", None)
@@ -88,8 +88,8 @@ def model_row_cost(model) -> float | None:
 def scoring_collate(model, pad_id: int, packing: bool = True):
     """The training loop's batch builder for scoring without a TrainConfig (generation, KL): packed
     when ``packing`` and ``model`` can run packed batches
-    (:func:`~preftune.packing_check.supports_packing`), else padded; no prompt tokens scored."""
-    from ..packing_check import supports_packing
+    (:func:`~preftune.model.packing.supports_packing`), else padded; no prompt tokens scored."""
+    from preftune.model.packing import supports_packing
 
     if not (packing and supports_packing(model)[0]):
         return partial(collate_padded, pad_id=pad_id)

@@ -1,7 +1,7 @@
 """The one record schema every data file is read into, before and after tokenization.
 
 Flow: file -> raw dict rows (``readers``) -> :class:`Example` (``formats``)
--> :class:`TokenizedExample` (``tokenize``) -> :class:`preftune.batch.Batch` (``collate``).
+-> :class:`TokenizedExample` (``tokenize``) -> :class:`preftune.data.batch.Batch` (``collate``).
 """
 
 from __future__ import annotations

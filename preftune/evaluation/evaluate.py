@@ -12,7 +12,7 @@ and ``ref_model`` (the base it started from):
 2. **Did it forget?** Mean NLL per completion token of the chosen responses (or of an SFT
    file, ``nll_data``) under the model and under the base, and the difference.
 3. **How far did it move?** KL(model || base) per sequence, Monte-Carlo on the model's own
-   samples (:func:`preftune.generate.estimate_kl`'s estimator).
+   samples (:func:`preftune.evaluation.sampling.estimate_kl`'s estimator).
 4. **Is it better?** The win rate of the model's samples over the base's under a judge, with
    a 95 % Wilson interval and the judge's tie / inconsistent / unparseable / error counts.
 
@@ -31,22 +31,22 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import TrainConfig
+from preftune.config.train_config import TrainConfig
 from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
-from preftune.files import json_safe, write_atomic
-from preftune.generate import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
+from preftune.common.files import json_safe, write_atomic
+from preftune.evaluation.sampling import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
                                sample_token_ids)
-from preftune.judges import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
-from preftune.logprobs import LogpOutput, batch_logps
-from preftune.packing_check import supports_packing
-from preftune.precision import resolve_compute_dtype
-from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
-from preftune.objective import compute_objective
-from preftune.reference import check_separate, data_fingerprint, tokenizer_fingerprint
-from preftune.stats import kl_from_samples, wilson_interval
+from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
+from preftune.model.logprobs import LogpOutput, batch_logps
+from preftune.model.packing import supports_packing
+from preftune.model.precision import resolve_compute_dtype
+from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
+from preftune.methods.objective import compute_objective
+from preftune.training.reference import check_separate, data_fingerprint, tokenizer_fingerprint
+from preftune.evaluation.metrics import kl_from_samples, wilson_interval
 from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 
 log = logging.getLogger("preftune")
@@ -70,7 +70,7 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         nll_data: an SFT file for the NLL regression check (default: the chosen side of ``data``).
         generate: sample one response to each of the first N prompts of ``data`` from model and
             base; estimate KL(model || base) and, with ``judge``, the model's win rate. Needs ``ref_model``.
-        judge: a :func:`preftune.judges.make_judge` spec or a Judge.
+        judge: a :func:`preftune.evaluation.judges.base.make_judge` spec or a Judge.
         kl_samples: samples per prompt for the KL estimate (always drawn at temperature 1, top-p 1).
         beta: scale of the implicit reward (accuracy does not depend on it; margins and loss do).
         mixed_precision: ``no``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device runs it fast), as
@@ -201,10 +201,10 @@ class BaseCache:
     Every variant of a sweep is evaluated against the same base on the same held-out data, and a
     third of that work is the base's: its log-probs of the held-out pairs (the reference side of
     the implicit reward), its NLL on the NLL data, its samples and a scoring judge's scores of them
-    (a reward model's; :meth:`preftune.judges.ScoringJudge.cache_parts`). Those depend only on the base,
+    (a reward model's; :meth:`preftune.evaluation.judges.base.ScoringJudge.cache_parts`). Those depend only on the base,
     the data and the settings, never on the variant, so :func:`evaluate_model` with ``base_cache``
     computes each once and reads it back afterwards. An entry's key hashes everything it depends
-    on: every weight of the base (:func:`preftune.reference.weights_fingerprint`), the tokenized
+    on: every weight of the base (:func:`preftune.training.reference.weights_fingerprint`), the tokenized
     examples or prompts, the batch layout (batch size, packing, logit chunk), the compute dtype,
     the device type and the torch version, for samples the sampling settings and seed, and for judge
     scores the judge's weights and settings; a changed input is a new key, never a stale value.
@@ -233,7 +233,7 @@ class BaseCache:
         return raw.get("entries", {}) if raw.get("version") == self.VERSION else {}
 
     def key(self, kind: str, parts: dict) -> str:
-        from preftune.reference import weights_fingerprint
+        from preftune.training.reference import weights_fingerprint
 
         if self._weights is None:
             self._weights = weights_fingerprint(self.base)
@@ -352,7 +352,7 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
 
     Both sample with the same seed. The KL is estimated on samples drawn at temperature 1 and
     top-p 1 (the model's own distribution); with those settings and ``kl_samples == 1`` the
-    judged samples are reused, which gives exactly :func:`preftune.generate.estimate_kl`.
+    judged samples are reused, which gives exactly :func:`preftune.evaluation.sampling.estimate_kl`.
     """
     common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, compute_dtype=compute_dtype)
     if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
@@ -450,7 +450,7 @@ def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], jud
     """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
 
     Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
-    ``preftune train`` reads (:func:`preftune.generate.best_vs_worst_pairs`); ``counts`` has
+    ``preftune train`` reads (:func:`preftune.evaluation.sampling.best_vs_worst_pairs`); ``counts`` has
     ``prompts``, ``pairs``, ``skipped_ties`` (every sample of the prompt tied) and
     ``skipped_empty`` (the best or worst sample was empty text, which training refuses).
     """

@@ -14,7 +14,7 @@ rendered with the tokenizer's chat template and ``add_generation_prompt=True``.
 One data path (STYLE.md): prompts and completions are tokenized by the training data path
 (:mod:`preftune.data.tokenize`: boundary-exact, one BOS, the chat template), and every score
 comes from the training loop's batches (:mod:`preftune.data.collate`, packed when the model
-can run packed batches) and :func:`preftune.logprobs.batch_logps` (output head applied only
+can run packed batches) and :func:`preftune.model.logprobs.batch_logps` (output head applied only
 where a completion token is predicted, in chunks; never the (B, L, V) logits). A prompt is
 sampled on exactly the ids it is trained and scored on.
 The model is put in eval mode for each call and given back in the mode it came in.
@@ -30,11 +30,11 @@ import torch
 from preftune.data.pipeline import scoring_collate
 from preftune.data.records import Example, TokenizedExample
 from preftune.data.tokenize import prompt_token_ids, render_prompt, special_prefix_ids, tokenize_example
-from preftune.judges import Judge, Prompt, ScoringJudge, check_lengths
-from preftune.logprobs import batch_logps
-from preftune.precision import resolve_compute_dtype
-from preftune.precision import autocast
-from preftune.stats import kl_from_samples
+from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, check_lengths
+from preftune.model.logprobs import batch_logps
+from preftune.model.precision import resolve_compute_dtype
+from preftune.model.precision import autocast
+from preftune.evaluation.metrics import kl_from_samples
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -211,7 +211,7 @@ def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Seq
 
     Sequence s is an SFT-kind :class:`~preftune.data.records.TokenizedExample` (one prompt, K = 1
     completion), batched ``batch_size`` sequences at a time by the training loop's collate
-    function and scored by :func:`preftune.logprobs.batch_logps`; no grad, eval mode. An empty
+    function and scored by :func:`preftune.model.logprobs.batch_logps`; no grad, eval mode. An empty
     completion scores 0. ``compute_dtype`` (e.g. ``torch.bfloat16``): ``batch_logps``'s mixed
     precision (autocast body, head matmuls in it, log-softmax fp32); None: the weights' dtype.
     """
@@ -253,7 +253,7 @@ def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: in
     Draws ``n_samples`` completions per prompt from ``model`` at temperature 1 and top-p 1
     (any other setting would not sample the model's own distribution), scores the sampled
     token ids (not re-tokenized text) under both models with :func:`completion_logps`, and
-    averages log p - log q with :func:`preftune.stats.kl_from_samples`. Completions cut at
+    averages log p - log q with :func:`preftune.evaluation.metrics.kl_from_samples`. Completions cut at
     ``max_new_tokens`` estimate the KL of the distribution over such truncated sequences.
     ``model is base`` gives 0. ``compute_dtype`` is used for sampling and scoring alike.
     """
@@ -350,7 +350,7 @@ def sample_from_path(model_path, prompts: Sequence[Prompt], n: int, max_new_toke
                      device: str | None = None, mixed_precision: str = "no") -> list[list[str]]:
     """Load the model folder (or GGUF) at ``model_path`` and :func:`sample` ``n`` responses per prompt
     (``mixed_precision``: as ``preftune train --mixed-precision``; ``auto`` = bf16 where it is fast)."""
-    from preftune.modeling import load_model, load_tokenizer
+    from preftune.model.loading import load_model, load_tokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(str(model_path), trust_remote_code)
@@ -366,7 +366,7 @@ def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge
                         device: str | None = None, mixed_precision: str = "no") -> list[dict]:
     """Load ``model_path``, sample ``n`` responses per prompt, and return :func:`candidate_records`
     (the meta records the model and the sampling settings)."""
-    from preftune.judges import make_judge
+    from preftune.evaluation.judges.base import make_judge
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

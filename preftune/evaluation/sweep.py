@@ -19,8 +19,8 @@ what each variant changes::
 
 Relative paths are relative to the current directory, as for ``preftune train --config``.
 
-:func:`run_compare` trains each variant into ``output_dir/<name>`` (:func:`preftune.train.train`),
-evaluates it against the base (:func:`preftune.evaluate.evaluate_model`, the base as the
+:func:`run_compare` trains each variant into ``output_dir/<name>`` (:func:`preftune.training.loop.train`),
+evaluates it against the base (:func:`preftune.evaluation.evaluate.evaluate_model`, the base as the
 reference for every variant), and writes ``report.md``, ``report.html`` (self-contained),
 ``summary.json`` and the plots. A variant that fails is reported with its error and the
 sweep goes on. A finished variant leaves ``done.json`` (its settings and results) and is
@@ -28,7 +28,7 @@ skipped when the sweep is run again with the same settings for it; when only the
 settings changed, it is evaluated again without retraining. The base's share of each evaluation
 (its log-probs of the held-out pairs, its NLL, its samples) is the same for every variant: the first
 variant computes it into ``output_dir/base_cache.json`` and the others read it back
-(:class:`preftune.evaluate.BaseCache`; ``eval: {base_cache: false}`` turns that off).
+(:class:`preftune.evaluation.evaluate.BaseCache`; ``eval: {base_cache: false}`` turns that off).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import yaml
 
-from preftune.config import ConfigError, TrainConfig
-from preftune.stats import wilson_interval
+from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.evaluation.metrics import wilson_interval
 
 log = logging.getLogger("preftune")
 
@@ -163,8 +163,8 @@ def run_variant(spec: dict) -> dict:
     """Train one variant and evaluate it against the base; its ``done.json`` record."""
     import torch
 
-    from preftune.memory import peak_rss_mb
-    from preftune.train import train
+    from preftune.model.memory_policy import peak_rss_mb
+    from preftune.training.loop import train
 
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()
     rss_before = peak_rss_mb()
@@ -181,7 +181,7 @@ def run_variant(spec: dict) -> dict:
 
 def evaluate_variant(spec: dict) -> dict:
     """The trained variant in ``spec["train"]["output_dir"]`` against the base, with ``spec["eval"]``."""
-    from preftune.evaluate import evaluate_model
+    from preftune.evaluation.evaluate import evaluate_model
 
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}")
     options = dict(spec["eval"])
@@ -211,7 +211,7 @@ def _reevaluate(done: dict, spec: dict, folder: Path) -> dict:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    from preftune.evaluate import to_json
+    from preftune.evaluation.evaluate import to_json
 
     tmp = path.with_suffix(".tmp")
     tmp.write_text(to_json(value))
@@ -224,7 +224,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 def execute_variant(spec_path: str | Path) -> int:
-    """Child entry (``python -m preftune.compare --run-variant SPEC``): writes done.json or error.json."""
+    """Child entry (``python -m preftune.evaluation.sweep --run-variant SPEC``): writes done.json or error.json."""
     spec_path = Path(spec_path)
     folder = spec_path.parent
     spec = json.loads(spec_path.read_text())
@@ -243,11 +243,11 @@ def _run_isolated(spec: dict, folder: Path) -> dict:
     spec_path = folder / "spec.json"
     _write_json(spec_path, spec)
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = folder / "run.log"
     with open(log_path, "w") as log_file:
-        code = subprocess.run([sys.executable, "-m", "preftune.compare", "--run-variant", str(spec_path)],
+        code = subprocess.run([sys.executable, "-m", "preftune.evaluation.sweep", "--run-variant", str(spec_path)],
                               stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
     if (folder / "done.json").exists():
         return json.loads((folder / "done.json").read_text())
@@ -350,7 +350,7 @@ def best_variant(records: list[dict], criterion: str) -> tuple[str | None, str]:
 
 def write_report(sweep: Sweep, records: list[dict]) -> Path:
     """Plots, report.md, report.html and summary.json in the sweep's output folder."""
-    from preftune import report
+    from preftune.evaluation import sweep_report as report
 
     out = sweep.output_dir
     best, best_text = best_variant(records, sweep.criterion)
@@ -380,10 +380,10 @@ def write_report(sweep: Sweep, records: list[dict]) -> Path:
              "NLL/token: mean negative log-likelihood per token of the held-out chosen responses "
              f"({sweep.eval.get('nll_data') or 'chosen side of eval_data'}); in brackets variant - base "
              "(> 0: the variant fits them worse than the base).",
-             "train time: wall-clock seconds of preftune.train.train for the variant (loading included)."]
+             "train time: wall-clock seconds of preftune.training.loop.train for the variant (loading included)."]
     if sweep.isolate:
         notes.append("peak RSS: the peak resident set size of the variant's own process (Linux: VmHWM) "
-                     "(python -m preftune.compare --run-variant), read when training ended: the peak resident "
+                     "(python -m preftune.evaluation.sweep --run-variant), read when training ended: the peak resident "
                      "memory of Python, libraries, data, model, reference copy, optimizer state and activations "
                      "(evaluation, later, is not included). In brackets: how much training raised the peak "
                      "above the process's peak before training started (interpreter and imports).")
@@ -413,7 +413,7 @@ def write_report(sweep: Sweep, records: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preftune.compare",
+    parser = argparse.ArgumentParser(prog="python -m preftune.evaluation.sweep",
                                      description="Run a sweep (--config), or one variant of it (--run-variant, "
                                                  "used internally: one process per variant).")
     group = parser.add_mutually_exclusive_group(required=True)

@@ -1,14 +1,14 @@
 """Metrics files, plots and the comparison report (Markdown and one self-contained HTML file).
 
 Plots use matplotlib's ``Figure`` + Agg canvas directly: no pyplot, no global backend switch.
-The report reads a *summary* dict built by :func:`preftune.compare.run_compare`::
+The report reads a *summary* dict built by :func:`preftune.evaluation.sweep.run_compare`::
 
     {"title", "base", "data", "eval_data", "criterion", "criterion_text", "best", "best_text",
      "memory_note", "notes": [...], "rows": [variant record, ...], "images": {name: Path}}
 
 where a variant record is ``{"name", "options", "status", "error", "train_seconds",
 "peak_rss_mb", "train_rss_mb", "peak_gpu_mb", "evaluation"}`` (``evaluation`` is
-:func:`preftune.evaluate.evaluate_model`'s result).
+:func:`preftune.evaluation.evaluate.evaluate_model`'s result).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Unpaired losses (KTO, BCO, APO-zero unpaired) return ``(losses, rewards, metrics
 
 Which log-probs each method is given — *summed* over the completion's tokens or *averaged*
 (divided by the completion length) — whether it needs a reference model, its data kind, its
-options and its paper are one row of the method table, :mod:`preftune.methods`. Everything
+options and its paper are one row of the method table, :mod:`preftune.methods.table`. Everything
 is computed in float32 at least (fp16/bf16 inputs are upcast; float64 stays float64), and
 the results come back in that dtype.
 
@@ -312,7 +312,7 @@ def ipo_loss(
         loss = (h - 1 / (2 * beta))^2,   h as in :func:`dpo_loss`
 
     The log-probs must be token-AVERAGED (sum / completion length), as the IPO authors and
-    TRL do (its row in :mod:`preftune.methods` says so). With summed log-probs the fixed target
+    TRL do (its row in :mod:`preftune.methods.table` says so). With summed log-probs the fixed target
     1/(2 beta) would mean very different things for short and long completions.
 
     Args: as :func:`dpo_loss` but averaged log-probs, (B,) each.
@@ -610,7 +610,7 @@ def discopop_loss(
     instead of 0 * inf = NaN when x is very negative. The paper's tau is 0.05 (as TRL's default). Note
     that at x = 0 (policy == reference, the usual start) d loss / dx = (0.25 / tau)(1 - log 2) - 0.75,
     positive for tau < 0.102: descent first lowers the margin, into a local minimum near x = -0.11 at
-    tau 0.05 (tests/test_methods.py shows it on the synthetic task).
+    tau 0.05 (tests/methods/test_table.py shows it on the synthetic task).
 
     Args: as :func:`dpo_loss`; ``tau`` > 0 (``--discopop-tau``).
     Returns: as :func:`dpo_loss`.
@@ -1074,7 +1074,7 @@ def length_desensitized_logps(
 
     Args:
         token_logps: (N,) log-prob of every completion token of the batch, each sequence's
-            tokens in their text order (the order :mod:`preftune.batch` lists them).
+            tokens in their text order (the order :mod:`preftune.data.batch` lists them).
         token_seq: (N,) long, the sequence of each token; sequence s = k * G + g, so for pairs
             0..G-1 are the chosen and G..2G-1 the rejected completions.
         num_groups: G (the batch holds 2G sequences).

@@ -1,6 +1,6 @@
 """From per-sequence log-probs to the loss and metrics of a method (or a weighted sum of methods).
 
-The method table (:mod:`preftune.methods`) says, per method, which tensors its pure loss takes
+The method table (:mod:`preftune.methods.table`) says, per method, which tensors its pure loss takes
 (summed or token-averaged log-probs, the chosen NLL, KTO's KL point ...) and which options;
 this module builds those tensors from one batch's log-probs, calls each loss, applies the
 loop-level options (WPO weights, LD-DPO lengths), sums the weighted losses and names the
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from . import losses as L
-from . import methods as M
-from .logprobs import LogpOutput
+from preftune.methods import losses as L
+from preftune.methods import table as M
+from preftune.model.logprobs import LogpOutput
 
 # Metrics every paired method logs (others add their own).
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -45,12 +45,12 @@ def compute_objective(
 
     Args:
         method: a --loss value (``"dpo"``, ``"sigmoid,bco_pair,sft"``) or a parsed
-            :class:`preftune.methods.Combination`; ``loss_weights`` goes with a string.
-        policy: ``logps`` / ``counts`` (S,) with S = K * G (see :mod:`preftune.batch`) and
+            :class:`preftune.methods.table.Combination`; ``loss_weights`` goes with a string.
+        policy: ``logps`` / ``counts`` (S,) with S = K * G (see :mod:`preftune.data.batch`) and
             ``token_logps`` (N,).
         num_groups: G.
         ref_logps: (S,) the reference's sequence log-probs — summed, or length-desensitised
-            like the policy's when ``ld_alpha`` is set (:class:`preftune.reference` does both) —
+            like the policy's when ``ld_alpha`` is set (:class:`preftune.training.reference` does both) —
             or None for reference-free methods.
         labels: (G,) bool for unpaired data (True = desirable).
         margins: (G,) float, each pair's ``margin`` (reward models); None = 0.
@@ -119,7 +119,7 @@ def compute_objective(
 
 
 class _Tensors:
-    """The named inputs of :mod:`preftune.methods` for one batch, built on first use."""
+    """The named inputs of :mod:`preftune.methods.table` for one batch, built on first use."""
 
     def __init__(self, policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
                  mean_across_processes, margins=None):
@@ -181,7 +181,7 @@ class _Tensors:
             return self.mean_across_processes(local).clamp(min=0)
         if name == _REWARD_SHIFT:
             return self._reward_shift()
-        raise ValueError(f"no input named {name!r} (see preftune.methods)")
+        raise ValueError(f"no input named {name!r} (see preftune.methods.table)")
 
     def _reward_shift(self) -> torch.Tensor:
         """BCO's delta: the running mean of the batches' mean rewards beta * (policy - ref)."""

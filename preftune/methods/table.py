@@ -1,10 +1,10 @@
 """The method table: every training method is one row.
 
 A row says everything the rest of preftune needs to know about a method: its pure loss
-function (:mod:`preftune.losses`), whether it needs a reference model, whether that loss takes
+function (:mod:`preftune.methods.losses`), whether it needs a reference model, whether that loss takes
 *summed* or token-*averaged* log-probs, its data kind, which tensors and options it is given,
 its per-method defaults and its paper. Config validation and ``--help``
-(:mod:`preftune.config`), the objective (:mod:`preftune.objective`) and the training loop
+(:mod:`preftune.config.train_config`), the objective (:mod:`preftune.methods.objective`) and the training loop
 read the rows; nothing else names a method. Adding a method = one loss function, one row,
 one test.
 
@@ -14,7 +14,7 @@ weighted sum (MPO, Wang et al. 2024, "Enhancing the Reasoning Ability of Multimo
 Language Models via Mixed Preference Optimization": ``--loss sigmoid,bco_pair,sft
 --loss-weights 0.8,0.2,1.0``): :func:`parse` returns such a :class:`Combination`.
 
-Tensors a loss may ask for (``inputs``), built by :mod:`preftune.objective`, all (G,) for G
+Tensors a loss may ask for (``inputs``), built by :mod:`preftune.methods.objective`, all (G,) for G
 pairs or examples unless said otherwise:
 
 * pairs: ``policy_chosen_logps``, ``policy_rejected_logps``, ``ref_chosen_logps``,
@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import losses as L
+from preftune.methods import losses as L
 
 KINDS = ("pair", "unpaired", "sft")
 
@@ -321,7 +321,7 @@ def help_text() -> str:
 
 
 def markdown_table() -> str:
-    """The README's methods table (kept in sync by tests/test_methods.py)."""
+    """The README's methods table (kept in sync by tests/methods/test_table.py)."""
     lines = ["| `--loss` | paper | reference model | log-probs | data | notes |", "|---|---|---|---|---|---|"]
     for m in METHODS:
         names = " / ".join(f"`{n}`" for n in (m.name, *m.aliases))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.modeling import _first_line, resolve_dtype
+from preftune.model.loading import _first_line, resolve_dtype
 
 log = logging.getLogger("preftune")
 

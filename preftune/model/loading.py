@@ -4,7 +4,7 @@ Safe by default: ``trust_remote_code`` is off unless asked, safetensors weights 
 preferred (``use_safetensors`` when the folder has them), and nothing is unpickled: a ``.bin``
 pickle holding more than tensors is refused with our own message (never torch's advice to load it
 unsafely), a truncated one is named as such. A ``.gguf`` file (or a folder holding one and no
-``config.json``) goes through :mod:`preftune.gguf_model`. :func:`check_vocab` refuses a tokenizer
+``config.json``) goes through :mod:`preftune.model.gguf`. :func:`check_vocab` refuses a tokenizer
 whose ids the model's embedding has no row for, at load time instead of mid-step.
 """
 
@@ -37,7 +37,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    from preftune.gguf_model import is_gguf, load_gguf_tokenizer
+    from preftune.model.gguf import is_gguf, load_gguf_tokenizer
 
     if is_gguf(name):
         tokenizer = load_gguf_tokenizer(name)
@@ -58,7 +58,7 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
                trust_remote_code: bool = False, load_in_4bit: bool = False, head: str = "lm"):
     """``AutoModelForCausalLM.from_pretrained`` with our safety defaults.
 
-    A GGUF path is dequantized to ``dtype`` into a plain model (:func:`preftune.gguf_model.load_gguf_model`).
+    A GGUF path is dequantized to ``dtype`` into a plain model (:func:`preftune.model.gguf.load_gguf_model`).
     ``head="reward"``: a reward model, a one-logit ``AutoModelForSequenceClassification``: a saved
     reward model as it is, any causal LM (folder, hub name or GGUF) with its body copied and a new
     ``score`` head (:func:`reward_model_from_causal_lm`).
@@ -71,7 +71,7 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
     if head != "lm":
         raise ValueError(f"unknown model head {head!r} (lm or reward)")
 
-    from preftune.gguf_model import is_gguf, load_gguf_model
+    from preftune.model.gguf import is_gguf, load_gguf_model
 
     if is_gguf(name):
         if load_in_4bit:
@@ -194,7 +194,7 @@ def check_vocab(tokenizer, model, examples=()) -> None:
 def describe_unreadable(file: Path, exc: BaseException) -> str:
     """Why a weights or state file could not be loaded, in our words: missing, truncated or corrupt,
     or a pickle refused by ``weights_only`` (torch's advice to load it unsafely is never repeated)."""
-    from .files import size_text
+    from preftune.common.files import size_text
 
     file = Path(file)
     if isinstance(exc, FileNotFoundError) or not file.exists():

@@ -16,7 +16,7 @@ because ``transformers.masking_utils`` returns a 4D mask as-is (so its "position
 restart => new sequence" detection never runs). It is converted per attention
 implementation: ``sdpa`` bool, ``eager`` additive float (0 / dtype min),
 ``flex_attention`` a ``BlockMask``. Flash attention cannot take it; whether a model can is
-decided by a probe forward in :mod:`preftune.packing_check`. Sliding-window layers get the window folded into the mask,
+decided by a probe forward in :mod:`preftune.model.packing`. Sliding-window layers get the window folded into the mask,
 measured in position ids (= distance within the unpacked sequence).
 """
 
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from preftune.batch import Batch
-from preftune.precision import autocast
+from preftune.data.batch import Batch
+from preftune.model.precision import autocast
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 # Softmax kept from forward to backward for a trained head, at most (beyond: recomputed).
@@ -289,7 +289,7 @@ def _convert_mask(mask: torch.Tensor, impl: str, dtype: torch.dtype):
 def packed_attention_mask(model: nn.Module, batch: Batch):
     """The packed batch's mask in the form ``model``'s attention takes (see :func:`build_packed_mask`),
     after checking that ``model`` can run packed batches at all (a cached probe after the first batch)."""
-    from preftune.packing_check import supports_packing  # not at the top: packing_check imports this module
+    from preftune.model.packing import supports_packing  # not at the top: packing_check imports this module
 
     lm = _causal_lm(model)
     ok, why = supports_packing(lm, max_length=int(batch.position_ids.max()) + 1)  # longest unpacked sequence

@@ -13,7 +13,7 @@ deep model too, while small models and short batches keep full speed. ``on`` / `
 
 The head's (N, V) softmax kept from forward to backward (so backward need not redo the head
 matmul) is charged against the same budget: it gets what the kept body activations leave, up to
-:data:`preftune.logprobs.DEFAULT_CACHE_BYTES`; beyond that backward recomputes it chunk by chunk.
+:data:`preftune.model.logprobs.DEFAULT_CACHE_BYTES`; beyond that backward recomputes it chunk by chunk.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def plan_memory(cfg, model, examples, batches: list[list[int]], packing: bool, d
     ``state_bytes``: :func:`training_state_bytes` of the policy and reference (None: the budget is
     a quarter of the available memory alone).
     """
-    from .logprobs import DEFAULT_CACHE_BYTES, _text_config
+    from preftune.model.logprobs import DEFAULT_CACHE_BYTES, _text_config
 
     weights_dtype = next(model.parameters()).dtype
     per_token = activation_bytes_per_token(model.config, compute_dtype, weights_dtype)

@@ -17,7 +17,7 @@ longer than the window) and one plain mask for all layers (enough while every se
 What a short probe cannot see: masking a body adds by *column* beyond the probe's 24-column
 row (GPT-Neo's ``local`` layers, window 256); such layer types are refused from the config.
 
-Wiring: this module imports ``preftune.logprobs``; ``logprobs.packed_attention_mask`` imports
+Wiring: this module imports ``preftune.model.logprobs``; ``logprobs.packed_attention_mask`` imports
 :func:`supports_packing` inside the function (no import cycle). The probe hands ``batch_logps``
 a batch whose mask is already in the attention's form, so the probe never re-enters
 ``packed_attention_mask`` (no recursion).
@@ -35,7 +35,7 @@ from torch import nn
 
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.logprobs import (PACKING_ATTENTION, _body, _causal_lm, _sliding_layout, _text_config, batch_logps,
+from preftune.model.logprobs import (PACKING_ATTENTION, _body, _causal_lm, _sliding_layout, _text_config, batch_logps,
                                build_packed_mask)
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def supports_packing(model: nn.Module, max_length: int | None = None) -> tuple[b
 
 def probe_tolerance(dtype: torch.dtype) -> float:
     """Max |log-prob difference| per token the probe accepts: 1e-4 in fp32 (the bar of
-    tests/test_logprobs.py), 16 units of the dtype's resolution in half precision (fp16 0.016,
+    tests/model/test_logprobs.py), 16 units of the dtype's resolution in half precision (fp16 0.016,
     bf16 0.125), where the two layouts' differently shaped matmuls round differently. A mask
     the body ignores lets tokens see another completion and another group: 0.28 nats even for
     a tiny random Llama, whole nats for a trained model."""

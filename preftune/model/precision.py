@@ -1,7 +1,7 @@
 """Mixed precision: fp32 master weights and optimizer state, matmuls in bf16 / fp16.
 
 ``--mixed-precision bf16`` runs the model body under ``torch.autocast`` and the output head's
-matmuls in bf16 (:mod:`preftune.logprobs`), while log-softmax, log-probs and every loss stay
+matmuls in bf16 (:mod:`preftune.model.logprobs`), while log-softmax, log-probs and every loss stay
 fp32 and AdamW updates fp32 weights. ``fp16`` adds loss scaling (accelerate's ``GradScaler``;
 CUDA only). Training 16-bit weights directly is refused: AdamW updates far below the weights'
 resolution round away (bf16 has 8 bits of mantissa: at lr 1e-6 a weight of 0.02 needs an update
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import MIXED_PRECISION
+from preftune.config.train_config import MIXED_PRECISION
 
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -3,11 +3,11 @@
 Six stages on preftune's own pieces, written to one run folder:
 
 1. **base model** — a BPE tokenizer (``tokenizers``) and a tiny Llama, pretrained with
-   :func:`preftune.train.train` (``loss="sft"``, empty prompts) on a generated film magazine;
+   :func:`preftune.training.loop.train` (``loss="sft"``, empty prompts) on a generated film magazine;
 2. **SFT** — ``train(loss="sft")`` on "Write a review of <film>." rows whose reviews range from
    scathing to glowing, so the SFT model writes both;
 3. **preference pairs** — several samples per prompt from the SFT model, scored by the lexicon
-   judge :func:`preftune.quickstart_data.sentiment_score`, best vs worst (ties skipped);
+   judge :func:`preftune.recipes.quickstart_world.sentiment_score`, best vs worst (ties skipped);
 4. **DPO** — ``train(loss="dpo")`` from the SFT model on those on-policy pairs;
 5. **evaluation** on films no stage has seen: judge scores, the DPO-vs-SFT win rate with its 95%
    interval, KL(DPO || SFT), held-out preference accuracy;
@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune import quickstart_data as world
+from preftune.recipes import quickstart_world as world
 
-JUDGE_SPEC = "python:preftune.quickstart_data:sentiment_score"
+JUDGE_SPEC = "python:preftune.recipes.quickstart_world:sentiment_score"
 STAGES = 6
 # What a run writes into its folder; a re-run clears exactly these and nothing else.
 RUN_ENTRIES = ("base", "sft", "dpo", "data", "samples.jsonl", "metrics.json", "report.md", "judge_scores.png",
@@ -118,8 +118,8 @@ def run_quickstart(cfg: QuickstartConfig, echo=print) -> QuickstartResult:
 
 
 def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
-    from preftune.generate import best_vs_worst_pairs
-    from preftune.judges import PythonJudge
+    from preftune.evaluation.sampling import best_vs_worst_pairs
+    from preftune.evaluation.judges.base import PythonJudge
 
     out = prepare_output_dir(Path(cfg.output_dir))
     judge = PythonJudge(world.sentiment_score, spec=JUDGE_SPEC)
@@ -214,7 +214,7 @@ def prepare_output_dir(out: Path) -> Path:
 
 def build_base(cfg: QuickstartConfig, out: Path, all_films: list[str], train_films: list[str]):
     """Train the tokenizer, initialise a tiny Llama in a scratch folder, pretrain it into ``out/base``."""
-    from preftune.tiny import tiny_model, train_tokenizer
+    from preftune.model.tiny import tiny_model, train_tokenizer
 
     tokenizer = train_tokenizer(world.tokenizer_corpus(all_films), vocab_size=cfg.vocab_size)
     texts = world.pretraining_texts(train_films, cfg.pretrain_texts, seed=cfg.seed + 1)
@@ -232,9 +232,9 @@ def build_base(cfg: QuickstartConfig, out: Path, all_films: list[str], train_fil
 
 def train_stage(cfg: QuickstartConfig, output_dir: Path, model, data: Path, loss: str, learning_rate: float,
                 epochs: float, beta: float | None = None, eval_data: Path | None = None):
-    """One :func:`preftune.train.train` call with the quickstart's shared settings -> its TrainResult."""
-    from preftune.config import TrainConfig
-    from preftune.train import train
+    """One :func:`preftune.training.loop.train` call with the quickstart's shared settings -> its TrainResult."""
+    from preftune.config.train_config import TrainConfig
+    from preftune.training.loop import train
 
     return train(TrainConfig(
         model=str(model), data=str(data), eval_data=str(eval_data) if eval_data else None,
@@ -244,17 +244,17 @@ def train_stage(cfg: QuickstartConfig, output_dir: Path, model, data: Path, loss
 
 
 def load(folder: Path):
-    from preftune.modeling import load_model
+    from preftune.model.loading import load_model
 
     return load_model(str(folder)).eval()
 
 
 def sample_with_progress(cfg: QuickstartConfig, model, tokenizer, prompts: list[str], n: int, seed: int,
                          desc: str) -> list[list[str]]:
-    """:func:`preftune.generate.sample` (temperature 1) in chunks under a progress bar: ``texts[i][j]``."""
+    """:func:`preftune.evaluation.sampling.sample` (temperature 1) in chunks under a progress bar: ``texts[i][j]``."""
     from tqdm.auto import tqdm
 
-    from preftune.generate import sample
+    from preftune.evaluation.sampling import sample
 
     per_chunk = max(1, cfg.sample_batch_size // n)
     texts: list[list[str]] = []
@@ -275,7 +275,7 @@ def non_empty(pairs: list[dict]) -> list[dict]:
 def evaluate(cfg: QuickstartConfig, judge, dpo_model, sft_model, tokenizer, prompts: list[str],
              sft_texts: list[str], dpo_texts: list[str], dpo_result) -> dict:
     """Judge scores, win rate (the DPO vs the SFT sample of each prompt), KL, preference accuracy."""
-    from preftune.generate import estimate_kl
+    from preftune.evaluation.sampling import estimate_kl
 
     kl_prompts = prompts[::cfg.eval_samples]  # one per film
     kl, kl_stderr = estimate_kl(dpo_model, sft_model, tokenizer, kl_prompts, n_samples=cfg.kl_samples,

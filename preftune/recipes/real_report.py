@@ -1,4 +1,4 @@
-"""The real recipe's targets and report (:mod:`preftune.real_recipe`): which target each run reached,
+"""The real recipe's targets and report (:mod:`preftune.recipes.real`): which target each run reached,
 ``metrics.json`` (written after every stage, atomically) and ``report.md`` with both tasks' tables."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from preftune.real_recipe import RealRecipeConfig
+    from preftune.recipes.real import RealRecipeConfig
 
 def check_targets(cfg: "RealRecipeConfig", metrics: dict) -> list[dict]:
     """Each target with its value and whether it is reached (a missing number is not reached)."""
@@ -32,7 +32,7 @@ def check_targets(cfg: "RealRecipeConfig", metrics: dict) -> list[dict]:
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
-    from preftune.evaluate import to_json
+    from preftune.evaluation.evaluate import to_json
 
     tmp = out / "metrics.json.tmp"
     tmp.write_text(to_json(metrics))

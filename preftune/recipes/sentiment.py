@@ -1,6 +1,6 @@
-"""A lexicon sentiment judge for real English film reviews: ``python:preftune.sentiment:review_sentiment``.
+"""A lexicon sentiment judge for real English film reviews: ``python:preftune.recipes.sentiment:review_sentiment``.
 
-:func:`preftune.quickstart_data.sentiment_score` knows the 32 words of the quickstart's generated
+:func:`preftune.recipes.quickstart_world.sentiment_score` knows the 32 words of the quickstart's generated
 world; on reviews a real model writes ("a captivating tale with stunning visuals") it finds no
 word and ties at 0 most of the time, which leaves best-vs-worst pairing nothing to choose from.
 This judge has a few hundred common review words of each polarity and handles simple negation
@@ -134,7 +134,7 @@ def review_sentiment(prompt: str, response: str) -> float:
     (only the first sentiment word after a negator is flipped; "not only" / "not just" negate nothing). So "great" is
     0.5, "great and moving" 0.67, "great but dull" 0, "not good" -0.5, "not bad at all" +0.5, and a
     response with no sentiment word 0. The prompt is ignored. The same formula as
-    :func:`preftune.quickstart_data.sentiment_score`, with a lexicon for real reviews.
+    :func:`preftune.recipes.quickstart_world.sentiment_score`, with a lexicon for real reviews.
     """
     pos, neg = counts(response)
     return (pos - neg) / (pos + neg + 1)

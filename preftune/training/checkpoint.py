@@ -8,8 +8,8 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-000120/`` holding
 * ``rng.pt`` — the torch, Python and NumPy (and CUDA) RNG states of every process, also
   ``weights_only``;
 * ``state.json`` — step, data position, number of processes, the config it was written under, the
-  run that wrote it (``run_id``, ``data_fingerprint``: see :mod:`preftune.run_folder`) and the numerical
-  guard's state (``weights_norm``, streaks: see :mod:`preftune.guard`).
+  run that wrote it (``run_id``, ``data_fingerprint``: see :mod:`preftune.training.run_folder`) and the numerical
+  guard's state (``weights_norm``, streaks: see :mod:`preftune.training.divergence`).
 
 It is written into ``step-000120.tmp-<pid>`` and renamed into place only when complete and
 fsync'ed, so a crash (even SIGKILL) mid-write leaves nothing that ``latest`` would pick up; such
@@ -20,8 +20,8 @@ checkpoint in the folder is never continued by it.
 Test hook: with ``PREFTUNE_TEST_CRASH_IN_CHECKPOINT=STAGE`` (or ``STAGE:STEP``) in the environment
 the process SIGKILLs itself at that stage of writing (the step ``STEP`` checkpoint, or the
 first one); stages are :data:`CRASH_STAGES` (and, for the final model,
-:data:`preftune.run_folder.FINAL_CRASH_STAGES`). ``tests/test_crash_safety.py`` and
-``tests/test_run_safety.py`` use it to prove that an interrupted write is never resumed from.
+:data:`preftune.training.run_folder.FINAL_CRASH_STAGES`). ``tests/integration/test_crash_safety.py`` and
+``tests/integration/test_run_safety.py`` use it to prove that an interrupted write is never resumed from.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .files import disk_full_guard, fsync_dir, remove_left_temp, tensor_bytes
-from .modeling import describe_unreadable
+from preftune.common.files import disk_full_guard, fsync_dir, remove_left_temp, tensor_bytes
+from preftune.model.loading import describe_unreadable
 
 CHECKPOINT_PREFIX = "step-"
 TMP_MARK = ".tmp-"  # in the name of folders being written (or left over by a crash)

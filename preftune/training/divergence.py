@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from preftune.training import checkpoint as ckpt
 
 EXPLODED_WEIGHTS_RATIO = 100.0
 

@@ -3,9 +3,9 @@
 Read top to bottom: set up (data, model, reference, batches, optimizer) -> for each
 optimizer step: micro-batches -> log-probs -> objective -> backward -> clip -> step ->
 log / evaluate / checkpoint -> save the final model. What the run writes and reads back
-(checkpoints, resume, the final model, metrics.jsonl) is in :mod:`preftune.run_state`; the run
-folder's lock, identity and re-run rules in :mod:`preftune.run_folder`; the numerical guard in
-:mod:`preftune.guard`.
+(checkpoints, resume, the final model, metrics.jsonl) is in :mod:`preftune.training.run_state`; the run
+folder's lock, identity and re-run rules in :mod:`preftune.training.run_folder`; the numerical guard in
+:mod:`preftune.training.divergence`.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import TrainConfig
-from .data.collate import batch_indices
+from preftune.training import checkpoint as ckpt
+from preftune.config.train_config import TrainConfig
+from preftune.data.collate import batch_indices
 # the data path the loop and evaluation share (make_collate stays reachable here: benchmarks wrap it)
-from .data.pipeline import balanced_split, make_collate, mixed_label_batches, model_row_cost, read_examples  # noqa: F401
-from .logprobs import LogProbModel
-from .packing_check import supports_packing
-from .losses import kto_weight_warning
-from .memory import enable_checkpointing, plan_memory, training_state_bytes
-from .files import write_atomic
-from .guard import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
-from .modeling import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
-from .precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
-from .objective import compute_objective
-from .reference import (AdapterOffReference, CachedReference, ModelReference, cache_key,
+from preftune.data.pipeline import balanced_split, make_collate, mixed_label_batches, model_row_cost, read_examples  # noqa: F401
+from preftune.model.logprobs import LogProbModel
+from preftune.model.packing import supports_packing
+from preftune.methods.losses import kto_weight_warning
+from preftune.model.memory_policy import enable_checkpointing, plan_memory, training_state_bytes
+from preftune.common.files import write_atomic
+from preftune.training.divergence import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
+from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
+from preftune.model.precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
+from preftune.methods.objective import compute_objective
+from preftune.training.reference import (AdapterOffReference, CachedReference, ModelReference, cache_key,
                         compute_reference_table, data_fingerprint, load_cache, save_cache)
-from .run_folder import RunFolder, claim_output_dir
-from .run_state import MetricsLog, progress_bar, resume, save_final, save_training_state, summary_json
+from preftune.training.run_folder import RunFolder, claim_output_dir
+from preftune.training.run_state import MetricsLog, progress_bar, resume, save_final, save_training_state, summary_json
 
 log = logging.getLogger("preftune")
 
@@ -74,7 +74,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says. The output folder is claimed first (its lock held until the run ends
-    however it ends; a folder holding another run refused): :func:`preftune.run_folder.claim_output_dir`."""
+    however it ends; a folder holding another run refused): :func:`preftune.training.run_folder.claim_output_dir`."""
     cfg.validate()
     handlers = StopOnSignal.handlers()
     with claim_output_dir(cfg) as run:
@@ -102,7 +102,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
     out = Path(cfg.output_dir)
     metrics_log = None
     if main:  # claim_output_dir made the folder; run.set_data writes config.yaml and run.json
-        from .trackers import with_trackers  # --report-to: the rows also go to each tracker
+        from preftune.training.trackers import with_trackers  # --report-to: the rows also go to each tracker
 
         metrics_log = with_trackers(MetricsLog(out), cfg, out)
         if not cfg.max_grad_norm:  # 0 or none: no clipping, as in HF Trainer; said, not silent
@@ -264,7 +264,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
             window_tokens += sum(train_examples[i].num_tokens for i in global_ids)
             micro += 1
         grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        # Numerical guard (preftune.guard): every rank takes the same decision (a collective on every rank).
+        # Numerical guard (preftune.training.divergence): every rank takes the same decision (a collective on every rank).
         # A bad step changes neither the weights nor the optimizer moments; it still counts as a step.
         # fp16: a non-finite gradient is the loss scaler's overflow (it skips the step and lowers the scale).
         grad_bad = not math.isfinite(grad_norm) and precision != "fp16"
@@ -349,7 +349,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
                    "run_id": run.run_id, "data_fingerprint": run.data_fingerprint,
                    **gpu_peak_memory(accelerator)}
         write_atomic(out / "summary.json", summary_json(summary))
-        from .model_card import write_model_card  # OUTPUT/README.md, a Hugging Face model card
+        from preftune.training.model_card import write_model_card  # OUTPUT/README.md, a Hugging Face model card
 
         write_model_card(out, cfg, summary, num_examples=len(train_examples))
         metrics_log.close()
@@ -425,7 +425,7 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
                     update_state=False):
     """The configured method's loss and metrics for one batch; ``model(batch)`` is its LogpOutput.
     The options passed are those the method table says the method reads (``cfg.method_options()``);
-    ``state`` / ``update_state``: see :func:`preftune.objective.compute_objective`.
+    ``state`` / ``update_state``: see :func:`preftune.methods.objective.compute_objective`.
 
     The reference runs first: its no-grad forward (body activations, head logits chunk) is freed
     before the policy builds its graph (activations, the kept softmax), instead of stacking on top

@@ -32,7 +32,7 @@ def write_model_card(out: str | os.PathLike, cfg, summary: dict, num_examples: i
     ``eval_after``, ``reference``, ``mixed_precision`` ...); ``num_examples`` the training
     examples used (pairs, or KTO / SFT examples).
     """
-    from .files import write_atomic
+    from preftune.common.files import write_atomic
 
     path = Path(out) / "README.md"
     write_atomic(path, model_card_text(cfg, summary, num_examples))
@@ -43,12 +43,12 @@ def model_card_text(cfg, summary: dict, num_examples: int) -> str:
     """The card: YAML metadata (ModelCardData) and a markdown body."""
     from huggingface_hub import ModelCardData
 
-    from . import __version__
+    from preftune.common.version import VERSION as __version__
 
     base = hub_base_model(cfg.model)
     datasets = [d.split(":")[0] for d in (cfg.data, cfg.eval_data) if d and _is_hub_id(d.split(":")[0])]
     adapter = bool(cfg.lora_r) and not cfg.merge_lora
-    method = cfg.method  # the method table's row(s): preftune.methods
+    method = cfg.method  # the method table's row(s): preftune.methods.table
     tags = ["preftune", *(m.name for m in method.methods)] + (["lora"] if cfg.lora_r else [])
     data = ModelCardData(base_model=base, datasets=list(dict.fromkeys(datasets)) or None,
                          library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",

@@ -8,7 +8,7 @@
 
 Every reference answers ``logps(batch) -> (S,)`` summed log-probs, without grad — or, with
 ``ld_alpha`` (LD-DPO), the same length-desensitised sums the policy's are
-(:func:`preftune.losses.length_desensitized_logps`). A :class:`ModelReference` can also take
+(:func:`preftune.methods.losses.length_desensitized_logps`). A :class:`ModelReference` can also take
 TR-DPO's soft updates from the policy (:meth:`ModelReference.sync`).
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .batch import Batch
-from .logprobs import LogpOutput, batch_logps
-from .losses import length_desensitized_logps
+from preftune.data.batch import Batch
+from preftune.model.logprobs import LogpOutput, batch_logps
+from preftune.methods.losses import length_desensitized_logps
 
 log = logging.getLogger("preftune")
 
@@ -224,7 +224,7 @@ def save_cache(path: Path, table: torch.Tensor, key: str) -> bool:
     """
     from safetensors.torch import save_file
 
-    from .files import DiskFullError, disk_full_guard, size_text
+    from preftune.common.files import DiskFullError, disk_full_guard, size_text
 
     tmp = path.with_suffix(".tmp")
     needed = table.numel() * table.element_size()

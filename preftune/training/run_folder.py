@@ -15,7 +15,7 @@
   moves its files in, the old model's ``config.json`` out first and the new one in last: a kill while the
   model is written (the long part) leaves the previous model untouched, and a kill during the moves leaves a
   folder without config.json (not loadable, never a mix), which the next run's start puts back as it was
-  (:func:`recover_final_save`). Other files go through :mod:`preftune.files` (temp file + ``os.replace``).
+  (:func:`recover_final_save`). Other files go through :mod:`preftune.common.files` (temp file + ``os.replace``).
 
 Only the main process (``RANK`` 0) locks, deletes or writes here; the other ranks only read.
 """
@@ -34,9 +34,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .config import ConfigError
-from .files import disk_full_guard, fsync_dir, left_by_dead_process, pid_alive, remove_left_temp, write_atomic
+from preftune.training import checkpoint as ckpt
+from preftune.config.train_config import ConfigError
+from preftune.common.files import disk_full_guard, fsync_dir, left_by_dead_process, pid_alive, remove_left_temp, write_atomic
 
 log = logging.getLogger("preftune")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .files import DiskFullError, disk_full_guard, free_bytes, json_safe, size_text, tensor_bytes, write_atomic
-from .run_folder import save_model_folder
+from preftune.training import checkpoint as ckpt
+from preftune.common.files import DiskFullError, disk_full_guard, free_bytes, json_safe, size_text, tensor_bytes, write_atomic
+from preftune.training.run_folder import save_model_folder
 
 log = logging.getLogger("preftune")
 
@@ -77,7 +77,7 @@ def save_training_state(cfg, accelerator, model, optimizer, scheduler, step: int
 
 def resume(cfg, accelerator, model, optimizer, scheduler, run) -> dict:
     """Restore ``run.resume_path`` (resolved, and its options checked, by
-    :func:`preftune.run_folder.claim_output_dir`) into the prepared model, optimizer and scheduler,
+    :func:`preftune.training.run_folder.claim_output_dir`) into the prepared model, optimizer and scheduler,
     and this rank's RNG state; return its ``state.json``, whose ``step`` the loop continues from (the
     data position is step x grad_accum micro-batches) and whose guard counters it restores.
 
@@ -179,7 +179,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
 
 def save_final(cfg, accelerator, model, tokenizer, run) -> None:
     """The final model + tokenizer in Hugging Face format (merged or adapter folder with LoRA), written
-    atomically into ``run.out`` (:func:`preftune.run_folder.save_model_folder`).
+    atomically into ``run.out`` (:func:`preftune.training.run_folder.save_model_folder`).
 
     A full disk raises :class:`DiskFullError` saying where the trained weights are: a checkpoint of this
     step, or a copy written to the system's temp folder when that has room; nothing in ``run.out``
@@ -228,13 +228,13 @@ def _keep_trained(run, write, needed: int) -> str:
 
 
 def summary_json(summary: dict) -> str:
-    """summary.json's text: NaN and infinities become null (:func:`preftune.files.json_safe`)."""
+    """summary.json's text: NaN and infinities become null (:func:`preftune.common.files.json_safe`)."""
     return json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False)
 
 
 class MetricsLog:
     """``OUTPUT/metrics.jsonl``: one JSON object per row (trackers, ``--report-to``, wrap it:
-    :func:`preftune.trackers.with_trackers`)."""
+    :func:`preftune.training.trackers.with_trackers`)."""
 
     def __init__(self, out: Path):
         self.path = out / "metrics.jsonl"

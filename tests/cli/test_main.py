@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from preftune.cli import build_parser, config_from_args, main
+from preftune.cli.main import build_parser, config_from_args, main
 
 
 def test_flags_override_yaml(tmp_path):
@@ -62,12 +62,12 @@ def test_missing_data_file_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 def test_readme_documents_every_flag():
     """The README's flag table is the one generated from TrainConfig (regenerate: python -c
-    'from preftune.cli import flags_markdown; print(flags_markdown())')."""
+    'from preftune.cli.main import flags_markdown; print(flags_markdown())')."""
     from pathlib import Path
 
-    from preftune.cli import flags_markdown
+    from preftune.cli.main import flags_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert flags_markdown() in readme
 
 
@@ -76,20 +76,20 @@ def test_launch_command_per_machine(monkeypatch):
     accelerate config alone (FSDP on one GPU) is reason enough to launch."""
     import torch
 
-    from preftune.cli import launch_command, needs_launch
-    from preftune.config import TrainConfig
+    from preftune.cli.main import launch_command, needs_launch
+    from preftune.config.train_config import TrainConfig
 
     argv = ["--model", "m", "--data", "d"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = launch_command(TrainConfig(num_processes=2), argv)
     assert cpu[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    assert cpu[-6:] == ["-m", "preftune.cli", "train", *argv][-6:]
-    assert not needs_launch(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"))
+    assert cpu[-6:] == ["-m", "preftune", "train", *argv][-6:]
+    assert not needs_launch(TrainConfig(accelerate_config="configs/accelerate/fsdp.yaml"))
     assert needs_launch(TrainConfig(num_processes=2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert needs_launch(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"))
+    assert needs_launch(TrainConfig(accelerate_config="configs/accelerate/fsdp.yaml"))
     assert not needs_launch(TrainConfig())
-    gpu = launch_command(TrainConfig(accelerate_config="recipes/accelerate/fsdp.yaml"), argv)
+    gpu = launch_command(TrainConfig(accelerate_config="configs/accelerate/fsdp.yaml"), argv)
     assert gpu[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "1"]
-    assert gpu[5:7] == ["--config_file", "recipes/accelerate/fsdp.yaml"]
+    assert gpu[5:7] == ["--config_file", "configs/accelerate/fsdp.yaml"]
     assert "--multi_gpu" in launch_command(TrainConfig(num_processes=4), argv)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from preftune.cli import main
+from preftune.cli.main import main
 from preftune.collect.candidates import read_tasks
-from preftune.generate import candidate_records
-from preftune.judges import make_judge
+from preftune.evaluation.sampling import candidate_records
+from preftune.evaluation.judges.base import make_judge
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from preftune.cli import main
+from preftune.cli.main import main
 from preftune.collect import server as server_module
 from preftune.collect.candidates import file_sha256, read_tasks
 from preftune.collect.server import Settings, create_app
@@ -179,7 +179,7 @@ class Server:
     def __init__(self, candidates: Path, db: Path, *extra: str):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         env.pop("PREFTUNE_LABEL_TOKEN", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "label", "serve", str(candidates),
+        self.proc = subprocess.Popen([sys.executable, "-m", "preftune", "label", "serve", str(candidates),
                                       "--db", str(db), "--port", "0", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -259,14 +259,14 @@ def test_a_second_server_on_the_same_database_is_refused(tmp_path, servers):
     db = tmp_path / "labels.sqlite"
     first = servers(candidates, db)
     url = first.wait_ready()
-    second = subprocess.run([sys.executable, "-m", "preftune.cli", "label", "serve", str(candidates), "--db", str(db),
+    second = subprocess.run([sys.executable, "-m", "preftune", "label", "serve", str(candidates), "--db", str(db),
                              "--port", "0"], capture_output=True, text=True, timeout=120)
     assert second.returncode == 1
     assert f"{db} is already being served (pid {first.proc.pid})" in second.stderr
     assert post(url, "/api/next", {"annotator": "ann"}).status_code == 200  # the first one is unharmed
     other = write(tmp_path / "other.jsonl", ROWS[:2])
     first.stop()
-    refused = subprocess.run([sys.executable, "-m", "preftune.cli", "label", "serve", str(other), "--db", str(db),
+    refused = subprocess.run([sys.executable, "-m", "preftune", "label", "serve", str(other), "--db", str(db),
                               "--port", "0"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "different file or mode: use another --db" in refused.stderr
 

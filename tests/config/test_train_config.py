@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.config import ConfigError, TrainConfig
+from preftune.config.train_config import ConfigError, TrainConfig
 
 
 def valid(**kw) -> TrainConfig:
@@ -61,7 +61,7 @@ def test_yaml_is_safe_loaded(tmp_path):
 def test_recipes_load_and_validate():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"dpo", "ipo", "orpo", "simpo", "kto", "sft"}
     for path in recipes:
         cfg = TrainConfig.from_yaml(path)

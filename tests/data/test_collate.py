@@ -273,7 +273,7 @@ def test_row_cost_layout_puts_groups_longer_than_half_a_row_together():
     """Groups of 100, 60, 55, 40 tokens: rows of the longest group hold [100], [60, 40], [55] (300 positions,
     45 of them padding); at c = 1e-4 one row of 255 costs 255 x 1.0255 = 261.5 < 300 x 1.01 = 303, at
     c = 1e-2 it costs 905 > 600. The packed log-probs of such layouts equal the padded ones
-    (tests/test_logprobs.py::test_packed_padded_naive_agree, "packed_one_row")."""
+    (tests/model/test_logprobs.py::test_packed_padded_naive_agree, "packed_one_row")."""
     examples = [TokenizedExample(index=i, prompt_ids=[7] * p, completions=[[5] * c, [6] * c])
                 for i, (p, c) in enumerate([(40, 30), (20, 20), (15, 20), (10, 15)])]
     plain = collate_packed(examples, 0)

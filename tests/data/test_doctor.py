@@ -8,10 +8,10 @@ import json
 import pytest
 
 from conftest import rule_pairs, write_jsonl
-from preftune.cli_data import register
+from preftune.cli.data import register
 from preftune.data import load_dataset
-from preftune.doctor import LengthStats, check_data, truncation_outcome
-from preftune.tiny import train_tokenizer
+from preftune.data.doctor import LengthStats, check_data, truncation_outcome
+from preftune.model.tiny import train_tokenizer
 
 
 def pair(prompt, chosen, rejected):

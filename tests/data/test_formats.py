@@ -19,7 +19,7 @@ from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
 
 LOC = Location("pairs.jsonl", line=3)
-HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+HH_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
 
 def user(text):

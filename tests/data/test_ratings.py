@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from preftune.cli import main
-from preftune.collect.ratings import parse_score, score_pairs
+from preftune.cli.main import main
+from preftune.data.ratings import parse_score, score_pairs
 from preftune.data import load_dataset
-from preftune.doctor import check_data
+from preftune.data.doctor import check_data
 
 ULTRAFEEDBACK = [
     {"instruction": "Q1", "models": ["a", "b", "c", "d"], "completions": [

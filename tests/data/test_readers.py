@@ -20,7 +20,7 @@ ROWS = [
     {"prompt": "Q: grass?", "chosen": " green", "rejected": " red"},
     {"prompt": "Q: snow?", "chosen": " white", "rejected": " pink"},
 ]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(rows) -> str:

@@ -1,4 +1,4 @@
-"""Tokenization with the real byte-level BPE of ``preftune.tiny``: boundary-exact ids, one BOS,
+"""Tokenization with the real byte-level BPE of ``preftune.model.tiny``: boundary-exact ids, one BOS,
 EOS on text, template mismatches counted, truncation, and ``load_dataset`` end to end.
 
 Token ids used below (``train_tokenizer()``, BOS ``<s>`` = 1, EOS ``</s>`` = 2):
@@ -19,10 +19,10 @@ from preftune.data import DataError, load_dataset, tokenize_example
 from preftune.data.load import DataReport
 from preftune.data.records import Example, Location
 from preftune.data.tokenize import special_prefix_ids
-from preftune.tiny import CHAT_TEMPLATE, train_tokenizer
+from preftune.model.tiny import CHAT_TEMPLATE, train_tokenizer
 
 BOS, EOS = 1, 2
-HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+HH_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 COUNTING = "One two three four five six seven eight nine ten."
 COUNTING_IDS = [333, 404, 451, 424, 455, 415, 453, 395, 429, 403, 18]
 CAT_IDS = [268, 421, 413, 410, 278, 400, 18]

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from preftune.cli_eval import register
-from preftune.config import TrainConfig
+from preftune.cli.eval import register
+from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
-from preftune.evaluate import RAW_PREFERENCE, evaluate_model, format_table, read_prompts, to_json
-from preftune.generate import estimate_kl
-from preftune.judges import CompareResult, Judge
-from preftune.modeling import load_tokenizer
-from preftune.train import train
+from preftune.evaluation.evaluate import RAW_PREFERENCE, evaluate_model, format_table, read_prompts, to_json
+from preftune.evaluation.sampling import estimate_kl
+from preftune.evaluation.judges.base import CompareResult, Judge
+from preftune.model.loading import load_tokenizer
+from preftune.training.loop import train
 from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
 LENGTHS = dict(max_length=64, max_prompt_length=32)
@@ -180,7 +180,7 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
     """A sweep's variants share the base's held-out log-probs, NLL and samples through ``base_cache``:
     results equal the uncached ones exactly; the second model runs no base forward for the pairs or
     the NLL and draws no base samples; a changed seed or base is a new key, not a stale value."""
-    import preftune.evaluate as ev
+    import preftune.evaluation.evaluate as ev
 
     opts = dict(ref_model=tiny_model_dir, generate=8, judge=f"python:{judge_file}:rule_score", max_new_tokens=8,
                 max_examples=16, **LENGTHS)
@@ -288,7 +288,7 @@ def test_cli_help_has_examples(capsys):
 def test_read_metrics_drops_a_torn_last_line_only(tmp_path):
     """A run killed mid-write leaves half a row at the end: the rows before it are read; a bad row
     elsewhere is an error naming its line."""
-    from preftune.report import read_metrics
+    from preftune.evaluation.sweep_report import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')

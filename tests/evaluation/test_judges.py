@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from preftune.judge_openai import OpenAIJudge, parse_verdict
-from preftune.judges import CompareResult, JudgeError, PythonJudge, RewardModelJudge, make_judge
-from preftune.tiny import tiny_config
+from preftune.evaluation.judges.openai import OpenAIJudge, parse_verdict
+from preftune.evaluation.judges.base import CompareResult, JudgeError, PythonJudge, RewardModelJudge, make_judge
+from preftune.model.tiny import tiny_config
 
 # ----------------------------------------------------------------------------- python:
 
@@ -29,7 +29,7 @@ def length_module(tmp_path, monkeypatch):
 def test_python_judge_win_rate(length_module):
     """len(response) as the score: a is longer in 8 items, shorter in 2 -> rate 0.8.
 
-    Wilson 95% interval for 8/10 (worked out in tests/test_stats.py): [0.490162, 0.943318].
+    Wilson 95% interval for 8/10 (worked out in tests/evaluation/test_metrics.py): [0.490162, 0.943318].
     """
     judge = make_judge(f"python:{length_module}:length")
     assert isinstance(judge, PythonJudge)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from preftune.stats import kl_from_samples, wilson_interval, win_rate
+from preftune.evaluation.metrics import kl_from_samples, wilson_interval, win_rate
 
 
 def test_win_rate_eight_of_ten():

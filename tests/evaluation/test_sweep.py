@@ -7,11 +7,11 @@ import json
 import pytest
 import yaml
 
-from preftune.report import read_metrics
+from preftune.evaluation.sweep_report import read_metrics
 
-from preftune import report
-from preftune.compare import best_variant, load_sweep, run_compare, write_report
-from preftune.config import ConfigError
+from preftune.evaluation import sweep_report as report
+from preftune.evaluation.sweep import best_variant, load_sweep, run_compare, write_report
+from preftune.config.train_config import ConfigError
 from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -210,7 +210,7 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
 
 def test_train_eval_false_keeps_the_held_out_data_out_of_training(tmp_path):
     """The held-out pairs are evaluated once per variant, after its training, not also inside the loop."""
-    from preftune.compare import variant_spec
+    from preftune.evaluation.sweep import variant_spec
 
     common = dict(base="m", data="d.jsonl", eval_data="e.jsonl", output_dir=str(tmp_path / "out"),
                   variants=[{"name": "dpo", "loss": "dpo"}])

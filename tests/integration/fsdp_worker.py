@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch.distributed.fsdp import fully_shard
-from test_logprobs import make_examples, model_for
+from model.test_logprobs import make_examples, model_for
 
 from preftune.data.collate import collate_packed
-from preftune.logprobs import LogProbModel
-from preftune.reference import AdapterOffReference
+from preftune.model.logprobs import LogProbModel
+from preftune.training.reference import AdapterOffReference
 
 
 def dpo_like(logps: torch.Tensor, ref_logps: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,19 +20,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from preftune.cli import main
-from preftune.config import ConfigError, TrainConfig
+from preftune.cli.main import main
+from preftune.config.train_config import ConfigError, TrainConfig
 from preftune.data import DataError, load_dataset
-from preftune.modeling import load_model
-from test_data_formats import RECORD
+from preftune.model.loading import load_model
+from data.test_formats import RECORD
 
-PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
+PACKAGE = Path(__file__).resolve().parents[2] / "preftune"
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from preftune.tiny import train_tokenizer
+    from preftune.model.tiny import train_tokenizer
 
     return train_tokenizer()
 

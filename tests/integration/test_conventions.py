@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib
 import importlib.util
 import json
 import math
@@ -22,11 +23,11 @@ from pathlib import Path
 import pytest
 
 import preftune
-from preftune.cli import build_parser, config_from_args, main
-from preftune.config import ConfigError, TrainConfig, field_type
+from preftune.cli.main import build_parser, config_from_args, main
+from preftune.config.train_config import ConfigError, TrainConfig, field_type
 
 NOWHERE = "/nonexistent/model"  # a model that can't load: errors must come before any loading
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -171,7 +172,7 @@ def test_duplicated_yaml_key_is_an_error_naming_key_and_line(tmp_path, capsys):
 
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
-    from preftune.config import load_yaml
+    from preftune.config.train_config import load_yaml
 
     (tmp_path / "m.yaml").write_text("base: &b {beta: 0.1, loss: ipo}\nrun:\n  <<: *b\n  beta: 0.3\n")
     assert load_yaml(tmp_path / "m.yaml")["run"] == {"beta": 0.3, "loss": "ipo"}
@@ -284,7 +285,7 @@ def test_trl_options_that_cannot_be_honoured_are_refused_by_name(tmp_path):
 
 def test_trl_name_list_covers_the_installed_trl():
     trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'preftune[bench]')")
-    from preftune.trl_config import TRL_NAMES
+    from preftune.config.trl_names import TRL_NAMES
 
     names = {f.name for cls in (trl.DPOConfig, trl.ModelConfig, trl.ScriptArguments) for f in dataclasses.fields(cls)}
     assert sorted(names - TRL_NAMES) == []
@@ -326,7 +327,7 @@ def test_import_preftune_is_light():
 
 
 def test_python_api_trains_the_rule(tiny_model_dir, rule_data, tmp_path):
-    """The same run as tests/test_train.py's, through ``preftune.train``: chance -> >= 0.9 held-out accuracy;
+    """The same run as tests/training/test_loop.py's, through ``preftune.train``: chance -> >= 0.9 held-out accuracy;
     ``preftune.evaluate`` then measures the same accuracy on the held-out pairs."""
     out = tmp_path / "api"
     result = preftune.train(model=tiny_model_dir, data=rule_data["train"], eval_data=rule_data["eval"],
@@ -336,7 +337,6 @@ def test_python_api_trains_the_rule(tiny_model_dir, rule_data, tmp_path):
     assert result.steps == 32
     assert result.eval_before["rewards/accuracies"] == 0.0
     assert result.eval_after["rewards/accuracies"] >= 0.9
-    # preftune.train is still the API after its submodule (the loop) has been imported
     with pytest.raises(ConfigError, match=r"^preftune.train: unknown option 'learning_rat' \(close matches: "
                                           r"learning_rate\)$"):
         preftune.train(learning_rat=1e-3)
@@ -348,9 +348,9 @@ def test_python_api_trains_the_rule(tiny_model_dir, rule_data, tmp_path):
     assert metrics["preference"]["accuracy"] == pytest.approx(result.eval_after["rewards/accuracies"], abs=1 / 64)
     with pytest.raises(ConfigError, match=r"unknown option 'max_len' \(close matches: max_length"):
         preftune.evaluate(model=out, data=rule_data["eval"], max_len=64)
-    import preftune.train as loop_module
+    importlib.import_module("preftune.training.loop")  # importing the loop leaves the API functions in place
 
-    assert callable(loop_module) and loop_module.save_final  # the module is still the module
+    assert preftune.train.__module__ == preftune.evaluate.__module__ == "preftune"
 
 
 def test_python_api_validates_before_loading():
@@ -489,9 +489,9 @@ def test_trackio_local_database_has_the_losses(tracked_run):
 
 
 def test_missing_tracker_package_is_refused_at_validation(monkeypatch, capsys, tmp_path):
-    import preftune.config
+    import preftune.config.train_config
 
-    monkeypatch.setattr(preftune.config, "_installed", lambda module: module != "wandb")
+    monkeypatch.setattr(preftune.config.train_config, "_installed", lambda module: module != "wandb")
     code = main(["train", "--model", NOWHERE, "--data", "d", "--output-dir", str(tmp_path / "o"),
                  "--report-to", "tensorboard,wandb"])
     assert code == 2
@@ -549,7 +549,7 @@ def test_model_card_of_a_local_base_without_hub_lineage(tmp_path):
     """No hub id to name: no base_model in the metadata (the hub would refuse a path), the path in the body."""
     from huggingface_hub import ModelCard
 
-    from preftune.model_card import write_model_card
+    from preftune.training.model_card import write_model_card
 
     folder = tmp_path / "local-base"
     folder.mkdir()

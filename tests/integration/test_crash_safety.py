@@ -24,16 +24,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rule_pairs, train_argv, write_jsonl
-from preftune import checkpoint as ckpt
-from preftune import logprobs  # the policy's forward (LogProbModel) calls logprobs.batch_logps: tests wrap it
-from preftune.cli import main
-from preftune.config import TrainConfig
-from preftune.logprobs import LogpOutput
-from preftune.tiny import tiny_model
-from preftune.train import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
+from preftune.training import checkpoint as ckpt
+from preftune.model import logprobs  # the policy's forward (LogProbModel) calls logprobs.batch_logps: tests wrap it
+from preftune.cli.main import main
+from preftune.config.train_config import TrainConfig
+from preftune.model.logprobs import LogpOutput
+from preftune.model.tiny import tiny_model
+from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
 
 MAX_STEPS = 12
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 THREADS = 1  # every run here, in-process and subprocess: one thread (OpenMP spin-waits on busy cores)
 
 
@@ -82,14 +82,14 @@ def argv(setup, out, **overrides) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(setup) -> dict:
     """The uninterrupted run, every checkpoint kept: final weights and the run folder."""
-    import preftune.precision
+    import preftune.model.precision
 
     out = setup["root"] / "uninterrupted"
     previous = torch.get_num_threads()  # module scope: set up before the per-test thread fixtures
     torch.set_num_threads(THREADS)
     try:  # ... and before conftest's fp32 rule for --mixed-precision auto: apply it here too
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+            patch.setattr(preftune.model.precision, "_host_has_fast_bf16", lambda: False)
             train(config(setup, out, save_total_limit=0))
     finally:
         torch.set_num_threads(previous)
@@ -116,8 +116,8 @@ def assert_each_step_logged_once(out: Path) -> None:
 # The CLI's main() with every micro-batch 50 ms slower (the result is unchanged): a signal sent when
 # the poller sees step k then lands well before the end of the run, even on busy cores.
 SLOW_CLI = """import sys, time
-import preftune.logprobs as logprobs
-from preftune.cli import main
+import preftune.model.logprobs as logprobs
+from preftune.cli.main import main
 fast = logprobs.batch_logps
 logprobs.batch_logps = lambda *args, **kwargs: (time.sleep(0.05), fast(*args, **kwargs))[1]
 sys.exit(main(sys.argv[1:]))
@@ -164,10 +164,10 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
 def undo_patches(monkeypatch) -> None:
     """``monkeypatch.undo()`` without undoing conftest's fp32 rule for --mixed-precision auto (the same
     fixture holds it: undone, a CPU with AVX512-BF16 would run the rest of the test in bf16)."""
-    import preftune.precision
+    import preftune.model.precision
 
     monkeypatch.undo()
-    monkeypatch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(preftune.model.precision, "_host_has_fast_bf16", lambda: False)
 
 
 class Killed(BaseException):
@@ -338,7 +338,7 @@ def test_two_processes_resume_bit_identically(setup, tmp_path):
     env.pop("LOCAL_RANK", None)
 
     def run(out, **extra):
-        done = subprocess.run([sys.executable, "-m", "preftune.cli", *argv(setup, out, **two, **extra)], env=env,
+        done = subprocess.run([sys.executable, "-m", "preftune", *argv(setup, out, **two, **extra)], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
 

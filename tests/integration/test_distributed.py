@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.train import balanced_split
+from preftune.training.loop import balanced_split
 
 
 def test_balanced_split_keeps_counts_equal_and_tokens_close():
@@ -31,7 +31,7 @@ def test_balanced_split_keeps_counts_equal_and_tokens_close():
 def run_train(args: list[str], processes: int, cwd) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "preftune.cli", "train", *args, "--num-processes", str(processes)]
+    cmd = [sys.executable, "-m", "preftune", "train", *args, "--num-processes", str(processes)]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -98,7 +98,7 @@ def test_fsdp2_full_shard_matches_unsharded(tmp_path, case):
     the adapters-off reference computed first, through the wrapped module (its forward is what
     gathers the shards)."""
     here = os.path.dirname(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            os.path.join(here, "fsdp_worker.py"), str(tmp_path / "result"), case]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

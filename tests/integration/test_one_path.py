@@ -13,14 +13,14 @@ import copy
 import pytest
 import torch
 
-import preftune.packing_check as packing_check
+import preftune.model.packing as packing_check
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.load import DataReport
 from preftune.data.records import Example
 from preftune.data.tokenize import render_prompt, tokenize_examples
-from preftune.generate import completion_logps, estimate_kl, sample_token_ids, sequence_logps
-from preftune.logprobs import batch_logps
-from preftune.tiny import CHAT_TEMPLATE, tiny_model
+from preftune.evaluation.sampling import completion_logps, estimate_kl, sample_token_ids, sequence_logps
+from preftune.model.logprobs import batch_logps
+from preftune.model.tiny import CHAT_TEMPLATE, tiny_model
 
 # The last plain prompt ends in a space: BPE merges it into the completion's first word, and the
 # training path moves that token to the completion (the prompt ids get shorter).
@@ -35,7 +35,7 @@ CASES = {"plain": PLAIN, "chat": CHAT}
 
 @pytest.fixture(autouse=True)
 def _one_thread(_threads):
-    torch.set_num_threads(1)  # many tiny forwards: see tests/test_generate.py
+    torch.set_num_threads(1)  # many tiny forwards: see tests/evaluation/test_sampling.py
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rule_pairs, train_argv, write_jsonl
-from preftune import checkpoint as ckpt
-from preftune import logprobs
-from preftune import run_folder
-from preftune.cli import main
-from preftune.config import TrainConfig
-from preftune.files import DiskFullError
-from preftune.logprobs import LogpOutput
-from preftune.tiny import tiny_model
-from preftune.train import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
+from preftune.training import checkpoint as ckpt
+from preftune.model import logprobs
+from preftune.training import run_folder
+from preftune.cli.main import main
+from preftune.config.train_config import TrainConfig
+from preftune.common.files import DiskFullError
+from preftune.model.logprobs import LogpOutput
+from preftune.model.tiny import tiny_model
+from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def dead_pid() -> int:
 
 def start_cli(setup, out, slow: float = 0.3, extra_env=None, **overrides) -> subprocess.Popen:
     """``preftune train`` in a subprocess whose policy forwards each take ``slow`` s longer."""
-    script = ("import sys, time\nimport preftune.logprobs as lp\nfrom preftune.cli import main\nfast = lp.batch_logps\n"
+    script = ("import sys, time\nimport preftune.model.logprobs as lp\nfrom preftune.cli.main import main\nfast = lp.batch_logps\n"
               f"lp.batch_logps = lambda *a, **k: (time.sleep({slow}), fast(*a, **k))[1]\nsys.exit(main(sys.argv[1:]))\n")
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
@@ -170,9 +170,9 @@ def finished(setup, tmp_path_factory) -> dict:
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:  # conftest's fp32 rule (a function fixture) comes later
-            import preftune.precision
+            import preftune.model.precision
 
-            patch.setattr(preftune.precision, "_host_has_fast_bf16", lambda: False)
+            patch.setattr(preftune.model.precision, "_host_has_fast_bf16", lambda: False)
             train(config(setup, out, save_steps=2))
     finally:
         torch.set_num_threads(previous)
@@ -637,7 +637,7 @@ def test_a_refused_pickle_gets_no_advice_to_load_it_unsafely(two_checkpoints):
 
 
 def test_a_malicious_bin_model_is_a_clear_error(setup, tmp_path):
-    from preftune.modeling import load_model
+    from preftune.model.loading import load_model
 
     folder = tmp_path / "bin-model"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for preftune.losses: every loss against numbers worked out by hand.
+"""Tests for preftune.methods.losses: every loss against numbers worked out by hand.
 
 Notation: h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected).
 Useful identities: -log sigmoid(x) = log(1 + e^-x);  -log sigmoid(-x) = -log sigmoid(x) + x.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from preftune.losses import (
+from preftune.methods.losses import (
     apo_down_loss,
     apo_zero_loss,
     apo_zero_unpaired_loss,

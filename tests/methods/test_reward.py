@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from conftest import rule_pairs, write_jsonl
-from preftune.cli import main as cli_main
-from preftune.config import TrainConfig
+from preftune.cli.main import main as cli_main
+from preftune.config.train_config import TrainConfig
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.errors import DataError
 from preftune.data.formats import to_example
-from preftune.logprobs import LogpOutput, batch_logps, is_reward_model
-from preftune.losses import reward_loss
-from preftune.methods import parse
-from preftune.modeling import is_reward_model_folder, load_model, reward_model_from_causal_lm
-from preftune.objective import compute_objective
+from preftune.model.logprobs import LogpOutput, batch_logps, is_reward_model
+from preftune.methods.losses import reward_loss
+from preftune.methods.table import parse
+from preftune.model.loading import is_reward_model_folder, load_model, reward_model_from_causal_lm
+from preftune.methods.objective import compute_objective
 
 RC = torch.tensor([1.0, 0.0, -0.3])
 RR = torch.tensor([0.0, 0.5, -1.2])
@@ -179,7 +179,7 @@ def test_tiny_reward_model_learns_the_rule(trained_reward_model):
 
 
 def test_eval_reports_the_reward_models_pair_accuracy(trained_reward_model, capsys):
-    from preftune.evaluate import evaluate_model
+    from preftune.evaluation.evaluate import evaluate_model
 
     result = evaluate_model(trained_reward_model["model"], trained_reward_model["eval"])
     pref = result["preference"]
@@ -199,7 +199,7 @@ def test_eval_reports_the_reward_models_pair_accuracy(trained_reward_model, caps
 
 
 def test_trained_reward_model_works_as_a_judge(trained_reward_model):
-    from preftune.judges import RewardModelJudge, make_judge
+    from preftune.evaluation.judges.base import RewardModelJudge, make_judge
 
     judge = make_judge(f"reward-model:{trained_reward_model['model']}")
     assert isinstance(judge, RewardModelJudge)
@@ -217,7 +217,7 @@ def test_trained_reward_model_works_as_a_judge(trained_reward_model):
 def test_reward_judge_scores_mixed_lengths_in_the_responses_order(trained_reward_model):
     """Batches are formed longest first; each score lands at its response's position (equal to scoring
     it alone), so a long response beside short ones gets its own score, not a neighbour's."""
-    from preftune.judges import RewardModelJudge
+    from preftune.evaluation.judges.base import RewardModelJudge
 
     path = str(trained_reward_model["model"])
     examples = [to_example(row, None, "pair") for row in rule_pairs(7, seed=11)]
@@ -233,8 +233,8 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
                                                                  monkeypatch):
     """With a reward-model judge the base's judge scores are cached beside its samples: the second
     evaluation scores only the model's samples, and every number equals the uncached evaluation."""
-    import preftune.judges as judges
-    from preftune.evaluate import evaluate_model
+    import preftune.evaluation.judges.base as judges
+    from preftune.evaluation.evaluate import evaluate_model
 
     data = write_jsonl(tmp_path / "held_out.jsonl", rule_pairs(12, seed=5))
     opts = dict(ref_model=tiny_model_dir, generate=6, judge=f"reward-model:{trained_reward_model['model']}",
@@ -266,13 +266,13 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
 
 
 def load_tokenizer_and_save(source, target):
-    from preftune.modeling import load_tokenizer
+    from preftune.model.loading import load_tokenizer
 
     load_tokenizer(str(source)).save_pretrained(target)
 
 
 def test_a_causal_lm_is_not_a_judge(tiny_model_dir):
-    from preftune.judges import make_judge
+    from preftune.evaluation.judges.base import make_judge
 
     with pytest.raises(ValueError, match="not a reward model folder"):
         make_judge(f"reward-model:{tiny_model_dir}")

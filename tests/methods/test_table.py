@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from preftune.config import TrainConfig
+from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
 from preftune.data.collate import collate_padded
-from preftune.logprobs import batch_logps
-from preftune.modeling import load_tokenizer
-from preftune.train import mixed_label_batches, train
+from preftune.model.logprobs import batch_logps
+from preftune.model.loading import load_tokenizer
+from preftune.training.loop import mixed_label_batches, train
 
 from conftest import rule_pairs, write_jsonl
 
@@ -91,7 +91,7 @@ def test_sft_lowers_held_out_nll(tiny_model_dir, rule_data, tmp_path):
 
 
 def test_reference_free_methods_load_no_reference(tiny_model_dir, rule_data, tmp_path, monkeypatch):
-    import preftune.train as train_module
+    import preftune.training.loop as train_module
 
     loads = []
     original = train_module.load_model
@@ -148,7 +148,7 @@ def test_lora_on_an_adapter_folder_is_refused(tiny_model_dir, rule_data, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------
-# The method table (preftune.methods): one row per method, read by config, --help, objective, loop
+# The method table (preftune.methods.table): one row per method, read by config, --help, objective, loop
 # ------------------------------------------------------------------------------------------------
 
 def test_every_row_is_complete():
@@ -156,7 +156,7 @@ def test_every_row_is_complete():
     import dataclasses
     import inspect
 
-    from preftune import methods as M
+    from preftune.methods import table as M
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     inputs = {"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_nll",
@@ -177,18 +177,18 @@ def test_every_row_is_complete():
 
 def test_readme_methods_table_is_the_table():
     """The README's methods table is generated from the rows (regenerate: python -c
-    'from preftune.methods import markdown_table; print(markdown_table())')."""
+    'from preftune.methods.table import markdown_table; print(markdown_table())')."""
     from pathlib import Path
 
-    from preftune.methods import markdown_table
+    from preftune.methods.table import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_table() in readme
 
 
 def test_help_lists_every_method_with_its_paper(capsys):
-    from preftune import methods as M
-    from preftune.cli import build_parser
+    from preftune.methods import table as M
+    from preftune.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
@@ -201,8 +201,8 @@ def test_help_lists_every_method_with_its_paper(capsys):
 def test_max_length_alone_works_and_explicit_conflicts_stay_errors():
     """--max-length 256 alone is valid (no prompt limit of its own, as in TRL); a --max-prompt-length the user
     gives is kept and must fit."""
-    from preftune.cli import build_parser, config_from_args
-    from preftune.config import ConfigError
+    from preftune.cli.main import build_parser, config_from_args
+    from preftune.config.train_config import ConfigError
 
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o",
                                       "--max-length", "256"])
@@ -223,7 +223,7 @@ def test_max_length_alone_works_and_explicit_conflicts_stay_errors():
     ("dpp", None, "is not one of dpo, ipo"),
 ])
 def test_bad_combinations_are_refused(loss, weights, message):
-    from preftune.config import ConfigError
+    from preftune.config.train_config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(model="m", data="d", output_dir="o", loss=loss, loss_weights=weights).validate()
@@ -231,7 +231,7 @@ def test_bad_combinations_are_refused(loss, weights, message):
 
 def test_combinations_from_the_command_line_and_a_trl_yaml():
     """--loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0, and TRL's loss_type / loss_weights lists."""
-    from preftune.cli import build_parser, config_from_args
+    from preftune.cli.main import build_parser, config_from_args
 
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o", "--loss",
                                       "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1.0"])
@@ -276,7 +276,7 @@ def test_combinations_read_as_rows():
 ])
 def test_options_that_cannot_act_are_refused_by_name(options, message):
     """PITFALLS: a flag that is accepted must act, or be refused."""
-    from preftune.config import ConfigError
+    from preftune.config.train_config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(model="m", data="d", output_dir="o", **options).validate()
@@ -286,8 +286,8 @@ def test_sigmoid_norm_is_dpo_on_token_averaged_logps():
     """Objective-level: summed log-probs chosen -6 (3 tokens), rejected -8 (4 tokens); reference -9 and -6.
     Averaged log-ratios: -6/3 - -9/3 = 1, -8/4 - -6/4 = -0.5; beta 2: -log sigmoid(2 * 1.5) = log(1 + e^-3)
     = 0.048587. Summed (dpo, beta 0.1): h = 3 - -2 = 5 -> -log sigmoid(0.5) = 0.474077."""
-    from preftune.logprobs import LogpOutput
-    from preftune.objective import compute_objective
+    from preftune.model.logprobs import LogpOutput
+    from preftune.methods.objective import compute_objective
 
     policy = LogpOutput(torch.tensor([-6.0, -8.0]), torch.tensor([3, 4]), torch.zeros(7))
     ref = torch.tensor([-9.0, -6.0])
@@ -301,8 +301,8 @@ def test_sigmoid_norm_is_dpo_on_token_averaged_logps():
 def test_bco_reward_shift_runs_across_batches_and_evaluation_only_reads_it():
     """Batch mean rewards (beta 1, policy - ref): batch 1 [1, -1] -> 0; batch 2 [2, 0] -> 1; the shift after
     two training batches is (0 + 1) / 2 = 0.5; an evaluation batch reads it without adding its own."""
-    from preftune.logprobs import LogpOutput
-    from preftune.objective import compute_objective
+    from preftune.model.logprobs import LogpOutput
+    from preftune.methods.objective import compute_objective
 
     state, labels = {}, torch.tensor([True, False])
 
@@ -321,7 +321,7 @@ def test_length_desensitized_reference_agrees_packed_and_padded(tiny_model_dir, 
     """LD-DPO counts each completion's tokens in order: packed and padded batches give the same
     length-desensitised log-probs (1e-4), and alpha 1 gives the plain sums."""
     from preftune.data.collate import collate_packed
-    from preftune.reference import ModelReference
+    from preftune.training.reference import ModelReference
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples, _ = load_dataset(str(rule_data["eval"]), tokenizer, kind="pair", max_length=64, max_prompt_length=32)
@@ -354,7 +354,7 @@ def test_ld_alpha_with_precompute_ref_gives_the_same_losses(tiny_model_dir, rule
 
 def test_reference_sync_mixes_the_policy_in():
     """TR-DPO soft update, alpha 0.25: ref 4, policy 0 -> 0.25 * 0 + 0.75 * 4 = 3; mismatched models refused."""
-    from preftune.reference import ModelReference
+    from preftune.training.reference import ModelReference
 
     policy, ref = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -369,7 +369,7 @@ def test_reference_sync_mixes_the_policy_in():
 
 def test_tr_dpo_run_updates_the_reference(tiny_model_dir, rule_data, tmp_path, monkeypatch):
     """--sync-ref-model --ref-model-sync-steps 2 over 5 steps: the reference is updated after steps 2 and 4."""
-    from preftune.reference import ModelReference
+    from preftune.training.reference import ModelReference
 
     calls = []
     original = ModelReference.sync
@@ -386,11 +386,11 @@ def test_tr_dpo_run_updates_the_reference(tiny_model_dir, rule_data, tmp_path, m
 
 # Methods whose rule test lives elsewhere.
 RULE_TESTED_ELSEWHERE = {
-    "reward": "tests/test_reward.py::test_tiny_reward_model_learns_the_rule (held-out pair accuracy >= 0.9)",
-    "dpo": "tests/test_train.py::test_dpo_learns_the_rule",
-    "ipo": "tests/test_train.py::test_other_dpo_family_losses_train",
-    "robust": "tests/test_train.py::test_other_dpo_family_losses_train",
-    "hinge": "tests/test_train.py::test_other_dpo_family_losses_train",
+    "reward": "tests/methods/test_reward.py::test_tiny_reward_model_learns_the_rule (held-out pair accuracy >= 0.9)",
+    "dpo": "tests/training/test_loop.py::test_dpo_learns_the_rule",
+    "ipo": "tests/training/test_loop.py::test_other_dpo_family_losses_train",
+    "robust": "tests/training/test_loop.py::test_other_dpo_family_losses_train",
+    "hinge": "tests/training/test_loop.py::test_other_dpo_family_losses_train",
     "orpo": "test_paired_methods_learn_the_rule (above)",
     "simpo": "test_paired_methods_learn_the_rule (above)",
     "kto": "test_kto_from_unpaired_data_learns_the_rule (above)",
@@ -435,7 +435,7 @@ def unpaired_rule_file(tmp_path):
 
 
 def test_every_method_has_a_rule_test():
-    from preftune import methods as M
+    from preftune.methods import table as M
 
     tested = {M.parse(loss).methods[0].name for loss, _ in RULE_RUNS} | set(RULE_TESTED_ELSEWHERE)
     assert {m.name for m in M.METHODS} <= tested
@@ -445,7 +445,7 @@ def test_every_method_has_a_rule_test():
 @pytest.mark.parametrize("loss, extra", RULE_RUNS,
                          ids=[loss + "".join(f"-{v}" for v in extra.values()) for loss, extra in RULE_RUNS])
 def test_method_learns_the_rule(tiny_model_dir, rule_data, tmp_path, loss, extra):
-    from preftune import methods as M
+    from preftune.methods import table as M
 
     data = unpaired_rule_file(tmp_path) if M.parse(loss).kind == "unpaired" else rule_data["train"]
     out = tmp_path / "run"

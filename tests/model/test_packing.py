@@ -1,6 +1,6 @@
 """The packing decision is made by behaviour: a tiny packed forward against padded ones.
 
-Accepted: every architecture whose packed log-probs match (tests/test_logprobs.py holds them to
+Accepted: every architecture whose packed log-probs match (tests/model/test_logprobs.py holds them to
 1e-4 on real batches). Refused: a body that ignores our 4D mask (diff 0.28 nats on a tiny
 random Llama), a body whose packed forward raises (Falcon with ALiBi builds its bias from a
 2D mask), a mixed-layer body that cannot take the per-layer mask dict (Mistral's), and the
@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig, LlamaModel
 
-from preftune import packing_check
+from preftune.model import packing as packing_check
 from preftune.data.collate import collate_packed
 from preftune.data.records import TokenizedExample
-from preftune.logprobs import build_packed_mask, packed_attention_mask
-from preftune.packing_check import forget_packing_verdict, probe_tolerance, supports_packing
-from preftune.tiny import tiny_model
+from preftune.model.logprobs import build_packed_mask, packed_attention_mask
+from preftune.model.packing import forget_packing_verdict, probe_tolerance, supports_packing
+from preftune.model.tiny import tiny_model
 
 VOCAB = 512
 MIXED_QWEN2 = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,

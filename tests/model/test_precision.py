@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.cli import build_parser, config_from_args
-from preftune.config import ConfigError, TrainConfig
+from preftune.cli.main import build_parser, config_from_args
+from preftune.config.train_config import ConfigError, TrainConfig
 from preftune.data.collate import collate_packed
-from preftune.logprobs import batch_logps, chunked_target_logps
-from preftune.precision import check_trainable_dtype, cpu_has_fast_bf16, resolve_mixed_precision
-from preftune.tiny import tiny_model
-from preftune.train import train
+from preftune.model.logprobs import batch_logps, chunked_target_logps
+from preftune.model.precision import check_trainable_dtype, cpu_has_fast_bf16, resolve_mixed_precision
+from preftune.model.tiny import tiny_model
+from preftune.training.loop import train
 
-from test_train import read_metrics, rule_config
+from training.test_loop import read_metrics, rule_config
 
 ZEN3 = "flags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
 ZEN4 = "flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -26,7 +26,7 @@ SAPPHIRE = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
 def test_auto_picks_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
     assert not cpu_has_fast_bf16(ZEN3)
     assert cpu_has_fast_bf16(ZEN4) and cpu_has_fast_bf16(SAPPHIRE)
-    import preftune.precision as precision
+    import preftune.model.precision as precision
 
     monkeypatch.setattr(precision, "_host_has_fast_bf16", lambda: True)
     assert resolve_mixed_precision("auto", "cpu")[0] == "bf16"
@@ -187,7 +187,7 @@ def test_bf16_mixed_precision_learns_the_rule(tiny_model_dir, rule_data, tmp_pat
 
 def test_cpu_bf16_can_be_forced_by_environment():
     """PREFTUNE_CPU_BF16=0/1 overrides the /proc/cpuinfo check (tests set 0 for the CLI runs they start)."""
-    from preftune.precision import host_has_fast_bf16
+    from preftune.model.precision import host_has_fast_bf16
 
     with_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
     without = "flags\t\t: fpu avx2\n"

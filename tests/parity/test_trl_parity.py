@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune import methods as M
-from preftune.logprobs import LogpOutput
-from preftune.objective import compute_objective
+from preftune.methods import table as M
+from preftune.model.logprobs import LogpOutput
+from preftune.methods.objective import compute_objective
 
 trl = pytest.importorskip("trl", reason="TRL is not installed: pip install trl==1.16.* to compare losses with TRL's")
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
@@ -112,8 +112,8 @@ def preftune_pairs(loss, loss_weights=None, ld_alpha=None, use_weighting=False, 
     counts = torch.bincount(seq, minlength=2 * PAIRS)
     sums = torch.zeros(2 * PAIRS, dtype=tokens.dtype).index_add(0, seq, tokens)
     ref = torch.zeros(2 * PAIRS, dtype=tokens.dtype).index_add(0, seq, ref_tokens)
-    if ld_alpha is not None:  # what preftune.reference returns under LD-DPO
-        from preftune.losses import length_desensitized_logps
+    if ld_alpha is not None:  # what preftune.training.reference returns under LD-DPO
+        from preftune.methods.losses import length_desensitized_logps
 
         ref = length_desensitized_logps(ref_tokens, seq, PAIRS, ld_alpha)
         options["ld_alpha"] = ld_alpha

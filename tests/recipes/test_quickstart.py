@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from preftune import quickstart_data as world
-from preftune.cli_quickstart import register
-from preftune.quickstart import QuickstartConfig, prepare_output_dir, run_quickstart
+from preftune.recipes import quickstart_world as world
+from preftune.cli.quickstart import register
+from preftune.recipes.quickstart import QuickstartConfig, prepare_output_dir, run_quickstart
 
 REPORT_FILES = [
     "report.md", "judge_scores.png", "dpo_training.png", "metrics.json", "samples.jsonl",

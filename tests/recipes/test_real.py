@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from preftune import real_recipe as recipe
-from preftune.cli_quickstart import register
+from preftune.recipes import real as recipe
+from preftune.cli.quickstart import register
 from preftune.data.readers import read_rows
 from preftune.data.split import prompt_key
-from preftune.judges import PythonJudge
-from preftune.real_report import task_b_rows
-from preftune.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, counts, review_sentiment
+from preftune.evaluation.judges.base import PythonJudge
+from preftune.recipes.real_report import task_b_rows
+from preftune.recipes.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, counts, review_sentiment
 
 # ------------------------------------------------------------------------------------- the judge
 
@@ -131,8 +131,8 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
     cache, and its row in the report's Task B table above the sweep's."""
     import yaml
 
-    import preftune.evaluate as evaluate_module
-    import preftune.train as train_module
+    import preftune.evaluation.evaluate as evaluate_module
+    import preftune.training.loop as train_module
 
     cfg = recipe.RealRecipeConfig.preset("full")
     trained, evaluated = [], []
@@ -200,7 +200,7 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
         "reward_model": dict(row, name="reward model"), "base_raw": dict(row, accuracy=0.55)}))
     monkeypatch.setattr(recipe, "task_b_sweep", writes("task B sweep", lambda: [dict(row, name="dpo", steps=48)]))
     monkeypatch.setattr(recipe, "task_b_dpo", writes("task B DPO", lambda: dict(row, name="dpo (whole part)")))
-    import preftune.real_report as report
+    import preftune.recipes.real_report as report
     monkeypatch.setattr(report, "task_a_rows", lambda task_a: [])
     monkeypatch.setattr(recipe, "write_report", lambda out, metrics: (out / "report.md").write_text(
         "\n".join(f"{k} {v}" for k, v in metrics["stage_seconds"].items()) + f"\n{metrics.get('resumed')}\n"))
@@ -256,7 +256,7 @@ def test_every_training_run_gets_the_recipes_checkpointing_setting(tmp_path, mon
     each train() call, so the library's auto policy does not recompute every layer."""
     import yaml
 
-    import preftune.train as train_module
+    import preftune.training.loop as train_module
 
     cfg = recipe.RealRecipeConfig.preset("full")
     assert cfg.gradient_checkpointing == "off"
@@ -297,7 +297,7 @@ def test_a_stage_clears_only_its_own_entries(tmp_path):
 
 def test_model_stage_fetches_once_then_reuses(tmp_path, monkeypatch):
     """No --model: fetch the GGUF and convert it into the cache once; a second run reuses the folder."""
-    import preftune.gguf_model as gguf
+    import preftune.model.gguf as gguf
 
     calls = []
 
@@ -344,7 +344,7 @@ def hh_like_pairs(seed: int = 0) -> list[dict]:
 def tiny_stand_in(folder: Path) -> Path:
     """A tiny Llama and a BPE tokenizer with a chat template, whose tokens include whole sentiment words
     (so even a random model's samples get varied judge scores)."""
-    from preftune.tiny import tiny_model, train_tokenizer
+    from preftune.model.tiny import tiny_model, train_tokenizer
 
     corpus = [" ".join(SENTIMENT)] * 20 + [r["chosen"] + r["rejected"] for r in hh_like_pairs()[:50]]
     corpus += [f"Write a short review of the film The {a} {b}." for a in ("Silent", "Broken")

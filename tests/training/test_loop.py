@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from preftune.config import TrainConfig
-from preftune.train import train
+from preftune.config.train_config import TrainConfig
+from preftune.training.loop import train
 
 
 def rule_config(tiny_model_dir, rule_data, out, **overrides) -> TrainConfig:
@@ -136,8 +136,8 @@ def test_skip_bad_records_warns_with_count_and_locations(tiny_model_dir, rule_da
 
 def test_reference_runs_before_the_policy_graph_is_built():
     """The reference forward must not stack on the policy's activations (peak memory)."""
-    from preftune.logprobs import LogpOutput
-    from preftune.train import batch_objective
+    from preftune.model.logprobs import LogpOutput
+    from preftune.training.loop import batch_objective
 
     calls = []
     logps = torch.tensor([-1.0, -2.0], requires_grad=True)
@@ -160,7 +160,7 @@ def test_reference_runs_before_the_policy_graph_is_built():
 
 
 def test_constant_schedule_warms_up_first(tiny_model_dir, rule_data, tmp_path):
-    """--lr-scheduler constant is constant *after* the warmup (recipes/dpo.yaml relies on it; transformers'
+    """--lr-scheduler constant is constant *after* the warmup (configs/dpo.yaml relies on it; transformers'
     plain "constant" skips warmup): with lr 3e-3 and 2 warmup steps the steps run at 0, 1.5e-3, then 3e-3; the
     row of a step logs the rate after its scheduler update (as HF Trainer does): 1.5e-3, 3e-3, 3e-3, 3e-3."""
     train(rule_config(tiny_model_dir, rule_data, tmp_path / "run", max_steps=4, warmup_steps=2, logging_steps=1,

@@ -7,7 +7,7 @@ Build one from a spec string with :func:`make_judge`:
 * ``reward-model:PATH`` — a sequence-classification reward model (one label); the score
   is its logit on prompt + response.
 * ``openai:URL#MODEL`` — an OpenAI-compatible chat-completions server asked pairwise,
-  once in each order to cancel position bias (:class:`preftune.judge_openai.OpenAIJudge`).
+  once in each order to cancel position bias (:class:`preftune.evaluation.judges.openai.OpenAIJudge`).
 
 Every judge has ``compare(prompts, responses_a, responses_b) -> CompareResult`` with one
 outcome per item: 1 (a wins), 0 (b wins), 0.5 (tie). The first two kinds are *scoring*
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from preftune.stats import LOSS, TIE, WIN, WinRate, win_rate
+from preftune.evaluation.metrics import LOSS, TIE, WIN, WinRate, win_rate
 
 log = logging.getLogger("preftune")
 
@@ -72,7 +72,7 @@ class CompareResult:
         return sum(o == LOSS for o in self.outcomes)
 
     def win_rate(self, confidence: float = 0.95) -> WinRate:
-        """Win rate of "a" over "b" with a Wilson interval (:func:`preftune.stats.win_rate`)."""
+        """Win rate of "a" over "b" with a Wilson interval (:func:`preftune.evaluation.metrics.win_rate`)."""
         return win_rate(self.outcomes, confidence)
 
 
@@ -120,7 +120,7 @@ class ScoringJudge(Judge):
 
     def cache_parts(self) -> dict | None:
         """What this judge's scores depend on besides the prompt and response (for a cache key such as
-        :class:`preftune.evaluate.BaseCache`'s), or None: its scores are not to be cached."""
+        :class:`preftune.evaluation.evaluate.BaseCache`'s), or None: its scores are not to be cached."""
         return None
 
 
@@ -192,7 +192,7 @@ class RewardModelJudge(ScoringJudge):
     ``AutoModelForSequenceClassification`` folder): its scalar on prompt + response.
 
     The text goes through the training data path (:func:`preftune.data.tokenize.tokenize_example`,
-    the collate functions, :func:`preftune.logprobs.batch_logps`), so a response is scored exactly
+    the collate functions, :func:`preftune.model.logprobs.batch_logps`), so a response is scored exactly
     as the reward model saw its training pairs: a message-list prompt with the response as the
     assistant turn under the chat template, a plain prompt with the response and EOS. Batched, no
     grad, eval mode, loaded with ``trust_remote_code=False``; ``max_length`` keeps the end of long
@@ -203,8 +203,8 @@ class RewardModelJudge(ScoringJudge):
                  spec: str = "", dtype: str = "float32", mixed_precision: str = "no"):
         import torch
 
-        from preftune.modeling import is_reward_model_folder, load_model, load_tokenizer
-        from preftune.precision import resolve_compute_dtype
+        from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
+        from preftune.model.precision import resolve_compute_dtype
 
         self.spec = spec or f"reward-model:{path}"
         if not is_reward_model_folder(path):
@@ -222,9 +222,9 @@ class RewardModelJudge(ScoringJudge):
 
     def examples(self, prompts, responses) -> list:
         """The responses as finished replies on the training path, one completion each
-        (:func:`preftune.generate.scoring_example`, as ``sequence_logps(..., append_eos=True)``)."""
+        (:func:`preftune.evaluation.sampling.scoring_example`, as ``sequence_logps(..., append_eos=True)``)."""
         from preftune.data.tokenize import special_prefix_ids
-        from preftune.generate import scoring_example
+        from preftune.evaluation.sampling import scoring_example
 
         prefix = special_prefix_ids(self.tokenizer)
         out = []
@@ -239,7 +239,7 @@ class RewardModelJudge(ScoringJudge):
         import torch
 
         from preftune.data.collate import collate_padded
-        from preftune.logprobs import batch_logps
+        from preftune.model.logprobs import batch_logps
 
         check_lengths(prompts=prompts, responses=responses)
         examples = self.examples(prompts, responses)
@@ -261,7 +261,7 @@ class RewardModelJudge(ScoringJudge):
         return scores
 
     def cache_parts(self) -> dict:
-        from preftune.reference import tokenizer_fingerprint, weights_fingerprint
+        from preftune.training.reference import tokenizer_fingerprint, weights_fingerprint
 
         if self._weights is None:
             self._weights = weights_fingerprint(self.model)
@@ -288,7 +288,7 @@ def make_judge(spec: str, **options) -> Judge:
         if kind == "reward-model":
             return RewardModelJudge(rest, spec=spec, **options)
         if kind == "openai":
-            from preftune.judge_openai import OpenAIJudge
+            from preftune.evaluation.judges.openai import OpenAIJudge
 
             return OpenAIJudge.from_spec(spec, **options)
     raise ValueError(f"unknown judge spec {spec!r}; use one of:\n  " + "\n  ".join(SPEC_FORMS))

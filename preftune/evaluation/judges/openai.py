@@ -3,7 +3,7 @@
 Each item is asked twice, with the responses in both orders, to cancel position bias; an item
 whose two verdicts disagree (or that never parses) is a tie. Requests run concurrently, retry
 on rate limits and server errors with backoff, and the API key comes from an environment
-variable (never from the spec string). Built by :func:`preftune.judges.make_judge`.
+variable (never from the spec string). Built by :func:`preftune.evaluation.judges.base.make_judge`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from preftune.judges import CompareResult, Judge, JudgeError, check_lengths, prompt_text
-from preftune.stats import LOSS, TIE, WIN
+from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError, check_lengths, prompt_text
+from preftune.evaluation.metrics import LOSS, TIE, WIN
 
 log = logging.getLogger("preftune")
 

@@ -1,0 +1,1 @@
+"""The command line: argument parsing only; every command calls into the layers below."""

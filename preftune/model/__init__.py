@@ -1,0 +1,1 @@
+"""Models: loading (Hugging Face folders, GGUF, LoRA, reward heads), log-probs of a batch, attention masks for packed batches, the packing decision, mixed precision, the memory policy, tiny offline models."""
