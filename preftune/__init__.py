@@ -10,6 +10,7 @@ In Python (notebooks, scripts), the same options as the command line::
 """
 
 from preftune.common.version import VERSION as __version__
+
 __all__ = ["train", "evaluate", "__version__"]
 
 

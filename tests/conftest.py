@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.model.tiny import train_tokenizer, tiny_model
+from preftune.model.tiny import tiny_model, train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"

@@ -132,7 +132,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default 0)")
     split.set_defaults(func=cmd_split)
 
-    from preftune.data.ratings import STRATEGIES, TARGETS as PAIR_TARGETS
+    from preftune.data.ratings import STRATEGIES
+    from preftune.data.ratings import TARGETS as PAIR_TARGETS
 
     pairs = commands.add_parser("pairs", help="turn scored / rated responses into pairs or KTO rows",
                                 description="Group the scored responses of SRC by prompt (or an id field) and "

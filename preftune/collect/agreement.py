@@ -25,7 +25,7 @@ from itertools import combinations
 
 from preftune.collect.candidates import Task
 from preftune.collect.store import Label, LabelStore
-
+from preftune.common.text import number
 
 # ----------------------------------------------------------------------------- agreement measures
 
@@ -226,17 +226,17 @@ def format_stats(stats: dict) -> str:
     for name, row in [*stats["annotators"].items(), ("(all)", stats["all"])]:
         ties = sum(n for c, n in row["choices"].items() if c.endswith(":tie"))
         skips = sum(n for c, n in row["choices"].items() if c.endswith(":skip"))
-        lines.append(f"  {name:16}{row['labels']:>7}{_fmt(row['seconds_median'], '.1f'):>9}{ties:>6}{skips:>6}   "
+        lines.append(f"  {name:16}{row['labels']:>7}{number(row['seconds_median'], '.1f', '-'):>9}{ties:>6}{skips:>6}   "
                      f"{_share(row['position_bias'], 'left_share'):18}{_share(row['length_bias'], 'longer_share'):18}")
     for mode, agreement in stats["agreement"].items():
         lines += ["", f"agreement ({mode}; {agreement['units_with_2_or_more']} of {agreement['units']} units with "
-                      f"2+ labels): raw {_fmt(agreement['raw'])}, Krippendorff's alpha "
-                      f"{_fmt(agreement['krippendorff_alpha'])}"
-                      + (f", Cohen's kappa {_fmt(agreement['cohen_kappa'])}" if agreement["cohen_kappa"] is not None
+                      f"2+ labels): raw {number(agreement['raw'], '.3f', '-')}, Krippendorff's alpha "
+                      f"{number(agreement['krippendorff_alpha'], '.3f', '-')}"
+                      + (f", Cohen's kappa {number(agreement['cohen_kappa'], '.3f', '-')}" if agreement["cohen_kappa"] is not None
                          else "")]
         for pair in agreement["pairwise"]:
-            lines.append(f"  {' vs '.join(pair['annotators'])}: {pair['shared_units']} shared, raw {_fmt(pair['raw'])}, "
-                         f"kappa {_fmt(pair['kappa'])}")
+            lines.append(f"  {' vs '.join(pair['annotators'])}: {pair['shared_units']} shared, raw {number(pair['raw'], '.3f', '-')}, "
+                         f"kappa {number(pair['kappa'], '.3f', '-')}")
     return "\n".join(lines)
 
 
@@ -245,10 +245,6 @@ def _share(bias: dict, key: str) -> str:
         return "-"
     flag = " *" if bias["p_value"] is not None and bias["p_value"] < 0.05 else ""
     return f"{bias[key]:.2f} (p={bias['p_value']:.2g}){flag}"
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:

@@ -38,9 +38,10 @@ from preftune.data.convert import detect_kind
 from preftune.data.errors import DataError
 from preftune.data.formats import ASSISTANT_MARKER, to_example
 from preftune.data.load import DataReport
+from preftune.data.messages import messages_text
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
-from preftune.data.split import normalize_text, prompt_key, text_of
+from preftune.data.split import normalize_text, prompt_key
 from preftune.data.tokenize import tokenize_examples
 
 MIN_PAIRS = 1000  # fewer gives noisy, easily overfitted preference runs (practical minimum 1K-5K)
@@ -280,7 +281,7 @@ class _Doctor:
     def _look_at(self, example: Example, token_lens: list[int] | None) -> None:
         names, parts = _parts(example)
         for name, part in zip(names, parts):
-            self.chars.setdefault(name, array("l")).append(len(text_of(part)))
+            self.chars.setdefault(name, array("l")).append(len(messages_text(part)))
         if token_lens is not None:
             for name, n in zip(names, token_lens):
                 self.tokens.setdefault(name, array("l")).append(n)
@@ -292,10 +293,10 @@ class _Doctor:
             self.labels[example.label] += 1
 
         label = () if example.label is None else (str(example.label),)
-        exact = _digest(*map(text_of, parts), *label)
-        normalised = [normalize_text(text_of(part)) for part in parts]
+        exact = _digest(*map(messages_text, parts), *label)
+        normalised = [normalize_text(messages_text(part)) for part in parts]
         near = _digest(*normalised, *label)
-        self.prompts.add(_digest(text_of(example.prompt)))
+        self.prompts.add(_digest(messages_text(example.prompt)))
         if exact in self.exact_seen:
             self._note(EXACT, f"{where} (same as {_short(self.exact_seen[exact])})")
         else:
@@ -308,14 +309,14 @@ class _Doctor:
         self.near_seen.setdefault(near, where)
 
         for name, part in zip(names[1:], parts[1:]):
-            text = text_of(part)
+            text = messages_text(part)
             if HUMAN_MARKER in text or ASSISTANT_MARKER in text:
                 self._note(MARKERS, f"{where} ({name})")
         if self.eval_prompts is not None:
             key = normalised[0]
             if key in self.eval_prompts:
                 self.leaked_prompts.add(key)
-                snippet = " ".join(text_of(example.prompt).split())[:60]
+                snippet = " ".join(messages_text(example.prompt).split())[:60]
                 self._note(LEAK, f"{where} = {self.eval_prompts[key]}: {snippet!r}")
 
     # ------------------------------------------------------------------------ the report

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from preftune.data.convert import check_output_path, detect_kind, write_rows
 from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import to_example
+from preftune.data.messages import messages_text
 from preftune.data.readers import read_rows
 
 _SPACES = re.compile(r"\s+")
@@ -33,16 +34,9 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def text_of(value: str | list) -> str:
-    """A string, or messages as ``"role: content"`` lines (so roles count when comparing)."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
-
-
 def prompt_key(prompt: str | list) -> str:
     """The key prompts are grouped and compared by (split, duplicate and leak checks)."""
-    return normalize_text(text_of(prompt))
+    return normalize_text(messages_text(prompt))  # roles count when comparing
 
 
 @dataclass

@@ -31,23 +31,29 @@ from pathlib import Path
 
 import torch
 
+from preftune.common.files import json_safe, write_atomic
 from preftune.config.train_config import TrainConfig
 from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
+from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
-from preftune.common.files import json_safe, write_atomic
-from preftune.evaluation.sampling import (best_vs_worst_pairs, completion_logps, estimate_kl, sample, sample_from_path,
-                               sample_token_ids)
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
+from preftune.evaluation.metrics import kl_from_samples, wilson_interval
+from preftune.evaluation.sampling import (
+    best_vs_worst_pairs,
+    completion_logps,
+    estimate_kl,
+    sample,
+    sample_from_path,
+    sample_token_ids,
+)
+from preftune.methods.objective import compute_objective
+from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import LogpOutput, batch_logps
 from preftune.model.packing import supports_packing
 from preftune.model.precision import resolve_compute_dtype
-from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
-from preftune.methods.objective import compute_objective
 from preftune.training.reference import check_separate, data_fingerprint, tokenizer_fingerprint
-from preftune.evaluation.metrics import kl_from_samples, wilson_interval
-from preftune.data.pipeline import make_collate, model_row_cost, read_examples
 
 log = logging.getLogger("preftune")
 
@@ -466,10 +472,6 @@ def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], jud
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def _fmt(value, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def format_table(result: dict) -> str:

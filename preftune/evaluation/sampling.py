@@ -31,11 +31,9 @@ from preftune.data.pipeline import scoring_collate
 from preftune.data.records import Example, TokenizedExample
 from preftune.data.tokenize import prompt_token_ids, render_prompt, special_prefix_ids, tokenize_example
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, check_lengths
-from preftune.model.logprobs import batch_logps
-from preftune.model.precision import resolve_compute_dtype
-from preftune.model.precision import autocast
 from preftune.evaluation.metrics import kl_from_samples
-
+from preftune.model.logprobs import batch_logps
+from preftune.model.precision import autocast, resolve_compute_dtype
 
 # ----------------------------------------------------------------------------- tokens
 

@@ -35,8 +35,15 @@ from torch import nn
 
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.model.logprobs import (PACKING_ATTENTION, _body, _causal_lm, _sliding_layout, _text_config, batch_logps,
-                               build_packed_mask)
+from preftune.model.logprobs import (
+    PACKING_ATTENTION,
+    _body,
+    _causal_lm,
+    _sliding_layout,
+    _text_config,
+    batch_logps,
+    build_packed_mask,
+)
 
 log = logging.getLogger(__name__)
 

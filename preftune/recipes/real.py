@@ -41,7 +41,8 @@ from pathlib import Path
 
 import yaml
 
-from preftune.recipes.real_report import _duration, check_targets, summary_text, write_metrics, write_report
+from preftune.common.text import duration
+from preftune.recipes.real_report import check_targets, summary_text, write_metrics, write_report
 
 JUDGE_A = "python:preftune.recipes.sentiment:review_sentiment"
 DEFAULT_HH_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
@@ -238,16 +239,16 @@ def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
         """Run ``body`` as stage ``name`` (``title``: its line, or a function giving it), unless --resume kept it."""
         number = f"[{names.index(name) + 1}/{len(names)}] {name}"
         if name in metrics.get("resumed", ()):
-            echo(f"\n{number}: kept from the earlier run ({_duration(metrics['stage_seconds'][name])}; --resume)")
+            echo(f"\n{number}: kept from the earlier run ({duration(metrics['stage_seconds'][name])}; --resume)")
             return
         clear_entries(out, STAGE_ENTRIES[name])
         title = title() if callable(title) else title
-        echo(f"\n{number}: {title}  (elapsed {_duration(time.perf_counter() - started)})")
+        echo(f"\n{number}: {title}  (elapsed {duration(time.perf_counter() - started)})")
         stage_start = time.perf_counter()
         body()
         seconds = {**metrics["stage_seconds"], name: round(time.perf_counter() - stage_start, 1)}
         metrics["stage_seconds"] = {n: seconds[n] for n in names if n in seconds}  # in stage order, kept ones too
-        echo(f"  {name}: done in {_duration(metrics['stage_seconds'][name])}")
+        echo(f"  {name}: done in {duration(metrics['stage_seconds'][name])}")
         write_metrics(out, metrics)  # after every stage: a run stopped later keeps what it measured (--resume)
 
     def model() -> None:
@@ -423,8 +424,8 @@ def film_prompt(title: str) -> list[dict]:
 def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """Training pairs (best vs worst of each film's samples) and held-out pairs, from the base's samples."""
     from preftune.data.convert import write_rows
-    from preftune.evaluation.sampling import best_vs_worst_pairs
     from preftune.evaluation.judges.base import make_judge
+    from preftune.evaluation.sampling import best_vs_worst_pairs
     from preftune.model.loading import load_model, load_tokenizer
     from preftune.recipes.quickstart_world import film_titles
 
@@ -474,7 +475,6 @@ def sample_in_chunks(cfg: RealRecipeConfig, model, tokenizer, prompts: list, n: 
     from tqdm.auto import tqdm
 
     from preftune.evaluation.sampling import sample
-
     from preftune.model.precision import resolve_compute_dtype
 
     compute = resolve_compute_dtype(cfg.mixed_precision, next(model.parameters()).device)
@@ -661,9 +661,9 @@ def _sweep_progress_lines(variants: int, echo):
         if (record.module == "compare" and record.levelno == logging.INFO and isinstance(record.args, tuple)
                 and record.msg.startswith("variant %s: training")):
             elapsed = time.perf_counter() - started
-            eta = f", ETA {_duration(elapsed / len(seen) * (variants - len(seen)))}" if seen else ""
+            eta = f", ETA {duration(elapsed / len(seen) * (variants - len(seen)))}" if seen else ""
             seen.append(record.args[0])
-            echo(f"  variant {len(seen)}/{variants}: {record.args[0]}  (sweep elapsed {_duration(elapsed)}{eta})")
+            echo(f"  variant {len(seen)}/{variants}: {record.args[0]}  (sweep elapsed {duration(elapsed)}{eta})")
         return verbose or record.levelno >= logging.WARNING
 
     # child loggers (preftune.model.packing) would inherit INFO from the parent: keep them where they were

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from preftune.common.text import duration
+
 if TYPE_CHECKING:
     from preftune.recipes.real import RealRecipeConfig
 
@@ -47,11 +49,6 @@ def _rate_text(rate: dict | None) -> str:
 
 def _num(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _cell(text) -> str:
@@ -147,5 +144,5 @@ def summary_text(out: Path, metrics: dict) -> str:
               for t in metrics["targets"]]
     verdict = "PASS" if metrics["passed"] else "FAIL"
     lines.append(f"{verdict}: {sum(t['reached'] for t in metrics['targets'])}/{len(metrics['targets'])} targets; "
-                 f"{_duration(metrics['seconds'])}; report: {out / 'report.md'}")
+                 f"{duration(metrics['seconds'])}; report: {out / 'report.md'}")
     return "\n".join(lines)

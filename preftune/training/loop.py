@@ -25,22 +25,31 @@ from pathlib import Path
 
 import torch
 
-from preftune.training import checkpoint as ckpt
+from preftune.common.files import write_atomic
 from preftune.config.train_config import TrainConfig
 from preftune.data.collate import batch_indices
+
 # the data path the loop and evaluation share (make_collate stays reachable here: benchmarks wrap it)
 from preftune.data.pipeline import balanced_split, make_collate, mixed_label_batches, model_row_cost, read_examples  # noqa: F401
-from preftune.model.logprobs import LogProbModel
-from preftune.model.packing import supports_packing
 from preftune.methods.losses import kto_weight_warning
-from preftune.model.memory_policy import enable_checkpointing, plan_memory, training_state_bytes
-from preftune.common.files import write_atomic
-from preftune.training.divergence import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
-from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
-from preftune.model.precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
 from preftune.methods.objective import compute_objective
-from preftune.training.reference import (AdapterOffReference, CachedReference, ModelReference, cache_key,
-                        compute_reference_table, data_fingerprint, load_cache, save_cache)
+from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
+from preftune.model.logprobs import LogProbModel
+from preftune.model.memory_policy import enable_checkpointing, plan_memory, training_state_bytes
+from preftune.model.packing import supports_packing
+from preftune.model.precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
+from preftune.training import checkpoint as ckpt
+from preftune.training.divergence import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
+from preftune.training.reference import (
+    AdapterOffReference,
+    CachedReference,
+    ModelReference,
+    cache_key,
+    compute_reference_table,
+    data_fingerprint,
+    load_cache,
+    save_cache,
+)
 from preftune.training.run_folder import RunFolder, claim_output_dir
 from preftune.training.run_state import MetricsLog, progress_bar, resume, save_final, save_training_state, summary_json
 

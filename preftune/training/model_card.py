@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from preftune.common.text import number
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # The training options a reader of the card wants, in order (the method's own options, from the method
@@ -103,13 +105,9 @@ def _metrics_section(before: dict, after: dict) -> list[str]:
         return ["## Held-out metrics", "", "None: the run had no held-out data (--eval-data).", ""]
     lines = ["## Held-out metrics", "", "| metric | before | after |", "|---|---|---|"]
     for key in sorted(after):
-        lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after[key])} |")
+        lines.append(f"| {key} | {number(before.get(key), missing='')} | {number(after[key], missing='')} |")
     return lines + ["", "Before = the starting model (policy = reference), after = the trained model, with "
                         "the training objective on the held-out data.", ""]
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _versions(preftune_version: str) -> list[tuple[str, str]]:

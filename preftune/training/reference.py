@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from preftune.data.batch import Batch
-from preftune.model.logprobs import LogpOutput, batch_logps
 from preftune.methods.losses import length_desensitized_logps
+from preftune.model.logprobs import LogpOutput, batch_logps
 
 log = logging.getLogger("preftune")
 

@@ -34,9 +34,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preftune.training import checkpoint as ckpt
+from preftune.common.files import (
+    disk_full_guard,
+    fsync_dir,
+    left_by_dead_process,
+    pid_alive,
+    remove_left_temp,
+    write_atomic,
+)
 from preftune.config.train_config import ConfigError
-from preftune.common.files import disk_full_guard, fsync_dir, left_by_dead_process, pid_alive, remove_left_temp, write_atomic
+from preftune.training import checkpoint as ckpt
 
 log = logging.getLogger("preftune")
 

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import torch
 
+from preftune.common.files import (
+    DiskFullError,
+    disk_full_guard,
+    free_bytes,
+    json_safe,
+    size_text,
+    tensor_bytes,
+    write_atomic,
+)
+from preftune.common.text import duration
 from preftune.training import checkpoint as ckpt
-from preftune.common.files import DiskFullError, disk_full_guard, free_bytes, json_safe, size_text, tensor_bytes, write_atomic
 from preftune.training.run_folder import save_model_folder
 
 log = logging.getLogger("preftune")
@@ -310,13 +319,7 @@ class ProgressLines:
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         if done > 0:
             per_step = elapsed / done
-            parts += [f"{per_step:.2f} s/step", f"ETA {_duration(per_step * max(0, self.total - step))}"]
+            parts += [f"{per_step:.2f} s/step", f"ETA {duration(per_step * max(0, self.total - step))}"]
         print(", ".join(parts), file=sys.stderr, flush=True)
         self.printed_n, self.printed_at = step, now
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

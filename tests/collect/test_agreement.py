@@ -6,10 +6,15 @@ import json
 
 import pytest
 
-from preftune.cli.main import main
-from preftune.collect.agreement import (binomial_p_value, cohen_kappa, krippendorff_alpha_nominal, label_stats,
-                                    raw_agreement)
 from collect.test_store import FixedOrder, make_store
+from preftune.cli.main import main
+from preftune.collect.agreement import (
+    binomial_p_value,
+    cohen_kappa,
+    krippendorff_alpha_nominal,
+    label_stats,
+    raw_agreement,
+)
 
 # Two annotators on ten pair tasks; values are the better response's canonical index, or "tie".
 ANN = [0, 0, 0, 0, 1, 1, 1, 0, "tie", 1]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune.cli.main import main
 from collect.test_server import XSS, Server, write
+from preftune.cli.main import main
 
 CHROMIUM = os.environ.get("PREFTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = os.environ.get("PREFTUNE_CHROMEDRIVER") or shutil.which("chromedriver")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from collect.test_store import FixedOrder, make_store
 from preftune.cli.main import main
 from preftune.collect.export import export_labels, majority
 from preftune.data import load_dataset
 from preftune.data.doctor import check_data
-from collect.test_store import FixedOrder, make_store
 
 # Votes per pair task by ann, bob, cat: 0 / 1 = canonical response, "tie", "skip", None = not labelled.
 VOTES = [

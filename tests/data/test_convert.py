@@ -7,8 +7,8 @@ import argparse
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from preftune.cli.data import register
 from preftune.data import load_dataset, read_rows
 from preftune.data.convert import convert, dialogue_to_messages, messages_to_dialogue, write_rows

@@ -6,8 +6,8 @@ import argparse
 import json
 
 import pytest
-
 from conftest import rule_pairs, write_jsonl
+
 from preftune.cli.data import register
 from preftune.data import load_dataset
 from preftune.data.doctor import LengthStats, check_data, truncation_outcome

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from preftune.data.errors import DataError
-from preftune.data.formats import (ASSISTANT_MARKER, chosen_as_sft, pairs_to_unpaired, split_dialogue,
-                                   to_example)
+from preftune.data.formats import ASSISTANT_MARKER, chosen_as_sft, pairs_to_unpaired, split_dialogue, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
 

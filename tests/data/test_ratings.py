@@ -7,9 +7,9 @@ import json
 import pytest
 
 from preftune.cli.main import main
-from preftune.data.ratings import parse_score, score_pairs
 from preftune.data import load_dataset
 from preftune.data.doctor import check_data
+from preftune.data.ratings import parse_score, score_pairs
 
 ULTRAFEEDBACK = [
     {"instruction": "Q1", "models": ["a", "b", "c", "d"], "completions": [

@@ -9,17 +9,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 from transformers import AutoModelForCausalLM
 
 from preftune.cli.eval import register
 from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
 from preftune.evaluation.evaluate import RAW_PREFERENCE, evaluate_model, format_table, read_prompts, to_json
-from preftune.evaluation.sampling import estimate_kl
 from preftune.evaluation.judges.base import CompareResult, Judge
+from preftune.evaluation.sampling import estimate_kl
 from preftune.model.loading import load_tokenizer
 from preftune.training.loop import train
-from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
 LENGTHS = dict(max_length=64, max_prompt_length=32)
 

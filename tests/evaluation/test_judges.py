@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from preftune.evaluation.judges.openai import OpenAIJudge, parse_verdict
 from preftune.evaluation.judges.base import CompareResult, JudgeError, PythonJudge, RewardModelJudge, make_judge
+from preftune.evaluation.judges.openai import OpenAIJudge, parse_verdict
 from preftune.model.tiny import tiny_config
 
 # ----------------------------------------------------------------------------- python:

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from preftune.evaluation.sampling import best_vs_worst_pairs, estimate_kl, sample, sample_token_ids, sequence_logps
 from preftune.evaluation.judges.base import CompareResult, Judge, make_judge
+from preftune.evaluation.sampling import best_vs_worst_pairs, estimate_kl, sample, sample_token_ids, sequence_logps
 from preftune.model.tiny import tiny_model
 
 PROMPTS = ["Human: Tell me about the river.", "Human: Name a colour.\n\nAssistant:", "Hi"]

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import yaml
+from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 
-from preftune.evaluation.sweep_report import read_metrics
-
+from preftune.config.train_config import ConfigError
 from preftune.evaluation import sweep_report as report
 from preftune.evaluation.sweep import best_variant, load_sweep, run_compare, write_report
-from preftune.config.train_config import ConfigError
-from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
+from preftune.evaluation.sweep_report import read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

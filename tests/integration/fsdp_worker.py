@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-from torch.distributed.fsdp import fully_shard
 from model.test_logprobs import make_examples, model_for
+from torch.distributed.fsdp import fully_shard
 
 from preftune.data.collate import collate_packed
 from preftune.model.logprobs import LogProbModel

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from data.test_formats import RECORD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,6 @@ from preftune.cli.main import main
 from preftune.config.train_config import ConfigError, TrainConfig
 from preftune.data import DataError, load_dataset
 from preftune.model.loading import load_model
-from data.test_formats import RECORD
 
 PACKAGE = Path(__file__).resolve().parents[2] / "preftune"
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rule_pairs, train_argv, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import rule_pairs, train_argv, write_jsonl
-from preftune.training import checkpoint as ckpt
-from preftune.model import logprobs  # the policy's forward (LogProbModel) calls logprobs.batch_logps: tests wrap it
 from preftune.cli.main import main
 from preftune.config.train_config import TrainConfig
+from preftune.model import logprobs  # the policy's forward (LogProbModel) calls logprobs.batch_logps: tests wrap it
 from preftune.model.logprobs import LogpOutput
 from preftune.model.tiny import tiny_model
+from preftune.training import checkpoint as ckpt
 from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
 
 MAX_STEPS = 12

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rule_pairs, train_argv, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import rule_pairs, train_argv, write_jsonl
-from preftune.training import checkpoint as ckpt
-from preftune.model import logprobs
-from preftune.training import run_folder
 from preftune.cli.main import main
-from preftune.config.train_config import TrainConfig
 from preftune.common.files import DiskFullError
+from preftune.config.train_config import TrainConfig
+from preftune.model import logprobs
 from preftune.model.logprobs import LogpOutput
 from preftune.model.tiny import tiny_model
+from preftune.training import checkpoint as ckpt
+from preftune.training import run_folder
 from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[2]

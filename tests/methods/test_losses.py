@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from preftune.methods.losses import (
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     apo_zero_unpaired_loss,
-    aot_loss,
-    aot_unpaired_loss,
     bco_loss,
     bco_pair_loss,
     bco_reward_shift,

@@ -11,18 +11,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import rule_pairs, write_jsonl
+
 from preftune.cli.main import main as cli_main
 from preftune.config.train_config import TrainConfig
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.errors import DataError
 from preftune.data.formats import to_example
-from preftune.model.logprobs import LogpOutput, batch_logps, is_reward_model
 from preftune.methods.losses import reward_loss
+from preftune.methods.objective import compute_objective
 from preftune.methods.table import parse
 from preftune.model.loading import is_reward_model_folder, load_model, reward_model_from_causal_lm
-from preftune.methods.objective import compute_objective
+from preftune.model.logprobs import LogpOutput, batch_logps, is_reward_model
 
 RC = torch.tensor([1.0, 0.0, -0.3])
 RR = torch.tensor([0.0, 0.5, -1.2])

@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import rule_pairs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
 from preftune.data.collate import collate_padded
-from preftune.model.logprobs import batch_logps
 from preftune.model.loading import load_tokenizer
+from preftune.model.logprobs import batch_logps
 from preftune.training.loop import mixed_label_batches, train
-
-from conftest import rule_pairs, write_jsonl
 
 
 def cfg_for(tiny_model_dir, rule_data, out, **overrides) -> TrainConfig:
@@ -187,8 +186,8 @@ def test_readme_methods_table_is_the_table():
 
 
 def test_help_lists_every_method_with_its_paper(capsys):
-    from preftune.methods import table as M
     from preftune.cli.main import build_parser
+    from preftune.methods import table as M
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
@@ -286,8 +285,8 @@ def test_sigmoid_norm_is_dpo_on_token_averaged_logps():
     """Objective-level: summed log-probs chosen -6 (3 tokens), rejected -8 (4 tokens); reference -9 and -6.
     Averaged log-ratios: -6/3 - -9/3 = 1, -8/4 - -6/4 = -0.5; beta 2: -log sigmoid(2 * 1.5) = log(1 + e^-3)
     = 0.048587. Summed (dpo, beta 0.1): h = 3 - -2 = 5 -> -log sigmoid(0.5) = 0.474077."""
-    from preftune.model.logprobs import LogpOutput
     from preftune.methods.objective import compute_objective
+    from preftune.model.logprobs import LogpOutput
 
     policy = LogpOutput(torch.tensor([-6.0, -8.0]), torch.tensor([3, 4]), torch.zeros(7))
     ref = torch.tensor([-9.0, -6.0])
@@ -301,8 +300,8 @@ def test_sigmoid_norm_is_dpo_on_token_averaged_logps():
 def test_bco_reward_shift_runs_across_batches_and_evaluation_only_reads_it():
     """Batch mean rewards (beta 1, policy - ref): batch 1 [1, -1] -> 0; batch 2 [2, 0] -> 1; the shift after
     two training batches is (0 + 1) / 2 = 0.5; an evaluation batch reads it without adding its own."""
-    from preftune.model.logprobs import LogpOutput
     from preftune.methods.objective import compute_objective
+    from preftune.model.logprobs import LogpOutput
 
     state, labels = {}, torch.tensor([True, False])
 

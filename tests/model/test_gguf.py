@@ -19,12 +19,16 @@ import pytest
 import torch
 
 from preftune.cli.main import main
-from preftune.model.gguf import (convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf,
-                                 load_gguf_model)
+from preftune.model.gguf import (
+    convert_gguf_to_folder,
+    default_cache_dir,
+    fetch_smollm2,
+    find_gguf,
+    is_gguf,
+    load_gguf_model,
+)
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.tiny import tiny_model
-
-
 
 TEXTS = ["The river is calm and kind.", "\n\nHuman: Tell me about the city.\n\nAssistant: The city is warm.",
          "  two spaces, <|im_start|>user\nhi<|im_end|> and digits 0 1 2"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training.test_loop import read_metrics, rule_config
 from transformers import LlamaConfig
 
 from preftune.config.train_config import TrainConfig
@@ -17,8 +18,6 @@ from preftune.data.records import TokenizedExample
 from preftune.model.memory_policy import activation_bytes_per_token, peak_rss_mb, plan_memory
 from preftune.model.tiny import tiny_model
 from preftune.training.loop import train
-
-from training.test_loop import read_metrics, rule_config
 
 
 def test_activation_estimate_hand_computed():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from training.test_loop import read_metrics, rule_config
 
 from preftune.cli.main import build_parser, config_from_args
 from preftune.config.train_config import ConfigError, TrainConfig
@@ -15,8 +16,6 @@ from preftune.model.logprobs import batch_logps, chunked_target_logps
 from preftune.model.precision import check_trainable_dtype, cpu_has_fast_bf16, resolve_mixed_precision
 from preftune.model.tiny import tiny_model
 from preftune.training.loop import train
-
-from training.test_loop import read_metrics, rule_config
 
 ZEN3 = "flags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
 ZEN4 = "flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from preftune.methods import table as M
-from preftune.model.logprobs import LogpOutput
 from preftune.methods.objective import compute_objective
+from preftune.model.logprobs import LogpOutput
 
 trl = pytest.importorskip("trl", reason="TRL is not installed: pip install trl==1.16.* to compare losses with TRL's")
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from preftune.recipes import quickstart_world as world
 from preftune.cli.quickstart import register
+from preftune.recipes import quickstart_world as world
 from preftune.recipes.quickstart import QuickstartConfig, prepare_output_dir, run_quickstart
 
 REPORT_FILES = [

@@ -9,10 +9,17 @@ import torch
 
 from preftune.data import load_dataset
 from preftune.data.collate import collate_packed
-from preftune.model.logprobs import batch_logps
 from preftune.model.loading import add_lora, load_model, load_tokenizer
-from preftune.training.reference import (AdapterOffReference, ModelReference, cache_key, check_separate,
-                                compute_reference_table, load_cache, save_cache)
+from preftune.model.logprobs import batch_logps
+from preftune.training.reference import (
+    AdapterOffReference,
+    ModelReference,
+    cache_key,
+    check_separate,
+    compute_reference_table,
+    load_cache,
+    save_cache,
+)
 
 
 @pytest.fixture

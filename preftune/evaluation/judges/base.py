@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from preftune.data.messages import is_messages, messages_text
 from preftune.evaluation.metrics import LOSS, TIE, WIN, WinRate, win_rate
 
 log = logging.getLogger("preftune")
@@ -78,10 +79,8 @@ class CompareResult:
 
 def prompt_text(prompt: Prompt) -> str:
     """A prompt as plain text: strings unchanged, message lists as ``role: content`` blocks."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "content" in m for m in prompt):
-        return "\n\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in prompt)
+    if isinstance(prompt, str) or is_messages(prompt):
+        return messages_text(prompt)
     raise ValueError(f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}")
 
 
