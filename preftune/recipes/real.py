@@ -658,7 +658,7 @@ def _sweep_progress_lines(variants: int, echo):
     verbose, level, started, seen = logger.isEnabledFor(logging.INFO), logger.level, time.perf_counter(), []
 
     def on_record(record: logging.LogRecord) -> bool:
-        if (record.module == "compare" and record.levelno == logging.INFO and isinstance(record.args, tuple)
+        if (record.module == "sweep" and record.levelno == logging.INFO and isinstance(record.args, tuple)
                 and record.msg.startswith("variant %s: training")):
             elapsed = time.perf_counter() - started
             eta = f", ETA {duration(elapsed / len(seen) * (variants - len(seen)))}" if seen else ""
