@@ -53,7 +53,7 @@ from preftune.model.loading import is_reward_model_folder, load_model, load_toke
 from preftune.model.logprobs import LogpOutput, batch_logps
 from preftune.model.packing import supports_packing
 from preftune.model.precision import resolve_compute_dtype
-from preftune.training.reference import check_separate, data_fingerprint, tokenizer_fingerprint
+from preftune.training.reference import check_separate, examples_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger("preftune")
 
@@ -298,7 +298,7 @@ def preference_metrics(model, base, examples, collate, cfg: TrainConfig, device,
         ref_logps = pair_logps(base, examples, collate, cfg, device, compute)[0]
     else:
         ref_logps = torch.tensor(cache.get_or_compute(
-            "held-out pair log-probs", {"examples": data_fingerprint(examples), **(layout or {})},
+            "held-out pair log-probs", {"examples": examples_fingerprint(examples), **(layout or {})},
             lambda: pair_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
     _, metrics = compute_objective("dpo", LogpOutput(logps, counts, logps.new_zeros(0)), n,
                                    ref_logps=ref_logps, beta=cfg.beta)
@@ -341,7 +341,7 @@ def nll_metrics(model, base, examples, collate, cfg: TrainConfig, device, comput
             return total_nll(base, examples, collate, cfg, device, compute)[0]
 
         total = (base_total() if cache is None else cache.get_or_compute(
-            "NLL", {"examples": data_fingerprint(examples), **(layout or {})}, base_total))
+            "NLL", {"examples": examples_fingerprint(examples), **(layout or {})}, base_total))
         base_nll = total / tokens
     return {"tokens": tokens, "sequences": len(examples), "model": model_nll, "base": base_nll,
             "difference": model_nll - base_nll if base is not None else None}

@@ -46,7 +46,7 @@ from preftune.training.reference import (
     ModelReference,
     cache_key,
     compute_reference_table,
-    data_fingerprint,
+    examples_fingerprint,
     load_cache,
     save_cache,
 )
@@ -120,7 +120,7 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     train_examples, train_report = read_examples(cfg, tokenizer, cfg.data, main)
-    run.set_data(data_fingerprint(train_examples), cfg.data)  # a resumed checkpoint must have seen this data
+    run.set_data(examples_fingerprint(train_examples), cfg.data)  # a resumed checkpoint must have seen this data
     eval_examples = read_examples(cfg, tokenizer, cfg.eval_data, main)[0] if cfg.eval_data else []
     if "desirable_weight" in cfg.method.fields and main:  # class balance of thumbs-up/down data
         n_pos = sum(1 for e in train_examples if e.label)

@@ -159,7 +159,7 @@ def hub_base_model(model: str | None) -> str | None:
     return None
 
 
-def data_fingerprint(source: str | os.PathLike) -> str | None:
+def source_file_fingerprint(source: str | os.PathLike) -> str | None:
     """``sha256:<hex>`` of a data file's bytes (a folder: of its files' relative names and bytes, in
     order); None for a hub dataset name or a path that does not exist."""
     path = Path(source)
@@ -180,5 +180,5 @@ def data_fingerprint(source: str | os.PathLike) -> str | None:
 
 
 def _fingerprint_text(source: str) -> str:
-    found = data_fingerprint(source)
+    found = source_file_fingerprint(source)
     return f"`{found}`" if found else "none (a hub dataset: see its revision on the hub)"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -169,7 +168,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
 
 
-def data_fingerprint(examples) -> str:
+def examples_fingerprint(examples) -> str:
     """Hash of the tokenized examples: covers the data, the tokenizer and every truncation setting."""
     digest = hashlib.blake2b(digest_size=16)
     for ex in examples:
@@ -179,7 +178,7 @@ def data_fingerprint(examples) -> str:
 
 def cache_key(examples, model, dtype: str, extra: dict | None = None) -> str:
     """The cache file's key: data + reference weights + dtype + anything in ``extra``."""
-    parts = {"version": CACHE_FORMAT_VERSION, "data": data_fingerprint(examples),
+    parts = {"version": CACHE_FORMAT_VERSION, "data": examples_fingerprint(examples),
              "weights": weights_fingerprint(model), "dtype": dtype, **(extra or {})}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
@@ -217,28 +216,23 @@ def compute_reference_table(reference, examples, make_batch, batch_size: int, ac
 
 
 def save_cache(path: Path, table: torch.Tensor, key: str) -> bool:
-    """Write the table atomically (temp file + rename) as safetensors with its key; whether it was written.
+    """Write the table atomically (:func:`preftune.common.files.atomic_path`) as safetensors with its key; whether it was written.
 
     A failed write (a full disk, a read-only folder) is a warning naming the path and the space needed,
     never an error: the table is in memory and training goes on with it, uncached.
     """
     from safetensors.torch import save_file
 
-    from preftune.common.files import DiskFullError, disk_full_guard, size_text
+    from preftune.common.files import DiskFullError, atomic_path, disk_full_guard, size_text
 
-    tmp = path.with_suffix(".tmp")
     needed = table.numel() * table.element_size()
     try:
         with disk_full_guard(path, needed):
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"logps": table.contiguous()}, str(tmp),
-                      metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # removed again when the write fails
+                save_file({"logps": table.contiguous()}, str(tmp),
+                          metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
     except Exception as exc:  # DiskFullError, other OS errors, safetensors' SafetensorError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         why = str(exc) if isinstance(exc, DiskFullError) else f"{path}: {first} (needs about {size_text(needed)})"
         log.warning("reference cache not written: %s; training goes on with the table computed in memory "
