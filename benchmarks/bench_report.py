@@ -21,7 +21,20 @@ Ideal FLOPs of one DPO pair (the work no implementation can skip):
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
 import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets")
 
 
 def model_counts(config) -> dict:
@@ -126,3 +139,107 @@ def ratios(summaries: list[dict]) -> list[tuple[str, str, float, float]]:
     theirs = [s for s in summaries if s["name"].startswith("trl")]
     return [(p["name"], t["name"], p["pairs_per_second"] / t["pairs_per_second"],
              p["tokens_per_second"] / t["tokens_per_second"]) for p in mine for t in theirs]
+
+
+def throughput_metrics(payload: dict) -> dict:
+    """The ``metrics`` of a results.json from ``dpo_throughput.py``'s full payload (its ``--json`` file)."""
+    args, peak = payload["args"], payload["matmul_peak"]["flops_per_second"]
+    rows = [{"name": s["name"], "seconds_per_step": _round(s["seconds_per_step"]),
+             "pairs_per_second": _round(s["pairs_per_second"]), "tokens_per_second": _round(s["tokens_per_second"], 1),
+             "tokens_per_pair": _round(s["tokens_per_pair"], 1), "padding_share": _round(s["padding_share"]),
+             "peak_rss_gb": _round(s["peak_rss_gb"], 3), "peak_gpu_gb": _round(s["peak_gpu_gb"], 3),
+             "ideal_gflops_per_second": _round(s["ideal_flops_per_second"] / 1e9, 2),
+             "share_of_matmul_peak": _round(s["ideal_flops_per_second"] / peak) if peak else None,
+             "timed_steps": s["timed_steps"], "first_loss": _round(s["first_loss"]),
+             "other_load_cores": _round(s["other_load_cores"], 3), "settings": s["settings"]}
+            for s in payload["summaries"]]
+    pairs = [{"preftune": p, "trl": t, "pairs_per_second": round(a, 3), "tokens_per_second": round(b, 3)}
+             for p, t, a, b in ratios(payload["summaries"])]
+    return {"model": args["model_size"], "device": args["device"], "dtype": args["dtype"], "threads": args["threads"],
+            "batch_size": args["batch_size"], "max_length": args["max_length"], "pairs": payload["pairs"],
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "ideal_gflop_per_pair": round(payload["ideal_flops_per_pair"] / 1e9, 2),
+            "contenders": rows, "ratios": pairs}
+
+
+def _round(value, digits: int = 4):
+    return None if value is None else round(value, digits)
+
+
+# ---- results.json: one run's command, commit, date, hardware, versions and metrics
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """``{"cpu", "flags", "cores"}`` from /proc/cpuinfo (``cpuinfo``: its text); flags limited to ``CPU_FLAGS``."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name") or platform.processor() or None,
+            "flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name when torch is already imported and sees one, else None."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(0)
+
+
+def package_versions() -> dict:
+    """Python's and each of ``PACKAGES``' installed version (None where not installed)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """``git rev-parse --short HEAD`` of the checkout, or None outside git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that runs this process, with paths inside the repository made relative to it."""
+    argv = sys.argv if argv is None else argv
+    text = shlex.join(["python", *argv])
+    return text.replace(str(REPO) + os.sep, "")
+
+
+def results_record(name: str, kind: str, metrics: dict, argv: list[str] | None = None,
+                   notes: str | None = None) -> dict:
+    """A results.json record (the schema ``benchmarks/results_tables.py`` checks) for this process's run."""
+    return {"name": name, "kind": kind, "command": [command_line(argv)], "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "hardware": {**cpu_info(), "gpu": gpu_name()}, "versions": package_versions(),
+            "metrics": metrics, "notes": notes}
+
+
+def write_results(folder: str | Path, name: str, kind: str, metrics: dict, argv: list[str] | None = None,
+                  notes: str | None = None) -> Path:
+    """Write ``folder/results.json`` for this run (folder created); returns its path.
+
+    Copy the folder under ``benchmarks/results/`` and run ``python benchmarks/results_tables.py`` to
+    put it in docs/results.md.
+    """
+    path = Path(folder) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = results_record(name, kind, metrics, argv, notes)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    return path

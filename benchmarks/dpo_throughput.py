@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for the CPUs to be >=85%% idle (shared machines)")
     parser.add_argument("--json", metavar="OUT", help="write every result (raw per-step records too) to OUT")
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="write DIR/results.json (command, commit, date, hardware, versions, metrics) for "
+                             "benchmarks/results/ and benchmarks/results_tables.py")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one contender from a JSON spec
     args = parser.parse_args(argv)
@@ -244,12 +247,17 @@ def main(argv=None) -> int:
     if args.markdown:
         print()
         print(bench_report.markdown_table(header, rows))
+    payload = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "model": counts,
+               "pairs": len(assets.pairs), "ideal_flops_per_pair": set_flops, "matmul_peak": peak,
+               "summaries": summaries, "failed": failed, "raw": raw}
     if args.json:
-        payload = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "model": counts,
-                   "pairs": len(assets.pairs), "ideal_flops_per_pair": set_flops, "matmul_peak": peak,
-                   "summaries": summaries, "failed": failed, "raw": raw}
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"\nwrote {args.json}")
+    if args.results_dir:
+        path = bench_report.write_results(args.results_dir, f"DPO throughput, {args.model_size} on {args.device}",
+                                          f"dpo-throughput-{args.model_size}-{args.device}",
+                                          bench_report.throughput_metrics(payload))
+        print(f"wrote {path}")
     return 1 if failed else 0
 
 

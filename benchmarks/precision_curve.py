@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=5e-6)
     parser.add_argument("--out", default=None, help="folder for the two runs (default: a new temp folder)")
     parser.add_argument("--json", default=None, help="also write the comparison here")
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="write DIR/results.json (command, commit, date, hardware, versions, metrics) for "
+                             "benchmarks/results/ and benchmarks/results_tables.py")
     parser.add_argument("--analyze", nargs=2, metavar=("DEFAULT_DIR", "FP32_DIR"),
                         help="compare two finished runs instead of training")
     return parser.parse_args(argv)
@@ -122,6 +125,22 @@ def compare(default_dir: Path, fp32_dir: Path, base_dir: Path | None) -> dict:
     return result
 
 
+def results_metrics(result: dict) -> dict:
+    """The ``metrics`` of a results.json from ``compare``'s result (rounded; held-out loss, accuracy, margin)."""
+    def rounded(value, digits=4):
+        return None if value is None else round(value, digits)
+
+    held_out = {run: {str(step): {"loss": rounded(v["loss"]), "accuracy": rounded(v.get("rewards/accuracies")),
+                                  "reward_margin": rounded(v.get("rewards/margins"))} for step, v in rows.items()}
+                for run, rows in result["eval"].items()}
+    return {"steps": result["steps"], "default_setting": result["default_setting"],
+            "fp32_setting": result["fp32_setting"], "loss_abs_diff_mean": rounded(result["loss_abs_diff_mean"]),
+            "loss_abs_diff_max": rounded(result["loss_abs_diff_max"]),
+            "fp32_loss_step_to_step_mean": rounded(result["fp32_loss_step_to_step_mean"]), "eval": held_out,
+            "weights_moved_share": {k: rounded(v, 5) for k, v in result["weights_moved_share"].items()},
+            "final_weights_max_abs_diff": result["final_weights_max_abs_diff"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.analyze:
@@ -135,6 +154,12 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.results_dir:
+        import bench_report
+
+        path = bench_report.write_results(args.results_dir, "bf16 autocast vs fp32 training curve, SmolLM2-135M",
+                                          "precision-curve", results_metrics(result))
+        print(f"wrote {path}")
     return 0
 
 
