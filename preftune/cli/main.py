@@ -40,7 +40,7 @@ data formats (one JSON object per line, or Parquet / datasets folders with the s
 
 every flag is also accepted with underscores, as TRL spells it (--learning_rate = --learning-rate); --config
 also reads a YAML of TRL's DPOConfig names (per_device_train_batch_size, loss_type, bf16 ...), logs what it
-mapped and refuses what it cannot honour (README: Bring your TRL config).
+mapped and refuses what it cannot honour (docs/configuration.md: Bring your TRL config).
 """
 
 
@@ -139,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def flags_markdown() -> str:
-    """The README's table of every ``preftune train`` flag (kept in sync by a test)."""
+    """docs/reference/train-flags.md's table of every ``preftune train`` flag (kept in sync by a test)."""
     lines = ["| flag | default | what it does |", "|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

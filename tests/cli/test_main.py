@@ -61,13 +61,13 @@ def test_missing_data_file_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 
 def test_readme_documents_every_flag():
-    """The README's flag table is the one generated from TrainConfig (regenerate: python -c
+    """docs/reference/train-flags.md's flag table is the one generated from TrainConfig (regenerate: python -c
     'from preftune.cli.main import flags_markdown; print(flags_markdown())')."""
     from pathlib import Path
 
     from preftune.cli.main import flags_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "train-flags.md").read_text()
     assert flags_markdown() in readme
 
 

@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
 from preftune.data.collate import collate_padded
+from preftune.data.pipeline import mixed_label_batches
 from preftune.model.loading import load_tokenizer
 from preftune.model.logprobs import batch_logps
-from preftune.training.loop import mixed_label_batches, train
+from preftune.training.loop import train
 
 
 def cfg_for(tiny_model_dir, rule_data, out, **overrides) -> TrainConfig:
@@ -90,7 +91,7 @@ def test_sft_lowers_held_out_nll(tiny_model_dir, rule_data, tmp_path):
 
 
 def test_reference_free_methods_load_no_reference(tiny_model_dir, rule_data, tmp_path, monkeypatch):
-    import preftune.training.loop as train_module
+    import preftune.training.setup as train_module
 
     loads = []
     original = train_module.load_model
@@ -175,13 +176,13 @@ def test_every_row_is_complete():
 
 
 def test_readme_methods_table_is_the_table():
-    """The README's methods table is generated from the rows (regenerate: python -c
+    """docs/methods.md's methods table is generated from the rows (regenerate: python -c
     'from preftune.methods.table import markdown_table; print(markdown_table())')."""
     from pathlib import Path
 
     from preftune.methods.table import markdown_table
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
     assert markdown_table() in readme
 
 
