@@ -1,5 +1,5 @@
 """``preftune label serve | stats | export``: argument parsing only; the work is in
-:mod:`preftune.collect` (``server``, ``stats``, ``export``).
+:mod:`preftune.collect` (``server``, ``agreement``, ``export``).
 
 ``register(subparsers)`` adds the ``label`` command group to the main parser; every handler
 returns the process exit code.

@@ -166,6 +166,43 @@ def test_readme_indexes_every_docs_page():
     assert missing == []
 
 
+def undocumented_modules(architecture: str, package: Path) -> list[str]:
+    """Modules of ``package`` that no row of the architecture page names: a row names a module by its
+    path (``preftune/data/load.py``), by its folder (``preftune/methods/losses/``), or by its file name
+    on a line that also names its folder (``preftune/data/load.py``, ``report.py``)."""
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        folder = rel.rpartition("/")[0] + "/"
+        if path.name == "__init__.py" and path.parent != package:
+            continue  # a layer's __init__ says what the layer holds; the page names the layer
+        lines = [line for line in architecture.splitlines() if folder in line]
+        covered = rel in architecture or any(f"`{folder}`" in line or f"`{path.name}`" in line for line in lines)
+        if not covered:
+            missing.append(rel)
+    return missing
+
+
+def test_module_check_finds_a_planted_module(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "data" / "losses").mkdir(parents=True)
+    for name in ("__init__.py", "api.py", "data/__init__.py", "data/load.py", "data/report.py", "data/new.py",
+                 "data/losses/a.py"):
+        (package / name).write_text("")
+    page = ("| `pkg/__init__.py`, `api.py` | root |\n| `pkg/data/load.py`, `report.py` | data |\n"
+            "| `pkg/data/losses/` | losses |\n")
+    assert undocumented_modules(page, package) == ["pkg/data/new.py"]
+
+
+def test_architecture_names_every_module_and_the_layers():
+    """docs/ARCHITECTURE.md's module table and layer order match the package (add a row for a new module)."""
+    from tests.integration.test_layers import LAYERS
+
+    page = (DOCS / "ARCHITECTURE.md").read_text()
+    assert undocumented_modules(page, REPO / "preftune") == []
+    assert " < ".join(LAYERS) in " ".join(page.split())
+
+
 def test_help_carries_no_dates_hashes_or_sessions(monkeypatch):
     """``preftune --help`` and every sub-command's, nested ones included."""
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a date or a hash
