@@ -84,6 +84,15 @@ def test_results_page_is_generated_from_the_results():
     assert PAGE.read_text() == expected, "docs/results.md is stale: run python benchmarks/results_tables.py"
 
 
+@pytest.mark.parametrize("folder", RUN_FOLDERS, ids=lambda p: p.name)
+def test_every_result_renders_with_its_kind(folder):
+    """Older runs are listed, not tabled, so render each one here: a renderer must read every run of its kind."""
+    data = json.loads((folder / "results.json").read_text())
+    assert data["kind"] in tables.KINDS, f"unknown kind {data['kind']!r}: add a renderer to results_tables.KINDS"
+    parts = tables.KINDS[data["kind"]][2](data)
+    assert any("| hardware |" in part for part in parts)
+
+
 def test_results_page_is_deterministic():
     results = tables.load_results(RESULTS)
     assert tables.render(results) == tables.render(copy.deepcopy(results))
