@@ -1,7 +1,7 @@
 """One contender per fresh process: TRL's ``DPOTrainer`` or preftune's ``train``, timed per step.
 
 Each ``run_*`` function is called inside its own subprocess (see ``dpo_throughput.py --worker``),
-so the process's peak RSS (``preftune.model.memory_policy.peak_rss_mb``: Linux ``VmHWM``, which unlike
+so the process's peak RSS (``preftune.common.process.peak_rss_mb``: Linux ``VmHWM``, which unlike
 ``ru_maxrss`` does not start from the parent's size at the fork) is that contender's alone. They return a plain dict:
 
 * ``step_seconds``: wall time of every optimizer step, in order (step 1 is the warmup);
@@ -278,7 +278,7 @@ def _sync(device: str) -> None:
 
 def run(spec: dict) -> dict:
     """Entry point in the worker process: run ``spec["name"]`` and add its peak memory."""
-    from preftune.model.memory_policy import peak_rss_mb
+    from preftune.common.process import peak_rss_mb
 
     if spec["name"] == "matmul-peak":
         return run_matmul_peak(spec)

@@ -2,7 +2,7 @@
 
 Each configuration trains a few DPO-family steps in a fresh subprocess on the same randomly
 initialised Llama (default ~0.2B parameters, fp32, CPU) and reports that process's peak RSS
-(``preftune.model.memory_policy.peak_rss_mb``: Linux ``VmHWM``) and the time per step:
+(``preftune.common.process.peak_rss_mb``: Linux ``VmHWM``) and the time per step:
 
 * ``dpo``             full fine-tuning, reference = a frozen copy (two models in memory)
 * ``dpo-precompute``  full fine-tuning, reference log-probs precomputed, reference freed
@@ -71,7 +71,7 @@ def child(spec: dict) -> None:
     import torch
 
     from preftune.config.train_config import TrainConfig
-    from preftune.model.memory_policy import peak_rss_mb
+    from preftune.common.process import peak_rss_mb
     from preftune.training.loop import train
 
     torch.set_num_threads(spec.pop("threads"))

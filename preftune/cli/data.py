@@ -166,8 +166,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def cmd_check(args) -> int:
     from preftune.data.doctor import check_data
+    from preftune.model.loading import load_tokenizer_as_is
 
-    report = check_data(args.path, tokenizer=args.tokenizer, max_length=args.max_length,
+    tokenizer = load_tokenizer_as_is(args.tokenizer) if args.tokenizer is not None else None
+    report = check_data(args.path, tokenizer=tokenizer, max_length=args.max_length,
                         max_prompt_length=args.max_prompt_length, eval_path=args.eval_path)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     return report.exit_code

@@ -4,9 +4,10 @@
 
 from preftune.data.errors import DataError
 from preftune.data.formats import chosen_as_sft, pairs_to_unpaired, to_example
-from preftune.data.load import DataReport, load_dataset
+from preftune.data.load import load_dataset
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location, TokenizedExample
+from preftune.data.report import DataReport
 from preftune.data.tokenize import tokenize_example
 
 __all__ = [

@@ -37,10 +37,10 @@ from pathlib import Path
 from preftune.data.convert import detect_kind
 from preftune.data.errors import DataError
 from preftune.data.formats import ASSISTANT_MARKER, to_example
-from preftune.data.load import DataReport
 from preftune.data.messages import messages_text
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
+from preftune.data.report import DataReport
 from preftune.data.split import normalize_text, prompt_key
 from preftune.data.tokenize import tokenize_examples
 
@@ -151,21 +151,11 @@ def check_data(path: str | os.PathLike, tokenizer=None, max_length: int | None =
                max_prompt_length: int | None = None, eval_path: str | os.PathLike | None = None) -> DoctorReport:
     """Read all of ``path`` and report every problem (see the module docstring).
 
-    ``tokenizer`` (an object, or a folder / hub name to load) gives exact token lengths;
-    ``max_length`` / ``max_prompt_length`` count the pairs training would truncate or drop;
+    ``tokenizer`` (a loaded one, e.g. :func:`preftune.model.loading.load_tokenizer_as_is`) gives exact
+    token lengths; ``max_length`` / ``max_prompt_length`` count the pairs training would truncate or drop;
     ``eval_path`` checks for prompts shared with a held-out file. Raises :class:`DataError` only
     when ``path`` (or ``eval_path``) cannot be opened at all.
     """
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        from preftune.model.gguf import is_gguf, load_gguf_tokenizer
-
-        try:
-            tokenizer = (load_gguf_tokenizer(tokenizer) if is_gguf(tokenizer)
-                         else AutoTokenizer.from_pretrained(os.fspath(tokenizer)))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {err}") from None
     eval_prompts = _eval_prompts(eval_path) if eval_path is not None else None
     doctor = _Doctor(os.fspath(path), tokenizer, eval_prompts)
     doctor.read()

@@ -1,55 +1,26 @@
 """One call from a data source to tokenized examples, with a report of what happened on the way.
 
 ``load_dataset(source, tokenizer, kind)`` = ``read_rows`` -> ``to_example`` -> ``tokenize_examples``,
-counting every record that was bad, truncated or dropped (:class:`DataReport`).
+counting every record that was bad, truncated or dropped (:class:`preftune.data.report.DataReport`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 
 from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import KINDS, chosen_as_sft, is_pair_row, pairs_to_unpaired, to_example
+from preftune.data.order import attach_kl_partners
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location, TokenizedExample
+from preftune.data.report import DataReport
 from preftune.data.tokenize import tokenize_examples
 
+log = logging.getLogger("preftune")
+
 PROGRESS_BAR_MIN_EXAMPLES = 2000  # show a tokenization progress bar above this many examples
-
-
-@dataclass
-class DataReport:
-    """What :func:`load_dataset` did. For ``kind="pair"``:
-    ``rows_read == examples_kept + bad_records + dropped``.
-    """
-
-    source: str
-    kind: str
-    rows_read: int = 0  # records met in the source, bad ones included (up to ``limit``)
-    examples_kept: int = 0  # tokenized examples returned
-    bad_records: int = 0  # skipped with skip_bad_records=True
-    bad_record_samples: list[str] = field(default_factory=list)  # the first 5, "file:line: message"
-    truncated: int = 0  # kept examples with some tokens cut
-    dropped: int = 0  # examples whose completion truncation would have emptied
-    prompt_sources: dict[str, int] = field(default_factory=dict)  # kept examples by Example.prompt_source
-    template_mismatches: int = 0  # chat template rendered the prompt differently in the full conversation
-    boundary_merges: int = 0  # a BPE token crossed the prompt/completion boundary (handled exactly)
-
-    def summary(self) -> str:
-        """One line for the log (the source is not repeated), e.g. ``2312 rows -> 2308 pair examples
-        (implicit prompt 2308); 4 bad, 3 truncated, 0 dropped (...); first bad: hh.jsonl.gz:87: ...``.
-        """
-        sources = ", ".join(f"{name} prompt {count}" for name, count in sorted(self.prompt_sources.items()))
-        line = (f"{self.rows_read} rows -> {self.examples_kept} {self.kind} examples"
-                f"{f' ({sources})' if sources else ''}; {self.bad_records} bad, {self.truncated} truncated, "
-                f"{self.dropped} dropped (no room for a completion under max_length)")
-        if self.template_mismatches:
-            line += f"; {self.template_mismatches} chat-template prompt mismatches (completions cut after the common prefix)"
-        if self.bad_record_samples:
-            line += f"; first bad: {self.bad_record_samples[0]}"
-        return line
 
 
 def load_dataset(source: str | os.PathLike, tokenizer, kind: str = "pair", max_length: int | None = None,
@@ -107,3 +78,25 @@ def _convert(row: dict, location: Location, kind: str) -> list[Example]:
     if kind == "sft" and is_pair_row(row) and row.get("messages") is None:  # an explicit 'messages' wins
         return chosen_as_sft([to_example(row, location, "pair")])
     return [to_example(row, location, kind)]
+
+
+def read_examples(tokenizer, source: str, main: bool, *, kind: str, max_length: int | None = None,
+                  max_prompt_length: int | None = None, skip_bad_records: bool = False, limit: int | None = None,
+                  kl_partners: bool = False, seed: int = 0) -> tuple[list[TokenizedExample], DataReport]:
+    """Tokenized examples of ``source`` for a method reading ``kind``, with the report logged when
+    ``main`` (rank 0). ``kl_partners`` (KTO's KL reference point): each example also gets another
+    example's completion (:func:`~preftune.data.order.attach_kl_partners`, seeded by ``seed``).
+    Raises ValueError when no example is usable."""
+    examples, report = load_dataset(source, tokenizer, kind=kind, max_length=max_length,
+                                    max_prompt_length=max_prompt_length,
+                                    skip_bad_records=skip_bad_records, limit=limit)
+    if main:
+        log.info("%s: %s", source, report.summary())
+        if report.bad_records:
+            log.warning("%s: skipped %d bad record(s) (--skip-bad-records); first: %s", source, report.bad_records,
+                        "; ".join(report.bad_record_samples))
+    if not examples:
+        raise ValueError(f"{source}: no usable examples ({report.summary()})")
+    if kl_partners:
+        attach_kl_partners(examples, seed)
+    return examples, report

@@ -44,13 +44,10 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from preftune.data.errors import DataError
 from preftune.data.records import Example, TokenizedExample
-
-if TYPE_CHECKING:
-    from preftune.data.load import DataReport
+from preftune.data.report import DataReport
 
 CHARS_PER_TOKEN_BOUND = 32  # characters kept per token of max_length before tokenizing (English: ~4 per token)
 SAFETY_TOKENS = 16  # tokens the cut text must yield beyond those kept, else the record is tokenized whole
@@ -62,7 +59,7 @@ def tokenize_example(tokenizer, example: Example, index: int, max_length: int | 
     """Tokenize one :class:`Example`; ``None`` when truncation would empty a completion.
 
     ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs, ``[completion_ids]`` otherwise.
-    ``report`` (a :class:`~preftune.data.load.DataReport`) counts chat-template mismatches and
+    ``report`` (a :class:`~preftune.data.report.DataReport`) counts chat-template mismatches and
     boundary merges; without it a template mismatch is a ``UserWarning``. ``prefix_ids`` may pass
     a precomputed :func:`special_prefix_ids` (saves two encodes per call).
     Raises ``ValueError`` for bad lengths or a messages example with no chat template, and

@@ -35,7 +35,7 @@ from preftune.common.files import json_safe, write_atomic
 from preftune.config.train_config import TrainConfig
 from preftune.data.errors import DataError
 from preftune.data.formats import is_pair_row, to_example
-from preftune.data.pipeline import make_collate, model_row_cost, read_examples
+from preftune.data.load import read_examples
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
@@ -51,7 +51,7 @@ from preftune.evaluation.sampling import (
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import LogpOutput, batch_logps
-from preftune.model.packing import supports_packing
+from preftune.model.packing import make_collate, model_row_cost, supports_packing
 from preftune.model.precision import resolve_compute_dtype
 from preftune.training.reference import check_separate, examples_fingerprint, tokenizer_fingerprint
 
@@ -125,14 +125,16 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         check_separate(model, base)
     packing = packing and supports_packing(model)[0] and (base is None or supports_packing(base)[0])
     row_cost = model_row_cost(model)
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing, row_cost)
+    collate = make_collate(tokenizer.pad_token_id, packing, cfg.pack_tokens, cfg.train_on_prompt, row_cost)
     cache = BaseCache(base_cache, base) if base_cache is not None else None  # base_cache needs ref_model: checked
     # what the base's numbers depend on besides its weights and the inputs (BaseCache keys)
     layout = {"batch_size": batch_size, "packing": packing, "row_cost": row_cost,
               "logit_chunk_size": logit_chunk_size, "dtype": dtype, "compute_dtype": str(compute),
               "device": device.type}
 
-    pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
+    pairs, _ = read_examples(tokenizer, str(data), True, kind=cfg.kind, max_length=cfg.max_length,
+                             max_prompt_length=cfg.max_prompt_length, skip_bad_records=cfg.skip_bad_records,
+                             limit=cfg.max_examples, kl_partners=cfg.method.kl_partners, seed=cfg.seed)
     result = {"model": str(model_path), "reference": str(ref_model) if ref_model is not None else RAW_PREFERENCE,
               "data": str(data), "settings": {"beta": beta, "max_length": max_length,
                                               "max_prompt_length": max_prompt_length, "dtype": dtype}}
@@ -140,8 +142,12 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
     result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device, compute, cache, layout)
 
     sft_cfg = TrainConfig(**{**cfg.to_dict(), "loss": "sft"})
-    sft_examples, _ = read_examples(sft_cfg, tokenizer, str(nll_data or data), main=True)
-    result["nll"] = nll_metrics(model, base, sft_examples, make_collate(sft_cfg, tokenizer.pad_token_id, packing),
+    sft_examples, _ = read_examples(tokenizer, str(nll_data or data), True, kind=sft_cfg.kind,
+                                    max_length=sft_cfg.max_length, max_prompt_length=sft_cfg.max_prompt_length,
+                                    skip_bad_records=sft_cfg.skip_bad_records, limit=sft_cfg.max_examples,
+                                    kl_partners=sft_cfg.method.kl_partners, seed=sft_cfg.seed)
+    sft_collate = make_collate(tokenizer.pad_token_id, packing, sft_cfg.pack_tokens, sft_cfg.train_on_prompt)
+    result["nll"] = nll_metrics(model, base, sft_examples, sft_collate,
                                 cfg, device, compute, cache, layout)
     result["nll"]["data"] = str(nll_data) if nll_data else f"chosen responses of {data}"
 
@@ -174,8 +180,11 @@ def evaluate_reward_model(model_path, data, batch_size: int = 8, max_length: int
     tokenizer = load_tokenizer(str(model_path), trust_remote_code)
     model = load_model(str(model_path), dtype, trust_remote_code=trust_remote_code, head="reward").to(device).eval()
     packing = packing and supports_packing(model)[0]
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
-    pairs, _ = read_examples(cfg, tokenizer, str(data), main=True)
+    collate = make_collate(tokenizer.pad_token_id, packing, cfg.pack_tokens, cfg.train_on_prompt,
+                           model_row_cost(model))
+    pairs, _ = read_examples(tokenizer, str(data), True, kind=cfg.kind, max_length=cfg.max_length,
+                             max_prompt_length=cfg.max_prompt_length, skip_bad_records=cfg.skip_bad_records,
+                             limit=cfg.max_examples, kl_partners=cfg.method.kl_partners, seed=cfg.seed)
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 
 import torch
 
-from preftune.data.pipeline import scoring_collate
 from preftune.data.records import Example, TokenizedExample
 from preftune.data.tokenize import prompt_token_ids, render_prompt, special_prefix_ids, tokenize_example
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, check_lengths
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.model.logprobs import batch_logps
+from preftune.model.packing import scoring_collate
 from preftune.model.precision import autocast, resolve_compute_dtype
 
 # ----------------------------------------------------------------------------- tokens

@@ -163,7 +163,7 @@ def run_variant(spec: dict) -> dict:
     """Train one variant and evaluate it against the base; its ``done.json`` record."""
     import torch
 
-    from preftune.model.memory_policy import peak_rss_mb
+    from preftune.common.process import peak_rss_mb
     from preftune.training.loop import train
 
     cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from preftune.model.loading import _first_line, resolve_dtype
+from preftune.model.errors import first_line
+from preftune.model.precision import resolve_dtype
 
 log = logging.getLogger("preftune")
 
@@ -93,10 +94,10 @@ def load_gguf_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32
         loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch_dtype,
                                                       attn_implementation=attn, **_dequantize_kwargs())
     except ImportError as exc:
-        raise ValueError(f"could not load the GGUF model {file}: {_first_line(exc)} "
+        raise ValueError(f"could not load the GGUF model {file}: {first_line(exc)} "
                          "(GGUF support needs the 'gguf' package: pip install 'gguf>=0.10')") from None
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"could not load the GGUF model {file}: {_first_line(exc)}") from None
+        raise ValueError(f"could not load the GGUF model {file}: {first_line(exc)}") from None
 
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
@@ -118,7 +119,7 @@ def load_gguf_tokenizer(name: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ValueError(f"could not load the tokenizer from the GGUF file {file}: {_first_line(exc)}") from None
+        raise ValueError(f"could not load the tokenizer from the GGUF file {file}: {first_line(exc)}") from None
     return _drop_tokens_past_the_vocabulary(tokenizer)
 
 

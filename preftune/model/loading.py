@@ -19,25 +19,15 @@ from pathlib import Path
 
 import torch
 
+from preftune.model.errors import first_line
+from preftune.model.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
+from preftune.model.precision import resolve_dtype
+
 log = logging.getLogger("preftune")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str):
-    """``"float32"`` -> ``torch.float32`` (also bfloat16, float16); ``"auto"`` stays ``"auto"``."""
-    if name == "auto":
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {', '.join([*DTYPES, 'auto'])}")
-    return DTYPES[name]
-
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
-
-    from preftune.model.gguf import is_gguf, load_gguf_tokenizer
 
     if is_gguf(name):
         tokenizer = load_gguf_tokenizer(name)
@@ -46,12 +36,23 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"could not load the tokenizer from {name!r}: {_first_line(exc)}") from None
+            raise ValueError(f"could not load the tokenizer from {name!r}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token; add one to its folder")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer_as_is(name: str | os.PathLike):
+    """The tokenizer of a folder, hub name or GGUF file as it is (no pad token added): what the data
+    doctor measures lengths with. Raises ValueError naming ``name`` when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return load_gguf_tokenizer(name) if is_gguf(name) else AutoTokenizer.from_pretrained(os.fspath(name))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load tokenizer {os.fspath(name)!r}: {err}") from None
 
 
 def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = None,
@@ -70,8 +71,6 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
         return _load_reward_model(name, dtype, attn_implementation, trust_remote_code, load_in_4bit)
     if head != "lm":
         raise ValueError(f"unknown model head {head!r} (lm or reward)")
-
-    from preftune.model.gguf import is_gguf, load_gguf_model
 
     if is_gguf(name):
         if load_in_4bit:
@@ -98,7 +97,7 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
         hint = ""
         if not trust_remote_code and "trust_remote_code" in str(exc):
             hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"
-        raise ValueError(f"could not load the model from {name!r}: {_first_line(exc)}{hint}") from None
+        raise ValueError(f"could not load the model from {name!r}: {first_line(exc)}{hint}") from None
     except Exception as exc:  # a .bin pickle refused by weights_only, or torn (EOFError, torch's zip reader)
         weights = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
         if not weights or not (_refused_pickle(exc) or isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)):
@@ -134,7 +133,7 @@ def _load_reward_model(name, dtype, attn_implementation, trust_remote_code, load
             name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation or "sdpa", use_safetensors=any(Path(name).glob("*.safetensors")))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the reward model from {name!r}: {_first_line(exc)}") from None
+        raise ValueError(f"could not load the reward model from {name!r}: {first_line(exc)}") from None
     if model.config.num_labels != 1:
         raise ValueError(f"{name!r} has num_labels={model.config.num_labels}; a reward model has one (num_labels=1)")
     return model
@@ -156,7 +155,7 @@ def reward_model_from_causal_lm(lm):
                                                                                  None) or "sdpa")
     except ValueError as exc:
         raise ValueError(f"{type(lm).__name__} has no sequence-classification form for a reward model: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     body = getattr(model, model.base_model_prefix)
     body.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
     return model
@@ -206,8 +205,8 @@ def describe_unreadable(file: Path, exc: BaseException) -> str:
                 f"refuses to load: loading it could run code. Use files written by preftune or safetensors weights")
     size = file.stat().st_size if file.is_file() else 0
     if isinstance(exc, (EOFError, RuntimeError, OSError)) or "safetensor" in type(exc).__name__.lower():
-        return f"{file.name} is truncated or corrupt ({size_text(size)}; {_first_line(exc)[:120]})"
-    return f"{file.name}: {_first_line(exc)}"
+        return f"{file.name} is truncated or corrupt ({size_text(size)}; {first_line(exc)[:120]})"
+    return f"{file.name}: {first_line(exc)}"
 
 
 def add_lora(model, r: int, alpha: float, dropout: float, targets: str, seed: int = 0):
@@ -246,8 +245,3 @@ def _refused_pickle(exc: BaseException) -> bool:
     """torch.load(weights_only=True) refused the pickle (an ``UnpicklingError``; matched by name, so that
     this module never imports a pickle module)."""
     return any(cls.__name__ == "UnpicklingError" for cls in type(exc).__mro__)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,13 +11,10 @@ the layers). Under DDP/FSDP hand :class:`LogProbModel` (not the bare model) to t
 the wrapper's ``forward`` must run for gradients to be synchronised, and ``batch_logps``
 calls the body and head directly.
 
-Packed batches carry a (R, 1, L, L) bool mask; it reaches the attention layers unchanged
-because ``transformers.masking_utils`` returns a 4D mask as-is (so its "position ids
-restart => new sequence" detection never runs). It is converted per attention
-implementation: ``sdpa`` bool, ``eager`` additive float (0 / dtype min),
-``flex_attention`` a ``BlockMask``. Flash attention cannot take it; whether a model can is
-decided by a probe forward in :mod:`preftune.model.packing`. Sliding-window layers get the window folded into the mask,
-measured in position ids (= distance within the unpacked sequence).
+Packed batches take their attention mask from :mod:`preftune.model.masks` (converted for the
+attention implementation, sliding windows folded in); whether a model may run them was decided
+once, when the batch builder was made (:mod:`preftune.model.packing`). The model's parts (the
+causal LM inside a wrapper, its body, its text config) come from :mod:`preftune.model.anatomy`.
 """
 
 from __future__ import annotations
@@ -29,9 +26,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.data.batch import Batch
+from preftune.model.anatomy import CausalLMWrapper, body, causal_lm, no_split_modules, text_config
+from preftune.model.masks import packed_attention_mask
 from preftune.model.precision import autocast
 
-PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 # Softmax kept from forward to backward for a trained head, at most (beyond: recomputed).
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
@@ -208,122 +206,17 @@ def _module_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-# ----------------------------------------------------------------------------- model parts
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The ``transformers`` causal LM inside ``model`` (peft: with adapters injected)."""
-    if isinstance(model, LogProbModel):
-        model = model.model
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise ValueError("batch_logps got a DDP-wrapped model: wrap LogProbModel(model) with DDP instead, "
-                         "so that DDP's forward runs and gradients are synchronised")
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # peft.PeftModel
-        active = getattr(model, "active_peft_config", None)
-        if active is not None and getattr(active, "is_prompt_learning", False):
-            raise ValueError("prompt-learning adapters (prefix/prompt tuning) are not supported by batch_logps")
-        model = model.get_base_model()
-    return model
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _body(lm: nn.Module) -> nn.Module:
-    body = getattr(lm, "base_model", lm)
-    if body is lm and hasattr(lm, "get_decoder"):
-        body = lm.get_decoder()
-    if body is lm:
-        raise ValueError(f"cannot find the body (decoder) of {type(lm).__name__}")
-    return body
+# ----------------------------------------------------------------------------- log-probs
 
 
 def _needs_full_logits(lm: nn.Module) -> bool:
-    config = _text_config(lm)
+    config = text_config(lm)
     for name, neutral in _LOGIT_TRANSFORMS.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             return True
     return lm.get_output_embeddings() is None
 
-
-def _sliding_layout(config) -> tuple[int | None, list[str] | None]:
-    """(window, layer types) of the sliding-window layers; (None, None) without any."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
-    layer_types = getattr(config, "layer_types", None)
-    if window is None:
-        return None, None
-    if layer_types is None:
-        return window, None  # every layer slides (Mistral)
-    if "sliding_attention" not in layer_types:
-        return None, None
-    return window, list(layer_types)
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def _convert_mask(mask: torch.Tensor, impl: str, dtype: torch.dtype):
-    """(R, 1, L, L) bool (True = attend) -> what ``impl`` takes."""
-    if impl == "sdpa":
-        return mask
-    if impl == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    if impl == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        dense = mask[:, 0]
-        rows, length = dense.shape[0], dense.shape[-1]
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return dense[b, q_idx, kv_idx]
-
-        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
-    raise ValueError(f"attention {impl!r} cannot take a packed batch; use padded batches")
-
-
-def packed_attention_mask(model: nn.Module, batch: Batch):
-    """The packed batch's mask in the form ``model``'s attention takes (see :func:`build_packed_mask`),
-    after checking that ``model`` can run packed batches at all (a cached probe after the first batch)."""
-    from preftune.model.packing import supports_packing  # not at the top: packing_check imports this module
-
-    lm = _causal_lm(model)
-    ok, why = supports_packing(lm, max_length=int(batch.position_ids.max()) + 1)  # longest unpacked sequence
-    if not ok:
-        raise ValueError(f"cannot run a packed batch: {why}")
-    return build_packed_mask(lm, batch)
-
-
-def build_packed_mask(model: nn.Module, batch: Batch, layer_dict: bool = False):
-    """The packed batch's (R, 1, L, L) bool mask in the form ``model``'s attention takes; unchecked.
-
-    No ``supports_packing`` check (:func:`packed_attention_mask` makes it): sliding-window
-    layers get the window folded in (measured in position ids); a model mixing full and
-    sliding layers gets a dict per layer type when the window bites, or always with
-    ``layer_dict`` (the packing probe: does the body take one?).
-    """
-    lm = _causal_lm(model)
-    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
-    dtype = lm.get_input_embeddings().weight.dtype
-    mask = batch.attention_mask
-    window, layer_types = _sliding_layout(_text_config(lm))
-    mixed = layer_types is not None and "full_attention" in layer_types
-    bites = window is not None and int(batch.position_ids.max()) + 1 > window  # longest sequence > window
-    sliding = mask
-    if bites:
-        pos = batch.position_ids
-        sliding = mask & ((pos[:, :, None] - pos[:, None, :]) < window).unsqueeze(1)  # q - kv < window
-    if mixed and (bites or layer_dict):
-        return {"full_attention": _convert_mask(mask, impl, dtype),
-                "sliding_attention": _convert_mask(sliding, impl, dtype)}
-    return _convert_mask(sliding, impl, dtype)
-
-
-# ----------------------------------------------------------------------------- log-probs
 
 
 @torch.no_grad()
@@ -358,7 +251,7 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
     the returned log-probs are fp32 either way, and the weights keep their own dtype.
     ``with_log_sum_sq``: also ``token_log_sum_sq`` (:func:`head_log_sum_sq`, for WPO).
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     log_sum_sq = None
     attention_mask = packed_attention_mask(lm, batch) if batch.packed else batch.attention_mask
     inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=batch.position_ids,
@@ -375,7 +268,7 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
             log_sum_sq = torch.logsumexp(2 * logits.detach().float().log_softmax(-1), dim=-1)
     else:
         with autocast(device_type, compute_dtype):
-            out = _body(lm)(**inputs)
+            out = body(lm)(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
         hidden = hidden[rows, cols]  # (N, H)
         head = lm.get_output_embeddings()
@@ -397,7 +290,7 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
 
 def is_reward_model(model: nn.Module) -> bool:
     """True for a one-logit sequence-classification model (a reward model), peft-wrapped or not."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     return (type(lm).__name__.endswith("ForSequenceClassification")
             and getattr(lm.config, "num_labels", None) == 1)
 
@@ -408,7 +301,7 @@ def _batch_rewards(lm: nn.Module, batch: Batch, inputs: dict, compute_dtype) -> 
     the sequence's prompt and completion only, in the padded and the packed layout alike. As
     ``AutoModelForSequenceClassification`` scores the last non-pad token of an unpacked row."""
     with autocast(batch.input_ids.device.type, compute_dtype):
-        out = _body(lm)(**inputs)
+        out = body(lm)(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
     S, L = batch.num_sequences, batch.input_ids.shape[1]
     # Each target token t sits one column after its predicting state: (row, col + 1).
@@ -427,14 +320,7 @@ def _batch_rewards(lm: nn.Module, batch: Batch, inputs: dict, compute_dtype) -> 
     return LogpOutput(logps=zeros, counts=counts, token_logps=zeros.new_zeros(0), rewards=rewards[:, 0].float())
 
 
-def _no_split_modules(model: nn.Module) -> list[str] | None:
-    """The transformer layer class names of ``model``, or ``None`` (a peft wrapper forwards the
-    attribute to the model it wraps)."""
-    names = getattr(model, "_no_split_modules", None)
-    return list(names) if names else None
-
-
-class LogProbModel(nn.Module):
+class LogProbModel(CausalLMWrapper):
     """``batch_logps`` as a module, to be wrapped by DDP / FSDP / ``accelerator.prepare``.
 
     ``forward(batch) -> LogpOutput``; its parameters are the model's.
@@ -450,7 +336,7 @@ class LogProbModel(nn.Module):
         self.compute_dtype = compute_dtype  # mixed precision: matmul dtype (None = the weights' dtype)
         # FSDP's transformer auto-wrap reads the layer class names from the module it is given;
         # without them it would shard the whole model as one unit (gathered all at once).
-        self._no_split_modules = _no_split_modules(model)
+        self._no_split_modules = no_split_modules(model)
 
     def forward(self, batch: Batch) -> LogpOutput:
         return batch_logps(self.model, batch, self.chunk_size, self.cache_bytes, self.compute_dtype,

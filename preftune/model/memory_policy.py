@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 import torch
+
+from preftune.model.anatomy import text_config
+from preftune.model.logprobs import DEFAULT_CACHE_BYTES
 
 log = logging.getLogger("preftune")
 
@@ -120,8 +122,6 @@ def plan_memory(cfg, model, examples, batches: list[list[int]], packing: bool, d
     ``state_bytes``: :func:`training_state_bytes` of the policy and reference (None: the budget is
     a quarter of the available memory alone).
     """
-    from preftune.model.logprobs import DEFAULT_CACHE_BYTES, _text_config
-
     weights_dtype = next(model.parameters()).dtype
     per_token = activation_bytes_per_token(model.config, compute_dtype, weights_dtype)
     # A global batch is cut into per-rank slices of batch_size: the longest slice is at most its first batch_size.
@@ -152,7 +152,7 @@ def plan_memory(cfg, model, examples, batches: list[list[int]], packing: bool, d
     # Forced off: the user chose speed over memory, so the head keeps its full cache too.
     cache = (DEFAULT_CACHE_BYTES if budget is None or mode == "off"
              else int(min(DEFAULT_CACHE_BYTES, max(0.0, budget - kept))))
-    vocab = getattr(_text_config(model), "vocab_size", 0)
+    vocab = getattr(text_config(model), "vocab_size", 0)
     softmax = most_head * vocab * (compute_dtype or weights_dtype).itemsize
     if softmax > cache:
         why += (f"; the head's softmax ({most_head} completion tokens x {vocab} = {softmax / GIB:.2f} GiB) "
@@ -194,27 +194,3 @@ def enable_checkpointing(model, every_n_layers: int) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set size so far in MiB (None where neither source exists: Windows).
-
-    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own memory map.
-    Not ``getrusage``'s ``ru_maxrss``: a child started with fork + exec inherits the parent's resident
-    size at the fork as its starting maximum (measured: a child of a 600 MiB parent reads 613 MiB
-    there, 13 MiB in VmHWM), so a sweep's isolated variant, or a benchmark's fresh process, started
-    from a process holding models would report the parent's memory. Elsewhere (macOS): ``ru_maxrss``.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

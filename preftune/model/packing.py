@@ -9,18 +9,20 @@ per-token log-probs must agree. Two groups, each a short prompt with two complet
 tokens packed into one row of 24, four padded rows of 9: cheap even for a large model.
 
 The verdict is cached on the causal LM (attribute ``_preftune_packing``), keyed by what it
-depends on (attention implementation, sliding window, layer types), because
-``packed_attention_mask`` asks on every batch. A model mixing full and sliding-window layers
-is probed in both mask forms at once: the per-layer-type dict (needed once a sequence is
-longer than the window) and one plain mask for all layers (enough while every sequence fits).
+depends on (attention implementation, sliding window, layer types), and the latest decision
+is recorded there too (:func:`preftune.model.masks.record_packing_decision`), so that a packed
+batch reaching a refused model raises instead of running wrong; nothing is probed per batch. A
+model mixing full and sliding-window layers is probed in both mask forms at once: the
+per-layer-type dict (needed once a sequence is longer than the window) and one plain mask for
+all layers (enough while every sequence fits).
 
 What a short probe cannot see: masking a body adds by *column* beyond the probe's 24-column
 row (GPT-Neo's ``local`` layers, window 256); such layer types are refused from the config.
 
-Wiring: this module imports ``preftune.model.logprobs``; ``logprobs.packed_attention_mask`` imports
-:func:`supports_packing` inside the function (no import cycle). The probe hands ``batch_logps``
-a batch whose mask is already in the attention's form, so the probe never re-enters
-``packed_attention_mask`` (no recursion).
+Packing is decided once, where the batch builder is made: :func:`make_collate` (given the
+decision) and :func:`scoring_collate` (deciding it) build the collate function from plain
+values. The probe hands ``batch_logps`` a batch whose mask is already in the attention's form,
+so the probe never reads the recorded decision it is making.
 """
 
 from __future__ import annotations
@@ -29,21 +31,16 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+from functools import partial
 
 import torch
 from torch import nn
 
-from preftune.data.collate import collate_packed, collate_padded
+from preftune.data.collate import attention_cost, collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.model.logprobs import (
-    PACKING_ATTENTION,
-    _body,
-    _causal_lm,
-    _sliding_layout,
-    _text_config,
-    batch_logps,
-    build_packed_mask,
-)
+from preftune.model.anatomy import attention_implementation, body, causal_lm, sliding_layout, text_config
+from preftune.model.logprobs import batch_logps
+from preftune.model.masks import PACKING_ATTENTION, REFUSAL_ATTR, build_packed_mask, record_packing_decision
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +63,20 @@ def supports_packing(model: nn.Module, max_length: int | None = None) -> tuple[b
     mixing full and sliding-window layers the per-layer-type mask dict must pass, unless
     ``max_length`` (the longest sequence) fits in the window. Callers fall back to padding.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
+    ok, why = _verdict(model, lm, max_length)
+    record_packing_decision(lm, ok, why)  # what packed_attention_mask checks: no probe per batch
+    return ok, why
+
+
+def _verdict(model: nn.Module, lm: nn.Module, max_length: int | None) -> tuple[bool, str]:
+    """:func:`supports_packing`'s answer: the static refusal, or the (cached) probe's verdict."""
     refusal = _static_refusal(lm)
     if refusal:
         return False, refusal
-    window, layer_types = _sliding_layout(_text_config(lm))
+    window, layer_types = sliding_layout(text_config(lm))
     mixed = layer_types is not None and "full_attention" in layer_types
-    key = (_impl(lm), window, tuple(layer_types) if layer_types else None)
+    key = (attention_implementation(lm), window, tuple(layer_types) if layer_types else None)
     verdicts = lm.__dict__.setdefault(_CACHE_ATTR, {})
     if key not in verdicts:
         verdicts[key] = _probe(model, lm, mixed, window)
@@ -95,20 +99,22 @@ def probe_tolerance(dtype: torch.dtype) -> float:
 
 
 def forget_packing_verdict(model: nn.Module) -> None:
-    """Drop the cached verdicts (after changing a model's layers in place)."""
-    _causal_lm(model).__dict__.pop(_CACHE_ATTR, None)
+    """Drop the cached verdicts and the recorded decision (after changing a model's layers in place)."""
+    lm = causal_lm(model)
+    lm.__dict__.pop(_CACHE_ATTR, None)
+    lm.__dict__.pop(REFUSAL_ATTR, None)
 
 
 def _static_refusal(lm: nn.Module) -> str:
     """Why the configuration alone rules packing out, or ''."""
-    impl = _impl(lm)
+    impl = attention_implementation(lm)
     if impl not in PACKING_ATTENTION:
         return (f"attention {impl!r} cannot take a custom attention mask; prefix-shared packing "
                 f"needs one of {', '.join(PACKING_ATTENTION)}")
-    body = _body(lm)
-    if "position_ids" not in inspect.signature(body.forward).parameters:
-        return f"{type(body).__name__}.forward takes no position_ids"
-    config = _text_config(lm)
+    decoder = body(lm)
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return f"{type(decoder).__name__}.forward takes no position_ids"
+    config = text_config(lm)
     # ``attention_layers``: GPT-Neo's layer types; its "local" layers window by column, not position.
     layer_types = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
     unknown = set(layer_types) - _KNOWN_LAYER_TYPES
@@ -116,6 +122,44 @@ def _static_refusal(lm: nn.Module) -> str:
         return (f"layer types {sorted(unknown)} are not supported by packing (only full and sliding-window "
                 "attention, whose window is folded into the packed mask)")
     return ""
+
+
+# ----------------------------------------------------------------------------- batch builders
+
+
+def packing_decision(*models: nn.Module | None) -> tuple[bool, str]:
+    """(True, why) if every model of ``models`` (None skipped: no reference model) can run packed
+    batches, else (False, the first refusal): one decision for every model the batches reach."""
+    verdicts = [supports_packing(model) for model in models if model is not None]
+    refused = [verdict for verdict in verdicts if not verdict[0]]
+    return refused[0] if refused else verdicts[0]
+
+
+def model_row_cost(model: nn.Module) -> float | None:
+    """:func:`~preftune.data.collate.attention_cost` of ``model``'s text config (None when it names no
+    hidden size): what lets packed rows take several groups where that is cheaper than padding."""
+    config = text_config(model)
+    hidden = getattr(config, "hidden_size", None)
+    return attention_cost(hidden, getattr(config, "intermediate_size", None)) if hidden else None
+
+
+def make_collate(pad_id: int, packing: bool, pack_tokens: int | None = None, train_on_prompt: bool = False,
+                 row_cost: float | None = None):
+    """The batch builder, packed when ``packing`` (decided by :func:`supports_packing` /
+    :func:`packing_decision`), else padded; ``row_cost`` (:func:`model_row_cost`) lets packed rows
+    take several groups where that is cheaper than padding."""
+    if packing:
+        return partial(collate_packed, pad_id=pad_id, pack_tokens=pack_tokens,
+                       train_on_prompt=train_on_prompt, row_cost=row_cost)
+    return partial(collate_padded, pad_id=pad_id, train_on_prompt=train_on_prompt)
+
+
+def scoring_collate(model: nn.Module, pad_id: int, packing: bool = True):
+    """The batch builder for scoring (generation, KL): packed when ``packing`` and ``model`` can run
+    packed batches (:func:`supports_packing`, decided here once), else padded; no prompt tokens scored."""
+    if not (packing and supports_packing(model)[0]):
+        return partial(collate_padded, pad_id=pad_id)
+    return partial(collate_packed, pad_id=pad_id, row_cost=model_row_cost(model))
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -138,7 +182,7 @@ def _probe_form(model: nn.Module, lm: nn.Module, longest: int, layer_dict: bool)
     embeddings = lm.get_input_embeddings()
     device, dtype = embeddings.weight.device, embeddings.weight.dtype
     examples = _probe_examples(lm, longest)
-    name = type(_body(lm)).__name__
+    name = type(body(lm)).__name__
     form = " with the per-layer-type mask dict" if layer_dict else ""
     try:
         padded = batch_logps(model, collate_padded(examples, pad_id=0).to(device))
@@ -160,7 +204,8 @@ def _probe_form(model: nn.Module, lm: nn.Module, longest: int, layer_dict: bool)
         return False, f"packed probe forward of {name}{form} gave non-finite log-probs"
     diff = float((values - expected).abs().max())
     tolerance = probe_tolerance(dtype)
-    numbers = f"max |diff| {diff:.1e}, tolerance {tolerance:.2g} for {str(dtype).removeprefix('torch.')} {_impl(lm)}"
+    precision = f"{str(dtype).removeprefix('torch.')} {attention_implementation(lm)}"
+    numbers = f"max |diff| {diff:.1e}, tolerance {tolerance:.2g} for {precision}"
     if diff <= tolerance:
         return True, f"packed probe forward{form} matched separate forwards ({numbers})"
     return False, (f"packed probe forward of {name}{form} differs from separate forwards ({numbers}): "
@@ -170,7 +215,7 @@ def _probe_form(model: nn.Module, lm: nn.Module, longest: int, layer_dict: bool)
 def _probe_examples(lm: nn.Module, longest: int) -> list[TokenizedExample]:
     """The probe's two groups: seeded random token ids within the vocabulary (no pad / BOS /
     EOS ids), no sequence longer than ``longest`` (>= 2) tokens."""
-    config = _text_config(lm)
+    config = text_config(lm)
     vocab = min(lm.get_input_embeddings().num_embeddings, getattr(config, "vocab_size", None) or 2**31)
     special = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
     allowed = torch.tensor([i for i in range(min(vocab, 4096)) if i not in special] or [0])
@@ -197,10 +242,6 @@ def _eval_mode(lm: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _impl(lm: nn.Module) -> str:
-    return getattr(lm.config, "_attn_implementation", None) or "eager"
 
 
 def _first_line(error: Exception) -> str:

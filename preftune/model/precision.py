@@ -20,10 +20,21 @@ from pathlib import Path
 
 import torch
 
-from preftune.config.train_config import MIXED_PRECISION
-
+# --mixed-precision choices (the config's field takes them from here).
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# --dtype / --ref-dtype names of the weights' dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_dtype(name: str):
+    """``"float32"`` -> ``torch.float32`` (also bfloat16, float16); ``"auto"`` stays ``"auto"``."""
+    if name == "auto":
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join([*DTYPES, 'auto'])}")
+    return DTYPES[name]
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:

@@ -27,17 +27,15 @@ import torch
 
 from preftune.common.files import write_atomic
 from preftune.config.train_config import TrainConfig
-from preftune.data.collate import batch_indices
-
-# the data path the loop and evaluation share (make_collate stays reachable here: benchmarks wrap it)
-from preftune.data.pipeline import balanced_split, make_collate, mixed_label_batches, model_row_cost, read_examples  # noqa: F401
+from preftune.data.load import read_examples
+from preftune.data.order import balanced_split, batch_indices, mixed_label_batches
 from preftune.methods.losses import kto_weight_warning
 from preftune.methods.objective import compute_objective
-from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer, resolve_dtype
+from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer
 from preftune.model.logprobs import LogProbModel
 from preftune.model.memory_policy import enable_checkpointing, plan_memory, training_state_bytes
-from preftune.model.packing import supports_packing
-from preftune.model.precision import check_trainable_dtype, compute_dtype, resolve_mixed_precision
+from preftune.model.packing import make_collate, model_row_cost, packing_decision  # make_collate: benchmarks wrap it
+from preftune.model.precision import check_trainable_dtype, compute_dtype, resolve_dtype, resolve_mixed_precision
 from preftune.training import checkpoint as ckpt
 from preftune.training.divergence import StepGuard, TrainingDiverged, weights_norm  # noqa: F401 (TrainingDiverged: raised by the loop)
 from preftune.training.reference import (
@@ -119,9 +117,12 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    train_examples, train_report = read_examples(cfg, tokenizer, cfg.data, main)
+    reading = dict(kind=cfg.kind, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                   skip_bad_records=cfg.skip_bad_records, limit=cfg.max_examples, kl_partners=cfg.method.kl_partners,
+                   seed=cfg.seed)
+    train_examples, train_report = read_examples(tokenizer, cfg.data, main, **reading)
     run.set_data(examples_fingerprint(train_examples), cfg.data)  # a resumed checkpoint must have seen this data
-    eval_examples = read_examples(cfg, tokenizer, cfg.eval_data, main)[0] if cfg.eval_data else []
+    eval_examples = read_examples(tokenizer, cfg.eval_data, main, **reading)[0] if cfg.eval_data else []
     if "desirable_weight" in cfg.method.fields and main:  # class balance of thumbs-up/down data
         n_pos = sum(1 for e in train_examples if e.label)
         warning = kto_weight_warning(n_pos, len(train_examples) - n_pos, cfg.desirable_weight, cfg.undesirable_weight)
@@ -157,13 +158,13 @@ def _train(cfg: TrainConfig, run: RunFolder) -> TrainResult:
 
     packing = cfg.packing
     if packing:
-        ok, reason = supports_packing(model)
+        ok, reason = packing_decision(model, reference_model)  # every model the packed batches reach
         if ok:
             log.info("packing on: %s", reason)
         else:
             log.warning("packing off: %s; using padded batches", reason)
             packing = False
-    collate = make_collate(cfg, tokenizer.pad_token_id, packing, model_row_cost(model))
+    collate = make_collate(tokenizer.pad_token_id, packing, cfg.pack_tokens, cfg.train_on_prompt, model_row_cost(model))
 
     reference = None
     if cfg.needs_reference:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from preftune.data import DataError, load_dataset, tokenize_example
-from preftune.data.load import DataReport
 from preftune.data.records import Example, Location
+from preftune.data.report import DataReport
 from preftune.data.tokenize import special_prefix_ids
 from preftune.model.tiny import CHAT_TEMPLATE, train_tokenizer
 

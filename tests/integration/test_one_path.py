@@ -15,7 +15,7 @@ import torch
 
 import preftune.model.packing as packing_check
 from preftune.data.collate import collate_packed, collate_padded
-from preftune.data.load import DataReport
+from preftune.data.report import DataReport
 from preftune.data.records import Example
 from preftune.data.tokenize import render_prompt, tokenize_examples
 from preftune.evaluation.sampling import completion_logps, estimate_kl, sample_token_ids, sequence_logps

@@ -560,7 +560,7 @@ def test_a_huge_record_is_cut_before_tokenizing_and_gives_the_same_ids(tiny_toke
 
 def test_the_batched_path_bounds_huge_records_too(tiny_tokenizer, monkeypatch):
     from preftune.data import tokenize
-    from preftune.data.load import DataReport
+    from preftune.data.report import DataReport
     from preftune.data.records import Example
 
     words = " ".join(["kind calm clear gentle honest warm bright fair"] * 40)

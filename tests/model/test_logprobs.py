@@ -14,12 +14,8 @@ from torch import nn
 
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.model.logprobs import (
-    LogProbModel,
-    batch_logps,
-    chunked_target_logps,
-    packed_attention_mask,
-)
+from preftune.model.logprobs import LogProbModel, batch_logps, chunked_target_logps
+from preftune.model.masks import packed_attention_mask
 from preftune.model.packing import supports_packing
 from preftune.model.tiny import tiny_model
 

@@ -13,9 +13,10 @@ import torch
 from training.test_loop import read_metrics, rule_config
 from transformers import LlamaConfig
 
+from preftune.common.process import peak_rss_mb
 from preftune.config.train_config import TrainConfig
 from preftune.data.records import TokenizedExample
-from preftune.model.memory_policy import activation_bytes_per_token, peak_rss_mb, plan_memory
+from preftune.model.memory_policy import activation_bytes_per_token, plan_memory
 from preftune.model.tiny import tiny_model
 from preftune.training.loop import train
 
@@ -131,7 +132,7 @@ def test_peak_rss_of_a_child_is_its_own_not_the_parents():
     held = b"\x01" * (1024 * 2**20)  # resident: every page written
     parent = peak_rss_mb()
     assert parent >= 1024
-    code = "from preftune.model.memory_policy import peak_rss_mb; print(peak_rss_mb())"
+    code = "from preftune.common.process import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
                                  ).stdout.strip())

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig, Llama
 from preftune.data.collate import collate_packed
 from preftune.data.records import TokenizedExample
 from preftune.model import packing as packing_check
-from preftune.model.logprobs import build_packed_mask, packed_attention_mask
+from preftune.model.masks import build_packed_mask, packed_attention_mask
 from preftune.model.packing import forget_packing_verdict, probe_tolerance, supports_packing
 from preftune.model.tiny import tiny_model
 
