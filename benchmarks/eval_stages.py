@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     ev = importlib.import_module("preftune.evaluation.evaluate")
-    judges = importlib.import_module("preftune.evaluation.judges.base")
+    judges = importlib.import_module("preftune.evaluation.judges.reward_model")
     seconds: dict[str, float] = defaultdict(float)
 
     def timed(owner, name):

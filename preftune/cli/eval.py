@@ -183,7 +183,7 @@ def cmd_generate(args) -> int:
 
 
 def _write_candidates(args, prompts) -> int:
-    from preftune.evaluation.sampling import onpolicy_candidates
+    from preftune.evaluation.pairs import onpolicy_candidates
 
     records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,

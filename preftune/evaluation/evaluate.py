@@ -38,16 +38,12 @@ from preftune.data.formats import is_pair_row, to_example
 from preftune.data.load import read_examples
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
-from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, make_judge, prompt_text
+from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
+from preftune.evaluation.judges.registry import make_judge
 from preftune.evaluation.metrics import kl_from_samples, wilson_interval
-from preftune.evaluation.sampling import (
-    best_vs_worst_pairs,
-    completion_logps,
-    estimate_kl,
-    sample,
-    sample_from_path,
-    sample_token_ids,
-)
+from preftune.evaluation.pairs import best_vs_worst_pairs
+from preftune.evaluation.sampling import estimate_kl, sample, sample_from_path, sample_token_ids
+from preftune.evaluation.scoring import completion_logps
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import LogpOutput, batch_logps
@@ -76,7 +72,7 @@ def evaluate_model(model_path: str | os.PathLike, data: str | os.PathLike, ref_m
         nll_data: an SFT file for the NLL regression check (default: the chosen side of ``data``).
         generate: sample one response to each of the first N prompts of ``data`` from model and
             base; estimate KL(model || base) and, with ``judge``, the model's win rate. Needs ``ref_model``.
-        judge: a :func:`preftune.evaluation.judges.base.make_judge` spec or a Judge.
+        judge: a :func:`preftune.evaluation.judges.registry.make_judge` spec or a Judge.
         kl_samples: samples per prompt for the KL estimate (always drawn at temperature 1, top-p 1).
         beta: scale of the implicit reward (accuracy does not depend on it; margins and loss do).
         mixed_precision: ``no``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device runs it fast), as
@@ -465,7 +461,7 @@ def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], jud
     """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
 
     Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
-    ``preftune train`` reads (:func:`preftune.evaluation.sampling.best_vs_worst_pairs`); ``counts`` has
+    ``preftune train`` reads (:func:`preftune.evaluation.pairs.best_vs_worst_pairs`); ``counts`` has
     ``prompts``, ``pairs``, ``skipped_ties`` (every sample of the prompt tied) and
     ``skipped_empty`` (the best or worst sample was empty text, which training refuses).
     """

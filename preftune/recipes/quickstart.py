@@ -118,8 +118,8 @@ def run_quickstart(cfg: QuickstartConfig, echo=print) -> QuickstartResult:
 
 
 def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
-    from preftune.evaluation.judges.base import PythonJudge
-    from preftune.evaluation.sampling import best_vs_worst_pairs
+    from preftune.evaluation.judges.python import PythonJudge
+    from preftune.evaluation.pairs import best_vs_worst_pairs
 
     out = prepare_output_dir(Path(cfg.output_dir))
     judge = PythonJudge(world.sentiment_score, spec=JUDGE_SPEC)

@@ -424,8 +424,8 @@ def film_prompt(title: str) -> list[dict]:
 def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """Training pairs (best vs worst of each film's samples) and held-out pairs, from the base's samples."""
     from preftune.data.convert import write_rows
-    from preftune.evaluation.judges.base import make_judge
-    from preftune.evaluation.sampling import best_vs_worst_pairs
+    from preftune.evaluation.judges.registry import make_judge
+    from preftune.evaluation.pairs import best_vs_worst_pairs
     from preftune.model.loading import load_model, load_tokenizer
     from preftune.recipes.quickstart_world import film_titles
 

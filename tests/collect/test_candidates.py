@@ -9,8 +9,8 @@ import torch
 
 from preftune.cli.main import main
 from preftune.collect.candidates import read_tasks
-from preftune.evaluation.judges.base import make_judge
-from preftune.evaluation.sampling import candidate_records
+from preftune.evaluation.judges.registry import make_judge
+from preftune.evaluation.pairs import candidate_records
 
 
 @pytest.fixture(autouse=True)

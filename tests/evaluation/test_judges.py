@@ -10,8 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from preftune.evaluation.judges.base import CompareResult, JudgeError, PythonJudge, RewardModelJudge, make_judge
+from preftune.evaluation.judges.base import CompareResult, JudgeError
 from preftune.evaluation.judges.openai import OpenAIJudge, parse_verdict
+from preftune.evaluation.judges.python import PythonJudge
+from preftune.evaluation.judges.registry import JUDGES, make_judge
+from preftune.evaluation.judges.reward_model import RewardModelJudge
 from preftune.model.tiny import tiny_config
 
 # ----------------------------------------------------------------------------- python:
@@ -87,6 +90,26 @@ def test_unknown_spec_lists_every_form():
     with pytest.raises(ValueError) as info:
         make_judge("nope")
     assert all(form in str(info.value) for form in ("python:", "reward-model:", "openai:"))
+
+
+@pytest.mark.parametrize("spec, kind", [("reward_model:./rm", "reward-model:"), ("pyhton:m:f", "python:"),
+                                        ("open-ai:http://x/v1#m", "openai:")])
+def test_misspelt_kind_suggests_the_known_one(spec, kind):
+    with pytest.raises(ValueError, match=re.escape(f"did you mean {kind!r}?")) as info:
+        make_judge(spec)
+    assert all(form in str(info.value) for form in ("python:", "reward-model:", "openai:"))
+
+
+def test_registry_maps_each_kind_to_its_class_and_form():
+    assert JUDGES == {"python": PythonJudge, "reward-model": RewardModelJudge, "openai": OpenAIJudge}
+    assert all(cls.spec_form.startswith(kind + ":") for kind, cls in JUDGES.items())
+    assert "did you mean" not in _spec_error("nope")  # nothing close: the forms only
+
+
+def _spec_error(spec: str) -> str:
+    with pytest.raises(ValueError) as info:
+        make_judge(spec)
+    return str(info.value)
 
 
 def test_lengths_must_match(length_module):

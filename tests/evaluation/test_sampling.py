@@ -1,4 +1,4 @@
-"""Sampling, completion log-probs, KL to a base model and on-policy pairs, on a tiny Llama."""
+"""Sampling and the Monte-Carlo KL to a base model, on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from preftune.evaluation.judges.base import CompareResult, Judge, make_judge
-from preftune.evaluation.sampling import best_vs_worst_pairs, estimate_kl, sample, sample_token_ids, sequence_logps
+from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
 from preftune.model.tiny import tiny_model
 
 PROMPTS = ["Human: Tell me about the river.", "Human: Name a colour.\n\nAssistant:", "Hi"]
@@ -111,34 +110,6 @@ def test_bad_sampling_arguments(model, tiny_tokenizer):
         sample(model, tiny_tokenizer, PROMPTS, n=0)
 
 
-# ----------------------------------------------------------------------------- sequence_logps
-
-
-def test_sequence_logps_matches_a_manual_forward(model, tiny_tokenizer):
-    """Sum over completion tokens of log_softmax(logits[t - 1])[token t], from one unpadded forward."""
-    prompt, completion = "Human: Name a colour.\n\nAssistant:", " blue and black"
-    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
-    joint_ids = tiny_tokenizer(prompt + completion)["input_ids"]
-    assert joint_ids[:len(prompt_ids)] == prompt_ids
-    with torch.no_grad():
-        logps = model(torch.tensor([joint_ids])).logits[0].log_softmax(-1)  # (L, V)
-    expected = sum(logps[t - 1, joint_ids[t]].item() for t in range(len(prompt_ids), len(joint_ids)))
-    got = sequence_logps(model, tiny_tokenizer, [prompt, "Hi"], [completion, " a much longer completion here"])
-    assert got.shape == (2,)
-    assert got[0].item() == pytest.approx(expected, abs=1e-4)
-
-
-def test_sequence_logps_padding_and_eos(model, tiny_tokenizer):
-    prompts = ["Hi", "Human: Tell me about the mountain."]
-    completions = [" The mountain is kind and calm.", " ok"]
-    batched = sequence_logps(model, tiny_tokenizer, prompts, completions, batch_size=2)
-    single = sequence_logps(model, tiny_tokenizer, prompts, completions, batch_size=1)
-    assert torch.allclose(batched, single, atol=1e-4)
-    with_eos = sequence_logps(model, tiny_tokenizer, prompts, completions, append_eos=True)
-    assert (with_eos < batched).all()  # plus log p(EOS) < 0
-    assert sequence_logps(model, tiny_tokenizer, ["Hi"], [""]).tolist() == [0.0]
-
-
 # ----------------------------------------------------------------------------- estimate_kl
 
 
@@ -156,33 +127,3 @@ def test_kl_is_positive_after_favouring_a_token(model, tiny_tokenizer):
     mean, stderr = estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=4, max_new_tokens=8)
     assert mean > 1.0
     assert mean > 3 * stderr
-
-
-# ----------------------------------------------------------------------------- best_vs_worst_pairs
-
-
-class LengthPairwiseJudge(Judge):
-    """A pairwise (non-scoring) judge: the longer response wins, equal lengths tie."""
-
-    def compare(self, prompts, responses_a, responses_b) -> CompareResult:
-        outcomes = [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
-                    for a, b in zip(responses_a, responses_b)]
-        return CompareResult(outcomes=outcomes, ties=outcomes.count(0.5))
-
-
-@pytest.mark.parametrize("kind", ["scoring", "pairwise"])
-def test_best_vs_worst_pairs(kind, tmp_path):
-    path = tmp_path / "length.py"
-    path.write_text("def length(prompt, response):\n    return len(response)\n")
-    judge = make_judge(f"python:{path}:length") if kind == "scoring" else LengthPairwiseJudge()
-    prompts = ["p1", "p2", [{"role": "user", "content": "p3"}]]
-    samples = [["ab", "abcd", "a", "abc"], ["xy", "zw"], ["one", "three", "three"]]
-    pairs, skipped = best_vs_worst_pairs(prompts, samples, judge)
-    assert skipped == 1  # p2: all samples tie
-    assert pairs == [{"prompt": "p1", "chosen": "abcd", "rejected": "a"},
-                     {"prompt": prompts[2], "chosen": "three", "rejected": "one"}]
-
-
-def test_best_vs_worst_needs_two_samples(tmp_path):
-    with pytest.raises(ValueError, match=">= 2 samples"):
-        best_vs_worst_pairs(["p"], [["only one"]], LengthPairwiseJudge())

@@ -18,7 +18,8 @@ from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.report import DataReport
 from preftune.data.records import Example
 from preftune.data.tokenize import render_prompt, tokenize_examples
-from preftune.evaluation.sampling import completion_logps, estimate_kl, sample_token_ids, sequence_logps
+from preftune.evaluation.sampling import estimate_kl, sample_token_ids
+from preftune.evaluation.scoring import completion_logps, sequence_logps
 from preftune.model.logprobs import batch_logps
 from preftune.model.tiny import CHAT_TEMPLATE, tiny_model
 

@@ -199,7 +199,8 @@ def test_eval_reports_the_reward_models_pair_accuracy(trained_reward_model, caps
 
 
 def test_trained_reward_model_works_as_a_judge(trained_reward_model):
-    from preftune.evaluation.judges.base import RewardModelJudge, make_judge
+    from preftune.evaluation.judges.registry import make_judge
+    from preftune.evaluation.judges.reward_model import RewardModelJudge
 
     judge = make_judge(f"reward-model:{trained_reward_model['model']}")
     assert isinstance(judge, RewardModelJudge)
@@ -217,7 +218,7 @@ def test_trained_reward_model_works_as_a_judge(trained_reward_model):
 def test_reward_judge_scores_mixed_lengths_in_the_responses_order(trained_reward_model):
     """Batches are formed longest first; each score lands at its response's position (equal to scoring
     it alone), so a long response beside short ones gets its own score, not a neighbour's."""
-    from preftune.evaluation.judges.base import RewardModelJudge
+    from preftune.evaluation.judges.reward_model import RewardModelJudge
 
     path = str(trained_reward_model["model"])
     examples = [to_example(row, None, "pair") for row in rule_pairs(7, seed=11)]
@@ -233,7 +234,7 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
                                                                  monkeypatch):
     """With a reward-model judge the base's judge scores are cached beside its samples: the second
     evaluation scores only the model's samples, and every number equals the uncached evaluation."""
-    import preftune.evaluation.judges.base as judges
+    import preftune.evaluation.judges.reward_model as judges
     from preftune.evaluation.evaluate import evaluate_model
 
     data = write_jsonl(tmp_path / "held_out.jsonl", rule_pairs(12, seed=5))
@@ -272,7 +273,7 @@ def load_tokenizer_and_save(source, target):
 
 
 def test_a_causal_lm_is_not_a_judge(tiny_model_dir):
-    from preftune.evaluation.judges.base import make_judge
+    from preftune.evaluation.judges.registry import make_judge
 
     with pytest.raises(ValueError, match="not a reward model folder"):
         make_judge(f"reward-model:{tiny_model_dir}")

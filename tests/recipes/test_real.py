@@ -17,7 +17,7 @@ import pytest
 from preftune.cli.quickstart import register
 from preftune.data.readers import read_rows
 from preftune.data.split import prompt_key
-from preftune.evaluation.judges.base import PythonJudge
+from preftune.evaluation.judges.python import PythonJudge
 from preftune.recipes import real as recipe
 from preftune.recipes.real_report import task_b_rows
 from preftune.recipes.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, counts, review_sentiment

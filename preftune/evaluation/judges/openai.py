@@ -3,7 +3,7 @@
 Each item is asked twice, with the responses in both orders, to cancel position bias; an item
 whose two verdicts disagree (or that never parses) is a tie. Requests run concurrently, retry
 on rate limits and server errors with backoff, and the API key comes from an environment
-variable (never from the spec string). Built by :func:`preftune.evaluation.judges.base.make_judge`.
+variable (never from the spec string). Built by :func:`preftune.evaluation.judges.registry.make_judge`.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class OpenAIJudge(Judge):
     default variable is unset no header is sent (local servers need none); a ``key_env``
     that was named explicitly must be set.
     """
+
+    spec_form = "openai:URL#MODEL  (options: ?key_env=VAR&max_retries=N&max_concurrency=N&timeout=S)"
 
     def __init__(self, url: str, model: str, key_env: str | None = None, max_retries: int = 4,
                  max_parse_retries: int = 1, max_concurrency: int = 8, timeout: float = 60.0,

@@ -1,0 +1,112 @@
+"""Pairs and candidates from a model's own samples.
+
+* :func:`best_vs_worst_pairs` — best and worst of n samples per prompt, by a judge: preference
+  pairs ``preftune train`` reads.
+* :func:`candidate_records` / :func:`onpolicy_candidates` — every sample per prompt kept, as a
+  candidates file for people to label (``preftune generate --keep-all``, ``preftune label serve``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, check_lengths
+from preftune.evaluation.judges.registry import make_judge
+from preftune.evaluation.sampling import sample_from_path
+
+
+def scores_per_prompt(judge: ScoringJudge, prompts: Sequence[Prompt],
+                      samples_per_prompt: Sequence[Sequence[str]]) -> list[list[float]]:
+    """``scores[i][j]``: the judge's score of prompt i's j-th sample, all samples scored in one call."""
+    flat_scores = judge.score([p for p, samples in zip(prompts, samples_per_prompt) for _ in samples],
+                              [s for samples in samples_per_prompt for s in samples])
+    scores, offset = [], 0
+    for samples in samples_per_prompt:
+        scores.append(flat_scores[offset:offset + len(samples)])
+        offset += len(samples)
+    return scores
+
+
+def round_robin_points(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Sequence[str]],
+                       judge: Judge) -> list[list[float]]:
+    """``points[i][j]``: prompt i's j-th sample's points when every pair of the prompt's samples is
+    compared once (its outcome per game: 1, 0.5 or 0), all games in one ``compare`` call."""
+    games = [(p_index, i, j) for p_index, samples in enumerate(samples_per_prompt)
+             for i in range(len(samples)) for j in range(i + 1, len(samples))]
+    result = judge.compare([prompts[p] for p, _, _ in games],
+                           [samples_per_prompt[p][i] for p, i, _ in games],
+                           [samples_per_prompt[p][j] for p, _, j in games])
+    points = [[0.0] * len(samples) for samples in samples_per_prompt]
+    for (p, i, j), outcome in zip(games, result.outcomes):
+        points[p][i] += outcome
+        points[p][j] += 1.0 - outcome
+    return points
+
+
+def best_vs_worst_pairs(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Sequence[str]],
+                        judge: Judge) -> tuple[list[dict], int]:
+    """One preference pair per prompt: its best sample as chosen, its worst as rejected.
+
+    A scoring judge scores every sample (first of equal scores wins). A pairwise judge
+    plays a round robin: every pair of a prompt's k samples is compared once (k(k-1)/2
+    comparisons, each asked in both orders by the openai judge), a sample earns its
+    outcome (1, 0.5 or 0) per game, and the most / fewest points pick best / worst.
+    Prompts whose samples all tie (or whose best and worst texts are identical) are skipped.
+
+    Returns ``(pairs, skipped_ties)`` with pairs ``{"prompt", "chosen", "rejected"}``.
+    """
+    check_lengths(prompts=prompts, samples_per_prompt=samples_per_prompt)
+    for samples in samples_per_prompt:
+        if len(samples) < 2:
+            raise ValueError(f"best_vs_worst_pairs needs >= 2 samples per prompt, got {len(samples)}")
+    if isinstance(judge, ScoringJudge):
+        points = scores_per_prompt(judge, prompts, samples_per_prompt)
+    else:
+        points = round_robin_points(prompts, samples_per_prompt, judge)
+    pairs, skipped_ties = [], 0
+    for prompt, samples, values in zip(prompts, samples_per_prompt, points):
+        best = max(range(len(values)), key=values.__getitem__)
+        worst = min(range(len(values)), key=values.__getitem__)
+        if values[best] == values[worst] or samples[best] == samples[worst]:
+            skipped_ties += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": samples[best], "rejected": samples[worst]})
+    return pairs, skipped_ties
+
+
+def candidate_records(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Sequence[str]],
+                      judge: Judge | None = None, meta: dict | None = None) -> list[dict]:
+    """Every sample of every prompt: ``{"prompt", "responses": [...], "meta": {...}}`` per prompt.
+
+    ``meta`` (e.g. the model and sampling settings) is copied into each record with ``n``. A
+    scoring judge adds ``meta["scores"]`` (one per response, in order); a pairwise judge adds
+    nothing (its verdicts are what the people labelling replace). Empty samples are kept: every
+    sample is written, and the labelling app lets people mark both responses bad.
+    """
+    check_lengths(prompts=prompts, samples_per_prompt=samples_per_prompt)
+    scores: list[list[float]] | None = None
+    if isinstance(judge, ScoringJudge):
+        scores = [[float(x) for x in values] for values in scores_per_prompt(judge, prompts, samples_per_prompt)]
+    records = []
+    for i, (prompt, samples) in enumerate(zip(prompts, samples_per_prompt)):
+        record_meta = {**(meta or {}), "n": len(samples)}
+        if scores is not None:
+            record_meta["scores"] = scores[i]
+        records.append({"prompt": prompt, "responses": list(samples), "meta": record_meta})
+    return records
+
+
+def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge: str | Judge | None = None,
+                        max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                        batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
+                        device: str | None = None, mixed_precision: str = "no") -> list[dict]:
+    """Load ``model_path``, sample ``n`` responses per prompt, and return :func:`candidate_records`
+    (the meta records the model and the sampling settings)."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
+                               trust_remote_code, device, mixed_precision)
+    meta = {"model": str(model_path), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+            "seed": seed}
+    return candidate_records(prompts, samples, judge, meta)
