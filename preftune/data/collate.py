@@ -26,6 +26,7 @@ Packed, the same group laid out once::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -239,88 +240,11 @@ def collate_packed(
     g_count, k_count = len(groups), len(groups[0])
     prompts = [ex.prompt_ids for ex in examples]
     group_len = [len(prompts[g]) + sum(len(c) for c in groups[g]) for g in range(g_count)]
-    if pack_tokens is not None:
-        capacity = pack_tokens
-    elif row_cost is not None:
-        capacity = choose_row_capacity(group_len, row_cost, pad_to_multiple_of)
-    else:
-        capacity = max(group_len)
-    if capacity <= 0:
-        raise ValueError(f"pack_tokens must be positive, got {pack_tokens}")
-    bins = first_fit_decreasing(group_len, capacity)
-
-    # Segments (a prompt or a completion) in row order: row, first column, length, first
-    # position id, group id, kind (0 = prompt, k + 1 = completion k).
-    seg_row, seg_col, seg_len, seg_pos, seg_group, seg_kind = [], [], [], [], [], []
-    flat: list[int] = []
-    prompt_col = [0] * g_count  # column of each group's first prompt token in its row
-    group_row = [0] * g_count
-    comp_col = [[0] * k_count for _ in range(g_count)]  # column of completion k's first token
-    row_fill = []
-    for r, members in enumerate(bins):
-        col = 0
-        for g in members:
-            p_len = len(prompts[g])
-            group_row[g], prompt_col[g] = r, col
-            segs = [(prompts[g], 0)] + [(groups[g][k], k + 1) for k in range(k_count)]
-            for ids, kind in segs:
-                seg_row.append(r)
-                seg_col.append(col)
-                seg_len.append(len(ids))
-                seg_pos.append(0 if kind == 0 else p_len)
-                seg_group.append(g)
-                seg_kind.append(kind)
-                if kind:
-                    comp_col[g][kind - 1] = col
-                flat += ids
-                col += len(ids)
-        row_fill.append(col)
-    r_count = len(bins)
-    width = _round_up(max(row_fill), pad_to_multiple_of)
-
-    lengths = torch.tensor(seg_len, dtype=torch.long)
-    owner, offset = _spans(lengths)
-    rows = torch.tensor(seg_row, dtype=torch.long)[owner]
-    cols = torch.tensor(seg_col, dtype=torch.long)[owner] + offset
-    input_ids = torch.full((r_count, width), pad_id, dtype=torch.long)
-    input_ids[rows, cols] = torch.tensor(flat, dtype=torch.long)
-    position_ids = torch.zeros((r_count, width), dtype=torch.long)
-    position_ids[rows, cols] = torch.tensor(seg_pos, dtype=torch.long)[owner] + offset
-    # Pad tokens get a unique negative group id each, so they attend to themselves only.
-    group_ids = -1 - torch.arange(width).repeat(r_count, 1)  # (R, L)
-    group_ids[rows, cols] = torch.tensor(seg_group, dtype=torch.long)[owner]
-    kinds = torch.zeros((r_count, width), dtype=torch.long)  # (R, L)
-    kinds[rows, cols] = torch.tensor(seg_kind, dtype=torch.long)[owner]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (L, L) q >= kv
-    same_group = group_ids[:, :, None] == group_ids[:, None, :]  # (R, L, L) [r, q, kv]
-    visible_kind = (kinds[:, None, :] == 0) | (kinds[:, None, :] == kinds[:, :, None])
-    attention_mask = (same_group & visible_kind & causal).unsqueeze(1)  # (R, 1, L, L)
-
-    # Target spans, sequence by sequence in text order: the prompt (train_on_prompt), then
-    # the completion. Each span: row, first target column, length, predictor of its first token.
-    span_row, span_col, span_len, span_pred, span_seq = [], [], [], [], []
-    for k in range(k_count):
-        for g in range(g_count):
-            s = k * g_count + g
-            p_len, c_len = len(prompts[g]), len(groups[g][k])
-            if train_on_prompt and p_len > 1:
-                span_row.append(group_row[g])
-                span_col.append(prompt_col[g] + 1)
-                span_len.append(p_len - 1)
-                span_pred.append(prompt_col[g])
-                span_seq.append(s)
-            skip = 0 if p_len else 1  # without a prompt nothing predicts the first token
-            span_row.append(group_row[g])
-            span_col.append(comp_col[g][k] + skip)
-            span_len.append(max(c_len - skip, 0))
-            span_pred.append(prompt_col[g] + p_len - 1 if p_len else comp_col[g][k])
-            span_seq.append(s)
-    span_lengths = torch.tensor(span_len, dtype=torch.long)
-    owner, offset = _spans(span_lengths)
-    token_rows = torch.tensor(span_row, dtype=torch.long)[owner]
-    target_cols = torch.tensor(span_col, dtype=torch.long)[owner] + offset
-    token_cols = torch.where(offset == 0, torch.tensor(span_pred, dtype=torch.long)[owner], target_cols - 1)
-    token_seq = torch.tensor(span_seq, dtype=torch.long)[owner]
+    bins = first_fit_decreasing(group_len, _row_capacity(group_len, pack_tokens, row_cost, pad_to_multiple_of))
+    layout = _lay_out_rows(bins, prompts, groups)
+    width = _round_up(max(layout.row_fill), pad_to_multiple_of)
+    input_ids, position_ids, attention_mask, lengths = _packed_rows(layout, len(bins), width, pad_id)
+    token_rows, token_cols, target_cols, token_seq = _packed_targets(layout, prompts, groups, train_on_prompt)
     counts = torch.bincount(token_seq, minlength=g_count * k_count)
     _check_counts(counts, examples)
     return Batch(
@@ -339,3 +263,118 @@ def collate_packed(
         margins=_margins(examples),
         num_tokens=int(lengths.sum()),
     )
+
+
+def _row_capacity(group_len: list[int], pack_tokens: int | None, row_cost: float | None,
+                  multiple: int | None) -> int:
+    """Tokens per packed row: ``pack_tokens``, else :func:`choose_row_capacity`'s with ``row_cost``,
+    else the longest group."""
+    if pack_tokens is not None:
+        capacity = pack_tokens
+    elif row_cost is not None:
+        capacity = choose_row_capacity(group_len, row_cost, multiple)
+    else:
+        capacity = max(group_len)
+    if capacity <= 0:
+        raise ValueError(f"pack_tokens must be positive, got {pack_tokens}")
+    return capacity
+
+
+@dataclass
+class _RowLayout:
+    """Where each segment (a prompt or a completion) of a packed batch sits, in row order."""
+
+    seg_row: list[int] = field(default_factory=list)  # row of each segment
+    seg_col: list[int] = field(default_factory=list)  # its first column
+    seg_len: list[int] = field(default_factory=list)  # its length
+    seg_pos: list[int] = field(default_factory=list)  # its first position id
+    seg_group: list[int] = field(default_factory=list)  # its group
+    seg_kind: list[int] = field(default_factory=list)  # 0 = prompt, k + 1 = completion k
+    flat: list[int] = field(default_factory=list)  # the token ids of every segment, in order
+    group_row: list[int] = field(default_factory=list)  # [g] row of group g
+    prompt_col: list[int] = field(default_factory=list)  # [g] column of group g's first prompt token
+    comp_col: list[list[int]] = field(default_factory=list)  # [g][k] column of completion k's first token
+    row_fill: list[int] = field(default_factory=list)  # [r] tokens in row r
+
+
+def _lay_out_rows(bins: list[list[int]], prompts: list[list[int]], groups: list[list[list[int]]]) -> _RowLayout:
+    """Each bin's groups laid out in one row as ``[prompt | completion_0 | completion_1 ...]``."""
+    g_count, k_count = len(groups), len(groups[0])
+    layout = _RowLayout(group_row=[0] * g_count, prompt_col=[0] * g_count,
+                        comp_col=[[0] * k_count for _ in range(g_count)])
+    for r, members in enumerate(bins):
+        col = 0
+        for g in members:
+            p_len = len(prompts[g])
+            layout.group_row[g], layout.prompt_col[g] = r, col
+            segs = [(prompts[g], 0)] + [(groups[g][k], k + 1) for k in range(k_count)]
+            for ids, kind in segs:
+                layout.seg_row.append(r)
+                layout.seg_col.append(col)
+                layout.seg_len.append(len(ids))
+                layout.seg_pos.append(0 if kind == 0 else p_len)
+                layout.seg_group.append(g)
+                layout.seg_kind.append(kind)
+                if kind:
+                    layout.comp_col[g][kind - 1] = col
+                layout.flat += ids
+                col += len(ids)
+        layout.row_fill.append(col)
+    return layout
+
+
+def _packed_rows(layout: _RowLayout, r_count: int, width: int, pad_id: int):
+    """(R, L) input ids and position ids, the (R, 1, L, L) bool attention mask, and the (n_segments,)
+    segment lengths of ``layout``. A completion token sees its prompt and its own earlier tokens; a
+    pad token sees itself only."""
+    lengths = torch.tensor(layout.seg_len, dtype=torch.long)
+    owner, offset = _spans(lengths)
+    rows = torch.tensor(layout.seg_row, dtype=torch.long)[owner]
+    cols = torch.tensor(layout.seg_col, dtype=torch.long)[owner] + offset
+    input_ids = torch.full((r_count, width), pad_id, dtype=torch.long)
+    input_ids[rows, cols] = torch.tensor(layout.flat, dtype=torch.long)
+    position_ids = torch.zeros((r_count, width), dtype=torch.long)
+    position_ids[rows, cols] = torch.tensor(layout.seg_pos, dtype=torch.long)[owner] + offset
+    # Pad tokens get a unique negative group id each, so they attend to themselves only.
+    group_ids = -1 - torch.arange(width).repeat(r_count, 1)  # (R, L)
+    group_ids[rows, cols] = torch.tensor(layout.seg_group, dtype=torch.long)[owner]
+    kinds = torch.zeros((r_count, width), dtype=torch.long)  # (R, L)
+    kinds[rows, cols] = torch.tensor(layout.seg_kind, dtype=torch.long)[owner]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (L, L) q >= kv
+    same_group = group_ids[:, :, None] == group_ids[:, None, :]  # (R, L, L) [r, q, kv]
+    visible_kind = (kinds[:, None, :] == 0) | (kinds[:, None, :] == kinds[:, :, None])
+    attention_mask = (same_group & visible_kind & causal).unsqueeze(1)  # (R, 1, L, L)
+    return input_ids, position_ids, attention_mask, lengths
+
+
+def _packed_targets(layout: _RowLayout, prompts: list[list[int]], groups: list[list[list[int]]],
+                    train_on_prompt: bool):
+    """(N,) token rows, predictor columns, target columns and sequence of every target token,
+    sequence by sequence (``s = k * G + g``) in text order: the prompt (``train_on_prompt``), then
+    the completion, whose first token the last prompt token predicts."""
+    g_count, k_count = len(groups), len(groups[0])
+    # Each span: row, first target column, length, predictor of its first token, sequence.
+    span_row, span_col, span_len, span_pred, span_seq = [], [], [], [], []
+    for k in range(k_count):
+        for g in range(g_count):
+            s = k * g_count + g
+            p_len, c_len = len(prompts[g]), len(groups[g][k])
+            row, prompt_col, comp_col = layout.group_row[g], layout.prompt_col[g], layout.comp_col[g][k]
+            if train_on_prompt and p_len > 1:
+                span_row.append(row)
+                span_col.append(prompt_col + 1)
+                span_len.append(p_len - 1)
+                span_pred.append(prompt_col)
+                span_seq.append(s)
+            skip = 0 if p_len else 1  # without a prompt nothing predicts the first token
+            span_row.append(row)
+            span_col.append(comp_col + skip)
+            span_len.append(max(c_len - skip, 0))
+            span_pred.append(prompt_col + p_len - 1 if p_len else comp_col)
+            span_seq.append(s)
+    owner, offset = _spans(torch.tensor(span_len, dtype=torch.long))
+    token_rows = torch.tensor(span_row, dtype=torch.long)[owner]
+    target_cols = torch.tensor(span_col, dtype=torch.long)[owner] + offset
+    token_cols = torch.where(offset == 0, torch.tensor(span_pred, dtype=torch.long)[owner], target_cols - 1)
+    token_seq = torch.tensor(span_seq, dtype=torch.long)[owner]
+    return token_rows, token_cols, target_cols, token_seq
