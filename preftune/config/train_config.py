@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from preftune.methods import table as methods
-from preftune.methods.losses import F_DIVERGENCES
+from preftune.methods.losses.divergences import F_DIVERGENCES
 
 LOSSES = methods.NAMES  # every --loss name: the method table (preftune.methods.table) is the one list
 DTYPES = ("float32", "bfloat16", "float16", "auto")

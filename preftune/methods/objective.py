@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from preftune.methods import losses as L
 from preftune.methods import table as M
+from preftune.methods.losses import modifiers, unpaired
 from preftune.model.logprobs import LogpOutput
 
 # Metrics every paired method logs (others add their own).
@@ -73,7 +73,7 @@ def compute_objective(
     if options.get("use_weighting"):  # WPO (Zhou et al. 2024): one detached weight per pair
         if token_log_sum_sq is None or token_seq is None:
             raise ValueError("use_weighting (WPO) needs token_log_sum_sq and token_seq (per-token log sum p^2)")
-        weights = L.wpo_weights(policy.token_logps, token_log_sum_sq, token_seq, num_groups)
+        weights = modifiers.wpo_weights(policy.token_logps, token_log_sum_sq, token_seq, num_groups)
 
     total = 0.0
     rewards: tuple[torch.Tensor, ...] = ()
@@ -131,7 +131,8 @@ class _Tensors:
         if options.get("ld_alpha") is not None:  # LD-DPO (Liu et al. 2024): length-desensitised sums
             if token_seq is None:
                 raise ValueError("ld_alpha (LD-DPO) needs token_seq (which sequence each token belongs to)")
-            self.ld_logps = L.length_desensitized_logps(policy.token_logps, token_seq, num_groups, options["ld_alpha"])
+            self.ld_logps = modifiers.length_desensitized_logps(policy.token_logps, token_seq, num_groups,
+                                                                options["ld_alpha"])
         self._cache: dict[str, torch.Tensor] = {}
 
     def sequence_logps(self, row) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,7 +178,7 @@ class _Tensors:
         if name == "kl":
             # KTO's z0 = max(0, mean over ALL ranks' mismatched pairs): average the unclamped local means
             # (equal counts per rank), then clamp — clamping per rank first would bias z0 upwards.
-            local = L.kto_kl_estimate(logps[G:2 * G], ref[G:2 * G], clamp=False)
+            local = unpaired.kto_kl_estimate(logps[G:2 * G], ref[G:2 * G], clamp=False)
             return self.mean_across_processes(local).clamp(min=0)
         if name == _REWARD_SHIFT:
             return self._reward_shift()
@@ -191,7 +192,7 @@ class _Tensors:
         if self.state is None:
             return batch_mean
         if self.update_state:
-            self.state[_REWARD_SHIFT] = L.bco_reward_shift(batch_mean, self.state.get(_REWARD_SHIFT))
+            self.state[_REWARD_SHIFT] = unpaired.bco_reward_shift(batch_mean, self.state.get(_REWARD_SHIFT))
         saved = self.state.get(_REWARD_SHIFT)
         return batch_mean if saved is None else torch.tensor(saved[0], device=batch_mean.device)
 

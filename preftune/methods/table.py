@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.methods import losses as L
-
-KINDS = ("pair", "unpaired", "sft")
+from preftune.data.formats import KINDS
+from preftune.methods.losses import anchored, distributional, pairwise, reference_free, reward, sft, unpaired
 
 PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 F_DIVERGENCE = {"f_divergence_type": "f_divergence_type", "f_alpha_divergence_coef": "f_alpha_divergence_coef"}
@@ -64,6 +63,12 @@ class Method:
     notes: str = ""  # for the README's methods table
     model_head: str = "lm"  # "lm": a causal LM's log-probs; "reward": a one-logit sequence-classification head
 
+    def __post_init__(self) -> None:
+        if self.logps not in ("sum", "mean"):
+            raise ValueError(f"method {self.name}: logps must be 'sum' or 'mean', got {self.logps!r}")
+        if not self.kinds or not set(self.kinds) <= set(KINDS):
+            raise ValueError(f"method {self.name}: kinds must be one or more of {', '.join(KINDS)}, got {self.kinds}")
+
     @property
     def fields(self) -> frozenset[str]:
         """Every TrainConfig field this method reads."""
@@ -82,96 +87,132 @@ def _exo_check(options: Mapping[str, Any]) -> str | None:
 
 
 METHODS: tuple[Method, ...] = (
-    Method("dpo", L.dpo_loss, 'Rafailov et al. 2023, "Direct Preference Optimization", eq. 7', True, "sum", ("pair",),
-           PAIR + ("chosen_nll",), {"beta": "beta", "label_smoothing": "label_smoothing", "sft_weight": "sft_weight",
-                                    **F_DIVERGENCE}, BOTH, aliases=("sigmoid",),
+    Method("dpo", pairwise.dpo_loss,
+           citation='Rafailov et al. 2023, "Direct Preference Optimization", eq. 7',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR + ("chosen_nll",),
+           options={"beta": "beta", "label_smoothing": "label_smoothing", "sft_weight": "sft_weight", **F_DIVERGENCE},
+           modifiers=BOTH, aliases=("sigmoid",),
            notes="`--label-smoothing` > 0 = conservative DPO (cDPO); `--sft-weight` = RPO (Pang et al. 2024), an NLL "
                  "term on the chosen response; `--f-divergence-type` = f-DPO (Wang et al. 2023)"),
-    Method("ipo", L.ipo_loss, 'Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human '
-                              'Preferences", eq. 17', True, "mean", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+    Method("ipo", pairwise.ipo_loss,
+           citation='Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human '
+                    'Preferences", eq. 17',
+           reference=True, logps="mean", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="token-averaged log-probs, as the IPO authors and TRL"),
-    Method("robust", L.robust_dpo_loss, 'Chowdhury et al. 2024, "Provably Robust DPO"', True, "sum", ("pair",), PAIR,
-           {"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, BOTH,
+    Method("robust", pairwise.robust_dpo_loss,
+           citation='Chowdhury et al. 2024, "Provably Robust DPO"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           options={"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, modifiers=BOTH,
            notes="unbiased under label noise `--label-smoothing`"),
-    Method("hinge", L.hinge_loss, 'Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"',
-           True, "sum", ("pair",), PAIR, {"beta": "beta", **F_DIVERGENCE}, BOTH,
+    Method("hinge", pairwise.hinge_loss,
+           citation='Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta", **F_DIVERGENCE},
+           modifiers=BOTH,
            notes="margin 1/beta on the reference-relative log-ratios, as TRL"),
-    Method("orpo", L.orpo_loss, 'Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference '
-                                'Model", eq. 6-7', False, "mean", ("pair",),
-           ("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"), {"lambda_": "orpo_lambda"},
+    Method("orpo", reference_free.orpo_loss,
+           citation='Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eq. 6-7',
+           reference=False, logps="mean", kinds=("pair",),
+           inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"), options={"lambda_": "orpo_lambda"},
            notes="NLL + odds-ratio term (`--orpo-lambda`); the NLL covers the chosen completion's tokens only, "
                  "token-averaged, as the paper's code does (TRL's also counts prompt tokens): the prompt is not what "
                  "we want the model to learn to write"),
-    Method("simpo", L.simpo_loss, 'Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free '
-                                  'Reward", eq. 6', False, "mean", ("pair",),
-           ("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"),
-           {"beta": "beta", "gamma": "simpo_gamma", "sft_weight": "sft_weight"}, defaults={"beta": 2.0},
+    Method("simpo", reference_free.simpo_loss,
+           citation='Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6',
+           reference=False, logps="mean", kinds=("pair",),
+           inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"),
+           options={"beta": "beta", "gamma": "simpo_gamma", "sft_weight": "sft_weight"}, defaults={"beta": 2.0},
            notes="length-normalised, margin `--simpo-gamma` (the margin itself, not gamma/beta); beta 2.0 by default"),
-    Method("kto", L.kto_loss, 'Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", '
-                              'eq. 8', True, "sum", ("unpaired",), ("policy_logps", "ref_logps", "labels", "kl"),
-           {"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
-           kl_partners=True, notes="unpaired thumbs-up/down data; KL point from mismatched completions"),
-    Method("sft", L.sft_loss, "supervised fine-tuning (negative log-likelihood)", False, "sum", ("sft", "pair"),
-           ("policy_chosen_logps", "chosen_counts"), modifiers=frozenset({"use_weighting"}),
+    Method("kto", unpaired.kto_loss,
+           citation='Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8',
+           reference=True, logps="sum", kinds=("unpaired",), inputs=("policy_logps", "ref_logps", "labels", "kl"),
+           options={"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+           kl_partners=True,
+           notes="unpaired thumbs-up/down data; KL point from mismatched completions"),
+    Method("sft", sft.sft_loss,
+           citation="supervised fine-tuning (negative log-likelihood)",
+           reference=False, logps="sum", kinds=("sft", "pair"), inputs=("policy_chosen_logps", "chosen_counts"),
+           modifiers=frozenset({"use_weighting"}),
            notes="NLL per token of the completions; in a combination, of the chosen ones (TRL's `sft` loss_type)"),
-    Method("exo_pair", L.exo_pair_loss, 'Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model '
-                                        'Alignment", eq. 16', True, "sum", ("pair",), PAIR,
-           {"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, BOTH, check=_exo_check,
+    Method("exo_pair", pairwise.exo_pair_loss,
+           citation='Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", eq. 16',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           options={"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, modifiers=BOTH,
+           check=_exo_check,
            notes="needs `--label-smoothing` > 0 (the paper's 1e-3)"),
-    Method("nca_pair", L.nca_pair_loss, 'Chen et al. 2024, "Noise Contrastive Alignment of Language Models with '
-                                        'Explicit Rewards"', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+    Method("nca_pair", anchored.nca_pair_loss,
+           citation='Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="scores each reward on its own, so the chosen likelihood does not fall"),
-    Method("bco_pair", L.bco_pair_loss, 'Jung et al. 2024, "Binary Classifier Optimization for Large Language Model '
-                                        'Alignment"', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+    Method("bco_pair", anchored.bco_pair_loss,
+           citation='Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="TRL's form, without the paper's reward shift (that is `bco`)"),
-    Method("sppo_hard", L.sppo_hard_loss, 'Wu et al. 2024, "Self-Play Preference Optimization for Language Model '
-                                          'Alignment", eq. 4.7', True, "sum", ("pair",), PAIR, {"beta": "beta"}, BOTH,
+    Method("sppo_hard", anchored.sppo_hard_loss,
+           citation='Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.7',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="win probability 1 for chosen, 0 for rejected (no preference model)"),
-    Method("aot", L.aot_loss, 'Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal '
-                              'Transport"', True, "sum", ("pair",), PAIR,
-           {"beta": "beta", "label_smoothing": "label_smoothing"}, frozenset({"ld_alpha"}),
+    Method("aot", distributional.aot_loss,
+           citation='Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           options={"beta": "beta", "label_smoothing": "label_smoothing"}, modifiers=frozenset({"ld_alpha"}),
            notes="margins matched by rank within each batch; no `--use-weighting`"),
-    Method("aot_unpaired", L.aot_unpaired_loss, 'Melnyk et al. 2024, "Distributional Preference Alignment of LLMs '
-                                                'via Optimal Transport"', True, "sum", ("pair",), PAIR,
-           {"beta": "beta", "label_smoothing": "label_smoothing"}, frozenset({"ld_alpha"}),
+    Method("aot_unpaired", distributional.aot_unpaired_loss,
+           citation='Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           options={"beta": "beta", "label_smoothing": "label_smoothing"}, modifiers=frozenset({"ld_alpha"}),
            notes="chosen and rejected log-ratios matched by rank; no `--use-weighting`"),
-    Method("apo_zero", L.apo_zero_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and "
-                                        "Contrastive Revisions\", eq. 7", True, "sum", ("pair",), PAIR,
-           {"beta": "beta"}, BOTH, notes="chosen better than the model's outputs: chosen up, rejected down"),
-    Method("apo_down", L.apo_down_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and "
-                                        "Contrastive Revisions\", eq. 8", True, "sum", ("pair",), PAIR,
-           {"beta": "beta"}, BOTH, notes="chosen worse than the model's outputs: both down, rejected more"),
-    Method("discopop", L.discopop_loss, 'Lu et al. 2024, "Discovering Preference Optimization Algorithms with and '
-                                        'for Large Language Models", eq. 5', True, "sum", ("pair",), PAIR,
-           {"beta": "beta", "tau": "discopop_tau", **F_DIVERGENCE}, BOTH,
+    Method("apo_zero", anchored.apo_zero_loss,
+           citation="D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and Contrastive Revisions\", eq. 7",
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           notes="chosen better than the model's outputs: chosen up, rejected down"),
+    Method("apo_down", anchored.apo_down_loss,
+           citation="D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and Contrastive Revisions\", eq. 8",
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           notes="chosen worse than the model's outputs: both down, rejected more"),
+    Method("discopop", pairwise.discopop_loss,
+           citation='Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language '
+                    'Models", eq. 5',
+           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           options={"beta": "beta", "tau": "discopop_tau", **F_DIVERGENCE}, modifiers=BOTH,
            notes="log-ratio modulated logistic/exponential mix, `--discopop-tau`"),
-    Method("sigmoid_norm", L.dpo_loss, 'Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model '
-                                       'Post-Training", length-normalised DPO', True, "mean", ("pair",), PAIR,
-           {"beta": "beta"}, BOTH, defaults={"beta": 5.0},
+    Method("sigmoid_norm", pairwise.dpo_loss,
+           citation='Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model Post-Training", '
+                    "length-normalised DPO",
+           reference=True, logps="mean", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           defaults={"beta": 5.0},
            notes="DPO on token-averaged log-probs; beta 5 by default (Tulu 3)"),
-    Method("cpo", L.cpo_loss, 'Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM '
-                              'Performance in Machine Translation", eq. 3', False, "sum", ("pair",),
-           ("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
-           {"beta": "beta", "cpo_alpha": "cpo_alpha", "label_smoothing": "label_smoothing"},
+    Method("cpo", reference_free.cpo_loss,
+           citation='Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance '
+                    'in Machine Translation", eq. 3',
+           reference=False, logps="sum", kinds=("pair",),
+           inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
+           options={"beta": "beta", "cpo_alpha": "cpo_alpha", "label_smoothing": "label_smoothing"},
            notes="reference-free DPO + `--cpo-alpha` x NLL (per token over the batch, as TRL)"),
-    Method("cpo_simpo", L.cpo_loss, 'Xu et al. 2024 with Meng et al. 2024 (CPO-SimPO), "Contrastive Preference '
-                                    'Optimization" + "SimPO"', False, "mean", ("pair",),
-           ("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
-           {"beta": "beta", "cpo_alpha": "cpo_alpha", "gamma": "simpo_gamma", "label_smoothing": "label_smoothing"},
-           defaults={"beta": 2.0}, notes="TRL's CPOConfig(loss_type='simpo'): SimPO + `--cpo-alpha` x NLL"),
-    Method("apo_zero_unpaired", L.apo_zero_unpaired_loss, "D'Oosterlinck et al. 2024, \"Anchored Preference "
-                                                          "Optimization and Contrastive Revisions\", eq. 7, unpaired",
-           True, "sum", ("unpaired",), ("policy_logps", "ref_logps", "labels"),
-           {"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+    Method("cpo_simpo", reference_free.cpo_loss,
+           citation='Xu et al. 2024 with Meng et al. 2024 (CPO-SimPO), "Contrastive Preference Optimization" '
+                    '+ "SimPO"',
+           reference=False, logps="mean", kinds=("pair",),
+           inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
+           options={"beta": "beta", "cpo_alpha": "cpo_alpha", "gamma": "simpo_gamma",
+                    "label_smoothing": "label_smoothing"},
+           defaults={"beta": 2.0},
+           notes="TRL's CPOConfig(loss_type='simpo'): SimPO + `--cpo-alpha` x NLL"),
+    Method("apo_zero_unpaired", unpaired.apo_zero_unpaired_loss,
+           citation="D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and Contrastive Revisions\", "
+                    "eq. 7, unpaired",
+           reference=True, logps="sum", kinds=("unpaired",), inputs=("policy_logps", "ref_logps", "labels"),
+           options={"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
            notes="TRL's KTOConfig(loss_type='apo_zero_unpaired'): KTO without the KL point"),
-    Method("bco", L.bco_loss, 'Jung et al. 2024, "Binary Classifier Optimization for Large Language Model '
-                              'Alignment", eq. 7', True, "sum", ("unpaired",),
-           ("policy_logps", "ref_logps", "labels", "reward_shift"), {"beta": "beta"},
+    Method("bco", unpaired.bco_loss,
+           citation='Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment", eq. 7',
+           reference=True, logps="sum", kinds=("unpaired",),
+           inputs=("policy_logps", "ref_logps", "labels", "reward_shift"), options={"beta": "beta"},
            notes="unpaired; reward shift = running mean reward (restarts on --resume-from)"),
-    Method("reward", L.reward_loss, 'Ouyang et al. 2022, "Training language models to follow instructions with '
-                                    'human feedback", eq. 1 (Bradley-Terry reward model)', False, "sum", ("pair",),
-           ("chosen_rewards", "rejected_rewards", "margins"),
-           {"center_rewards_coefficient": "center_rewards_coefficient"}, model_head="reward",
+    Method("reward", reward.reward_loss,
+           citation='Ouyang et al. 2022, "Training language models to follow instructions with human feedback", '
+                    "eq. 1 (Bradley-Terry reward model)",
+           reference=False, logps="sum", kinds=("pair",), inputs=("chosen_rewards", "rejected_rewards", "margins"),
+           options={"center_rewards_coefficient": "center_rewards_coefficient"}, model_head="reward",
            notes="trains a reward model: a one-logit sequence-classification head on the causal LM (initialised from "
                  "it); a pair's `margin` field and `--center-rewards-coefficient` as TRL's RewardTrainer; the saved "
                  "folder is a judge: `--judge reward-model:PATH`"),

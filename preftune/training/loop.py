@@ -29,7 +29,7 @@ from preftune.common.files import write_atomic
 from preftune.config.train_config import TrainConfig
 from preftune.data.load import read_examples
 from preftune.data.order import balanced_split, batch_indices, mixed_label_batches
-from preftune.methods.losses import kto_weight_warning
+from preftune.methods.losses.unpaired import kto_weight_warning
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import add_lora, check_vocab, load_model, load_tokenizer
 from preftune.model.logprobs import LogProbModel

@@ -8,8 +8,8 @@
 
 Every reference answers ``logps(batch) -> (S,)`` summed log-probs, without grad — or, with
 ``ld_alpha`` (LD-DPO), the same length-desensitised sums the policy's are
-(:func:`preftune.methods.losses.length_desensitized_logps`). A :class:`ModelReference` can also take
-TR-DPO's soft updates from the policy (:meth:`ModelReference.sync`).
+(:func:`preftune.methods.losses.modifiers.length_desensitized_logps`). A :class:`ModelReference` can
+also take TR-DPO's soft updates from the policy (:meth:`ModelReference.sync`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from preftune.data.batch import Batch
-from preftune.methods.losses import length_desensitized_logps
+from preftune.methods.losses.modifiers import length_desensitized_logps
 from preftune.model.logprobs import LogpOutput, batch_logps
 
 log = logging.getLogger("preftune")

@@ -18,7 +18,7 @@ from preftune.config.train_config import TrainConfig
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.errors import DataError
 from preftune.data.formats import to_example
-from preftune.methods.losses import reward_loss
+from preftune.methods.losses.reward import reward_loss
 from preftune.methods.objective import compute_objective
 from preftune.methods.table import parse
 from preftune.model.loading import is_reward_model_folder, load_model, reward_model_from_causal_lm
@@ -179,9 +179,9 @@ def test_tiny_reward_model_learns_the_rule(trained_reward_model):
 
 
 def test_eval_reports_the_reward_models_pair_accuracy(trained_reward_model, capsys):
-    from preftune.evaluation.evaluate import evaluate_model
+    from preftune import evaluate  # preftune.evaluate: evaluate_model of an EvalConfig of these keywords
 
-    result = evaluate_model(trained_reward_model["model"], trained_reward_model["eval"])
+    result = evaluate(trained_reward_model["model"], trained_reward_model["eval"])
     pref = result["preference"]
     assert result["kind"] == "reward" and pref["pairs"] == 64
     assert pref["accuracy"] >= 0.9
@@ -194,7 +194,7 @@ def test_eval_reports_the_reward_models_pair_accuracy(trained_reward_model, caps
                      str(trained_reward_model["eval"])]) == 0
     assert "pair accuracy" in capsys.readouterr().out
     with pytest.raises(ValueError, match="is a reward model"):
-        evaluate_model(trained_reward_model["model"], trained_reward_model["eval"],
+        evaluate(trained_reward_model["model"], trained_reward_model["eval"],
                        ref_model=trained_reward_model["model"])
 
 
@@ -235,14 +235,14 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
     """With a reward-model judge the base's judge scores are cached beside its samples: the second
     evaluation scores only the model's samples, and every number equals the uncached evaluation."""
     import preftune.evaluation.judges.reward_model as judges
-    from preftune.evaluation.evaluate import evaluate_model
+    from preftune import evaluate  # preftune.evaluate: evaluate_model of an EvalConfig of these keywords
 
     data = write_jsonl(tmp_path / "held_out.jsonl", rule_pairs(12, seed=5))
     opts = dict(ref_model=tiny_model_dir, generate=6, judge=f"reward-model:{trained_reward_model['model']}",
                 max_new_tokens=6, max_length=64, max_prompt_length=32)
     cache = tmp_path / "base_cache.json"
-    plain = evaluate_model(tiny_model_dir, data, **opts)
-    first = evaluate_model(tiny_model_dir, data, base_cache=cache, **opts)
+    plain = evaluate(tiny_model_dir, data, **opts)
+    first = evaluate(tiny_model_dir, data, base_cache=cache, **opts)
     assert first.pop("base_cache")["stored"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
     assert first == plain
     assert plain["generation"]["win_rate"]["ties"] == 6  # the base against itself: equal samples, equal scores
@@ -251,7 +251,7 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
     original = judges.RewardModelJudge.score
     monkeypatch.setattr(judges.RewardModelJudge, "score",
                         lambda self, p, r: scored.append(len(r)) or original(self, p, r))
-    second = evaluate_model(tiny_model_dir, data, base_cache=cache, **opts)
+    second = evaluate(tiny_model_dir, data, base_cache=cache, **opts)
     assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
     assert second == plain and scored == [6]  # the model's six samples only
     # another judge (other weights) is another key: its scores of the base are computed, not reused
@@ -261,7 +261,7 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
         next(p for n, p in model.named_parameters() if "score" in n).mul_(-1.0)
     model.save_pretrained(other)
     load_tokenizer_and_save(trained_reward_model["model"], other)
-    flipped = evaluate_model(tiny_model_dir, data, base_cache=cache, **{**opts, "judge": f"reward-model:{other}"})
+    flipped = evaluate(tiny_model_dir, data, base_cache=cache, **{**opts, "judge": f"reward-model:{other}"})
     assert "judge scores" in flipped["base_cache"]["stored"]
     assert flipped["generation"]["score_base"] == pytest.approx(-plain["generation"]["score_base"], abs=1e-4)
 

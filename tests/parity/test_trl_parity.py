@@ -113,7 +113,7 @@ def preftune_pairs(loss, loss_weights=None, ld_alpha=None, use_weighting=False, 
     sums = torch.zeros(2 * PAIRS, dtype=tokens.dtype).index_add(0, seq, tokens)
     ref = torch.zeros(2 * PAIRS, dtype=tokens.dtype).index_add(0, seq, ref_tokens)
     if ld_alpha is not None:  # what preftune.training.reference returns under LD-DPO
-        from preftune.methods.losses import length_desensitized_logps
+        from preftune.methods.losses.modifiers import length_desensitized_logps
 
         ref = length_desensitized_logps(ref_tokens, seq, PAIRS, ld_alpha)
         options["ld_alpha"] = ld_alpha
