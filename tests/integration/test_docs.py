@@ -166,6 +166,14 @@ def test_readme_indexes_every_docs_page():
     assert missing == []
 
 
+def test_eval_flags_page_is_the_generated_table():
+    """docs/reference/eval-flags.md's table is the one generated from EvalConfig (regenerate: python -c
+    'from preftune.cli.eval import eval_flags_markdown; print(eval_flags_markdown())')."""
+    from preftune.cli.eval import eval_flags_markdown
+
+    assert eval_flags_markdown() in (DOCS / "reference" / "eval-flags.md").read_text()
+
+
 def undocumented_modules(architecture: str, package: Path) -> list[str]:
     """Modules of ``package`` that no row of the architecture page names: a row names a module by its
     path (``preftune/data/load.py``), by its folder (``preftune/methods/losses/``), or by its file name
