@@ -216,9 +216,19 @@ def git_commit(repo: Path = REPO) -> str | None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that runs this process, with paths inside the repository made relative to it."""
-    argv = sys.argv if argv is None else argv
-    text = shlex.join(["python", *argv])
+    """The command that runs this process, paths inside the repository made relative to it and
+    ``--results-dir DIR`` left out (where the record is written is not part of what was measured)."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--results-dir="):
+            skip = False
+            continue
+        if arg == "--results-dir":
+            skip = True
+            continue
+        kept.append(arg)
+    text = shlex.join(["python", *kept])
     return text.replace(str(REPO) + os.sep, "")
 
 

@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS))
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="write DIR/results.json (command, commit, date, hardware, versions, metrics) for "
+                             "benchmarks/results/ and benchmarks/results_tables.py")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -123,7 +126,24 @@ def main(argv=None) -> int:
             print("\n| configuration | peak RSS (GB) | vs dpo with a frozen copy |\n|---|---|---|")
             for name, result in rows:
                 print(f"| {name} | {result['peak_rss_gb']:.2f} | {result['peak_rss_gb'] / base['peak_rss_gb']:.2f}x |")
+        if args.results_dir:
+            write_results(args, params, rows)
     return 0
+
+
+def write_results(args, params: int, rows: list[tuple[str, dict]]) -> None:
+    """``args.results_dir``/results.json: each configuration's peak RSS and its ratio to dpo's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_report
+
+    base = dict(rows).get("dpo")
+    configurations = [{"configuration": name, "peak_rss_gb": round(r["peak_rss_gb"], 3),
+                       "vs_frozen_copy": round(r["peak_rss_gb"] / base["peak_rss_gb"], 3) if base else None,
+                       "seconds": round(r["seconds"], 1)} for name, r in rows]
+    metrics = {"model_parameters": params, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+               "pairs_per_step": args.batch_size, "threads": args.threads, "configurations": configurations}
+    path = bench_report.write_results(args.results_dir, "Peak memory by reference mode", "memory-reference", metrics)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_latest_run_is_the_newest_complete_one(tmp_path):
 
 
 def test_shared_writer_produces_a_valid_record(tmp_path):
-    argv = [str(BENCHMARKS / "memory_reference.py"), "--out", str(REPO / "runs" / "x")]
+    argv = [str(BENCHMARKS / "memory_reference.py"), "--out", str(REPO / "runs" / "x"), "--results-dir", "/tmp/r"]
     path = bench_report.write_results(tmp_path / "run", "a run", "memory-reference",
                                       valid_record()["metrics"], argv=argv, notes="planted")
     data = json.loads(path.read_text())
