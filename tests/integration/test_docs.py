@@ -166,6 +166,14 @@ def test_readme_indexes_every_docs_page():
     assert missing == []
 
 
+def test_readme_names_every_method():
+    """The README's methods paragraph lists every ``--loss`` name of the method table."""
+    from preftune.methods.table import METHODS
+
+    section = README.read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    assert [m.name for m in METHODS if f"`{m.name}`" not in section] == []
+
+
 def test_eval_flags_page_is_the_generated_table():
     """docs/reference/eval-flags.md's table is the one generated from EvalConfig (regenerate: python -c
     'from preftune.cli.eval import eval_flags_markdown; print(eval_flags_markdown())')."""
