@@ -61,10 +61,13 @@ def main(argv=None) -> dict:
         timed(ev, name)
     timed(judges.RewardModelJudge, "score")
     start = time.perf_counter()
-    result = ev.evaluate_model(args.model, args.data, ref_model=args.base, generate=args.generate, judge=args.judge,
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                               max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                               mixed_precision=args.mixed_precision, seed=0, base_cache=args.base_cache)
+    from preftune.config.eval_config import EvalConfig
+
+    result = ev.evaluate_model(EvalConfig(
+        model=args.model, data=args.data, ref_model=args.base, generate=args.generate, judge=args.judge,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, mixed_precision=args.mixed_precision, seed=0,
+        base_cache=args.base_cache))
     total = time.perf_counter() - start
     gen = result["generation"] or {}
     out = {"seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(total, 1)},

@@ -1,14 +1,26 @@
 """Command line for evaluation: ``preftune eval``, ``preftune generate`` and ``preftune compare``.
 
-Argument parsing only; the work is in :mod:`preftune.evaluate` and :mod:`preftune.evaluation.sweep`.
-``register(subparsers)`` adds the three commands to the ``preftune`` parser.
+Argument parsing only; the work is in :mod:`preftune.evaluation.evaluate` and
+:mod:`preftune.evaluation.sweep`. ``preftune eval`` has one flag per
+:class:`preftune.config.eval_config.EvalConfig` field (generated from the dataclass, with its help,
+choices and range; bad values give one line and exit 2) and reads a YAML of the same names with
+``--config``. ``register(subparsers)`` adds the three commands to the ``preftune`` parser.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+
+from preftune.config.eval_config import EvalConfig
+from preftune.config.values import coerce, field_type, flag_name, flags_markdown
+from preftune.config.yaml import load_options
+
+EVAL_GROUPS = {"model": "models", "data": "held-out data", "generation": "generation, KL and win rate (--generate)",
+               "compute": "compute"}
+REQUIRED = ("model", "data")  # flags every `preftune eval` names (--config gives the other options)
 
 EVAL_EPILOG = """\
 examples:
@@ -93,29 +105,11 @@ def register(subparsers) -> None:
                                description="Held-out preference metrics, NLL regression vs the base, and\n"
                                            "(with --generate) KL to the base and the win rate over it.",
                                epilog=EVAL_EPILOG, formatter_class=fmt)
-    ev.add_argument("--model", required=True, help="model to evaluate (folder, hub name or .gguf file)")
-    ev.add_argument("--ref-model", help="the base / reference model (folder, hub name or .gguf); without it: raw "
-                                        "log-prob preference, no NLL difference, no generation")
-    ev.add_argument("--data", required=True, help="held-out preference pairs (any `preftune train` format)")
-    ev.add_argument("--nll-data", help="SFT file for the NLL check (default: chosen responses of --data)")
-    ev.add_argument("--generate", type=int, default=0, metavar="N",
-                    help="sample the first N prompts of --data with model and base (default: 0 = off)")
-    ev.add_argument("--judge", help="judge spec for the win rate (needs --generate)")
-    ev.add_argument("--kl-samples", type=int, default=1, help="samples per prompt for the KL estimate (default: 1)")
-    ev.add_argument("--beta", type=float, default=0.1, help="implicit-reward scale (default: 0.1)")
-    ev.add_argument("--max-length", type=int, default=1024, help="max prompt + completion tokens (default: 1024)")
-    ev.add_argument("--max-prompt-length", type=int, default=None,
-                    help="max prompt tokens (default: no own limit; --max-length bounds prompt + completion, "
-                         "the prompt's start cut first, as in preftune train)")
-    ev.add_argument("--max-examples", type=int, help="use only the first N held-out records")
-    ev.add_argument("--base-cache", metavar="FILE.json",
-                    help="keep the base's share of the work (its held-out log-probs, NLL, samples and their "
-                         "reward-model scores) in this file and reuse it when another model is evaluated "
-                         "against the same base with the same data and settings (keyed by the base's weights "
-                         "and every setting; same results)")
+    ev.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys = flag names); command-line "
+                                                         "flags override it")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ev.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
-    _add_sampling_flags(ev)
+    add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     gen = subparsers.add_parser("generate", help="build on-policy preference pairs: best vs worst of n samples",
@@ -143,17 +137,58 @@ def register(subparsers) -> None:
     cmp.set_defaults(func=cmd_compare)
 
 
-def cmd_eval(args) -> int:
-    from preftune.evaluation.evaluate import evaluate_model, format_table, to_json
+def add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EvalConfig field that has one, grouped, with defaults suppressed (so the flags given
+    are known and override ``--config``); the help shows each default; ``--model`` and ``--data`` are required."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(EvalConfig):
+        if not f.metadata.get("flag", True):
+            continue
+        group_name = f.metadata.get("group", "compute")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(EVAL_GROUPS.get(group_name, group_name))
+        default = f.metadata.get("cli_default", f.default)
+        shown = "off" if default is False else "on" if default is True else default
+        required = f.name in REQUIRED
+        suffix = "" if required or default is None else f" (default: {shown})"  # None: described in the help
+        help_text = (f.metadata.get("help", "") + suffix).replace("%", "%%")
+        if field_type(f) is bool:
+            groups[group_name].add_argument("--" + flag_name(f.name), action=argparse.BooleanOptionalAction,
+                                            default=argparse.SUPPRESS, help=help_text)
+            continue
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else f.metadata.get("metavar", f.name.upper())
+        groups[group_name].add_argument("--" + flag_name(f.name), default=argparse.SUPPRESS, metavar=metavar,
+                                        help=help_text, required=required)
 
-    result = evaluate_model(args.model, args.data, ref_model=args.ref_model, nll_data=args.nll_data,
-                            generate=args.generate, judge=args.judge, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            batch_size=args.batch_size, max_length=args.max_length,
-                            max_prompt_length=args.max_prompt_length, beta=args.beta, kl_samples=args.kl_samples,
-                            max_examples=args.max_examples, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision,
-                            base_cache=args.base_cache)
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The ``--config`` file (if any) overridden by the flags given, then validated; the command line's
+    defaults where neither sets an option (``--mixed-precision auto``)."""
+    source = getattr(args, "config", None)
+    file_options = load_options(source) if source else {}
+    cfg = EvalConfig.from_dict(file_options, source=str(source))
+    in_file = {key.replace("-", "_") for key in file_options}  # every key is a known name here
+    fields = EvalConfig.fields()
+    for f in fields.values():
+        if "cli_default" in f.metadata and f.name not in in_file:
+            setattr(cfg, f.name, f.metadata["cli_default"])
+    given = {name: value for name, value in vars(args).items() if name in fields}
+    for name, value in given.items():
+        setattr(cfg, name, coerce(fields[name], value, source="command line"))
+    return cfg.validate()
+
+
+def eval_flags_markdown() -> str:
+    """The docs' table of every ``preftune eval`` flag, generated from EvalConfig like the train flags table."""
+    return flags_markdown(EvalConfig)
+
+
+def cmd_eval(args) -> int:
+    from preftune.evaluation.evaluate import evaluate_model
+    from preftune.evaluation.report_table import format_table, to_json
+
+    result = evaluate_model(eval_config_from_args(args))
     text = to_json(result)
     if args.output:
         Path(args.output).write_text(text)
@@ -162,7 +197,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from preftune.evaluation.evaluate import onpolicy_pairs, read_prompts
+    from preftune.evaluation.evaluate import onpolicy_pairs
+    from preftune.evaluation.prompts import read_prompts
 
     if not args.keep_all and not args.judge:
         raise ValueError("--judge is required to rank the samples (or --keep-all to write them all unranked)")
@@ -185,10 +221,10 @@ def cmd_generate(args) -> int:
 def _write_candidates(args, prompts) -> int:
     from preftune.evaluation.pairs import onpolicy_candidates
 
-    records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                  batch_size=args.batch_size, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                  mixed_precision=args.mixed_precision)
+    records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
     with open(args.out, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

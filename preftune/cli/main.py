@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 
-from preftune.config.train_config import ConfigError, TrainConfig, as_bool, coerce, field_type
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError, as_bool, coerce, field_type
 from preftune.evaluation.judges.base import JudgeError
 
 GROUP_TITLES = {

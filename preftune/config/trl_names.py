@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from preftune.config.train_config import SCHEDULERS, ConfigError, as_bool
+from preftune.config.values import SCHEDULERS, ConfigError, as_bool
 
 # TRL name -> preftune name, same meaning (value converted where needed, below).
 RENAMED = {

@@ -1,4 +1,5 @@
-"""evaluate_model on a tiny Llama: hand-computed metrics, KL to the base, win rates, the eval CLI."""
+"""evaluate_model on a tiny Llama: hand-computed metrics, KL to the base, win rates, the eval CLI and its
+EvalConfig (flags, ranges, YAML, the Python API's checks)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,25 @@ from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 from transformers import AutoModelForCausalLM
 
 from preftune.cli.eval import register
+from preftune.config.eval_config import EvalConfig
 from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
-from preftune.evaluation.evaluate import RAW_PREFERENCE, evaluate_model, format_table, read_prompts, to_json
+from preftune.evaluation.evaluate import RAW_PREFERENCE, evaluate_model
 from preftune.evaluation.judges.base import CompareResult, Judge
+from preftune.evaluation.prompts import read_prompts
+from preftune.evaluation.report_table import format_table, to_json
 from preftune.evaluation.sampling import estimate_kl
 from preftune.model.loading import load_tokenizer
 from preftune.training.loop import train
 
 LENGTHS = dict(max_length=64, max_prompt_length=32)
+
+
+def run_eval(model, data, judge=None, **options) -> dict:
+    """:func:`evaluate_model` of an EvalConfig of these options; ``judge`` a spec or a Judge object."""
+    if judge is not None and not isinstance(judge, str):
+        return evaluate_model(EvalConfig.from_options({"model": model, "data": data, **options}, "test"), judge=judge)
+    return evaluate_model(EvalConfig.from_options({"model": model, "data": data, "judge": judge, **options}, "test"))
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +100,7 @@ def hand_metrics(model_dir, ref_dir, data, n: int, beta: float) -> dict:
 
 def test_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, rule_data):
     expected = hand_metrics(trained_dir, tiny_model_dir, rule_data["eval"], n=24, beta=0.1)
-    result = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, beta=0.1, max_examples=24,
+    result = run_eval(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, beta=0.1, max_examples=24,
                             batch_size=8, **LENGTHS)
     pref, nll = result["preference"], result["nll"]
     assert pref["pairs"] == expected["pairs"] == 24
@@ -104,7 +115,7 @@ def test_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, rule_data
     assert nll["difference"] < 0  # DPO on the rule raised the chosen log-probs here
     assert result["reference"] == str(tiny_model_dir) and result["generation"] is None
 
-    raw = evaluate_model(trained_dir, rule_data["eval"], max_examples=24, **LENGTHS)  # no reference model
+    raw = run_eval(trained_dir, rule_data["eval"], max_examples=24, **LENGTHS)  # no reference model
     assert raw["reference"] == RAW_PREFERENCE
     assert raw["preference"]["accuracy"] == pytest.approx(expected["raw_accuracy"], abs=1e-9)
     assert "raw log-prob" in raw["preference"]["accuracy_definition"]
@@ -114,18 +125,18 @@ def test_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, rule_data
 
 def test_kl_is_zero_against_itself_and_positive_after_training(trained_dir, tiny_model_dir, rule_data):
     common = dict(generate=8, max_new_tokens=8, max_examples=4, **LENGTHS)
-    same = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
+    same = run_eval(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
     assert abs(same["kl"]) < 1e-6 and same["kl_stderr"] < 1e-6
     assert all(s["model"] == s["base"] for s in same["samples"])  # same weights, same seed
 
-    moved = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, kl_samples=16,
+    moved = run_eval(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, kl_samples=16,
                            **common)["generation"]
     assert moved["kl_samples"] == 128
     assert moved["kl"] > 2 * moved["kl_stderr"] > 0, (moved["kl"], moved["kl_stderr"])
 
     # With temperature 1 and one sample per prompt the judged samples are reused for the KL:
     # the same estimate as generate.estimate_kl with the same seed.
-    reused = evaluate_model(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
+    reused = run_eval(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, **common)["generation"]
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(trained_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -152,7 +163,7 @@ def test_win_rate_and_interval_from_a_judge_with_known_outcomes(tiny_model_dir, 
     centre = (2/3 + z^2/12) / (1 + z^2/6) = 0.98679 / 1.64025 = 0.6016,
     half = z / (1 + z^2/6) * sqrt((2/9)/6 + z^2/144) = 1.19492 * 0.25242 = 0.3016, so [0.3000, 0.9032]."""
     judge = FixedJudge(CompareResult([1.0, 1.0, 1.0, 0.0, 0.5, 0.5], ties=2, inconsistent=1, unparseable=1))
-    result = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=6, judge=judge,
+    result = run_eval(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=6, judge=judge,
                             max_new_tokens=4, max_examples=2, **LENGTHS)
     gen = result["generation"]
     wr = gen["win_rate"]
@@ -168,7 +179,7 @@ def test_win_rate_and_interval_from_a_judge_with_known_outcomes(tiny_model_dir, 
     assert json.loads(to_json(result))["generation"]["win_rate"]["wins"] == 3
 
     # A scoring judge from a spec string that scores everything alike: every item ties.
-    tied = evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=4,
+    tied = run_eval(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=4,
                           judge=f"python:{judge_file}:constant", max_new_tokens=4, max_examples=2, **LENGTHS)
     wr = tied["generation"]["win_rate"]
     assert (wr["rate"], wr["ties"], wr["wins"]) == (0.5, 4, 0)
@@ -185,9 +196,9 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
     opts = dict(ref_model=tiny_model_dir, generate=8, judge=f"python:{judge_file}:rule_score", max_new_tokens=8,
                 max_examples=16, **LENGTHS)
     cache = tmp_path / "base_cache.json"
-    plain = {name: evaluate_model(path, rule_data["eval"], **opts)
+    plain = {name: run_eval(path, rule_data["eval"], **opts)
              for name, path in (("trained", trained_dir), ("base", tiny_model_dir))}
-    first = evaluate_model(trained_dir, rule_data["eval"], base_cache=cache, **opts)
+    first = run_eval(trained_dir, rule_data["eval"], base_cache=cache, **opts)
     assert first.pop("base_cache") == {"path": str(cache), "reused": [],
                                        "stored": ["held-out pair log-probs", "NLL", "samples"]}
     assert first == plain["trained"]
@@ -205,29 +216,29 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
 
     for name in calls:
         monkeypatch.setattr(ev, name, counting(name))
-    second = evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
+    second = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
     assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples"]
     assert second == plain["base"]
     assert calls == {"pair_logps": 1, "total_nll": 1, "sample": 0}  # the model's own forwards only
 
-    reseeded = evaluate_model(trained_dir, rule_data["eval"], base_cache=cache, **{**opts, "seed": 1})
+    reseeded = run_eval(trained_dir, rule_data["eval"], base_cache=cache, **{**opts, "seed": 1})
     assert reseeded["base_cache"]["reused"] == ["held-out pair log-probs", "NLL"]  # samples depend on the seed
     assert reseeded["base_cache"]["stored"] == ["samples"]
-    other_base = evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache,
+    other_base = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache,
                                 **{**opts, "ref_model": trained_dir})
     assert other_base["base_cache"]["reused"] == []
     assert len(json.loads(cache.read_text())["entries"]) == 3 + 1 + 3
     with pytest.raises(ValueError, match="--base-cache .* needs --ref-model"):
-        evaluate_model(tiny_model_dir, rule_data["eval"], base_cache=cache)
+        run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache)
 
 
 def test_bad_requests_are_refused_before_loading(tiny_model_dir, rule_data):
     with pytest.raises(ValueError, match="needs --ref-model"):
-        evaluate_model(tiny_model_dir, rule_data["eval"], generate=4)
+        run_eval(tiny_model_dir, rule_data["eval"], generate=4)
     with pytest.raises(ValueError, match="also pass --generate"):
-        evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, judge="python:os:getcwd")
+        run_eval(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, judge="python:os:getcwd")
     with pytest.raises(ValueError, match="unknown judge spec"):
-        evaluate_model(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=2, judge="gpt4")
+        run_eval(tiny_model_dir, rule_data["eval"], ref_model=tiny_model_dir, generate=2, judge="gpt4")
 
 
 def test_read_prompts_from_every_kind_of_file(tmp_path, rule_data):

@@ -24,7 +24,8 @@ import pytest
 
 import preftune
 from preftune.cli.main import build_parser, config_from_args, main
-from preftune.config.train_config import ConfigError, TrainConfig, field_type
+from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.config.values import field_type
 
 NOWHERE = "/nonexistent/model"  # a model that can't load: errors must come before any loading
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_duplicated_yaml_key_is_an_error_naming_key_and_line(tmp_path, capsys):
 
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
-    from preftune.config.train_config import load_yaml
+    from preftune.config.yaml import load_yaml
 
     (tmp_path / "m.yaml").write_text("base: &b {beta: 0.1, loss: ipo}\nrun:\n  <<: *b\n  beta: 0.3\n")
     assert load_yaml(tmp_path / "m.yaml")["run"] == {"beta": 0.3, "loss": "ipo"}
