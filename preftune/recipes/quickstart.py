@@ -11,7 +11,9 @@ Six stages on preftune's own pieces, written to one run folder:
 4. **DPO** — ``train(loss="dpo")`` from the SFT model on those on-policy pairs;
 5. **evaluation** on films no stage has seen: judge scores, the DPO-vs-SFT win rate with its 95%
    interval, KL(DPO || SFT), held-out preference accuracy;
-6. **report** — ``report.md``, ``metrics.json`` and two plots.
+6. **report** — ``report.md``, ``metrics.json`` and two plots (:mod:`preftune.recipes.quickstart_report`).
+
+The stages run under :class:`preftune.recipes.stages.StageRunner`, the runner the real recipe uses too.
 
 The task is the controlled sentiment generation of the DPO paper (Rafailov et al. 2023, section
 6.1) made small enough for a laptop. Everything is seeded and runs on ``cfg.threads`` threads:
@@ -23,16 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.recipes import quickstart_world as world
+from preftune.recipes.quickstart_report import plot_scores, plot_training, summary_text, write_report
+from preftune.recipes.stages import StageRunner, check_run_folder, clear_entries, write_metrics
 
 JUDGE_SPEC = "python:preftune.recipes.quickstart_world:sentiment_score"
-STAGES = 6
+STAGE_NAMES = ("base model", "SFT", "preference pairs", "DPO", "evaluation", "report")
 # What a run writes into its folder; a re-run clears exactly these and nothing else.
 RUN_ENTRIES = ("base", "sft", "dpo", "data", "samples.jsonl", "metrics.json", "report.md", "judge_scores.png",
                "dpo_training.png")
@@ -46,7 +49,7 @@ class QuickstartConfig:
     seed: int = 0
     progress: bool = True
     # One intra-op thread: ops this small gain little from more, and OpenMP threads spinning on a
-    # busy machine made every stage ~5x slower in our measurements. It also keeps the numbers the
+    # busy machine made every stage ~5x slower when measured. It also keeps the numbers the
     # same on machines with different core counts.
     threads: int = 1
     # model: a tiny Llama; prompts are <= 13 tokens, reviews <= ~50
@@ -119,28 +122,63 @@ def run_quickstart(cfg: QuickstartConfig, echo=print) -> QuickstartResult:
 
 def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
     from preftune.evaluation.judges.python import PythonJudge
-    from preftune.evaluation.pairs import best_vs_worst_pairs
 
     out = prepare_output_dir(Path(cfg.output_dir))
     judge = PythonJudge(world.sentiment_score, spec=JUDGE_SPEC)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    stage_starts: list[float] = []
-
-    def stage(number: int, title: str) -> None:
-        stage_starts.append(time.perf_counter())
-        echo(f"\n[{number}/{STAGES}] {title}  ({stage_starts[-1] - started:.0f} s)")
-
+    runner, cpu_started = StageRunner(STAGE_NAMES, echo), time.process_time()
     train_films, held_out_films = world.film_titles(cfg.held_out_films, seed=cfg.seed)
-    stage(1, "building the base model: BPE tokenizer + tiny Llama pretrained on generated film reviews")
-    tokenizer = build_base(cfg, out, train_films + held_out_films, train_films)
+    run: dict = {}  # what a stage hands to the later ones
 
-    stage(2, "supervised fine-tuning on 'Write a review of <film>.' (positive and negative reviews)")
-    write_jsonl(out / "data" / "sft.jsonl", world.sft_rows(train_films, cfg.sft_rows, seed=cfg.seed + 2))
-    train_stage(cfg, out / "sft", model=out / "base", data=out / "data" / "sft.jsonl", loss="sft",
-                learning_rate=cfg.sft_lr, epochs=1.0)
+    def base_model() -> None:
+        run["tokenizer"] = build_base(cfg, out, train_films + held_out_films, train_films)
 
-    stage(3, "building preference pairs: SFT samples ranked by the sentiment judge, best vs worst")
-    sft_model = load(out / "sft")
+    def sft() -> None:
+        write_jsonl(out / "data" / "sft.jsonl", world.sft_rows(train_films, cfg.sft_rows, seed=cfg.seed + 2))
+        train_stage(cfg, out / "sft", model=out / "base", data=out / "data" / "sft.jsonl", loss="sft",
+                    learning_rate=cfg.sft_lr, epochs=1.0)
+
+    def preference_pairs() -> None:
+        run["sft_model"] = load(out / "sft")
+        run.update(build_pairs(cfg, out, judge, run["sft_model"], run["tokenizer"], train_films, held_out_films))
+        echo(f"  {run['pairs']} training pairs ({run['skipped_ties']} prompts skipped: all samples tied), "
+             f"{run['eval_pairs']} held-out pairs")
+
+    def dpo() -> None:
+        run["dpo"] = train_stage(cfg, out / "dpo", model=out / "sft", data=out / "data" / "pairs.jsonl", loss="dpo",
+                                 learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs, beta=cfg.beta,
+                                 eval_data=out / "data" / "eval_pairs.jsonl")
+
+    def evaluation() -> None:
+        run["metrics"], run["samples"] = evaluate_dpo(cfg, out, judge, run)
+
+    def report() -> None:
+        samples, metrics = run["samples"], run["metrics"]
+        plot_scores(out / "judge_scores.png", [s["sft_score"] for s in samples], [s["dpo_score"] for s in samples])
+        plot_training(out / "dpo_training.png", out / "dpo" / "metrics.jsonl")
+        metrics.update(passed=metrics["win_rate"]["rate"] >= cfg.min_win_rate, seconds=round(runner.elapsed(), 1),
+                       cpu_seconds=round(time.process_time() - cpu_started, 1),  # this process, all threads
+                       stage_seconds=list(runner.stage_seconds().values()), config=dataclasses.asdict(cfg))
+        write_metrics(out, metrics)
+        write_report(out, metrics, samples)
+
+    runner.run("base model", "a BPE tokenizer and a tiny Llama pretrained on generated film reviews", base_model)
+    runner.run("SFT", "supervised fine-tuning on 'Write a review of <film>.' (positive and negative reviews)", sft)
+    runner.run("preference pairs", "SFT samples ranked by the sentiment judge, best vs worst", preference_pairs)
+    runner.run("DPO", f"from the SFT model (beta {cfg.beta}) on the on-policy pairs", dpo)
+    runner.run("evaluation", f"DPO vs SFT on {len(held_out_films)} held-out films", evaluation)
+    runner.run("report", "report.md, metrics.json and two plots", report)
+    echo(summary_text(out, run["metrics"], run["samples"]))
+    return QuickstartResult(out, run["metrics"], run["metrics"]["passed"])
+
+
+def build_pairs(cfg: QuickstartConfig, out: Path, judge, sft_model, tokenizer, train_films: list[str],
+                held_out_films: list[str]) -> dict:
+    """Stage 3: training pairs (best vs worst of the SFT model's samples on training films) and held-out
+    pairs (the best and worst of each held-out film's samples), written to ``out/data``; the held-out
+    prompts and their SFT samples are kept for the evaluation. -> ``{pairs, skipped_ties, eval_pairs,
+    eval_prompts, sft_texts}`` (counts for pairs and eval_pairs)."""
+    from preftune.evaluation.pairs import best_vs_worst_pairs
+
     rng = random.Random(cfg.seed + 3)
     pair_prompts = [world.prompt_text(rng.choice(train_films), rng.randrange(len(world.PROMPT_TEMPLATES)))
                     for _ in range(cfg.pair_prompts)]
@@ -159,55 +197,32 @@ def _run(cfg: QuickstartConfig, echo) -> QuickstartResult:
     per_film = [sft_texts[i:i + k] for i in range(0, len(sft_texts), k)]
     eval_pairs = non_empty(best_vs_worst_pairs(eval_prompts[::k], per_film, judge)[0])
     write_jsonl(out / "data" / "eval_pairs.jsonl", eval_pairs)
-    echo(f"{len(pairs)} training pairs ({ties} prompts skipped: all samples tied), {len(eval_pairs)} held-out pairs")
+    return {"pairs": len(pairs), "skipped_ties": ties, "eval_pairs": len(eval_pairs), "eval_prompts": eval_prompts,
+            "sft_texts": sft_texts}
 
-    stage(4, f"DPO from the SFT model (beta {cfg.beta}) on the on-policy pairs")
-    dpo = train_stage(cfg, out / "dpo", model=out / "sft", data=out / "data" / "pairs.jsonl", loss="dpo",
-                      learning_rate=cfg.dpo_lr, epochs=cfg.dpo_epochs, beta=cfg.beta,
-                      eval_data=out / "data" / "eval_pairs.jsonl")
 
-    stage(5, f"evaluating on {len(held_out_films)} held-out films")
-    dpo_model = load(out / "dpo")
+def evaluate_dpo(cfg: QuickstartConfig, out: Path, judge, run: dict) -> tuple[dict, list[dict]]:
+    """Stage 5: the DPO model's samples on the held-out prompts against the SFT model's -> (metrics, samples);
+    ``samples.jsonl`` written. ``run`` holds the earlier stages' tokenizer, SFT model, prompts and texts."""
+    dpo_model, prompts, sft_texts = load(out / "dpo"), run["eval_prompts"], run["sft_texts"]
     # The same seed as the SFT samples (common random numbers): the two models' samples start alike
     # and part where DPO changed the distribution, which makes the comparison less noisy.
-    dpo_texts = sample_with_progress(cfg, dpo_model, tokenizer, eval_prompts, 1, seed=cfg.seed + 31,
+    dpo_texts = sample_with_progress(cfg, dpo_model, run["tokenizer"], prompts, 1, seed=cfg.seed + 31,
                                      desc="sampling DPO (held-out films)")
     dpo_texts = [row[0] for row in dpo_texts]
-    metrics = evaluate(cfg, judge, dpo_model, sft_model, tokenizer, eval_prompts, sft_texts, dpo_texts, dpo)
-    metrics.update(pairs=len(pairs), skipped_ties=ties, eval_pairs=len(eval_pairs))
+    metrics = evaluate(cfg, judge, dpo_model, run["sft_model"], run["tokenizer"], prompts, sft_texts, dpo_texts,
+                       run["dpo"])
+    metrics.update(pairs=run["pairs"], skipped_ties=run["skipped_ties"], eval_pairs=run["eval_pairs"])
     samples = [{"prompt": p, "sft": s.strip(), "dpo": d.strip(), "sft_score": world.sentiment_score(p, s),
-                "dpo_score": world.sentiment_score(p, d)} for p, s, d in zip(eval_prompts, sft_texts, dpo_texts)]
+                "dpo_score": world.sentiment_score(p, d)} for p, s, d in zip(prompts, sft_texts, dpo_texts)]
     write_jsonl(out / "samples.jsonl", samples)
-
-    stage(6, "writing the report")
-    plot_scores(out / "judge_scores.png", [s["sft_score"] for s in samples], [s["dpo_score"] for s in samples])
-    plot_training(out / "dpo_training.png", out / "dpo" / "metrics.jsonl")
-    now = time.perf_counter()
-    metrics.update(passed=metrics["win_rate"]["rate"] >= cfg.min_win_rate, seconds=round(now - started, 1),
-                   cpu_seconds=round(time.process_time() - cpu_started, 1),  # this process, all threads
-                   stage_seconds=[round(b - a, 1) for a, b in zip(stage_starts, stage_starts[1:] + [now])],
-                   config=dataclasses.asdict(cfg))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_report(out, metrics, samples)
-    echo(summary_text(out, metrics, samples))
-    return QuickstartResult(out, metrics, metrics["passed"])
+    return metrics, samples
 
 
 def prepare_output_dir(out: Path) -> Path:
     """``out`` with the entries of an earlier run removed (train() appends to metrics files)."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--output-dir {out} is a file")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
-        if foreign:
-            raise ValueError(f"--output-dir {out} holds files a quickstart run did not write ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
-        for name in RUN_ENTRIES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    check_run_folder(out, RUN_ENTRIES, "a quickstart run")
+    clear_entries(out, RUN_ENTRIES)
     (out / "data").mkdir(parents=True)
     return out
 
@@ -300,112 +315,3 @@ def evaluate(cfg: QuickstartConfig, judge, dpo_model, sft_model, tokenizer, prom
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-# ------------------------------------------------------------------------------------------------
-# Summary and report
-# ------------------------------------------------------------------------------------------------
-
-
-def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """``(metric, SFT, DPO)`` rows shared by the printed summary and ``report.md``."""
-    sft, dpo, win, kl = metrics["sft"], metrics["dpo"], metrics["win_rate"], metrics["kl"]
-    accuracy = metrics["preference_accuracy"]["after"]
-    return [
-        ("judge score, mean (-1..1)", f"{sft['mean_score']:+.3f}", f"{dpo['mean_score']:+.3f}"),
-        ("positive / negative reviews", f"{sft['positive']:.0%} / {sft['negative']:.0%}",
-         f"{dpo['positive']:.0%} / {dpo['negative']:.0%}"),
-        ("words per review", f"{sft['mean_words']:.1f}", f"{dpo['mean_words']:.1f}"),
-        ("win rate vs SFT [95% CI]", "",
-         f"{win['rate']:.3f} [{win['low']:.3f}, {win['high']:.3f}]  n={win['n']}: {win['wins']} wins, "
-         f"{win['losses']} losses, {win['ties']} ties"),
-        ("KL(DPO || SFT), nats/review", "", f"{kl['mean']:.2f} +- {kl['stderr']:.2f}"),
-        ("held-out preference accuracy", "", "n/a" if accuracy is None else f"{accuracy:.2f}"),
-    ]
-
-
-def summary_text(out: Path, metrics: dict, samples: list[dict], n_examples: int = 3) -> str:
-    rows = summary_rows(metrics)
-    width = max(len(row[0]) for row in rows)
-    lines = [f"\nheld-out films: {metrics['held_out_films']}, judge: {metrics['judge']}",
-             f"{'':{width}}  {'SFT':>9}  DPO"]
-    lines += [f"{name:{width}}  {sft:>9}  {dpo}" for name, sft, dpo in rows]
-    lines.append("\nsample generations on held-out films, SFT -> DPO [judge score]:")
-    for row in example_samples(samples, n_examples):
-        lines += [f"  {row['prompt'].splitlines()[0]}", f"    SFT [{row['sft_score']:+.2f}] {row['sft']}",
-                  f"    DPO [{row['dpo_score']:+.2f}] {row['dpo']}"]
-    verdict = "PASS" if metrics["passed"] else "FAIL"
-    lines.append(f"\n{verdict}: win rate {metrics['win_rate']['rate']:.3f} (target >= "
-                 f"{metrics['config']['min_win_rate']}); {metrics['seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s "
-                 f"CPU); report: {out / 'report.md'}")
-    return "\n".join(lines)
-
-
-def example_samples(samples: list[dict], n: int) -> list[dict]:
-    """The first sample of each of the first ``n`` films (deterministic, not cherry-picked)."""
-    firsts: dict[str, dict] = {}
-    for row in samples:
-        firsts.setdefault(row["prompt"], row)
-    return list(firsts.values())[:n]
-
-
-def write_report(out: Path, metrics: dict, samples: list[dict]) -> None:
-    """``report.md``: what ran, the summary table, the plots, sample generations, the files."""
-    cfg = metrics["config"]
-    lines = ["# preftune quickstart", "",
-             "A tiny Llama pretrained on generated film reviews, SFT'd to write reviews of both sentiments, "
-             "then trained with DPO on its own samples ranked by a lexicon sentiment judge "
-             f"(`{metrics['judge']}`). Evaluated on {metrics['held_out_films']} films no stage saw.", "",
-             "| metric | SFT | DPO |", "|---|---|---|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in summary_rows(metrics)]
-    lines += ["", f"{metrics['pairs']} training pairs ({metrics['skipped_ties']} prompts skipped: all samples "
-              f"tied), beta {cfg['beta']}, {metrics['seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s CPU).", "",
-              f"* **Win rate**: for each of {metrics['held_out_prompts']} held-out prompts ({cfg['eval_samples']} "
-              "per film) one DPO and one SFT sample, compared by the judge; ties count half; Wilson interval.",
-              "* **KL**: Monte-Carlo KL(DPO || SFT) on DPO samples, nats per review, with its standard error.",
-              "* **Preference accuracy**: how often the DPO implicit reward ranks the chosen review of a held-out "
-              "pair (best vs worst SFT sample of a held-out film) above the rejected one.", "",
-              "![judge scores](judge_scores.png)", "", "![DPO training](dpo_training.png)", "",
-              "## Sample generations (first sample of the first held-out films, not cherry-picked)", ""]
-    for row in example_samples(samples, 6):
-        lines += [f"**{row['prompt'].splitlines()[0]}**", "", f"* SFT ({row['sft_score']:+.2f}): {row['sft']}",
-                  f"* DPO ({row['dpo_score']:+.2f}): {row['dpo']}", ""]
-    lines += ["## Files", "", "| path | what |", "|---|---|",
-              "| `base/`, `sft/`, `dpo/` | the three models (`from_pretrained`), each with its `metrics.jsonl` |",
-              "| `data/` | `pretrain.jsonl`, `sft.jsonl`, `pairs.jsonl` (train), `eval_pairs.jsonl` (held-out) |",
-              "| `samples.jsonl` | every held-out prompt with its SFT and DPO sample and their scores |",
-              "| `metrics.json` | every number above, the stage timings and the configuration |"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def _figure():
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-
-    return Figure(figsize=(6.4, 3.6), dpi=100)
-
-
-def plot_scores(path: Path, sft_scores: list[float], dpo_scores: list[float]) -> None:
-    fig = _figure()
-    ax = fig.add_subplot()
-    bins = [i / 10 for i in range(-10, 11)]
-    ax.hist(sft_scores, bins=bins, alpha=0.6, label="SFT")
-    ax.hist(dpo_scores, bins=bins, alpha=0.6, label="DPO")
-    ax.set(xlabel="judge score (lexicon sentiment)", ylabel="held-out samples", title="judge scores, held-out films")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def plot_training(path: Path, metrics_file: Path) -> None:
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    rows = [row for row in rows if "loss" in row]  # training rows (eval rows have eval/ keys only)
-    fig = _figure()
-    ax = fig.add_subplot()
-    steps = [row["step"] for row in rows]
-    for key, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-                       ("rewards/margins", "reward margin")):
-        ax.plot(steps, [row[key] for row in rows], label=label)
-    ax.set(xlabel="DPO step", title="DPO training (training batches)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
