@@ -2,11 +2,12 @@
 
 ``check_data(path)`` reads the whole file through the same path ``preftune train`` uses
 (``read_rows`` -> ``to_example`` -> ``tokenize_examples``) but never stops at a bad record: each
-one is counted under its kind with its ``file:line``. The :class:`DoctorReport` holds one
-:class:`Finding` per check, each ``ok`` / ``warning`` / ``error``. *Errors* are what makes
-``preftune train`` stop (bad records; it needs ``--skip-bad-records``) or makes its numbers
-meaningless (held-out prompts that are also trained on); *warnings* are what quietly makes a
-run worse (too few pairs, duplicates, a length bias, truncation).
+one is counted under its kind with its ``file:line``. The report
+(:class:`~preftune.data.doctor_report.DoctorReport`) holds one ``Finding`` per check, each ``ok`` /
+``warning`` / ``error``. *Errors* are what makes ``preftune train`` stop (bad records; it needs
+``--skip-bad-records``) or makes its numbers meaningless (held-out prompts that are also trained
+on); *warnings* are what quietly makes a run worse (too few pairs, duplicates, a length bias,
+truncation).
 
 Definitions:
 
@@ -26,15 +27,13 @@ counts them); without one they are approximate tokens, characters / 4, and say s
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import math
 import os
 from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.data.convert import detect_kind
+from preftune.data.doctor_report import NOUNS, DoctorReport, Finding, LengthStats
 from preftune.data.errors import DataError
 from preftune.data.formats import ASSISTANT_MARKER, to_example
 from preftune.data.messages import messages_text
@@ -57,94 +56,6 @@ IDENTICAL, EXACT, NEAR, CONFLICT = "identical pairs", "exact duplicates", "near 
 MARKERS, LABELS, BIAS = "turn markers in responses", "labels", "length bias"
 TRUNCATED, DROPPED, LEAK, TOKENIZER = "truncated", "dropped", "train/eval leak", "tokenizer"
 _RECORD_PROBLEMS = (BAD, PROMPT_SPLIT, EMPTY, IDENTICAL)
-NOUNS = {"pair": "pairs", "unpaired": "KTO examples", "sft": "SFT examples"}
-
-
-@dataclass
-class Finding:
-    """One check's result. ``locations``: the first few places, ``file:line`` first."""
-
-    check: str
-    severity: str  # "ok" | "warning" | "error"
-    message: str
-    count: int = 0
-    locations: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LengthStats:
-    """Mean, nearest-rank median and 95th percentile, and maximum of some lengths."""
-
-    mean: float
-    p50: int
-    p95: int
-    max: int
-
-    @classmethod
-    def of(cls, values) -> LengthStats:
-        ordered = sorted(values)
-        if not ordered:
-            return cls(0.0, 0, 0, 0)
-        rank = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
-        return cls(round(sum(ordered) / len(ordered), 1), rank(0.50), rank(0.95), ordered[-1])
-
-
-@dataclass
-class DoctorReport:
-    """Everything :func:`check_data` found. ``exit_code`` is 1 when any finding is an error."""
-
-    source: str
-    file_format: str
-    kind: str  # "pair" | "unpaired" | "sft"
-    rows: int  # records in the file, bad ones included
-    valid: int  # records preftune train would use
-    record_formats: dict[str, int]
-    prompt_sources: dict[str, int]  # Example.prompt_source: explicit / implicit / messages
-    length_unit: str
-    lengths: dict[str, LengthStats]
-    findings: list[Finding]
-
-    def finding(self, check: str) -> Finding | None:
-        return next((f for f in self.findings if f.check == check), None)
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.errors else 0
-
-    def to_dict(self) -> dict:
-        """JSON-able: every field, plus ``exit_code``."""
-        return {**dataclasses.asdict(self), "exit_code": self.exit_code}
-
-    def to_text(self) -> str:
-        """A readable report: what the file holds, the length table, then one row per check."""
-        noun = NOUNS[self.kind]
-        formats = ", ".join(f"{name} {n}" for name, n in self.record_formats.items()) or "none readable"
-        sources = ", ".join(f"{name} {n}" for name, n in self.prompt_sources.items()) or "-"
-        lines = [f"data check: {self.source}",
-                 f"  file      {self.file_format}; {self.rows} rows, {self.valid} valid {noun}",
-                 f"  records   {formats}",
-                 f"  prompts   {sources}",
-                 f"  lengths   in {self.length_unit}",
-                 f"  {'':10}{'mean':>9}{'p50':>8}{'p95':>8}{'max':>8}"]
-        for name, stats in self.lengths.items():
-            lines.append(f"  {name:10}{stats.mean:>9.1f}{stats.p50:>8}{stats.p95:>8}{stats.max:>8}")
-        lines += ["", f"  {'status':9}{'check':27}{'count':>6}  finding"]
-        for f in self.findings:
-            status = f.severity if f.severity == "ok" else f.severity.upper()
-            lines.append(f"  {status:9}{f.check:27}{f.count:>6}  {f.message}")
-            lines += [f"  {'':42}{where}" for where in f.locations]
-        errors, warnings = len(self.errors), len(self.warnings)
-        lines.append(f"\n  result: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)} "
-                     f"(exit code {self.exit_code})")
-        return "\n".join(lines)
 
 
 def check_data(path: str | os.PathLike, tokenizer=None, max_length: int | None = None,

@@ -36,7 +36,11 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 def text_config(model: nn.Module):
     """The config of ``model``'s text part (a multimodal model's text config, else its own config)."""
-    config = model.config
+    return text_part(model.config)
+
+
+def text_part(config):
+    """The text config inside a model config (a multimodal config's text config, else ``config``)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

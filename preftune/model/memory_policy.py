@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.model.anatomy import text_config
+from preftune.model.anatomy import text_config, text_part
 from preftune.model.logprobs import DEFAULT_CACHE_BYTES
 
 log = logging.getLogger("preftune")
@@ -44,7 +44,7 @@ def activation_bytes_per_token(config, compute_dtype: torch.dtype | None, weight
     the H terms and the compute bytes for the I terms. Attention scores are not charged (sdpa's
     fused kernels keep only a log-sum-exp per query).
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_part(config)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 0)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or 0

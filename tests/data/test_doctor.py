@@ -10,7 +10,8 @@ from conftest import rule_pairs, write_jsonl
 
 from preftune.cli.data import register
 from preftune.data import load_dataset
-from preftune.data.doctor import LengthStats, check_data, truncation_outcome
+from preftune.data.doctor import check_data, truncation_outcome
+from preftune.data.doctor_report import LengthStats
 from preftune.model.tiny import train_tokenizer
 
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from training.test_loop import read_metrics, rule_config
 from transformers import LlamaConfig
 
-from preftune.common.process import peak_rss_mb
 from preftune.config.train_config import TrainConfig
 from preftune.data.records import TokenizedExample
 from preftune.model.memory_policy import activation_bytes_per_token, plan_memory
@@ -122,19 +117,3 @@ def test_head_cache_gets_what_the_body_leaves():
     assert plan.head_cache_bytes == 1024 and "(30 completion tokens x 64 = 0.00 GiB) is recomputed" in plan.why
     cfg.gradient_checkpointing = "off"  # the user chose speed: the head keeps its full cache
     assert plan_memory(cfg, model, examples, [[0, 1, 2]], True, torch.device("cpu"), None).head_cache_bytes == 2 ** 29
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is Linux's /proc")
-def test_peak_rss_of_a_child_is_its_own_not_the_parents():
-    """A process started by one holding 1 GiB reports its own peak, not the parent's: ru_maxrss would
-    start the child at the parent's resident size at the fork (a sweep's isolated variants read ~5 GB
-    that way when the real recipe, holding models, started them)."""
-    held = b"\x01" * (1024 * 2**20)  # resident: every page written
-    parent = peak_rss_mb()
-    assert parent >= 1024
-    code = "from preftune.common.process import peak_rss_mb; print(peak_rss_mb())"
-    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-                                 ).stdout.strip())
-    assert 10 < child < parent - 512, (child, parent)  # torch's import is a few hundred MiB, not a GiB
-    del held

@@ -242,3 +242,48 @@ def test_probe_examples_fit_the_vocabulary_and_the_window():
 def test_no_probe_through_an_unwrapped_ddp_model():
     with pytest.raises(ValueError, match="DDP-wrapped"):
         supports_packing(nn.DataParallel(model_for("llama")))
+
+
+# ----------------------------------------------------------------------------- decided once, where the batches are built
+
+
+def test_batches_run_no_probe_and_a_recorded_refusal_raises():
+    """batch_logps never probes: the decision is the one supports_packing recorded on the model."""
+    from preftune.model.logprobs import batch_logps
+
+    model = with_body(MaskIgnoringLlamaModel)
+    calls = count_body_forwards(model)
+    batch = collate_packed(long_examples(), 0)
+    batch_logps(model, batch)  # never asked: nothing recorded, the batch runs (the caller decided)
+    assert len(calls) == 1
+    ok, why = supports_packing(model)
+    assert not ok and len(calls) == 3
+    with pytest.raises(ValueError, match="cannot run a packed batch: packed probe forward"):
+        batch_logps(model, batch)
+    with pytest.raises(ValueError, match="cannot run a packed batch"):
+        packed_attention_mask(model, batch)
+    assert len(calls) == 3  # no probe on either
+    forget_packing_verdict(model)  # the decision goes with the verdicts
+    batch_logps(model, batch)
+
+
+def test_packing_decision_covers_every_model():
+    good, bad = model_for("llama"), with_body(MaskIgnoringLlamaModel)
+    assert packing_check.packing_decision(good, None) == supports_packing(good)
+    ok, why = packing_check.packing_decision(good, bad)
+    assert not ok and why == supports_packing(bad)[1]
+    with pytest.raises(ValueError, match="cannot run a packed batch"):
+        packed_attention_mask(bad, collate_packed(long_examples(), 0))
+
+
+def test_collate_builders_take_plain_values():
+    examples = long_examples()
+    packed = packing_check.make_collate(0, True, pack_tokens=10_000, train_on_prompt=True)(examples)
+    padded = packing_check.make_collate(0, False, pack_tokens=10_000, train_on_prompt=True)(examples)
+    assert packed.packed and packed.input_ids.shape[0] == 1 and not padded.packed
+    assert torch.equal(packed.token_targets, padded.token_targets)  # prompt tokens scored in both
+    model = model_for("llama")
+    assert packing_check.model_row_cost(model) > 0
+    assert packing_check.scoring_collate(model, 0)(examples).packed
+    assert not packing_check.scoring_collate(model, 0, packing=False)(examples).packed
+    assert not packing_check.scoring_collate(with_body(MaskIgnoringLlamaModel), 0)(examples).packed
