@@ -10,6 +10,7 @@ metrics the way TRL users know them. Nothing here names a method.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,62 +68,101 @@ def compute_objective(
     """
     combination = M.parse(method, loss_weights) if isinstance(method, (str, list, tuple)) else method
     kind = combination.kind
-    tensors = _Tensors(policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
-                       mean_across_processes, margins)
-    weights = None
-    if options.get("use_weighting"):  # WPO (Zhou et al. 2024): one detached weight per pair
-        if token_log_sum_sq is None or token_seq is None:
-            raise ValueError("use_weighting (WPO) needs token_log_sum_sq and token_seq (per-token log sum p^2)")
-        weights = modifiers.wpo_weights(policy.token_logps, token_log_sum_sq, token_seq, num_groups)
-
-    total = 0.0
-    rewards: tuple[torch.Tensor, ...] = ()
-    extra: dict[str, torch.Tensor] = {}
-    components: dict[str, torch.Tensor] = {}
-    for row, weight in zip(combination.methods, combination.weights):
-        if row.reference and ref_logps is None:
-            raise ValueError(f"--loss {row.name} needs reference log-probs")
-        kwargs = {kw: options[name] for kw, name in row.options.items() if name in options}
-        result = row.loss(**{name: tensors.get(name, row) for name in row.inputs}, **kwargs)
-        losses, row_rewards, row_extra = _unpack(result)
-        if weights is not None and "use_weighting" in row.modifiers:
-            losses = losses * weights
-        row_loss = losses.mean()
-        total = total + weight * row_loss
-        components[f"loss/{row.name}"] = row_loss.detach()
-        rewards = rewards or row_rewards  # the first method with rewards names rewards/*
-        extra.update(row_extra)
-
-    loss = total if isinstance(total, torch.Tensor) else torch.zeros((), device=policy.logps.device)
-    metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
-    G, raw = num_groups, policy.logps
-    if kind == "sft":
-        metrics["nll"] = tensors.get("chosen_token_nll").detach()
-    elif kind == "unpaired":
-        metrics.update(_unpaired_metrics(rewards[0], raw[:G].detach(), labels))
-    elif policy.rewards is not None:  # a reward model: its rewards, no log-probs
-        metrics.update({k: v for k, v in pair_metrics(rewards[0], rewards[1], rewards[0], rewards[1]).items()
-                        if k.startswith("rewards/")})
-    else:
-        if rewards:
-            metrics.update(pair_metrics(rewards[0], rewards[1], raw[:G].detach(), raw[G:2 * G].detach()))
-        else:  # only methods without rewards (sft on pairs): the log-probs still say what moved
-            metrics.update({"logps/chosen": raw[:G].detach().mean(), "logps/rejected": raw[G:2 * G].detach().mean()})
-        metrics["nll"] = tensors.get("chosen_nll").detach().mean()
-    if len(components) > 1:
-        metrics.update(components)
-    for key, value in extra.items():
-        metrics[key] = value.detach().float().mean()
-    if weights is not None:
-        metrics["wpo/weights"] = weights.mean()
+    tensors = _Tensors(policy, num_groups, ref_logps, labels, margins, token_seq, options, state, update_state,
+                       mean_across_processes)
+    weights = _wpo_weights(policy, num_groups, token_seq, token_log_sum_sq, options)
+    summed = _weighted_sum(combination, tensors, weights, options)
+    loss = summed.loss if summed.loss is not None else torch.zeros((), device=policy.logps.device)
+    metrics = {"loss": loss.detach(), **_batch_metrics(kind, policy, num_groups, labels, tensors, summed.rewards)}
+    metrics.update(_method_metrics(summed, weights))
     return loss, metrics
 
 
-class _Tensors:
-    """The named inputs of :mod:`preftune.methods.table` for one batch, built on first use."""
+def _wpo_weights(policy: LogpOutput, num_groups: int, token_seq, token_log_sum_sq, options) -> torch.Tensor | None:
+    """WPO (Zhou et al. 2024) under ``use_weighting``: (G,) detached weights, one per pair; else None."""
+    if not options.get("use_weighting"):
+        return None
+    if token_log_sum_sq is None or token_seq is None:
+        raise ValueError("use_weighting (WPO) needs token_log_sum_sq and token_seq (per-token log sum p^2)")
+    return modifiers.wpo_weights(policy.token_logps, token_log_sum_sq, token_seq, num_groups)
 
-    def __init__(self, policy, num_groups, ref_logps, labels, token_seq, options, state, update_state,
-                 mean_across_processes, margins=None):
+
+@dataclass
+class _Summed:
+    """The weighted sum of a combination's losses and what its rows report."""
+
+    loss: torch.Tensor | None = None  # 0-d, with grad: sum of weight * mean loss of each row
+    rewards: tuple[torch.Tensor, ...] = ()  # of the first row with rewards: (G,) chosen and rejected, or (G,) alone
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows' own metrics (ORPO's or_loss, KTO's kl)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss/<name>": each row's mean loss, detached
+
+
+def _weighted_sum(combination: M.Combination, tensors: _Tensors, weights: torch.Tensor | None, options) -> _Summed:
+    """Each row's loss on its inputs, WPO-weighted where the row takes it, averaged over the batch and summed
+    with the combination's weights."""
+    summed = _Summed()
+    for row, weight in zip(combination.methods, combination.weights):
+        losses, rewards, extra = _row_losses(row, tensors, options)  # losses (G,)
+        if weights is not None and "use_weighting" in row.modifiers:
+            losses = losses * weights
+        row_loss = losses.mean()
+        summed.loss = weight * row_loss if summed.loss is None else summed.loss + weight * row_loss
+        summed.components[f"loss/{row.name}"] = row_loss.detach()
+        summed.rewards = summed.rewards or rewards  # the first method with rewards names rewards/*
+        summed.extra.update(extra)
+    return summed
+
+
+def _row_losses(row: M.Method, tensors: _Tensors, options) -> tuple[torch.Tensor, tuple, dict[str, torch.Tensor]]:
+    """One row's pure loss called on the inputs it names and the options it reads (a loss keyword whose
+    TrainConfig field is not in ``options`` keeps its default) -> (losses, rewards, metrics)."""
+    if row.reference and tensors.ref is None:
+        raise ValueError(f"--loss {row.name} needs reference log-probs")
+    kwargs = {keyword: options[name] for keyword, name in row.options.items() if name in options}
+    return _unpack(row.loss(**{name: tensors.get(name, row) for name in row.inputs}, **kwargs))
+
+
+def _batch_metrics(kind: str, policy: LogpOutput, num_groups: int, labels, tensors: _Tensors,
+                   rewards: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """The TRL-named metrics of the batch's data kind: the NLL for SFT data; rewards and log-probs by label
+    for unpaired data; a reward model's rewards; for pairs the rewards, log-probs and the chosen NLL."""
+    G = num_groups
+    chosen_logps, rejected_logps = policy.logps[:G].detach(), policy.logps[G:2 * G].detach()  # (G,) each
+    if kind == "sft":
+        return {"nll": tensors.get("chosen_token_nll").detach()}
+    if kind == "unpaired":
+        return _unpaired_metrics(rewards[0], chosen_logps, labels)
+    if policy.rewards is not None:  # a reward model: its rewards, no log-probs
+        return {k: v for k, v in pair_metrics(rewards[0], rewards[1], rewards[0], rewards[1]).items()
+                if k.startswith("rewards/")}
+    if rewards:
+        metrics = pair_metrics(rewards[0], rewards[1], chosen_logps, rejected_logps)
+    else:  # only methods without rewards (sft on pairs): the log-probs still say what moved
+        metrics = {"logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+    metrics["nll"] = tensors.get("chosen_nll").detach().mean()
+    return metrics
+
+
+def _method_metrics(summed: _Summed, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Each method's loss (only when there are several), the methods' own metrics as batch means, and
+    WPO's mean weight."""
+    metrics = dict(summed.components) if len(summed.components) > 1 else {}
+    metrics.update({key: value.detach().float().mean() for key, value in summed.extra.items()})
+    if weights is not None:
+        metrics["wpo/weights"] = weights.mean()
+    return metrics
+
+
+class _Tensors:
+    """The named inputs of :mod:`preftune.methods.table` for one batch, built on first use.
+
+    ``policy.logps`` / ``policy.counts`` and ``ref`` are (S,) with S = K * G: sequences 0..G-1 are the
+    chosen completions (or each unpaired example's own), G..2G-1 the rejected (or KTO's mismatched) ones.
+    The other arguments are :func:`compute_objective`'s.
+    """
+
+    def __init__(self, policy, num_groups, ref_logps, labels, margins, token_seq, options, state, update_state,
+                 mean_across_processes):
         self.policy, self.G, self.ref, self.labels, self.margins = policy, num_groups, ref_logps, labels, margins
         self.options, self.state, self.update_state = options, state, update_state
         self.mean_across_processes = mean_across_processes
@@ -132,7 +172,7 @@ class _Tensors:
             if token_seq is None:
                 raise ValueError("ld_alpha (LD-DPO) needs token_seq (which sequence each token belongs to)")
             self.ld_logps = modifiers.length_desensitized_logps(policy.token_logps, token_seq, num_groups,
-                                                                options["ld_alpha"])
+                                                                options["ld_alpha"])  # (S,)
         self._cache: dict[str, torch.Tensor] = {}
 
     def sequence_logps(self, row) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,6 +186,7 @@ class _Tensors:
         return policy, ref
 
     def get(self, name: str, row=None) -> torch.Tensor:
+        """The input ``name`` (the pair log-probs as ``row`` takes them)."""
         G = self.G
         if name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
             policy, ref = self.sequence_logps(row)
