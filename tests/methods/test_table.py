@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from preftune.config.train_config import TrainConfig
 from preftune.data import load_dataset
 from preftune.data.collate import collate_padded
-from preftune.data.pipeline import mixed_label_batches
+from preftune.data.order import mixed_label_batches
 from preftune.model.loading import load_tokenizer
 from preftune.model.logprobs import batch_logps
 from preftune.training.loop import train
