@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 from preftune.config.eval_config import EvalConfig
-from preftune.config.values import coerce, field_type, flag_name, flags_markdown
+from preftune.config.values import check_field, coerce, field_type, flag_name, flags_markdown
 from preftune.config.yaml import load_options
 
 EVAL_GROUPS = {"model": "models", "data": "held-out data", "generation": "generation, KL and win rate (--generate)",
                "compute": "compute"}
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed", "batch_size", "dtype", "mixed_precision",
+            "trust_remote_code")  # the EvalConfig fields `preftune generate` shares
 REQUIRED = ("model", "data")  # flags every `preftune eval` names (--config gives the other options)
 
 EVAL_EPILOG = """\
@@ -82,22 +84,6 @@ error; the others still run.
 """
 
 
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample at most (default: 64)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature; 0 = greedy (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call "
-                                                                  "(default: 8)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="weights dtype (default: float32)")
-    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                        help="compute precision of the forwards and sampling, as in preftune train (default: auto "
-                             "= bf16 on GPUs and CPUs with bf16 matmul instructions, else no)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder / hub")
-
-
 def register(subparsers) -> None:
     """Add ``eval``, ``generate`` and ``compare`` to the ``preftune`` sub-command parsers."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -125,7 +111,7 @@ def register(subparsers) -> None:
                      help="write every sample: {\"prompt\", \"responses\": [...], \"meta\"} per prompt, a "
                           "candidates file for `preftune label serve` (a scoring --judge adds meta.scores)")
     gen.add_argument("--max-prompts", type=int, help="use only the first N prompts")
-    _add_sampling_flags(gen)
+    add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     cmp = subparsers.add_parser("compare", help="train several variants from one base and compare them",
@@ -147,19 +133,43 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
         group_name = f.metadata.get("group", "compute")
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(EVAL_GROUPS.get(group_name, group_name))
-        default = f.metadata.get("cli_default", f.default)
-        shown = "off" if default is False else "on" if default is True else default
-        required = f.name in REQUIRED
-        suffix = "" if required or default is None else f" (default: {shown})"  # None: described in the help
-        help_text = (f.metadata.get("help", "") + suffix).replace("%", "%%")
-        if field_type(f) is bool:
-            groups[group_name].add_argument("--" + flag_name(f.name), action=argparse.BooleanOptionalAction,
-                                            default=argparse.SUPPRESS, help=help_text)
-            continue
-        choices = f.metadata.get("choices")
-        metavar = "{" + ",".join(choices) + "}" if choices else f.metadata.get("metavar", f.name.upper())
-        groups[group_name].add_argument("--" + flag_name(f.name), default=argparse.SUPPRESS, metavar=metavar,
-                                        help=help_text, required=required)
+        _add_flag(groups[group_name], f, argparse.SUPPRESS, required=f.name in REQUIRED)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """``preftune generate``'s sampling and compute flags: the EvalConfig fields of :data:`SAMPLING`, with
+    their command-line defaults; :func:`sampling_options` checks the values as ``preftune eval`` does."""
+    fields = EvalConfig.fields()
+    for name in SAMPLING:
+        _add_flag(parser, fields[name], fields[name].metadata.get("cli_default", fields[name].default))
+
+
+def _add_flag(parser, f: dataclasses.Field, default, required: bool = False) -> None:
+    """The flag of field ``f``: its help (with its command-line default), choices and placeholder; text values
+    are converted and range-checked afterwards (:func:`eval_config_from_args`, :func:`sampling_options`)."""
+    shown = f.metadata.get("cli_default", f.default)
+    shown = "off" if shown is False else "on" if shown is True else shown
+    suffix = "" if required or shown is None else f" (default: {shown})"  # None: described in the help
+    help_text = (f.metadata.get("help", "") + suffix).replace("%", "%%")
+    if field_type(f) is bool:
+        parser.add_argument("--" + flag_name(f.name), action=argparse.BooleanOptionalAction, default=default,
+                            help=help_text)
+        return
+    choices = f.metadata.get("choices")
+    metavar = "{" + ",".join(choices) + "}" if choices else f.metadata.get("metavar", f.name.upper())
+    parser.add_argument("--" + flag_name(f.name), default=default, metavar=metavar, help=help_text,
+                        required=required)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The :data:`SAMPLING` flags' values converted to their types and checked against their fields (choices,
+    ranges), or ConfigError naming the flag."""
+    fields = EvalConfig.fields()
+    options = {}
+    for name in SAMPLING:
+        options[name] = coerce(fields[name], getattr(args, name), source="command line")
+        check_field(fields[name], options[name])
+    return options
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -202,13 +212,11 @@ def cmd_generate(args) -> int:
 
     if not args.keep_all and not args.judge:
         raise ValueError("--judge is required to rank the samples (or --keep-all to write them all unranked)")
+    options = sampling_options(args)  # checked before anything is read or loaded
     prompts = read_prompts(args.prompts, limit=args.max_prompts)
     if args.keep_all:
-        return _write_candidates(args, prompts)
-    pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                    batch_size=args.batch_size, dtype=args.dtype,
-                                    trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
+        return _write_candidates(args, prompts, options)
+    pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, **options)
     with open(args.out, "w") as fh:
         for pair in pairs:
             fh.write(json.dumps(pair) + "\n")
@@ -218,13 +226,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _write_candidates(args, prompts) -> int:
+def _write_candidates(args, prompts, options: dict) -> int:
     from preftune.evaluation.pairs import onpolicy_candidates
 
-    records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code, mixed_precision=args.mixed_precision)
+    records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, **options)
     with open(args.out, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -73,3 +73,15 @@ def test_every_flag_is_in_help_and_in_the_docs_table(capsys):
                  "--temperature", "--top-p", "--seed", "--batch-size", "--dtype", "--mixed-precision",
                  "--trust-remote-code"):
         assert flag in text and f"`{flag}" in table, flag
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "--top-p must be in (0, 1] (got 0.0)"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be a positive integer (got -3)"),
+    (["--dtype", "fp8"], "--dtype: 'fp8' is not one of float32, bfloat16, float16, auto"),
+])
+def test_generate_shares_the_sampling_flags_and_their_ranges(tmp_path, capsys, flags, message):
+    code = main(["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "no-prompts.txt"),
+                 "--judge", "python:os:getcwd", "--out", str(tmp_path / "pairs.jsonl"), *flags])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"preftune: error: {message}"]
