@@ -18,6 +18,7 @@ import sys
 
 from preftune.config.train_config import TrainConfig
 from preftune.config.values import ConfigError, as_bool, coerce, field_type
+from preftune.config.values import flags_markdown as config_flags_markdown
 from preftune.evaluation.judges.base import JudgeError
 
 GROUP_TITLES = {
@@ -141,16 +142,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def flags_markdown() -> str:
     """docs/reference/train-flags.md's table of every ``preftune train`` flag (kept in sync by a test)."""
-    lines = ["| flag | default | what it does |", "|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if field_type(f) is bool:
-            flag += f" / --no-{f.name.replace('_', '-')}"
-        choices, domain = f.metadata.get("choices"), f.metadata.get("domain")
-        text = f.metadata.get("help", "") + (f" One of: {', '.join(choices)}." if choices else "")
-        text += f" Must be {domain.describe(field_type(f) is int)}." if domain else ""
-        lines.append(f"| `{flag}` | `{f.default}` | {text} |")
-    return "\n".join(lines)
+    return config_flags_markdown(TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
