@@ -175,6 +175,18 @@ def test_every_row_is_complete():
     assert M.get("sigmoid") is M.get("dpo")
 
 
+def test_a_row_with_an_unknown_data_kind_or_logps_is_refused():
+    """The data kinds are the data layer's one definition; a row outside them fails when the table is built."""
+    from preftune.data.formats import KINDS
+    from preftune.methods import table as M
+
+    assert M.KINDS is KINDS
+    with pytest.raises(ValueError, match="kinds must be one or more of pair, unpaired, sft"):
+        M.Method("x", lambda: None, "X 2024", False, "sum", ("pairs",), ())
+    with pytest.raises(ValueError, match="logps must be 'sum' or 'mean'"):
+        M.Method("x", lambda: None, "X 2024", False, "avg", ("pair",), ())
+
+
 def test_readme_methods_table_is_the_table():
     """docs/methods.md's methods table is generated from the rows (regenerate: python -c
     'from preftune.methods.table import markdown_table; print(markdown_table())')."""
@@ -280,41 +292,6 @@ def test_options_that_cannot_act_are_refused_by_name(options, message):
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(model="m", data="d", output_dir="o", **options).validate()
-
-
-def test_sigmoid_norm_is_dpo_on_token_averaged_logps():
-    """Objective-level: summed log-probs chosen -6 (3 tokens), rejected -8 (4 tokens); reference -9 and -6.
-    Averaged log-ratios: -6/3 - -9/3 = 1, -8/4 - -6/4 = -0.5; beta 2: -log sigmoid(2 * 1.5) = log(1 + e^-3)
-    = 0.048587. Summed (dpo, beta 0.1): h = 3 - -2 = 5 -> -log sigmoid(0.5) = 0.474077."""
-    from preftune.methods.objective import compute_objective
-    from preftune.model.logprobs import LogpOutput
-
-    policy = LogpOutput(torch.tensor([-6.0, -8.0]), torch.tensor([3, 4]), torch.zeros(7))
-    ref = torch.tensor([-9.0, -6.0])
-    loss, metrics = compute_objective("sigmoid_norm", policy, 1, ref_logps=ref, beta=2.0)
-    assert loss.item() == pytest.approx(0.048587, abs=1e-6)
-    assert metrics["rewards/chosen"].item() == pytest.approx(2.0)  # beta x averaged log-ratio
-    loss, _ = compute_objective("sigmoid", policy, 1, ref_logps=ref, beta=0.1)
-    assert loss.item() == pytest.approx(0.474077, abs=1e-6)
-
-
-def test_bco_reward_shift_runs_across_batches_and_evaluation_only_reads_it():
-    """Batch mean rewards (beta 1, policy - ref): batch 1 [1, -1] -> 0; batch 2 [2, 0] -> 1; the shift after
-    two training batches is (0 + 1) / 2 = 0.5; an evaluation batch reads it without adding its own."""
-    from preftune.methods.objective import compute_objective
-    from preftune.model.logprobs import LogpOutput
-
-    state, labels = {}, torch.tensor([True, False])
-
-    def run(policy, update):
-        out = LogpOutput(torch.tensor(policy), torch.tensor([2, 2]), torch.zeros(4))
-        return compute_objective("bco", out, 2, ref_logps=torch.tensor([-2.0, -2.0]), labels=labels, beta=1.0,
-                                 state=state, update_state=update)[1]["delta"].item()
-
-    assert run([-1.0, -3.0], True) == pytest.approx(0.0)
-    assert run([0.0, -2.0], True) == pytest.approx(0.5)
-    assert run([5.0, 5.0], False) == pytest.approx(0.5)
-    assert state["reward_shift"] == (pytest.approx(0.5), 2)
 
 
 def test_length_desensitized_reference_agrees_packed_and_padded(tiny_model_dir, rule_data):
