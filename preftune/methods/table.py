@@ -1,12 +1,12 @@
 """The method table: every training method is one row.
 
 A row says everything the rest of preftune needs to know about a method: its pure loss
-function (:mod:`preftune.methods.losses`), whether it needs a reference model, whether that loss takes
-*summed* or token-*averaged* log-probs, its data kind, which tensors and options it is given,
-its per-method defaults and its paper. Config validation and ``--help``
-(:mod:`preftune.config.train_config`), the objective (:mod:`preftune.methods.objective`) and the training loop
-read the rows; nothing else names a method. Adding a method = one loss function, one row,
-one test.
+function (in the family module of :mod:`preftune.methods.losses` it belongs to), whether it needs a
+reference model, whether that loss takes *summed* or token-*averaged* log-probs, the data kinds it
+trains on (of :data:`preftune.data.formats.KINDS`), which tensors and options it is given, its
+per-method defaults and its paper. Config validation and ``--help`` (:mod:`preftune.config.train_config`),
+the objective (:mod:`preftune.methods.objective`) and the training loop read the rows; nothing else
+names a method. Adding a method = one loss function, one row, one test.
 
 Names are TRL's (``DPOConfig.loss_type``, ``CPOConfig``, ``KTOConfig``) where TRL has the
 method, ``sigmoid`` being another name of ``dpo``. Several methods can be trained at once as a
