@@ -4,7 +4,7 @@ The stages are the functions ``evaluate_model`` calls (held-out pair log-probs, 
 log-probs, judging), each timed by wrapping it; the model is evaluated against ``--base`` exactly as
 a ``compare`` sweep's variant is (``--base-cache FILE``: as the second and later variants are, once
 FILE holds the base's share). Run it from two checkouts (``PYTHONPATH=...``) on the same model and
-data to compare code versions; results of 2026-12-03: benchmarks/results/2026-12-03-eval-stages/.
+data to compare code versions; stored runs: the ``eval-stages`` results in benchmarks/results/.
 
     python benchmarks/eval_stages.py --model runs/real/b_sweep/dpo --base ~/.cache/preftune/SmolLM2-135M-Instruct \\
         --data runs/real/data/hh_held_out.jsonl --judge reward-model:runs/real/b_rm --generate 240 --json out.json
@@ -37,6 +37,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-cache", default=None)
     ap.add_argument("--json", default=None, help="write the timings and headline metrics here")
+    ap.add_argument("--results-dir", metavar="DIR",
+                    help="write DIR/results.json (command, commit, date, hardware, versions, metrics) for "
+                         "benchmarks/results/ and benchmarks/results_tables.py")
+    ap.add_argument("--label", default="this run", help="the column name of these timings in --results-dir's table")
     args = ap.parse_args(argv)
 
     import torch
@@ -79,7 +83,25 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.results_dir:
+        write_results(args, out)
     return out
+
+
+def write_results(args, out: dict) -> None:
+    """``args.results_dir``/results.json: the stage seconds as one column (``--label``) and the headline metrics."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_report
+
+    win = (out["win_rate"] or {}).get("rate")
+    metrics = {"seconds": {args.label: out["seconds"]}, "accuracy": round(out["accuracy"], 4),
+               "win_rate": None if win is None else round(win, 4), "kl": out["kl"],
+               "prompts": args.generate, "batch_size": args.batch_size, "threads": args.threads}
+    path = bench_report.write_results(args.results_dir, "Evaluation time by stage", "eval-stages", metrics)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -179,3 +179,23 @@ def test_cpu_info_reads_model_flags_and_keeps_the_relevant_ones():
     info = bench_report.cpu_info(text)
     assert info["cpu"] == "Some CPU @ 2.0GHz"
     assert info["flags"] == ["avx2", "avx512_bf16", "amx_tile"]
+
+
+def test_memory_and_eval_stage_scripts_write_records_their_tables_read(tmp_path):
+    from types import SimpleNamespace
+
+    memory = load_module("memory_reference")
+    args = SimpleNamespace(results_dir=tmp_path / "memory", hidden=64, layers=1, steps=1, batch_size=1, threads=1)
+    memory.write_results(args, 1000, [("dpo", {"peak_rss_gb": 2.0, "seconds": 1.0}),
+                                      ("orpo", {"peak_rss_gb": 1.5, "seconds": 1.0})])
+    data = json.loads((tmp_path / "memory" / "results.json").read_text())
+    assert tables.problems(data) == [] and data["kind"] == "memory-reference"
+    assert "| orpo | 1.50 | 0.75x |" in tables.memory_tables(data)[0]
+
+    stages = load_module("eval_stages")
+    args = SimpleNamespace(results_dir=tmp_path / "eval", label="after", generate=8, batch_size=4, threads=1)
+    out = {"seconds": {"NLL": 1.5, "total": 2.0}, "accuracy": 0.5, "win_rate": {"rate": 0.75}, "kl": 1.0}
+    stages.write_results(args, out)
+    data = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert tables.problems(data) == [] and data["kind"] == "eval-stages"
+    assert "| NLL | 1.5 |" in tables.eval_stages_tables(data)[0]
