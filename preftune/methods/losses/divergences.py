@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from preftune.methods.losses.inputs import check_finite
+
 # f-divergences of f-DPO (Wang et al. 2023); see :func:`f_divergence_scores`.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -46,9 +48,7 @@ def f_divergence_scores(
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(logratios)
     if f_divergence_type == "alpha_divergence":
-        coef = float(f_alpha_divergence_coef)
-        if not math.isfinite(coef):
-            raise ValueError(f"f_alpha_divergence_coef must be finite, got {coef}")
+        coef = check_finite(f_alpha_divergence_coef, "f_alpha_divergence_coef")
         if abs(coef - 1.0) < 1e-6:  # the limit (u^0 - 1) / 0 -> log u
             return logratios
         return (torch.exp(((coef - 1.0) * logratios).clamp(max=80.0)) - 1.0) / (coef - 1.0)

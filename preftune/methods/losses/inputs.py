@@ -39,6 +39,13 @@ def check_non_negative(value: float, name: str) -> float:
     return value
 
 
+def check_finite(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def check_positive(value: float, name: str) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):

@@ -12,7 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from preftune.methods.losses.inputs import check_beta, check_label_smoothing, check_non_negative, check_shapes, fp32
+from preftune.methods.losses.inputs import (
+    check_beta,
+    check_finite,
+    check_label_smoothing,
+    check_non_negative,
+    check_shapes,
+    fp32,
+)
 
 # ORPO: log-probs above this are clamped before log(1 - p), so p == 1 exactly (an averaged
 # log-prob of 0, which fp32 log-softmax can produce) gives a large finite log-odds, not inf.
@@ -132,9 +139,7 @@ def simpo_loss(
         rejected_rewards (B,) = beta * avg_rejected; rewards detached.
     """
     beta = check_beta(beta)
-    gamma = float(gamma)
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma (simpo_gamma) must be finite, got {gamma}")
+    gamma = check_finite(gamma, "gamma (simpo_gamma)")
     sft_weight = check_non_negative(sft_weight, "sft_weight")
     check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     chosen_rewards = beta * fp32(policy_chosen_logps)  # (B,)
@@ -188,9 +193,7 @@ def cpo_loss(
     beta = check_beta(beta)
     cpo_alpha = check_non_negative(cpo_alpha, "cpo_alpha")
     eps = check_label_smoothing(label_smoothing)
-    gamma = float(gamma)
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma (simpo_gamma) must be finite, got {gamma}")
+    gamma = check_finite(gamma, "gamma (simpo_gamma)")
     check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     nll = fp32(torch.as_tensor(chosen_token_nll)).reshape(())
     chosen_rewards = beta * fp32(policy_chosen_logps)  # (B,)

@@ -61,3 +61,12 @@ def test_half_precision_inputs_give_float32_outputs():
         assert {losses.dtype, chosen_rewards.dtype, rejected_rewards.dtype} == {torch.float32}
     losses, _, _ = dpo_loss(**half, beta=0.1)
     assert_close(losses, [0.598139])  # -1, -2, -3 are exact in bf16
+
+
+def test_non_finite_margins_and_coefficients_are_refused():
+    with pytest.raises(ValueError, match=r"gamma \(simpo_gamma\) must be finite"):
+        simpo_loss(t(-1.0), t(-2.0), beta=2.0, gamma=float("nan"))
+    with pytest.raises(ValueError, match=r"gamma \(simpo_gamma\) must be finite"):
+        cpo_loss(t(-1.0), t(-2.0), t(0.5), beta=0.1, gamma=float("inf"))
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef must be finite"):
+        dpo_loss(**PAIR, beta=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan"))
