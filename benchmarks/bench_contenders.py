@@ -179,35 +179,29 @@ def run_preftune(spec: dict) -> dict:
     _set_threads(spec["threads"])
     import torch
 
-    import preftune.training.loop as preftune_train
     from preftune.config.train_config import TrainConfig
+    from preftune.training.hooks import TrainHooks
+    from preftune.training.loop import train
 
     contender = CONTENDERS[spec["name"]]
     batches: list[dict] = []
-    stamps: list[float] = []  # wall and CPU clock at the start of each step (its collate call)
+    stamps: list[float] = []  # wall and CPU clock at the start of each step (before its collate call)
     cpu_stamps: list[float] = []
     truncated = {"examples": 0}
-    make_collate = preftune_train.make_collate
 
-    def recording_make_collate(cfg, pad_id, packing, *args, **kwargs):
-        """preftune's own collate, noting what each batch holds (the loop's code is untouched)."""
-        collate = make_collate(cfg, pad_id, packing, *args, **kwargs)
+    def record_batch(examples, batch):
+        """What each training batch preftune's own collate built holds (the loop's code is untouched)."""
+        truncated["examples"] += sum(1 for e in examples if e.truncated)
+        batches.append({"pairs": len(examples), "sequence_tokens": sum(e.padded_tokens for e in examples),
+                        "unique_tokens": sum(e.num_tokens for e in examples),
+                        "completion_tokens": sum(len(c) for e in examples for c in e.completions),
+                        "slots": batch.input_ids.numel(), "real_tokens": int(batch.num_tokens),
+                        "packed": bool(batch.packed)})
 
-        def recording_collate(examples):
-            stamps.append(time.perf_counter())
-            cpu_stamps.append(time.process_time())
-            batch = collate(examples)
-            truncated["examples"] += sum(1 for e in examples if e.truncated)
-            batches.append({"pairs": len(examples), "sequence_tokens": sum(e.padded_tokens for e in examples),
-                            "unique_tokens": sum(e.num_tokens for e in examples),
-                            "completion_tokens": sum(len(c) for e in examples for c in e.completions),
-                            "slots": batch.input_ids.numel(), "real_tokens": int(batch.num_tokens),
-                            "packed": bool(batch.packed)})
-            return batch
+    def record_step(stats):
+        stamps.append(stats.started)
+        cpu_stamps.append(stats.started_cpu)
 
-        return recording_collate
-
-    preftune_train.make_collate = recording_make_collate
     output_dir = Path(tempfile.mkdtemp(prefix="bench-preftune-"))
     cfg = TrainConfig(model=str(spec["model_dir"]), data=str(spec["pairs_file"]), output_dir=str(output_dir),
                       loss="dpo", beta=0.1, batch_size=spec["batch_size"], max_length=spec["max_length"],
@@ -220,11 +214,10 @@ def run_preftune(spec: dict) -> dict:
     if torch.cuda.is_available() and spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        preftune_train.train(cfg)
+        train(cfg, hooks=TrainHooks(on_batch=record_batch, on_step=record_step))
         rows = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
         summary = json.loads((output_dir / "summary.json").read_text())
     finally:
-        preftune_train.make_collate = make_collate
         shutil.rmtree(output_dir, ignore_errors=True)
     rows = [r for r in rows if "pairs_per_second" in r]
     step_seconds = [batch["pairs"] / row["pairs_per_second"] for batch, row in zip(batches, rows)]

@@ -44,7 +44,7 @@ CRASH_HOOK_ENV = "PREFTUNE_TEST_CRASH_IN_CHECKPOINT"
 CRASH_STAGES = ("after_model", "after_optimizer", "before_rename", "after_rename")
 
 # Options that may differ between a run and its resumption (they don't change the weights). The
-# learning rate may change too, said in the log (run_state.resume); the data path when the checkpoint
+# learning rate may change too, said in the log (resume.resume); the data path when the checkpoint
 # holds the data's fingerprint (the content is compared instead).
 RESUME_SAFE_OPTIONS = {"resume_from", "progress", "max_steps", "save_steps", "save_total_limit", "logging_steps",
                        "eval_steps", "tensorboard", "report_to", "run_name", "output_dir", "ref_cache_dir",
@@ -162,6 +162,8 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
             (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
             _fsync_dir(tmp)
         _crash_point("before_rename", step)
+        # A checkpoint is a folder of files: it is renamed into place whole (os.replace of the folder),
+        # which common.files.write_atomic (one file) cannot do; the files inside need no temp names of their own.
         if final.exists():  # the same step written again: move the old one aside, then swap
             replaced = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
             os.replace(final, replaced)

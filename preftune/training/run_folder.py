@@ -11,11 +11,8 @@
 * **Identity.** ``OUTPUT/run.json`` names the folder's run: a run id and the fingerprint of its tokenized
   training data (content, not path). Checkpoints carry both; ``--resume-from latest`` continues only this
   folder's run, and a checkpoint trained on other data is refused.
-* **The final model, atomically.** :func:`save_model_folder` writes it into ``OUTPUT/.final.tmp-<pid>`` and
-  moves its files in, the old model's ``config.json`` out first and the new one in last: a kill while the
-  model is written (the long part) leaves the previous model untouched, and a kill during the moves leaves a
-  folder without config.json (not loadable, never a mix), which the next run's start puts back as it was
-  (:func:`recover_final_save`). Other files go through :mod:`preftune.common.files` (temp file + ``os.replace``).
+* **The final model** is written atomically by :mod:`preftune.training.final_model`; claiming the folder first
+  undoes a final save a kill interrupted. Other files go through :func:`preftune.common.files.write_atomic`.
 
 Only the main process (``RANK`` 0) locks, deletes or writes here; the other ranks only read.
 """
@@ -23,7 +20,6 @@ Only the main process (``RANK`` 0) locks, deletes or writes here; the other rank
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import logging
 import os
@@ -34,36 +30,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preftune.common.files import (
-    disk_full_guard,
-    fsync_dir,
-    left_by_dead_process,
-    pid_alive,
-    remove_left_temp,
-    write_atomic,
-)
+from preftune.common.files import pid_alive, write_atomic
 from preftune.config.train_config import ConfigError
 from preftune.training import checkpoint as ckpt
+from preftune.training.final_model import MODEL_FILES, WEIGHT_FILES, matches_any, recover_final_save
 
 log = logging.getLogger("preftune")
 
 LOCK_NAME = ".preftune.lock"
 RUN_FILE = "run.json"
-FINAL_TMP = ".final.tmp-"  # OUTPUT/.final.tmp-<pid>: the final model being written
-FINAL_OLD = ".final.old-"  # OUTPUT/.final.old-<pid>: the previous model's files while the new ones move in
-# Test hook stages of the final save (the same environment variable as the checkpoint's, ckpt.CRASH_HOOK_ENV).
-FINAL_CRASH_STAGES = ("final_after_weights", "final_mid_swap", "final_after_swap")
-
 # What a run writes at the top of OUTPUT besides the model (the reference cache stays: keyed by content).
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", RUN_FILE)
 RUN_DIRS = ("checkpoints", "tensorboard")
-# The final model's files (save_pretrained of a model or adapters, and of the tokenizer).
-MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "*.safetensors",
-               "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.bin", "tokenizer*",
-               "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "spiece.model",
-               "chat_template.jinja", "chat_template.json", "README.md")  # README.md: the model card
-CONFIG_FILES = ("config.json", "adapter_config.json")  # what makes a folder loadable: moved out first, in last
-WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.bin")
 
 
 class OutputDirBusy(ValueError):
@@ -224,7 +202,7 @@ def describe_previous_run(out: Path) -> tuple[str, bool] | None:
     if checkpoints or trained:
         return f"an unfinished run ({named}{f'metrics up to step {trained}, ' if trained else ''}{last})", \
             bool(checkpoints)
-    weights = sorted(p.name for p in out.iterdir() if p.is_file() and _matches(p.name, WEIGHT_FILES))
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and matches_any(p.name, WEIGHT_FILES))
     if weights:
         return f"a model ({weights[0]})", False
     return None
@@ -249,7 +227,7 @@ def remove_run_files(out: Path, model: bool) -> list[str]:
     removed = []
     for entry in sorted(Path(out).iterdir()):
         ours = entry.name in RUN_FILES or (entry.is_dir() and entry.name in RUN_DIRS)
-        if model and entry.is_file() and _matches(entry.name, MODEL_FILES):
+        if model and entry.is_file() and matches_any(entry.name, MODEL_FILES):
             ours = True
         if not ours:
             continue
@@ -261,8 +239,6 @@ def remove_run_files(out: Path, model: bool) -> list[str]:
     return removed
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,63 +339,3 @@ def _left_behind(info: dict) -> bool:
     if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return False
     return not pid_alive(info["pid"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Atomic files and the final model
-# ------------------------------------------------------------------------------------------------
-
-def save_model_folder(out: Path, write, step: int, needed: int) -> None:
-    """Write the final model into ``out`` atomically: ``write(folder)`` fills ``out/.final.tmp-<pid>``,
-    whose files then replace the model files in ``out`` (config.json out first and in last, so no
-    moment shows a config beside another model's weights). Raises :class:`DiskFullError` (nothing in
-    ``out`` replaced) when the disk fills up; ``needed`` is the estimated size in bytes.
-    """
-    out = Path(out)
-    remove_left_temp(out, f"{FINAL_TMP}*")
-    tmp = out / f"{FINAL_TMP}{os.getpid()}"
-    tmp.mkdir()
-    try:
-        with disk_full_guard(tmp, needed):
-            write(tmp)
-            ckpt._crash_point("final_after_weights", step)
-            fsync_dir(tmp)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    new = sorted(p.name for p in tmp.iterdir())
-    old = sorted(p.name for p in out.iterdir() if p.is_file() and (p.name in new or _matches(p.name, MODEL_FILES)))
-    aside = out / f"{FINAL_OLD}{os.getpid()}"
-    aside.mkdir(exist_ok=True)
-    configs_first = sorted(old, key=lambda n: n not in CONFIG_FILES)
-    for name in configs_first:  # from the first move on the folder has no config.json: not loadable, not mixed
-        os.replace(out / name, aside / name)
-    ckpt._crash_point("final_mid_swap", step)
-    for name in sorted(new, key=lambda n: n in CONFIG_FILES):  # config.json last: the new model is complete
-        os.replace(tmp / name, out / name)
-    fsync_dir(out)
-    ckpt._crash_point("final_after_swap", step)
-    shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_final_save(out: Path) -> None:
-    """Undo or finish a final save that a kill interrupted (see :func:`save_model_folder`).
-
-    A ``.final.old-<pid>`` folder of a dead process holds the previous model's files. When ``out`` has
-    no config.json the new files were not all in: the model files that did arrive go and the old ones
-    come back (the previous model, as it was). Otherwise the new model was complete: the old files go.
-    Leftover ``.final.tmp-`` folders of dead processes go too.
-    """
-    out = Path(out)
-    for aside in sorted(out.glob(f"{FINAL_OLD}*")):
-        if not left_by_dead_process(aside.name):
-            continue
-        if not any((out / name).exists() for name in CONFIG_FILES):
-            for arrived in [p for p in out.iterdir() if p.is_file() and _matches(p.name, MODEL_FILES)]:
-                arrived.unlink()  # every model file was moved aside before the first new one came in
-            for name in sorted((p.name for p in aside.iterdir()), key=lambda n: n in CONFIG_FILES):
-                os.replace(aside / name, out / name)
-            log.warning("an interrupted final save was undone: the previous model in %s is back as it was", out)
-        shutil.rmtree(aside, ignore_errors=True)
-    remove_left_temp(out, f"{FINAL_TMP}*")

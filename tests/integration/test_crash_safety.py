@@ -30,7 +30,9 @@ from preftune.model import logprobs  # the policy's forward (LogProbModel) calls
 from preftune.model.logprobs import LogpOutput
 from preftune.model.tiny import tiny_model
 from preftune.training import checkpoint as ckpt
-from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
+from preftune.training.divergence import TrainingDiverged
+from preftune.training.loop import train
+from preftune.training.signals import StopOnSignal, TrainingInterrupted
 
 MAX_STEPS = 12
 REPO = Path(__file__).resolve().parents[2]

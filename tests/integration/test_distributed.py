@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.training.loop import balanced_split
+from preftune.data.order import balanced_split
 
 
 def test_balanced_split_keeps_counts_equal_and_tokens_close():

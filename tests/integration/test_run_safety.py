@@ -29,8 +29,10 @@ from preftune.model import logprobs
 from preftune.model.logprobs import LogpOutput
 from preftune.model.tiny import tiny_model
 from preftune.training import checkpoint as ckpt
-from preftune.training import run_folder
-from preftune.training.loop import StopOnSignal, TrainingDiverged, TrainingInterrupted, train
+from preftune.training import final_model, run_folder
+from preftune.training.divergence import TrainingDiverged
+from preftune.training.loop import train
+from preftune.training.signals import StopOnSignal, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,7 +187,7 @@ def copy_run(finished, tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stage", run_folder.FINAL_CRASH_STAGES)
+@pytest.mark.parametrize("stage", final_model.FINAL_CRASH_STAGES)
 def test_a_final_save_killed_at_any_stage_leaves_the_previous_model(setup, finished, tmp_path, monkeypatch, stage):
     """Resume the finished run to step 4 and kill its final save: before the moves the folder still
     holds the step-2 model (loadable, equal); mid-move it holds no config.json (not loadable, no
@@ -198,7 +200,7 @@ def test_a_final_save_killed_at_any_stage_leaves_the_previous_model(setup, finis
         train(config(setup, out, save_steps=2, max_steps=4, resume_from="latest"))
     if stage == "final_mid_swap":
         assert not (out / "config.json").exists()  # a loader finds no model here, never a mixed one
-        run_folder.recover_final_save(out)  # what the next run's start does
+        final_model.recover_final_save(out)  # what the next run's start does
     AutoModelForCausalLM.from_pretrained(out)  # loadable
     assert same(weights(out), finished["weights"]) == (stage != "final_after_swap")  # the previous, or the new
 

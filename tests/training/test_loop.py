@@ -137,7 +137,7 @@ def test_skip_bad_records_warns_with_count_and_locations(tiny_model_dir, rule_da
 def test_reference_runs_before_the_policy_graph_is_built():
     """The reference forward must not stack on the policy's activations (peak memory)."""
     from preftune.model.logprobs import LogpOutput
-    from preftune.training.loop import batch_objective
+    from preftune.training.step import batch_objective
 
     calls = []
     logps = torch.tensor([-1.0, -2.0], requires_grad=True)
