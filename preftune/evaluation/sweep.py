@@ -28,7 +28,12 @@ skipped when the sweep is run again with the same settings for it; when only the
 settings changed, it is evaluated again without retraining. The base's share of each evaluation
 (its log-probs of the held-out pairs, its NLL, its samples) is the same for every variant: the first
 variant computes it into ``output_dir/base_cache.json`` and the others read it back
-(:class:`preftune.evaluation.evaluate.BaseCache`; ``eval: {base_cache: false}`` turns that off).
+(:class:`preftune.evaluation.base_cache.BaseCache`; ``eval: {base_cache: false}`` turns that off).
+
+This module is the sweep's bookkeeping: the sweep file, which variants run again, the best variant
+and the report's summary. Running one variant (in a child process by default) is
+:mod:`preftune.evaluation.sweep_variant`; the plots and the report's Markdown / HTML are
+:mod:`preftune.evaluation.sweep_report`.
 """
 
 from __future__ import annotations
@@ -36,19 +41,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import subprocess
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.evaluation import sweep_report as report
 from preftune.evaluation.metrics import wilson_interval
+from preftune.evaluation.sweep_variant import (
+    execute_variant,
+    failed_record,
+    reevaluate,
+    run_in_process,
+    run_isolated,
+    write_json,
+)
 
 log = logging.getLogger("preftune")
 
@@ -156,124 +166,6 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
             "eval_data": sweep.eval_data}
 
 
-# ----------------------------------------------------------------------------- one variant
-
-
-def run_variant(spec: dict) -> dict:
-    """Train one variant and evaluate it against the base; its ``done.json`` record."""
-    import torch
-
-    from preftune.common.process import peak_rss_mb
-    from preftune.training.loop import train
-
-    cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}").validate()
-    rss_before = peak_rss_mb()
-    start = time.perf_counter()
-    result = train(cfg)
-    seconds = time.perf_counter() - start
-    peak = peak_rss_mb()  # read now: evaluation (which loads the base too) comes after
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"name": spec["name"], "spec": spec, "status": "done", "error": None, "steps": result.steps,
-            "train_seconds": seconds, "peak_rss_mb": peak,
-            "train_rss_mb": max(0.0, peak - rss_before) if peak is not None else None,
-            "peak_gpu_mb": gpu, "evaluation": evaluate_variant(spec)}
-
-
-def evaluate_variant(spec: dict) -> dict:
-    """The trained variant in ``spec["train"]["output_dir"]`` against the base, with ``spec["eval"]``."""
-    from preftune.evaluation.evaluate import evaluate_model
-
-    cfg = TrainConfig.from_dict(spec["train"], source=f"variant {spec['name']}")
-    options = dict(spec["eval"])
-    options.setdefault("batch_size", cfg.batch_size)
-    options.setdefault("mixed_precision", cfg.mixed_precision)  # evaluated in the precision it was trained in
-    # the base's share of the evaluation (its held-out log-probs, NLL, samples, their reward-model scores) is
-    # computed by the first variant and read back by the others (evaluate.BaseCache: keyed by the base's
-    # weights and every setting)
-    options["base_cache"] = (str(Path(cfg.output_dir).parent / "base_cache.json")
-                             if options.pop("base_cache", True) else None)
-    data = spec.get("eval_data") or cfg.eval_data  # train_eval: false leaves it out of the training config
-    return evaluate_model(cfg.output_dir, data, ref_model=cfg.model, max_length=cfg.max_length,
-                          max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype,
-                          trust_remote_code=cfg.trust_remote_code, **options)
-
-
-def _reevaluate(done: dict, spec: dict, folder: Path) -> dict:
-    """A variant trained earlier under the same training settings: evaluate it again, keep its training."""
-    try:
-        evaluation = evaluate_variant(spec)
-    except Exception as exc:
-        log.exception("variant %s: evaluation failed", spec["name"])
-        return _failed(spec["name"], spec["options"], _error_text(exc))
-    record = {**done, "spec": spec, "evaluation": evaluation}
-    _write_json(folder / "done.json", record)
-    return {**record, "status": "done (trained earlier, evaluated again)"}
-
-
-def _write_json(path: Path, value: dict) -> None:
-    from preftune.evaluation.evaluate import to_json
-
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_json(value))
-    os.replace(tmp, path)
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def execute_variant(spec_path: str | Path) -> int:
-    """Child entry (``python -m preftune.evaluation.sweep --run-variant SPEC``): writes done.json or error.json."""
-    spec_path = Path(spec_path)
-    folder = spec_path.parent
-    spec = json.loads(spec_path.read_text())
-    try:
-        record = run_variant(spec)
-    except Exception as exc:  # reported in the sweep's table; the traceback stays in the log
-        traceback.print_exc()
-        _write_json(folder / "error.json", {"name": spec["name"], "error": _error_text(exc)})
-        return 1
-    _write_json(folder / "done.json", record)
-    return 0
-
-
-def _run_isolated(spec: dict, folder: Path) -> dict:
-    """Run the variant in its own Python process, so its peak RSS is its own."""
-    spec_path = folder / "spec.json"
-    _write_json(spec_path, spec)
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log_path = folder / "run.log"
-    with open(log_path, "w") as log_file:
-        code = subprocess.run([sys.executable, "-m", "preftune.evaluation.sweep", "--run-variant", str(spec_path)],
-                              stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
-    if (folder / "done.json").exists():
-        return json.loads((folder / "done.json").read_text())
-    if (folder / "error.json").exists():
-        error = json.loads((folder / "error.json").read_text())["error"]
-    else:
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        error = f"process exited with code {code}" + (f": {lines[-1]}" if lines else "")
-    return _failed(spec["name"], spec["options"], f"{error} (log: {log_path})")
-
-
-def _run_in_process(spec: dict, folder: Path) -> dict:
-    try:
-        record = run_variant(spec)
-    except Exception as exc:
-        log.exception("variant %s failed", spec["name"])
-        return _failed(spec["name"], spec["options"], _error_text(exc))
-    record.update(peak_rss_mb=None, train_rss_mb=None)  # this process's peak is not the variant's
-    _write_json(folder / "done.json", record)
-    return record
-
-
-def _failed(name: str, options: dict, error: str) -> dict:
-    return {"name": name, "options": options, "status": "failed", "error": error, "evaluation": None}
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -290,7 +182,7 @@ def run_compare(config_path: str | Path) -> Path:
             spec = json.loads(json.dumps(variant_spec(sweep, variant)))  # as it reads back from done.json
         except (ConfigError, ValueError) as exc:
             log.warning("variant %s: %s", name, exc)
-            records.append(_failed(name, options, str(exc)))
+            records.append(failed_record(name, options, str(exc)))
             continue
         folder = out / name
         done = json.loads((folder / "done.json").read_text()) if (folder / "done.json").exists() else None
@@ -300,7 +192,7 @@ def run_compare(config_path: str | Path) -> Path:
             continue
         if done is not None and done.get("spec", {}).get("train") == spec["train"]:
             log.info("variant %s: only the eval settings changed since its done.json; evaluating it again", name)
-            record = _reevaluate(done, spec, folder)
+            record = reevaluate(done, spec, folder)
             records.append({**record, "options": options})
             continue
         if done is not None:
@@ -309,7 +201,7 @@ def run_compare(config_path: str | Path) -> Path:
         for stale in ("done.json", "error.json", "metrics.jsonl", "summary.json"):  # metrics.jsonl is appended to
             (folder / stale).unlink(missing_ok=True)
         log.info("variant %s: training (%s)", name, ", ".join(f"{k}={v}" for k, v in options.items()) or "common")
-        record = _run_isolated(spec, folder) if sweep.isolate else _run_in_process(spec, folder)
+        record = run_isolated(spec, folder) if sweep.isolate else run_in_process(spec, folder)
         record["options"] = options
         if record.get("error"):
             log.warning("variant %s failed: %s", name, record["error"])
@@ -350,8 +242,6 @@ def best_variant(records: list[dict], criterion: str) -> tuple[str | None, str]:
 
 def write_report(sweep: Sweep, records: list[dict]) -> Path:
     """Plots, report.md, report.html and summary.json in the sweep's output folder."""
-    from preftune.evaluation import sweep_report as report
-
     out = sweep.output_dir
     best, best_text = best_variant(records, sweep.criterion)
     finished = [r for r in records if not r.get("error")]
@@ -408,7 +298,7 @@ def write_report(sweep: Sweep, records: list[dict]) -> Path:
                             "frontier": f"Reward vs KL to the base ({y_label})"}}
     (out / "report.md").write_text(report.render_markdown(summary, {k: p.name for k, p in images.items()}))
     (out / "report.html").write_text(report.render_html(summary, images))
-    _write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "captions"})
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "captions"})
     return out / "report.md"
 
 

@@ -218,3 +218,15 @@ def test_train_eval_false_keeps_the_held_out_data_out_of_training(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path / "b.yaml", **common, train_eval=False))
     spec = variant_spec(sweep, sweep.variants[0])
     assert spec["train"]["eval_data"] is None and spec["eval_data"] == "e.jsonl"
+
+
+def test_variant_records_are_written_atomically_and_errors_read_in_one_line(tmp_path):
+    from preftune.evaluation.sweep_variant import error_text, failed_record, write_json
+
+    write_json(tmp_path / "done.json", {"name": "a", "kl": float("nan")})
+    assert json.loads((tmp_path / "done.json").read_text()) == {"name": "a", "kl": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"]  # no temp file left beside it
+    assert error_text(ValueError("bad beta\nmore detail")) == "ValueError: bad beta"
+    assert error_text(RuntimeError()) == "RuntimeError"
+    assert failed_record("a", {"beta": 1}, "boom") == {"name": "a", "options": {"beta": 1}, "status": "failed",
+                                                       "error": "boom", "evaluation": None}
