@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from preftune.common.text import suggest
 from preftune.config.train_config import TrainConfig
 from preftune.config.values import ConfigError, as_bool, coerce, field_type
 from preftune.config.values import flags_markdown as config_flags_markdown
@@ -80,9 +81,7 @@ def _flag_hint(given: str, options: list[str]) -> str:
     starts = [o for o in options if o.startswith(given)]
     if starts:
         return f" ({given} is the start of {', '.join(starts[:4])}: flags are never abbreviated; give one in full)"
-    import difflib
-
-    close = difflib.get_close_matches(given.replace("_", "-"), options, n=3, cutoff=0.8)
+    close = suggest(given.replace("_", "-"), options, n=3, cutoff=0.8)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.common.files import pid_alive, write_atomic
-from preftune.config.train_config import ConfigError
+from preftune.config.values import ConfigError
 from preftune.training import checkpoint as ckpt
 from preftune.training.final_model import MODEL_FILES, WEIGHT_FILES, matches_any, recover_final_save
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError
 
 
 def valid(**kw) -> TrainConfig:

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from preftune.cli.main import main
-from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError
 from preftune.data import DataError, load_dataset
 from preftune.model.loading import load_model
 

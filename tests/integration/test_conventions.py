@@ -24,8 +24,8 @@ import pytest
 
 import preftune
 from preftune.cli.main import build_parser, config_from_args, main
-from preftune.config.train_config import ConfigError, TrainConfig
-from preftune.config.values import field_type
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError, field_type
 
 NOWHERE = "/nonexistent/model"  # a model that can't load: errors must come before any loading
 REPO = Path(__file__).resolve().parents[2]

@@ -214,7 +214,7 @@ def test_max_length_alone_works_and_explicit_conflicts_stay_errors():
     """--max-length 256 alone is valid (no prompt limit of its own, as in TRL); a --max-prompt-length the user
     gives is kept and must fit."""
     from preftune.cli.main import build_parser, config_from_args
-    from preftune.config.train_config import ConfigError
+    from preftune.config.values import ConfigError
 
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o",
                                       "--max-length", "256"])
@@ -235,7 +235,7 @@ def test_max_length_alone_works_and_explicit_conflicts_stay_errors():
     ("dpp", None, "is not one of dpo, ipo"),
 ])
 def test_bad_combinations_are_refused(loss, weights, message):
-    from preftune.config.train_config import ConfigError
+    from preftune.config.values import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(model="m", data="d", output_dir="o", loss=loss, loss_weights=weights).validate()
@@ -288,7 +288,7 @@ def test_combinations_read_as_rows():
 ])
 def test_options_that_cannot_act_are_refused_by_name(options, message):
     """PITFALLS: a flag that is accepted must act, or be refused."""
-    from preftune.config.train_config import ConfigError
+    from preftune.config.values import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(model="m", data="d", output_dir="o", **options).validate()

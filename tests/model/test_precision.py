@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from training.test_loop import read_metrics, rule_config
 
 from preftune.cli.main import build_parser, config_from_args
-from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError
 from preftune.data.collate import collate_packed
 from preftune.model.logprobs import batch_logps, chunked_target_logps
 from preftune.model.precision import check_trainable_dtype, cpu_has_fast_bf16, resolve_mixed_precision
