@@ -25,6 +25,7 @@ from preftune.training import checkpoint as ckpt
 from preftune.training.final_model import save_final
 from preftune.training.hooks import TrainHooks
 from preftune.training.metrics_log import summary_json
+from preftune.training.model_card import write_model_card
 from preftune.training.progress import progress_bar
 from preftune.training.resume import save_training_state
 from preftune.training.run_folder import RunFolder, claim_output_dir
@@ -189,8 +190,6 @@ def finish(cfg: TrainConfig, run: Run, step: int, last_metrics: dict, eval_befor
                    "gradient_checkpointing": run.checkpointing, "run_id": run.folder.run_id,
                    "data_fingerprint": run.folder.data_fingerprint, **gpu_peak_memory(run.accelerator)}
         write_atomic(out / "summary.json", summary_json(summary))
-        from preftune.training.model_card import write_model_card  # OUTPUT/README.md, a Hugging Face model card
-
-        write_model_card(out, cfg, summary, num_examples=len(run.train_examples))
+        write_model_card(out, cfg, summary, num_examples=len(run.train_examples))  # OUTPUT/README.md
         run.metrics_log.close()
     return TrainResult(out, step, last_metrics, eval_before, eval_after)

@@ -16,7 +16,9 @@ import os
 import re
 from pathlib import Path
 
+from preftune.common.files import write_atomic
 from preftune.common.text import number
+from preftune.common.version import VERSION
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -34,8 +36,6 @@ def write_model_card(out: str | os.PathLike, cfg, summary: dict, num_examples: i
     ``eval_after``, ``reference``, ``mixed_precision`` ...); ``num_examples`` the training
     examples used (pairs, or KTO / SFT examples).
     """
-    from preftune.common.files import write_atomic
-
     path = Path(out) / "README.md"
     write_atomic(path, model_card_text(cfg, summary, num_examples))
     return path
@@ -44,8 +44,6 @@ def write_model_card(out: str | os.PathLike, cfg, summary: dict, num_examples: i
 def model_card_text(cfg, summary: dict, num_examples: int) -> str:
     """The card: YAML metadata (ModelCardData) and a markdown body."""
     from huggingface_hub import ModelCardData
-
-    from preftune.common.version import VERSION as __version__
 
     base = hub_base_model(cfg.model)
     datasets = [d.split(":")[0] for d in (cfg.data, cfg.eval_data) if d and _is_hub_id(d.split(":")[0])]
@@ -60,7 +58,7 @@ def model_card_text(cfg, summary: dict, num_examples: int) -> str:
     lines = [f"# {name}", "",
              f"{'LoRA adapters for' if adapter else 'A fine-tune of'} `{cfg.model}`"
              + (f" (hub: [{base}](https://huggingface.co/{base}))" if base and base != cfg.model else "")
-             + f", trained with {_method_text(method)} by preftune {__version__}.", "",
+             + f", trained with {_method_text(method)} by preftune {VERSION}.", "",
              "## Training data", "",
              f"- file: `{cfg.data}`: {num_examples} {kind}"
              + (f" (the first {cfg.max_examples} records)" if cfg.max_examples else ""),
@@ -87,7 +85,7 @@ def model_card_text(cfg, summary: dict, num_examples: int) -> str:
               "", "Every option is in `config.yaml`; the training curves are in `metrics.jsonl`.", "",
               "## Reference model", "", f"{summary.get('reference', 'none')}", ""]
     lines += _metrics_section(summary.get("eval_before") or {}, summary.get("eval_after") or {})
-    lines += ["## Framework versions", "", *[f"- {n}: {v}" for n, v in _versions(__version__)], ""]
+    lines += ["## Framework versions", "", *[f"- {n}: {v}" for n, v in _versions(VERSION)], ""]
     header = data.to_yaml()
     return f"---\n{header}\n---\n\n" + "\n".join(lines)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.common.files import DiskFullError, atomic_path, disk_full_guard, size_text
 from preftune.data.batch import Batch
 from preftune.methods.losses.modifiers import length_desensitized_logps
 from preftune.model.logprobs import LogpOutput, batch_logps
@@ -216,14 +217,13 @@ def compute_reference_table(reference, examples, make_batch, batch_size: int, ac
 
 
 def save_cache(path: Path, table: torch.Tensor, key: str) -> bool:
-    """Write the table atomically (:func:`preftune.common.files.atomic_path`) as safetensors with its key; whether it was written.
+    """Write the table atomically (:func:`preftune.common.files.atomic_path`) as safetensors with its key;
+    whether it was written.
 
     A failed write (a full disk, a read-only folder) is a warning naming the path and the space needed,
     never an error: the table is in memory and training goes on with it, uncached.
     """
     from safetensors.torch import save_file
-
-    from preftune.common.files import DiskFullError, atomic_path, disk_full_guard, size_text
 
     needed = table.numel() * table.element_size()
     try:

@@ -45,6 +45,7 @@ from preftune.training.reference import (
 from preftune.training.resume import resume
 from preftune.training.run_folder import RunFolder
 from preftune.training.step import evaluate_examples
+from preftune.training.trackers import with_trackers
 
 log = logging.getLogger("preftune")
 
@@ -143,10 +144,8 @@ def start_accelerator(cfg: TrainConfig):
 def open_metrics_log(cfg: TrainConfig):
     """``OUTPUT/metrics.jsonl`` with the ``--report-to`` trackers (main process only). claim_output_dir
     made the folder; the folder's set_data writes config.yaml and run.json."""
-    from preftune.training.trackers import with_trackers  # --report-to: the rows also go to each tracker
-
     out = Path(cfg.output_dir)
-    metrics_log = with_trackers(MetricsLog(out), cfg, out)
+    metrics_log = with_trackers(MetricsLog(out), cfg, out)  # --report-to: the rows also go to each tracker
     if not cfg.max_grad_norm:  # 0 or none: no clipping, as in HF Trainer; said, not silent
         log.info("gradient clipping off (--max-grad-norm %s)", cfg.max_grad_norm)
     return metrics_log
