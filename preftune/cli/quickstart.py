@@ -20,7 +20,7 @@ examples:
   preftune quickstart                         # full run, writes runs/quickstart/
   preftune quickstart --quick --output-dir /tmp/qs   # CI-sized run: same stages, fewer steps and samples
 
-time on one thread of a 2-vCPU Intel Xeon: full run ~2.5 min (105 s of CPU), --quick ~80 s.
+time on one thread of a 2-vCPU Intel Xeon: full run 105 s of CPU (2-2.5 min wall), --quick 30-80 s wall.
 
 exit status: 0 when the DPO model's win rate over its SFT base reaches the target
 (0.8 full, 0.75 --quick), 1 when it does not."""

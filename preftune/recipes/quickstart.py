@@ -83,7 +83,8 @@ class QuickstartConfig:
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides) -> "QuickstartConfig":
-        """The full run (~1.5 min of CPU), or the ``--quick`` CI run (~30 s of CPU), with ``overrides``."""
+        """The full run (105 s of CPU on a 2-vCPU Intel Xeon), or the ``--quick`` CI run (~30 s there), with
+        ``overrides``."""
         values = {}
         if quick:
             values = dict(hidden=96, layers=2, pretrain_texts=8000, sft_rows=3000, pair_prompts=600,
