@@ -207,7 +207,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from preftune.evaluation.evaluate import onpolicy_pairs
+    from preftune.evaluation.pairs import onpolicy_pairs
     from preftune.evaluation.prompts import read_prompts
 
     if not args.keep_all and not args.judge:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -37,9 +36,8 @@ from preftune.evaluation.base_cache import BaseCache
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
 from preftune.evaluation.judges.registry import make_judge
 from preftune.evaluation.metrics import kl_from_samples, wilson_interval
-from preftune.evaluation.pairs import best_vs_worst_pairs
 from preftune.evaluation.prompts import read_prompts
-from preftune.evaluation.sampling import estimate_kl, sample, sample_from_path, sample_token_ids
+from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
 from preftune.evaluation.scoring import completion_logps
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
@@ -311,25 +309,3 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
         out["score_model"] = sum(scores_model) / len(scores_model)
         out["score_base"] = sum(scores_base) / len(scores_base)
     return out
-
-
-def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], judge: str | Judge, n: int = 4,
-                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                   batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
-                   device: str | None = None, mixed_precision: str = "no") -> tuple[list[dict], dict[str, int]]:
-    """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
-
-    Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
-    ``preftune train`` reads (:func:`preftune.evaluation.pairs.best_vs_worst_pairs`); ``counts`` has
-    ``prompts``, ``pairs``, ``skipped_ties`` (every sample of the prompt tied) and
-    ``skipped_empty`` (the best or worst sample was empty text, which training refuses).
-    """
-    if n < 2:
-        raise ValueError(f"--n must be >= 2 to have a best and a worst sample (got {n})")
-    judge = make_judge(judge) if isinstance(judge, str) else judge
-    samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
-                               trust_remote_code, device, mixed_precision)
-    pairs, skipped_ties = best_vs_worst_pairs(prompts, samples, judge)
-    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
-    return kept, {"prompts": len(prompts), "pairs": len(kept), "skipped_ties": skipped_ties,
-                  "skipped_empty": len(pairs) - len(kept)}

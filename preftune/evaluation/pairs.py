@@ -1,13 +1,15 @@
 """Pairs and candidates from a model's own samples.
 
 * :func:`best_vs_worst_pairs` — best and worst of n samples per prompt, by a judge: preference
-  pairs ``preftune train`` reads.
+  pairs ``preftune train`` reads; :func:`onpolicy_pairs` samples them from a model folder first
+  (``preftune generate --n N``).
 * :func:`candidate_records` / :func:`onpolicy_candidates` — every sample per prompt kept, as a
   candidates file for people to label (``preftune generate --keep-all``, ``preftune label serve``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, check_lengths
@@ -110,3 +112,25 @@ def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge
     meta = {"model": str(model_path), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
             "seed": seed}
     return candidate_records(prompts, samples, judge, meta)
+
+
+def onpolicy_pairs(model_path: str | os.PathLike, prompts: Sequence[Prompt], judge: str | Judge, n: int = 4,
+                   max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                   batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: str | None = None, mixed_precision: str = "no") -> tuple[list[dict], dict[str, int]]:
+    """On-policy preference pairs: ``n`` samples per prompt, best vs worst by ``judge``.
+
+    Returns ``(pairs, counts)``: pairs are ``{"prompt", "chosen", "rejected"}`` records that
+    ``preftune train`` reads (:func:`preftune.evaluation.pairs.best_vs_worst_pairs`); ``counts`` has
+    ``prompts``, ``pairs``, ``skipped_ties`` (every sample of the prompt tied) and
+    ``skipped_empty`` (the best or worst sample was empty text, which training refuses).
+    """
+    if n < 2:
+        raise ValueError(f"--n must be >= 2 to have a best and a worst sample (got {n})")
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
+                               trust_remote_code, device, mixed_precision)
+    pairs, skipped_ties = best_vs_worst_pairs(prompts, samples, judge)
+    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    return kept, {"prompts": len(prompts), "pairs": len(kept), "skipped_ties": skipped_ties,
+                  "skipped_empty": len(pairs) - len(kept)}
