@@ -62,7 +62,7 @@ class TrainConfig:
                 "AVX512-BF16/AMX, else no. TRL's --bf16 / --fp16 are accepted.", MIXED_PRECISION, group="model")
     ref_dtype: str | None = option(
         None, "Weights dtype of the frozen reference copy (bfloat16 halves its memory; its log-prob error "
-              "against fp32 is stated in the README). Default: the policy's --dtype.", REF_DTYPES, group="model")
+              "against fp32 is stated in docs/performance.md). Default: the policy's --dtype.", REF_DTYPES, group="model")
     attn_implementation: str | None = option(
         None, "Attention implementation passed to transformers (sdpa, eager, flex_attention, flash_attention_2). "
               "Default: sdpa.", group="model")

@@ -197,7 +197,7 @@ def translate(values: dict[str, Any], own: set[str], source: str = "config") -> 
             t.refused.append(f"{key}: {_show(value)} ({why})")
     if t.refused:
         raise ConfigError(f"{source}: TRL option(s) preftune cannot honour: {'; '.join(t.refused)}. Remove them or "
-                          f"use preftune's options (README: Bring your TRL config)")
+                          f"use preftune's options (docs/configuration.md: Bring your TRL config)")
     return t.out, t.notes
 
 

@@ -60,7 +60,7 @@ class Method:
     aliases: tuple[str, ...] = ()  # other --loss names of the same row
     kl_partners: bool = False  # needs a mismatched completion per example (KTO's KL point)
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # options -> error message or None
-    notes: str = ""  # for the README's methods table
+    notes: str = ""  # for the methods table in docs/methods.md
     model_head: str = "lm"  # "lm": a causal LM's log-probs; "reward": a one-logit sequence-classification head
 
     def __post_init__(self) -> None:
@@ -362,7 +362,7 @@ def help_text() -> str:
 
 
 def markdown_table() -> str:
-    """The README's methods table (kept in sync by tests/methods/test_table.py)."""
+    """The methods table of docs/methods.md (kept in sync by tests/methods/test_table.py)."""
     lines = ["| `--loss` | paper | reference model | log-probs | data | notes |", "|---|---|---|---|---|---|"]
     for m in METHODS:
         names = " / ".join(f"`{n}`" for n in (m.name, *m.aliases))
