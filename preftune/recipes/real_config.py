@@ -130,7 +130,7 @@ a reward
   runs/real), each target marked reached or not. Time on 2 CPU cores: ~2.6 h (158 min measured on a
   2-vCPU Intel Xeon: Task A 11.8 min, reward model and its evaluations 11.8, the sweep 93.5, the
   whole-part DPO 40.9); --resume continues a stopped run. --reduced: every stage on fewer prompts,
-  pairs and variants, a smoke run of under 6 min on 2 CPU cores.
+  pairs and variants, a smoke run of 6-10 min on 2 CPU cores.
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
     task B: DPO held-out accuracy >= {cfg.target_b_accuracy} on >= {cfg.target_b_accuracy_pairs} pairs, and \
