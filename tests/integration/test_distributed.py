@@ -98,10 +98,17 @@ def test_fsdp2_full_shard_matches_unsharded(tmp_path, case):
     the adapters-off reference computed first, through the wrapped module (its forward is what
     gathers the shards)."""
     here = os.path.dirname(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            os.path.join(here, "fsdp_worker.py"), str(tmp_path / "result"), case]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # gloo can abort a rank while its threads are torn down (seen once in ~10 runs on a loaded 2-core
+        # machine, not reproduced alone or under a CPU hog): run the same workers once more, fresh files
+        for stale in tmp_path.glob("result-*.json"):
+            stale.unlink()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(2):
         result = json.loads((tmp_path / f"result-{rank}.json").read_text())
