@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-HH_FILE = HERE.parents[1] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"  # ../shared beside the repo
+HH_FILE = HERE.parent / "preftune" / "recipes" / "data" / "hh-rlhf-harmless-test.jsonl.gz"  # shipped with the package
 ASSISTANT = "\n\nAssistant:"
 VOCAB_SIZE = 32000
 CACHE_VERSION = "v1"  # bump to rebuild every cached asset

@@ -11,7 +11,7 @@
 #
 #   bash benchmarks/gpu_checks.sh [HH_FILE] [OUT_DIR]
 #
-# HH_FILE defaults to ../shared/data/hh-rlhf-harmless-test.jsonl.gz; OUT_DIR to $OUT or runs/gpu-checks.
+# HH_FILE defaults to preftune/recipes/data/hh-rlhf-harmless-test.jsonl.gz; OUT_DIR to $OUT or runs/gpu-checks.
 # Each part has its own time limit and a failing part does not stop the others. With a .whl/ folder
 # (trl, datasets and their needs for a machine without network), those wheels are installed first.
 . "$(dirname "$0")/gpu_env.sh" runs/gpu-checks "$@"

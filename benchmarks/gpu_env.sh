@@ -2,7 +2,7 @@
 # wheels of a .whl/ folder installed for a machine without network, this checkout on PYTHONPATH.
 #   . benchmarks/gpu_env.sh DEFAULT_LOGS "$@"
 set -u
-HH=${2:-../shared/data/hh-rlhf-harmless-test.jsonl.gz}
+HH=${2:-preftune/recipes/data/hh-rlhf-harmless-test.jsonl.gz}
 LOGS=${3:-${OUT:-$1}}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

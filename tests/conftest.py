@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from preftune.model.tiny import tiny_model, train_tokenizer
+from preftune.recipes.real_config import DEFAULT_HH_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz"
+HH_RLHF = DEFAULT_HH_DATA  # Anthropic HH-RLHF harmless test pairs, shipped with the package
 
 # The rule: chosen replies use only "good" words, rejected replies contain a "bad" word.
 GOOD = ["kind", "calm", "clear", "gentle", "honest", "warm", "bright", "fair"]
@@ -115,8 +115,6 @@ def final_model(monkeypatch) -> dict:
 
 @pytest.fixture
 def hh_rlhf_path() -> Path:
-    if not HH_RLHF.exists():
-        pytest.skip(f"shared HH-RLHF data not found at {HH_RLHF} (a fresh clone without ../shared)")
     return HH_RLHF
 
 

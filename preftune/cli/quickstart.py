@@ -55,12 +55,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--real", action="store_true",
                       help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); ~2.6 h on 2 CPU "
                            "cores (158 min measured on a 2-vCPU Intel Xeon)")
-    real.add_argument("--reduced", action="store_true", help="with --real: every stage, fewer prompts, pairs "
-                                                             "and variants (a smoke run, not the proof)")
+    real.add_argument("--reduced", action="store_true",
+                      help="with --real: every stage, fewer prompts, pairs and variants: a smoke run that passes when "
+                           "every stage wrote its files and every number is finite and in range (the targets are the "
+                           "full run's)")
     real.add_argument("--model", metavar="PATH", help="with --real: the base model (a folder or .gguf) instead of "
                                                       "the downloaded SmolLM2")
     real.add_argument("--hh-data", metavar="PATH", help="with --real: task B preference pairs (default: "
-                                                        "../shared/data/hh-rlhf-harmless-test.jsonl.gz)")
+                                                        "Anthropic HH-RLHF harmless test pairs, shipped with "
+                                                        "preftune: preftune/recipes/data/)")
     real.add_argument("--resume", action="store_true",
                       help="with --real: keep the stages an earlier run into --output-dir finished (its metrics.json "
                            "says which; same settings, else an error names the difference) and run the rest")

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.recipes.stages import rate_text
 
 JUDGE_A = "python:preftune.recipes.sentiment:review_sentiment"
-DEFAULT_HH_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+# Anthropic HH-RLHF harmless-base test pairs, shipped in the package (MIT; data/README.md says what and whence)
+DEFAULT_HH_DATA = Path(__file__).resolve().parent / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"  # the converted model, inside the cache folder
 A_PROMPT = "Write a short review of the film {title}."
 
@@ -83,12 +85,15 @@ class RealRecipeConfig:
     target_b_accuracy: float = 0.60
     target_b_accuracy_pairs: int = 200
     target_b_win_rate: float = 0.60
+    # a smoke run (the reduced preset) passes on its smoke checks; the targets above apply to the full run
+    smoke: bool = False
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
         """``full`` (the proof; ~2.6 h on 2 CPU cores: 158 min on a 2-vCPU Intel Xeon, of it the sweep 93.5 min
         and the whole-part DPO 40.9 min) or ``reduced`` (a smoke run of every stage with fewer prompts, pairs
-        and variants; same thresholds, fewer held-out pairs), with ``overrides``."""
+        and variants, judged by :func:`smoke_checks`; the targets are still reported, for the full run), with
+        ``overrides``."""
         if name not in ("full", "reduced"):
             raise ValueError(f"unknown preset {name!r} (full or reduced)")
         # full = the defaults
@@ -98,7 +103,7 @@ class RealRecipeConfig:
                           a_held_out_films=16, b_held_out=64, b_rm_pairs=64, b_dpo_pairs=64, b_eval_prompts=16,
                           b_max_new_tokens=32, b_variants=[v for v in default_variants() if v["name"] in
                                                            ("dpo", "orpo")],
-                          b_max_steps=None, b_isolate=False, target_b_accuracy_pairs=64)
+                          b_max_steps=None, b_isolate=False, target_b_accuracy_pairs=64, smoke=True)
         values.update(overrides)
         return cls(**values)
 
@@ -119,7 +124,7 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
 (preftune.recipes.sentiment) picks
     best vs worst, DPO trains on those pairs, and the DPO model is compared with the base on
     {cfg.a_held_out_films} held-out films: judge score, win rate with its 95% interval, KL to the base, samples.
-  Task B, Anthropic HH-RLHF harmless (../shared/data/hh-rlhf-harmless-test.jsonl.gz, or --hh-data):
+  Task B, Anthropic HH-RLHF harmless (shipped with preftune, MIT license, or --hh-data):
     split by prompt into held-out ({cfg.b_held_out}), reward-model ({cfg.b_rm_pairs}) and DPO ({dpo_part}) pairs; \
 a reward
     model is trained on its part; a sweep ({variants}),
@@ -130,7 +135,9 @@ a reward
   runs/real), each target marked reached or not. Time on 2 CPU cores: ~2.6 h (158 min measured on a
   2-vCPU Intel Xeon: Task A 11.8 min, reward model and its evaluations 11.8, the sweep 93.5, the
   whole-part DPO 40.9); --resume continues a stopped run. --reduced: every stage on fewer prompts,
-  pairs and variants, a smoke run of 6-10 min on 2 CPU cores.
+  pairs and variants, a smoke run of 6-10 min on 2 CPU cores; it exits 0 when every stage wrote its
+  files and every number is finite and in range (the targets below are the full run's: reported, not
+  judged, at that size).
   exit status: 0 when every target is reached, 1 otherwise:
     task A: DPO win rate >= {cfg.target_a_win_rate} with 95% CI low > 0.5;
     task B: DPO held-out accuracy >= {cfg.target_b_accuracy} on >= {cfg.target_b_accuracy_pairs} pairs, and \
@@ -164,3 +171,50 @@ def check_targets(cfg: RealRecipeConfig, metrics: dict) -> list[dict]:
          "target": f">= {cfg.target_b_win_rate} with 95% CI low > 0.5", "value": rate_text(b_win),
          "reached": bool(b_win) and b_win["rate"] >= cfg.target_b_win_rate and b_win["low"] > 0.5},
     ]
+
+
+# what every stage leaves in the run folder (report.md and metrics.json are written after the checks)
+SMOKE_FILES = ("a_samples.jsonl", "a_dpo/model.safetensors", "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl",
+               "data/hh_held_out.jsonl", "data/hh_rm.jsonl", "data/hh_dpo.jsonl", "b_rm/config.json", "b_sweep.yaml",
+               "b_sweep/report.md", "b_sweep/summary.json", "b_sweep/frontier.png", "b_dpo/model.safetensors")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fraction(value) -> bool:
+    return _finite(value) and 0 <= value <= 1
+
+
+def _interval(rate: dict | None) -> bool:
+    return bool(rate) and all(_finite(rate.get(k)) for k in ("low", "rate", "high")) \
+        and 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
+
+
+def _model_result(result: dict | None) -> bool:
+    """A sweep variant's or the whole-part DPO's evaluation: no error, numbers finite and in range."""
+    return bool(result) and result.get("error") is None and _fraction(result.get("accuracy")) \
+        and _interval(result.get("win_rate")) and _finite(result.get("kl")) and _finite(result.get("nll_difference"))
+
+
+def smoke_checks(out: Path, metrics: dict) -> list[dict]:
+    """What a smoke run (the reduced preset) can check at its size: every stage's files written, every
+    number finite and in range. Each check: ``{"name", "ok", "detail"}``."""
+    a, b = metrics["task_a"], metrics["task_b"]
+    missing = [name for name in SMOKE_FILES if not (Path(out) / name).is_file()]
+    variants = b.get("variants") or []
+    checks = [
+        ("every stage's files written", not missing, ", ".join(missing) or f"{len(SMOKE_FILES)} files"),
+        ("task A: win rate, KL and preference accuracy finite and in range",
+         _interval(a.get("win_rate")) and _finite((a.get("kl") or {}).get("mean"))
+         and _fraction(a.get("preference_accuracy")), rate_text(a.get("win_rate") or {})),
+        ("task B: reward model and base accuracies in [0, 1]",
+         all(_fraction((b.get(part) or {}).get("accuracy")) for part in ("reward_model", "base_raw")), ""),
+        ("task B: every sweep variant evaluated, numbers finite and in range",
+         bool(variants) and all(_model_result(v) for v in variants),
+         ", ".join(f"{v.get('name')}: {'ok' if _model_result(v) else v.get('error') or 'out of range'}"
+                   for v in variants)),
+        ("task B: the whole-part DPO evaluated, numbers finite and in range", _model_result(b.get("dpo")), ""),
+    ]
+    return [{"name": name, "ok": bool(ok), "detail": detail} for name, ok, detail in checks]

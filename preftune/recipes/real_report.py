@@ -77,6 +77,12 @@ def write_report(out: Path, metrics: dict) -> None:
     lines += markdown_table(TASK_B_HEADER, task_b_rows(b))
     lines += ["", "![reward vs KL](b_sweep/frontier.png)", "", "The sweep's own report: `b_sweep/report.md`.", "",
               "## Targets", ""]
+    if metrics.get("smoke_checks") is not None:
+        lines += ["A smoke run (`--reduced`): it passes when every check below holds. The targets are the full "
+                  "run's; at this size they are shown for information, not judged.", ""]
+        lines += [f"* **{'ok' if c['ok'] else 'FAILED'}** — {c['name']}" + (f": {c['detail']}" if c["detail"] else "")
+                  for c in metrics["smoke_checks"]]
+        lines += [""]
     lines += [f"* **{'reached' if t['reached'] else 'not reached'}** — {t['name']}: {t['value']} (target "
               f"{t['target']})" for t in metrics["targets"]]
     lines += ["", "## Wall time", ""]
@@ -98,5 +104,11 @@ def summary_text(out: Path, metrics: dict) -> str:
     lines += [f"{'reached' if t['reached'] else 'NOT reached'}: {t['name']}: {t['value']} (target {t['target']})"
               for t in metrics["targets"]]
     reached = f"{sum(t['reached'] for t in metrics['targets'])}/{len(metrics['targets'])} targets"
+    checks = metrics.get("smoke_checks")
+    if checks is not None:
+        lines += [f"{'ok' if c['ok'] else 'FAILED'}: {c['name']}" + (f" ({c['detail']})" if c["detail"] else "")
+                  for c in checks]
+        reached = (f"smoke run, {sum(c['ok'] for c in checks)}/{len(checks)} checks (the targets apply to the "
+                   f"full run: {reached} reached at this size)")
     lines.append(verdict_line(metrics["passed"], reached, duration(metrics["seconds"]), out / "report.md"))
     return "\n".join(lines)

@@ -16,9 +16,10 @@ from preftune.data.errors import DataError
 from preftune.data.formats import ASSISTANT_MARKER, chosen_as_sft, pairs_to_unpaired, split_dialogue, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
+from preftune.recipes.real_config import DEFAULT_HH_DATA
 
 LOC = Location("pairs.jsonl", line=3)
-HH_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+HH_FILE = DEFAULT_HH_DATA  # Anthropic HH-RLHF harmless test pairs, shipped with the package
 
 
 def user(text):
@@ -201,7 +202,6 @@ HH_EMPTY_CHOSEN_LINES = [87, 517, 926, 1104]
 HH_REPLY_WITH_INNER_TURN_LINES = [1255, 1689, 1951, 1953, 2037]
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"shared data not found at {HH_FILE} (../shared next to the repo)")
 def test_hh_rlhf_prompts_end_at_the_last_common_assistant_turn():
     rows = [json.loads(line) for line in gzip.open(HH_FILE, "rt", encoding="utf-8")]
     assert len(rows) == 2312

@@ -20,9 +20,10 @@ from preftune.data.records import Example, Location
 from preftune.data.report import DataReport
 from preftune.data.tokenize import special_prefix_ids
 from preftune.model.tiny import CHAT_TEMPLATE, train_tokenizer
+from preftune.recipes.real_config import DEFAULT_HH_DATA
 
 BOS, EOS = 1, 2
-HH_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+HH_FILE = DEFAULT_HH_DATA  # Anthropic HH-RLHF harmless test pairs, shipped with the package
 COUNTING = "One two three four five six seven eight nine ten."
 COUNTING_IDS = [333, 404, 451, 424, 455, 415, 453, 395, 429, 403, 18]
 CAT_IDS = [268, 421, 413, 410, 278, 400, 18]
@@ -299,7 +300,6 @@ def test_load_dataset_kto_file(tmp_path, tok):
     assert decode(tok, examples[0].completions[0]) == "a<|im_end|>\n"
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"shared data not found at {HH_FILE} (../shared next to the repo)")
 def test_hh_rlhf_end_to_end_boundary_exact(tok):
     examples, report = load_dataset(HH_FILE, tok, skip_bad_records=True)
     assert (report.rows_read, report.examples_kept, report.bad_records) == (2312, 2308, 4)

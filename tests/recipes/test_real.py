@@ -275,8 +275,13 @@ def test_reduced_recipe_splits_are_disjoint_by_prompt(reduced_run):
 
 
 @pytest.mark.slow
-def test_reduced_recipe_exit_code_follows_the_targets(reduced_run):
+def test_reduced_recipe_exit_code_follows_its_smoke_checks(reduced_run):
+    """A smoke run passes on what it can check at its size; the full run's targets are reported, not judged."""
     metrics = json.loads((reduced_run["out"] / "metrics.json").read_text())
-    assert metrics["passed"] == all(t["reached"] for t in metrics["targets"])
-    assert reduced_run["returncode"] == (0 if metrics["passed"] else 1)
-    assert ("PASS" if metrics["passed"] else "FAIL") in reduced_run["stdout"]
+    checks = metrics["smoke_checks"]
+    assert [c["ok"] for c in checks] == [True] * 5, checks
+    assert metrics["passed"] is True and reduced_run["returncode"] == 0
+    reached = sum(t["reached"] for t in metrics["targets"])
+    assert f"PASS: smoke run, 5/5 checks (the targets apply to the full run: {reached}/3 targets reached" \
+        in reduced_run["stdout"]
+    assert "A smoke run (`--reduced`)" in (reduced_run["out"] / "report.md").read_text()

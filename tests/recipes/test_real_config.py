@@ -40,3 +40,25 @@ def test_targets_reached_and_not():
                "task_b": {"variants": [{"name": "dpo", "accuracy": 0.9, "pairs": 240,
                                         "win_rate": {"rate": 0.9, "low": 0.8, "high": 1.0, "n": 240}}]}}
     assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]  # no whole-part run
+
+
+def _smoke_metrics(kl=1.5, variant_error=None, accuracy=0.6):
+    rate = {"rate": 0.6, "low": 0.4, "high": 0.75, "n": 16}
+    model = {"error": None, "accuracy": accuracy, "win_rate": rate, "kl": 2.0, "nll_difference": 0.05}
+    return {"task_a": {"win_rate": rate, "kl": {"mean": kl}, "preference_accuracy": 0.5},
+            "task_b": {"reward_model": {"accuracy": 0.55}, "base_raw": {"accuracy": 0.5},
+                       "variants": [{**model, "name": "dpo"}, {**model, "name": "orpo", "error": variant_error}],
+                       "dpo": model}}
+
+
+def test_reduced_preset_is_a_smoke_run_and_its_checks_can_fail(tmp_path):
+    assert recipe.RealRecipeConfig.preset("reduced").smoke and not recipe.RealRecipeConfig.preset("full").smoke
+    for name in recipe.SMOKE_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert [c["ok"] for c in recipe.smoke_checks(tmp_path, _smoke_metrics())] == [True] * 5
+    (tmp_path / "b_dpo" / "model.safetensors").unlink()
+    bad = recipe.smoke_checks(tmp_path, _smoke_metrics(kl=float("nan"), variant_error="OutputDirBusy", accuracy=1.5))
+    assert [c["ok"] for c in bad] == [False, False, True, False, False]
+    assert bad[0]["detail"] == "b_dpo/model.safetensors"
+    assert bad[3]["detail"] == "dpo: out of range, orpo: OutputDirBusy"
