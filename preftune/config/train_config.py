@@ -25,6 +25,7 @@ from preftune.config.values import (
     ConfigError,
     Range,
     check_fields,
+    describe,
     flag_name,
     option,
     read_options,
@@ -353,7 +354,7 @@ def _check_trackers(report_to: str | None, names: list[str]) -> None:
     for name in names:
         if name not in TRACKERS:
             hint = " (list them: 'all' is not accepted, so that nothing logs anywhere unasked)" if name == "all" else ""
-            raise ConfigError(f"--report-to: {name!r} is not one of {', '.join(TRACKERS)}, none{hint}")
+            raise ConfigError(f"--report-to: {describe(name)} is not one of {', '.join(TRACKERS)}, none{hint}")
         module, package = TRACKERS[name]
         if not _installed(module):
             raise ConfigError(f"--report-to {name} needs the {package} package: pip install {package} "

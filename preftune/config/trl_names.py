@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from preftune.config.values import SCHEDULERS, ConfigError, as_bool
+from preftune.config.values import SCHEDULERS, ConfigError, as_bool, describe
 
 # TRL name -> preftune name, same meaning (value converted where needed, below).
 RENAMED = {
@@ -374,5 +374,4 @@ def _among(value: Any, accepted: set) -> bool:
 
 
 def _show(value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) or value is None else repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
+    return str(value).lower() if isinstance(value, bool) or value is None else describe(value, 100)

@@ -28,6 +28,51 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
 
 
+def describe(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters (cut with ``...``).
+
+    Built piece by piece and stopped once past ``limit``, so a huge, deeply nested or self-containing
+    value (a YAML alias bomb, a list holding itself) costs no more than a short one; a value that fits
+    reads exactly as its ``repr``.
+    """
+    text, size = [], 0
+    for piece in _repr_pieces(value):
+        text.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    shown = "".join(text)
+    return shown if len(shown) <= limit else shown[:max(limit - 3, 0)] + "..."
+
+
+def _repr_pieces(value: Any):
+    """The fragments of ``repr(value)`` in order, generated lazily (containers one item at a time)."""
+    if type(value) in (list, tuple, set, frozenset, dict):
+        if isinstance(value, (set, frozenset)) and not value:
+            yield f"{type(value).__name__}()"
+            return
+        opening, closing = {list: "[]", tuple: "()", dict: "{}"}.get(type(value), "{}")
+        yield opening if type(value) is not frozenset else "frozenset({"
+        for i, item in enumerate(value.items() if isinstance(value, dict) else value):
+            if i:
+                yield ", "
+            if isinstance(value, dict):
+                yield from _repr_pieces(item[0])
+                yield ": "
+                item = item[1]
+            yield from _repr_pieces(item)
+        if type(value) is tuple and len(value) == 1:
+            yield ","
+        yield closing if type(value) is not frozenset else "})"
+    elif isinstance(value, (str, bytes, bytearray)) and len(value) > 200:
+        yield repr(value[:200])[:-1]  # the opening quote and the start; never the closing quote
+        yield "..."
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 600:
+        yield f"<an integer of {value.bit_length()} bits>"
+    else:
+        yield repr(value)
+
+
 @dataclass(frozen=True)
 class Range:
     """The interval a numeric option must lie in; ``None`` leaves that side open-ended.
@@ -118,7 +163,7 @@ def as_bool(value: Any, flag: str, source: str = "config") -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
         return value.lower() in ("true", "yes", "1", "on")
-    raise ConfigError(f"{source}: --{flag_name(flag)} expects true or false, got {value!r}")
+    raise ConfigError(f"{source}: --{flag_name(flag)} expects true or false, got {describe(value)}")
 
 
 def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
@@ -145,8 +190,8 @@ def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError, OverflowError):
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ConfigError(f"{source}: --{flag_name(f.name)} expects {typ.__name__}, got {shown}") from None
+        raise ConfigError(f"{source}: --{flag_name(f.name)} expects {typ.__name__}, got {describe(value, 40)}") \
+            from None
 
 
 def check_field(f: dataclasses.Field, value: Any) -> None:
@@ -159,16 +204,16 @@ def check_field(f: dataclasses.Field, value: Any) -> None:
     numeric = typ in (int, float)
     if isinstance(value, bool) != (typ is bool) or (numeric and not isinstance(value, (int, float))) or \
             (typ is int and not isinstance(value, int)) or (typ is str and not isinstance(value, str)):
-        raise ConfigError(f"--{flag} expects {typ.__name__}, got {value!r}")
+        raise ConfigError(f"--{flag} expects {typ.__name__}, got {describe(value)}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"--{flag}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"--{flag}: {describe(value)} is not one of {', '.join(choices)}")
     if numeric and not math.isfinite(value):
-        raise ConfigError(f"--{flag} must be a finite number (got {value})")
+        raise ConfigError(f"--{flag} must be a finite number (got {describe(value)})")
     domain = f.metadata.get("domain")
     if domain is not None and value not in domain:
         why = f"; {domain.why}" if domain.why else ""
-        raise ConfigError(f"--{flag} must be {domain.describe(typ is int)} (got {value}){why}")
+        raise ConfigError(f"--{flag} must be {domain.describe(typ is int)} (got {describe(value)}){why}")
 
 
 def check_fields(config) -> None:
@@ -183,12 +228,12 @@ def read_options(values: dict, known: dict[str, dataclasses.Field], source: str)
     kwargs = {}
     for key, value in values.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: option names must be text, got {key!r}")
+            raise ConfigError(f"{source}: option names must be text, got {describe(key)}")
         name = key.replace("-", "_")
         if name not in known:
             close = suggest(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}{hint}")
+            raise ConfigError(f"{source}: unknown option {describe(key)}{hint}")
         kwargs[name] = coerce(known[name], value, source)
     return kwargs
 
@@ -211,7 +256,7 @@ def check_names(options: dict[str, Any], known, source: str, renamed: dict[str, 
     a key of ``renamed``, the name it has here)."""
     for name in options:
         if name not in known:
-            raise ConfigError(f"{source}: unknown option {name!r}{_keyword_hint(name, list(known), renamed or {})}")
+            raise ConfigError(f"{source}: unknown option {describe(name)}{_keyword_hint(name, list(known), renamed or {})}")
 
 
 def _keyword_hint(name: str, known: list[str], renamed: dict[str, str]) -> str:

@@ -1,4 +1,5 @@
 """Reading a YAML configuration file safely: ``yaml.safe_load`` semantics, a key given twice refused,
+a document too big or too deep once its aliases are expanded refused before anything is built from it,
 and every error as a :class:`~preftune.config.values.ConfigError` naming the file and line."""
 
 from __future__ import annotations
@@ -8,7 +9,13 @@ from typing import Any
 
 import yaml
 
-from preftune.config.values import ConfigError
+from preftune.config.values import ConfigError, describe
+
+# Caps on a YAML config counted as expanded (a node reached through an alias counts each time it is
+# reached). A real config has a few hundred values and a handful of levels; an alias bomb (anchors of
+# anchors, ``*a`` repeated) a few hundred bytes long expands to millions.
+MAX_NODES = 10_000
+MAX_DEPTH = 50
 
 
 class _DuplicateKey(yaml.constructor.ConstructorError):
@@ -31,17 +38,50 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base class says so
                     continue
                 if first is not None:
-                    raise _DuplicateKey(None, None, f"duplicate key {key!r} (first given on line {first})",
+                    raise _DuplicateKey(None, None, f"duplicate key {describe(key)} (first given on line {first})",
                                         key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 
+def check_size(root: yaml.Node | None, path: str | Path) -> None:
+    """The composed document ``root`` has at most :data:`MAX_NODES` nodes and :data:`MAX_DEPTH` levels
+    counted as expanded, else ConfigError naming the file and the top-level key (and its line) where a
+    cap was passed. Stops as soon as a cap is passed, so an alias bomb costs no more than a small file."""
+    if root is None:
+        return
+    stack: list[tuple[yaml.Node, int, yaml.Node | None]] = [(root, 1, None)]
+    count = 0
+    while stack:
+        node, depth, key = stack.pop()
+        count += 1
+        if count > MAX_NODES or depth > MAX_DEPTH:
+            what = (f"more than {MAX_NODES:,} values" if count > MAX_NODES else f"nested more than {MAX_DEPTH} "
+                    f"levels deep")
+            where = f"{path}:{key.start_mark.line + 1}" if key is not None else str(path)
+            under = f" under {describe(key.value, 40)}" if isinstance(key, yaml.ScalarNode) else ""
+            raise ConfigError(f"{where}: {what}{under} once its YAML aliases are expanded; a config needs "
+                              f"far fewer (an alias bomb?)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1, key) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                top = key_node if node is root else key
+                stack.extend(((key_node, depth + 1, top), (value_node, depth + 1, top)))
+
+
 def load_yaml(path: str | Path) -> Any:
-    """A YAML file read safely (:class:`UniqueKeyLoader`), or ConfigError naming the file and line."""
+    """A YAML file read safely (:class:`UniqueKeyLoader`) within :func:`check_size`'s caps, or ConfigError
+    naming the file and line."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        loader = UniqueKeyLoader(path.read_text(encoding="utf-8"))
+        try:
+            root = loader.get_single_node()
+            check_size(root, path)
+            return None if root is None else loader.construct_document(root)
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
     except UnicodeDecodeError as exc:
@@ -54,6 +94,10 @@ def load_yaml(path: str | Path) -> Any:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()
         raise ConfigError(f"{where}: invalid YAML ({problem[0] if problem else 'unreadable'})") from None
+    except ValueError as exc:  # a value the constructor cannot build (an integer of over 4,300 digits)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{path}: invalid YAML value ({(str(exc).splitlines() or ['unreadable'])[0][:80]})") from None
 
 
 def load_options(path: str | Path) -> dict:
