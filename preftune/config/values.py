@@ -256,7 +256,8 @@ def check_names(options: dict[str, Any], known, source: str, renamed: dict[str, 
     a key of ``renamed``, the name it has here)."""
     for name in options:
         if name not in known:
-            raise ConfigError(f"{source}: unknown option {describe(name)}{_keyword_hint(name, list(known), renamed or {})}")
+            hint = _keyword_hint(name, list(known), renamed or {})
+            raise ConfigError(f"{source}: unknown option {describe(name)}{hint}")
 
 
 def _keyword_hint(name: str, known: list[str], renamed: dict[str, str]) -> str:
