@@ -46,9 +46,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from preftune.config.train_config import ConfigError, TrainConfig
+from preftune.config.train_config import TrainConfig
+from preftune.config.values import ConfigError
+from preftune.config.yaml import load_yaml
 from preftune.evaluation import sweep_report as report
 from preftune.evaluation.metrics import wilson_interval
 from preftune.evaluation.sweep_variant import (
@@ -94,12 +94,7 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; :class:`ConfigError` naming the key for anything wrong."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = load_yaml(path)  # duplicate keys and alias bombs refused in one line, like every config file
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with base, data, eval_data, output_dir, variants")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))

@@ -55,6 +55,19 @@ def test_bad_sweep_files_name_the_problem(tmp_path, change, message):
         load_sweep(write_sweep(tmp_path / "sweep.yaml", **values))
 
 
+def test_sweep_files_are_read_like_every_config_file(tmp_path):
+    """Through config.yaml's reader: a duplicated key and an alias bomb are refused in one line."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("base: m\ndata: d.jsonl\nbase: other\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:3: .*'base'.*say it once"):
+        load_sweep(twice)
+    levels = ['&l0 ["lol"' + ',"lol"' * 8 + ']'] + [f"&l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("base: m\nvariants: [" + ", ".join(levels) + "]\n")
+    with pytest.raises(ConfigError, match="more than 10,000 values under 'variants'"):
+        load_sweep(bomb)
+
+
 def test_default_criterion_follows_the_eval_settings(tmp_path):
     common = {"base": "m", "data": "d.jsonl", "eval_data": "e.jsonl", "output_dir": "out", "variants": [{"name": "a"}]}
     assert load_sweep(write_sweep(tmp_path / "a.yaml", **common)).criterion == "eval_accuracy"
