@@ -135,7 +135,7 @@ a reward
   runs/real), each target marked reached or not. Time on 2 CPU cores: ~2.6 h (158 min measured on a
   2-vCPU Intel Xeon: Task A 11.8 min, reward model and its evaluations 11.8, the sweep 93.5, the
   whole-part DPO 40.9); --resume continues a stopped run. --reduced: every stage on fewer prompts,
-  pairs and variants, a smoke run of 6-10 min on 2 CPU cores; it exits 0 when every stage wrote its
+  pairs and variants, a smoke run of 6-13 min on 2 CPU cores; it exits 0 when every stage wrote its
   files and every number is finite and in range (the targets below are the full run's: reported, not
   judged, at that size).
   exit status: 0 when every target is reached, 1 otherwise:
