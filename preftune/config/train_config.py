@@ -63,7 +63,8 @@ class TrainConfig:
                 "AVX512-BF16/AMX, else no. TRL's --bf16 / --fp16 are accepted.", MIXED_PRECISION, group="model")
     ref_dtype: str | None = option(
         None, "Weights dtype of the frozen reference copy (bfloat16 halves its memory; its log-prob error "
-              "against fp32 is stated in docs/performance.md). Default: the policy's --dtype.", REF_DTYPES, group="model")
+              "against fp32 is stated in docs/performance.md). Default: the policy's --dtype.", REF_DTYPES,
+        group="model")
     attn_implementation: str | None = option(
         None, "Attention implementation passed to transformers (sdpa, eager, flex_attention, flash_attention_2). "
               "Default: sdpa.", group="model")
@@ -100,7 +101,8 @@ class TrainConfig:
     loss: str = option("dpo", methods.help_text(), group="method")
     loss_weights: str | None = option(
         None, "Weights of the methods of a combined --loss, comma-separated, one per method (TRL's loss_weights; "
-              "MPO: --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0). Default: 1 each.", group="method")
+              "MPO: --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0). Default: 1 each.", group="method",
+        comma_list=True)
     beta: float | None = option(None, "KL strength (DPO family, KTO, BCO), reward scale (SimPO, CPO). Default: 2.0 "
                                       "for simpo and cpo_simpo (Meng et al. 2024), 5.0 for sigmoid_norm (Tulu 3), "
                                       "0.1 otherwise.", group="method",
@@ -152,7 +154,8 @@ class TrainConfig:
                             "disabled (no second copy).", group="lora", domain=NON_NEGATIVE)
     lora_alpha: float = option(16.0, "LoRA alpha.", group="lora", domain=POSITIVE)
     lora_dropout: float = option(0.0, "LoRA dropout.", group="lora", domain=FRACTION)
-    lora_targets: str = option("all-linear", "Comma-separated module names for LoRA, or all-linear.", group="lora")
+    lora_targets: str = option("all-linear", "Comma-separated module names for LoRA, or all-linear.", group="lora",
+                               comma_list=True)
     merge_lora: bool = option(False, "Merge adapters into the weights when saving.", group="lora")
     load_in_4bit: bool = option(False, "QLoRA: load the base weights in 4 bit (bitsandbytes; GPU only).",
                                 group="lora")
@@ -209,7 +212,7 @@ class TrainConfig:
         "none", "Trackers that also get every metrics.jsonl row, comma-separated: tensorboard (in "
                 "OUTPUT_DIR/tensorboard), wandb, mlflow, trackio, or none (TRL's --report_to; each through "
                 "accelerate's tracker, configured by its own environment variables, e.g. WANDB_MODE=offline, "
-                "MLFLOW_TRACKING_URI).", group="output")
+                "MLFLOW_TRACKING_URI).", group="output", comma_list=True)
     run_name: str | None = option(None, "Run name shown by the trackers. Default: the --output-dir folder's name.",
                                   group="output")
     tensorboard: bool = option(False, "Also log to TensorBoard in OUTPUT_DIR/tensorboard (the same as adding "

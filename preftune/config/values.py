@@ -117,13 +117,14 @@ def _num(value: float) -> str:
 
 def option(default, help: str, choices=None, group: str = "training", const=None, booleans=None,
            domain: Range | None = None, flag: bool = True, cli_default=dataclasses.MISSING,
-           metavar: str | None = None):
+           metavar: str | None = None, comma_list: bool = False):
     """A configuration field with its help text, choices, range and CLI details in ``metadata``.
 
     ``const``: the value of the bare flag (``--gradient-checkpointing`` = on); ``booleans``: (value for
     true, value for false) of a field that once was a bool; ``flag=False``: a Python/YAML option with no
     command-line flag; ``cli_default``: the flag's default where it differs from the Python default;
-    ``metavar``: the flag's placeholder in ``--help``.
+    ``metavar``: the flag's placeholder in ``--help``; ``comma_list``: a comma-separated text option, which
+    a YAML file or the Python API may also give as a list (``[q_proj, v_proj]`` -> ``"q_proj,v_proj"``).
     """
     meta = {"help": help, "group": group}
     if choices is not None:
@@ -140,6 +141,8 @@ def option(default, help: str, choices=None, group: str = "training", const=None
         meta["cli_default"] = cli_default
     if metavar is not None:
         meta["metavar"] = metavar
+    if comma_list:
+        meta["comma_list"] = True
     return field(default=default, metadata=meta)
 
 
@@ -188,10 +191,22 @@ def coerce(f: dataclasses.Field, value: Any, source: str = "config") -> Any:
             if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
-        return str(value)
+        return _text(f, value)
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{source}: --{flag_name(f.name)} expects {typ.__name__}, got {describe(value, 40)}") \
             from None
+
+
+def _text(f: dataclasses.Field, value: Any) -> str:
+    """A text field's value: scalars as text; a list of scalars joined with commas for a ``comma_list`` field;
+    any other list or mapping is a TypeError (never its Python repr as text)."""
+    if isinstance(value, (list, tuple)) and f.metadata.get("comma_list"):
+        if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            return ",".join(str(v) for v in value)
+        raise TypeError
+    if isinstance(value, (list, tuple, dict, set)):
+        raise TypeError
+    return str(value)
 
 
 def check_field(f: dataclasses.Field, value: Any) -> None:

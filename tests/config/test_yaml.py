@@ -142,3 +142,22 @@ def test_a_wrong_type_value_is_one_short_line():
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_dict({"lr_scheduler_type": nested})
     assert len(str(info.value)) < 400 and "\n" not in str(info.value)
+
+
+def test_a_yaml_list_for_a_comma_separated_option_is_its_text(tmp_path):
+    """``lora_targets: [q_proj, v_proj]`` means ``q_proj,v_proj`` (it once became the text "['q_proj', 'v_proj']"
+    and failed after the model loaded); a list for a plain text option is one ConfigError line."""
+    from preftune.config.train_config import TrainConfig
+    from preftune.config.values import ConfigError
+
+    path = tmp_path / "lists.yaml"
+    path.write_text("lora_targets: [q_proj, v_proj]\nreport_to: [tensorboard]\nloss: sigmoid,sft\n"
+                    "loss_weights: [0.8, 1]\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.lora_targets, cfg.report_to, cfg.loss_weights) == ("q_proj,v_proj", "tensorboard", "0.8,1")
+    assert TrainConfig.from_dict({"lora_targets": ("q_proj", "o_proj")}).lora_targets == "q_proj,o_proj"
+    for bad in ({"lora_targets": [["q_proj"]]}, {"lora_targets": [True]}, {"model": ["a", "b"]},
+                {"lr_scheduler": {"name": "cosine"}}):
+        with pytest.raises(ConfigError, match=r"expects str, got [\[{]") as err:
+            TrainConfig.from_dict(bad)
+        assert "\n" not in str(err.value)
