@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 
@@ -28,3 +29,8 @@ def number(value, spec: str = ".4f", missing: str = "n/a") -> str:
     if isinstance(value, float) or spec[-1:] not in "efg%":
         return format(value, spec)
     return str(value)
+
+
+def is_finite_number(value) -> bool:
+    """True for an int or float (not a bool) that is finite: what a report or a tracker may show as a number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
+
+from preftune.common.text import is_finite_number
 
 CURVES = (("loss", "training loss"), ("rewards/accuracies", "reward accuracy (train batches)"),
           ("rewards/margins", "reward margin (train batches)"))
@@ -63,7 +64,7 @@ def training_curves_png(runs: dict[str, list[dict]], path: str | Path) -> Path |
     fig, axes = _figure(13, 3.8, len(CURVES))
     for ax, (key, title) in zip(axes, CURVES):
         for name, rows in runs.items():
-            points = [(r["step"], r[key]) for r in rows if key in r and _finite(r[key])]
+            points = [(r["step"], r[key]) for r in rows if key in r and is_finite_number(r[key])]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=name)
         ax.set_title(title)
@@ -81,7 +82,7 @@ def frontier_png(points: list[dict], path: str | Path, y_label: str, base_y: flo
     ``points`` are ``{"name", "kl", "kl_err", "y", "y_low", "y_high"}`` (errors may be None).
     ``base_y`` draws the base itself at KL 0 (0.5 for a win rate against the base).
     """
-    points = [p for p in points if _finite(p.get("kl")) and _finite(p.get("y"))]
+    points = [p for p in points if is_finite_number(p.get("kl")) and is_finite_number(p.get("y"))]
     if not points:
         return None
     fig, (ax,) = _figure(6.4, 4.6)
@@ -89,7 +90,7 @@ def frontier_png(points: list[dict], path: str | Path, y_label: str, base_y: flo
         yerr = None
         if p.get("y_low") is not None and p.get("y_high") is not None:
             yerr = [[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]]
-        xerr = [[p["kl_err"]], [p["kl_err"]]] if _finite(p.get("kl_err")) else None
+        xerr = [[p["kl_err"]], [p["kl_err"]]] if is_finite_number(p.get("kl_err")) else None
         ax.errorbar([p["kl"]], [p["y"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3, markersize=7, label=p["name"])
         ax.annotate(p["name"], (p["kl"], p["y"]), textcoords="offset points",
                     xytext=(6, 6 if i % 2 == 0 else -14), fontsize=9)  # alternate: close points stay legible
@@ -200,7 +201,3 @@ def render_html(summary: dict, images: dict[str, Path]) -> str:
                   f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>"]
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preftune.common.text import is_finite_number
 from preftune.recipes.stages import rate_text
 
 JUDGE_A = "python:preftune.recipes.sentiment:review_sentiment"
@@ -179,23 +179,20 @@ SMOKE_FILES = ("a_samples.jsonl", "a_dpo/model.safetensors", "data/a_train_pairs
                "b_sweep/report.md", "b_sweep/summary.json", "b_sweep/frontier.png", "b_dpo/model.safetensors")
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _fraction(value) -> bool:
-    return _finite(value) and 0 <= value <= 1
+    return is_finite_number(value) and 0 <= value <= 1
 
 
 def _interval(rate: dict | None) -> bool:
-    return bool(rate) and all(_finite(rate.get(k)) for k in ("low", "rate", "high")) \
+    return bool(rate) and all(is_finite_number(rate.get(k)) for k in ("low", "rate", "high")) \
         and 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
 
 
 def _model_result(result: dict | None) -> bool:
     """A sweep variant's or the whole-part DPO's evaluation: no error, numbers finite and in range."""
     return bool(result) and result.get("error") is None and _fraction(result.get("accuracy")) \
-        and _interval(result.get("win_rate")) and _finite(result.get("kl")) and _finite(result.get("nll_difference"))
+        and _interval(result.get("win_rate")) and is_finite_number(result.get("kl")) \
+        and is_finite_number(result.get("nll_difference"))
 
 
 def smoke_checks(out: Path, metrics: dict) -> list[dict]:
@@ -207,7 +204,7 @@ def smoke_checks(out: Path, metrics: dict) -> list[dict]:
     checks = [
         ("every stage's files written", not missing, ", ".join(missing) or f"{len(SMOKE_FILES)} files"),
         ("task A: win rate, KL and preference accuracy finite and in range",
-         _interval(a.get("win_rate")) and _finite((a.get("kl") or {}).get("mean"))
+         _interval(a.get("win_rate")) and is_finite_number((a.get("kl") or {}).get("mean"))
          and _fraction(a.get("preference_accuracy")), rate_text(a.get("win_rate") or {})),
         ("task B: reward model and base accuracies in [0, 1]",
          all(_fraction((b.get(part) or {}).get("accuracy")) for part in ("reward_model", "base_raw")), ""),

@@ -13,9 +13,10 @@ each ``write(row)`` also sends the row's numbers to every tracker. Only the main
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
+
+from preftune.common.text import is_finite_number
 
 log = logging.getLogger("preftune")
 
@@ -77,8 +78,7 @@ class TrackedLog:
 
     def write(self, row: dict) -> None:
         self.metrics_log.write(row)
-        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
-                   and not isinstance(v, bool) and math.isfinite(v)}
+        numbers = {k: v for k, v in row.items() if k != "step" and is_finite_number(v)}
         for tracker in self.trackers:
             tracker.log(numbers, step=int(row["step"]))
 
