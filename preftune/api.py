@@ -46,7 +46,9 @@ def train(config: str | os.PathLike | None = None, **options: Any):
 def build_config(config: str | os.PathLike | None, options: dict[str, Any], source: str) -> TrainConfig:
     """A validated TrainConfig: the YAML file (if any) overridden by ``options`` (field names)."""
     check_names(options, {f.name for f in dataclasses.fields(TrainConfig)}, source, renamed=RENAMED)
-    cfg = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"{source}: config expects a path to a YAML file, got {type(config).__name__}")
+    cfg = TrainConfig.from_yaml(os.fspath(config)) if config is not None else TrainConfig()
     apply_options(cfg, options, source, renamed=RENAMED)
     cfg.given = getattr(cfg, "given", frozenset()) | set(options)
     return cfg.validate()
@@ -70,6 +72,9 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, **options: Any) 
     """
     judge = options.get("judge")
     if judge is not None and not isinstance(judge, str):  # a Judge object, not a spec
+        if not callable(getattr(judge, "compare", None)):
+            raise ConfigError(f"preftune.evaluate: judge expects a judge spec (text) or a Judge object, got "
+                              f"{type(judge).__name__}")
         options = {name: value for name, value in options.items() if name != "judge"}
     else:
         judge = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ CHECKPOINTING = ("auto", "on", "off")
 # --report-to: tracker name -> (module to import, pip package). TRL's word and accelerate's trackers.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "mlflow": ("mlflow", "mlflow-skinny"), "trackio": ("trackio", "trackio")}
+
+# What a training checkpoint folder holds (written by preftune.training.checkpoint), named in --resume-from's error.
+CHECKPOINT_FILES = "state.json, model.safetensors, optimizer.pt, scheduler.pt and rng.pt"
 
 log = logging.getLogger("preftune")
 
@@ -251,7 +255,28 @@ class TrainConfig:
 
     def validate(self, require_io: bool = True) -> "TrainConfig":
         """Check every value before anything is loaded; raise :class:`ConfigError` naming the option, the
-        value and what is allowed (types, choices, each field's ``domain``, then the combinations)."""
+        value and what is allowed (types, choices, each field's ``domain``, then the combinations). An error
+        about an option whose value came from a file names the file (and the TRL key it was read from)."""
+        try:
+            return self._check(require_io)
+        except ConfigError as exc:
+            raise ConfigError(self._located(str(exc))) from None
+
+    def _located(self, message: str) -> str:
+        """``message`` (which starts with the option's flag) led by the file the option's value came from,
+        while it holds that file's value (a flag given after --config is the command line's)."""
+        read = getattr(self, "read_from", None)
+        flag = re.match(r"--([a-z0-9][a-z0-9-]*)", message)
+        if read is None or flag is None:
+            return message
+        source, values, origins = read
+        name = flag.group(1).replace("-", "_")
+        if name not in values or getattr(self, name, None) != values[name]:
+            return message
+        return f"{source}: {origins[name] + ' -> ' if name in origins else ''}{message}"
+
+    def _check(self, require_io: bool) -> "TrainConfig":
+        """:meth:`validate`'s checks, in order; ConfigError at the first that fails."""
         try:
             method = self.method  # the method table's rows (an unknown --loss is named here)
         except ValueError as exc:
@@ -286,6 +311,8 @@ class TrainConfig:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} uses no reference model")
         if self.ref_model and not self.needs_reference:
             raise ConfigError(f"--ref-model: --loss {self.loss} uses no reference model")
+        if self.resume_from and self.resume_from != "latest":
+            _check_checkpoint_path(self.resume_from)
         return self
 
     # --- method-table checks (preftune.methods.table) --------------------------------------------------
@@ -336,13 +363,14 @@ class TrainConfig:
         is refused by name.
         """
         known = {f.name: f for f in dataclasses.fields(cls)}
-        values, mapped = translate(values, set(known), source)
+        values, mapped, origins = translate(values, set(known), source)
         if mapped:
             log.info("%s: TRL names read: %s (options not given take preftune's defaults, not TRL's)", source,
                      "; ".join(mapped))
         kwargs = read_options(values, known, source)
         cfg = cls(**kwargs)
         cfg.given = frozenset(kwargs)  # what the user set (a resume keeps the checkpoint's value of the rest)
+        cfg.read_from = (source, dict(kwargs), origins)  # validate() names the file in an error about its values
         return cfg
 
     @classmethod
@@ -350,6 +378,30 @@ class TrainConfig:
         """Options from a YAML file (preftune's or TRL's names; an empty file: every default)."""
         values = load_options(path)
         return cls.from_dict(values, source=str(path)) if values else cls()
+
+
+def _check_checkpoint_path(given: str) -> None:
+    """``--resume-from PATH`` is a checkpoint folder (it holds ``state.json``), else ConfigError saying
+    whether the path does not exist or what it is instead, and what a checkpoint folder holds."""
+    path = Path(given)
+    try:
+        if (path / "state.json").is_file():
+            return
+        exists, folder = path.exists(), path.is_dir()
+        found = sorted(p.parent for p in (path / "checkpoints").glob("step-*/state.json")
+                       if ".tmp-" not in p.parent.name) if folder else []
+    except OSError as exc:
+        raise ConfigError(f"--resume-from {given}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not exists:
+        raise ConfigError(f"--resume-from {given}: no such file or folder (give a checkpoint folder, "
+                          f"OUTPUT_DIR/checkpoints/step-NNNNNN, or latest for the newest in --output-dir)")
+    if found:
+        raise ConfigError(f"--resume-from {given}: a run folder, not a checkpoint; its checkpoints are in "
+                          f"{path / 'checkpoints'} (newest: {found[-1].name}): --resume-from {found[-1]}, or "
+                          f"--resume-from latest with --output-dir {given}")
+    what = "a folder without state.json" if folder else "a file, not a folder"
+    raise ConfigError(f"--resume-from {given}: not a preftune checkpoint ({what}); a checkpoint is a folder "
+                      f"OUTPUT_DIR/checkpoints/step-NNNNNN holding {CHECKPOINT_FILES}")
 
 
 def _check_trackers(report_to: str | None, names: list[str]) -> None:

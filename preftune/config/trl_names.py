@@ -136,10 +136,11 @@ class _Refuse(Exception):
 
 
 class _Translation:
-    """The preftune options built so far, the notes on what was mapped, and what was refused."""
+    """The preftune options built so far, the notes on what was mapped, what was refused, and the TRL key
+    each translated option came from (``origins``: preftune name -> TRL key)."""
 
     def __init__(self, given: dict[str, Any]):
-        self.given, self.out, self.notes, self.refused = given, {}, [], []
+        self.given, self.out, self.notes, self.refused, self.origins = given, {}, [], [], {}
 
     def put(self, trl_key: str, name: str, value: Any, shown: str = "", check: bool = True) -> None:
         """Set preftune's ``name`` from ``trl_key`` (refused when ``name`` itself was given too)."""
@@ -150,16 +151,19 @@ class _Translation:
             self.notes.append(f"{trl_key}{shown} (nothing to set)")
             return
         self.out[name] = value
+        self.origins[name] = trl_key.split(":")[0]
         self.notes.append(f"{trl_key}{shown} -> {name}: {_show(value)}")
 
 
-def translate(values: dict[str, Any], own: set[str], source: str = "config") -> tuple[dict[str, Any], list[str]]:
+def translate(values: dict[str, Any], own: set[str],
+              source: str = "config") -> tuple[dict[str, Any], list[str], dict[str, str]]:
     """``values`` (one YAML mapping) with TRL names replaced by preftune's, and what was mapped.
 
-    ``own`` is the set of preftune's option names. Returns ``(options, notes)``: ``options`` still
-    holds raw values (the caller coerces them), ``notes`` one ``"trl_key -> preftune_key: value"``
-    entry per translated key. Raises :class:`ConfigError` naming every TRL key it cannot honour,
-    with the reason.
+    ``own`` is the set of preftune's option names. Returns ``(options, notes, origins)``: ``options``
+    still holds raw values (the caller coerces them), ``notes`` one ``"trl_key -> preftune_key: value"``
+    entry per translated key, ``origins`` the TRL key each translated option came from (so a later error
+    about the option can name the key the file used). Raises :class:`ConfigError` naming ``source`` and
+    every TRL key it cannot honour, with the reason.
     """
     given = {(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in values.items()}
     t = _Translation(given)
@@ -198,7 +202,7 @@ def translate(values: dict[str, Any], own: set[str], source: str = "config") -> 
     if t.refused:
         raise ConfigError(f"{source}: TRL option(s) preftune cannot honour: {'; '.join(t.refused)}. Remove them or "
                           f"use preftune's options (docs/configuration.md: Bring your TRL config)")
-    return t.out, t.notes
+    return t.out, t.notes, t.origins
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -220,7 +224,7 @@ def _convert(key: str, name: str, value: Any) -> tuple[str, Any, str]:
     if key == "lora_target_modules" and isinstance(value, (list, tuple)):
         return name, ",".join(map(str, value)), ""
     if key == "disable_tqdm":
-        return name, (_DROP if value is None else not as_bool(value, key)), " (inverted)"
+        return name, (_DROP if value is None else not _bool(value)), " (inverted)"
     return name, value, ""
 
 
@@ -277,9 +281,9 @@ def _mixed_precision(t: _Translation) -> None:
     if not flags:
         return
     try:
-        on = [k for k, v in flags.items() if as_bool(v, k)]
-    except ConfigError as exc:
-        t.refused.append(str(exc))
+        on = [k for k, v in flags.items() if _bool(v)]
+    except _Refuse as why:
+        t.refused.append("; ".join(f"{k}: {_show(v)} ({why})" for k, v in flags.items()))
         return
     if len(on) > 1:
         t.refused.append("bf16 and fp16 both true (pick one)")
@@ -292,7 +296,10 @@ def _loss(t: _Translation) -> None:
     list is their weighted sum with loss_weights (preftune's own option, same name), as in TRL."""
     if "loss_type" in t.given:
         types = t.given["loss_type"]
-        names = [types] if isinstance(types, str) else list(types or [])
+        if not isinstance(types, (str, list, tuple)) or not all(isinstance(n, str) for n in types):
+            t.refused.append(f"loss_type: {_show(types)} (a loss name or a list of loss names)")
+            return
+        names = [types] if isinstance(types, str) else list(types)
         t.put("loss_type", "loss", ",".join(map(str, names)), f": {_show(types)}")
 
 
@@ -303,9 +310,9 @@ def _peft(t: _Translation) -> None:
     if "use_peft" not in given:
         return
     try:
-        use = as_bool(given["use_peft"], "use_peft")
-    except ConfigError as exc:
-        t.refused.append(str(exc))
+        use = _bool(given["use_peft"])
+    except _Refuse as why:
+        t.refused.append(f"use_peft: {_show(given['use_peft'])} ({why})")
         return
     if not use:
         ignored = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if given.pop(k, None)]
@@ -351,8 +358,13 @@ def _dataset(t: _Translation) -> None:
             if key in given:
                 t.refused.append(f"{key} without dataset_name")
         return
-    name = str(given["dataset_name"])
-    split = given.get("dataset_train_split")
+    name, split = given["dataset_name"], given.get("dataset_train_split")
+    scalars = [v for v in (name, split, given.get("dataset_test_split")) if v is not None]
+    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in scalars):
+        t.refused.append("dataset_name, dataset_train_split, dataset_test_split: a name each, not "
+                         f"{', '.join(_show(v) for v in scalars)}")
+        return
+    name = str(name)
     t.put("dataset_name", "data", name + (f":{split}" if split else ""), " + dataset_train_split" if split else "")
     if "dataset_test_split" in given:
         evaluates = str(given.get("eval_strategy", given.get("evaluation_strategy", "no"))).lower() != "no"
@@ -364,13 +376,21 @@ def _dataset(t: _Translation) -> None:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+def _bool(value: Any) -> bool:
+    """A TRL boolean (true/false, yes/no, on/off, 1/0), else ``_Refuse``."""
+    try:
+        return as_bool(value, "")
+    except ConfigError:
+        raise _Refuse("expects true or false") from None
+
+
 def _among(value: Any, accepted: set) -> bool:
     if isinstance(value, bool) or value is None:
         return any(value is a for a in accepted)
     if isinstance(value, (int, float)):
         return any(not isinstance(a, bool) and isinstance(a, (int, float)) and abs(value - a) <= 1e-12 * max(1, abs(a))
                    for a in accepted)
-    return value in accepted
+    return isinstance(value, str) and value in accepted  # a list or mapping is never an accepted value
 
 
 def _show(value: Any) -> str:

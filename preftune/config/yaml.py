@@ -84,6 +84,10 @@ def load_yaml(path: str | Path) -> Any:
             loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: a folder, not a YAML file") from None
+    except OSError as exc:  # unreadable: permissions, an I/O error, a name too long
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except _DuplicateKey as exc:

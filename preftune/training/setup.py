@@ -158,14 +158,32 @@ def read_data(cfg: TrainConfig, tokenizer, folder: RunFolder, main: bool):
                    skip_bad_records=cfg.skip_bad_records, limit=cfg.max_examples, kl_partners=cfg.method.kl_partners,
                    seed=cfg.seed)
     train_examples, train_report = read_examples(tokenizer, cfg.data, main, **reading)
-    folder.set_data(examples_fingerprint(train_examples), cfg.data)
+    fingerprint = examples_fingerprint(train_examples)
+    folder.set_data(fingerprint, cfg.data)
     eval_examples = read_examples(tokenizer, cfg.eval_data, main, **reading)[0] if cfg.eval_data else []
+    if eval_examples and main:
+        same = same_data(cfg.data, cfg.eval_data, fingerprint, examples_fingerprint(eval_examples))
+        if same:
+            log.warning("--eval-data %s is the training data (%s): the held-out metrics are measured on training "
+                        "data, so they show how well the model fits it, not how it does on new pairs", cfg.eval_data,
+                        same)
     if "desirable_weight" in cfg.method.fields and main:  # class balance of thumbs-up/down data
         n_pos = sum(1 for e in train_examples if e.label)
         warning = kto_weight_warning(n_pos, len(train_examples) - n_pos, cfg.desirable_weight, cfg.undesirable_weight)
         if warning:
             log.warning(warning)
     return train_examples, train_report, eval_examples
+
+
+def same_data(data: str, eval_data: str, train_fingerprint: str, eval_fingerprint: str) -> str | None:
+    """How ``eval_data`` is ``data`` -- ``"the same file"`` (one file under two names), ``"the same
+    content as --data"`` (the same examples once read) -- or None when they differ."""
+    try:
+        if Path(data).exists() and Path(eval_data).exists() and Path(data).samefile(eval_data):
+            return "the same file"
+    except OSError:
+        pass
+    return "the same content as --data" if train_fingerprint == eval_fingerprint else None
 
 
 def load_models(cfg: TrainConfig, tokenizer, examples):

@@ -69,3 +69,31 @@ def test_recipes_load_and_validate():
         cfg.model, cfg.data, cfg.output_dir = "m", "d", "o"
         cfg.validate()
         assert cfg.loss == path.stem
+
+
+def test_resume_from_a_missing_path_says_it_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        valid(resume_from=str(tmp_path / "nope")).validate()
+    assert str(err.value) == (f"--resume-from {tmp_path / 'nope'}: no such file or folder (give a checkpoint folder, "
+                              f"OUTPUT_DIR/checkpoints/step-NNNNNN, or latest for the newest in --output-dir)")
+
+
+def test_resume_from_something_else_says_what_a_checkpoint_holds(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for given, what in (("empty", "a folder without state.json"), ("file.txt", "a file, not a folder")):
+        with pytest.raises(ConfigError) as err:
+            valid(resume_from=str(tmp_path / given)).validate()
+        assert f"not a preftune checkpoint ({what})" in str(err.value)
+        assert "holding state.json, model.safetensors, optimizer.pt, scheduler.pt and rng.pt" in str(err.value)
+
+
+def test_resume_from_a_run_folder_names_its_newest_checkpoint(tmp_path):
+    for step in (2, 10):
+        (tmp_path / "run" / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "state.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        valid(resume_from=str(tmp_path / "run")).validate()
+    assert f"--resume-from {tmp_path / 'run' / 'checkpoints' / 'step-000010'}" in str(err.value)
+    valid(resume_from=str(tmp_path / "run" / "checkpoints" / "step-000002")).validate()  # a checkpoint: accepted
+    valid(resume_from="latest").validate()

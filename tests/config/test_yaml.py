@@ -161,3 +161,11 @@ def test_a_yaml_list_for_a_comma_separated_option_is_its_text(tmp_path):
         with pytest.raises(ConfigError, match=r"expects str, got [\[{]") as err:
             TrainConfig.from_dict(bad)
         assert "\n" not in str(err.value)
+
+
+def test_a_config_that_is_a_folder_or_unreadable_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=f"^--config {tmp_path}: a folder, not a YAML file$"):
+        TrainConfig.from_yaml(tmp_path)
+    long_name = tmp_path / ("x" * 300 + ".yaml")
+    with pytest.raises(ConfigError, match="cannot read it"):
+        TrainConfig.from_yaml(long_name)

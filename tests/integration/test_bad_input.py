@@ -264,3 +264,63 @@ def test_no_pickle_is_ever_loaded():
                         r"use_safetensors\s*=\s*False"):
             offenders += [f"{path.name}: {m.group(0).strip()}" for m in re.finditer(pattern, text, re.M)]
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------------
+# the Python API and --eval-data
+# ------------------------------------------------------------------------------------------------
+
+def test_python_api_bad_values_are_the_cli_line(tmp_path, capsys):
+    """preftune.train / preftune.evaluate give the line `preftune train|eval` gives, after its source."""
+    import preftune
+
+    code = main(["eval", "--model", "m", "--data", "d", "--beta", "x"])
+    cli = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and cli == "preftune: error: command line: --beta expects float, got 'x'"
+    for call, source in ((lambda: preftune.evaluate("m", "d", beta="x"), "preftune.evaluate"),
+                         (lambda: preftune.train(model="m", data="d", output_dir=str(tmp_path), beta="x"),
+                          "preftune.train")):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == cli.replace("preftune: error: command line", source)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: __import__("preftune").train(5), "preftune.train: config expects a path to a YAML file, got int"),
+    (lambda: __import__("preftune").train(["a.yaml"]), "preftune.train: config expects a path to a YAML file"),
+    (lambda: __import__("preftune").evaluate("m", "d", judge=5, generate=1, ref_model="r"),
+     "preftune.evaluate: judge expects a judge spec (text) or a Judge object, got int"),
+])
+def test_python_api_wrong_types_are_config_errors(call, message):
+    """Each was a TypeError (or, for the judge, a model load first)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call()
+
+
+class _Folder:
+    def set_data(self, fingerprint, source):
+        self.fingerprint = fingerprint
+
+
+@pytest.mark.parametrize("how", ["same-path", "other-name", "copy"])
+def test_eval_data_equal_to_data_is_warned_once(tmp_path, tokenizer, rule_data, caplog, how):
+    from preftune.training.setup import read_data
+
+    train = rule_data["eval"]
+    if how == "other-name":
+        (tmp_path / "link.jsonl").symlink_to(train)
+    elif how == "copy":
+        shutil.copy(train, tmp_path / "copy.jsonl")
+    eval_data = {"same-path": train, "other-name": tmp_path / "link.jsonl", "copy": tmp_path / "copy.jsonl"}[how]
+    cfg = TrainConfig(model="m", data=str(train), eval_data=str(eval_data), output_dir=str(tmp_path / "o"))
+    with caplog.at_level("WARNING", logger="preftune"):
+        read_data(cfg, tokenizer, _Folder(), main=True)
+    warned = [r.getMessage() for r in caplog.records if "held-out metrics are measured on training data" in
+              r.getMessage()]
+    same = "the same content as --data" if how == "copy" else "the same file"
+    assert len(warned) == 1 and f"({same})" in warned[0], warned
+    caplog.clear()
+    cfg.eval_data = str(rule_data["train"])  # other pairs: no warning
+    with caplog.at_level("WARNING", logger="preftune"):
+        read_data(cfg, tokenizer, _Folder(), main=True)
+    assert not [r for r in caplog.records if "training data" in r.getMessage()]
