@@ -2,14 +2,16 @@
 
 A batch holds G *groups*; a group is one prompt with K completions (K = 2 for a
 preference pair: chosen, rejected; K = 1 for SFT; K = 2 for KTO: the example's own
-completion and a mismatched completion for the KL reference point). Sequence ``s`` of
-the batch is completion ``k`` of group ``g`` with ``s = k * G + g`` — so for pairs the
-first G sequences are the chosen ones and the next G the rejected ones.
+completion and a mismatched completion for the KL reference point; K = k_max for response
+groups, whose k may differ). Sequence ``s`` of the batch is completion ``k`` of group ``g``
+with ``s = k * G + g`` — so for pairs the first G sequences are the chosen ones and the next G
+the rejected ones. A response group of k < K completions has no sequences ``k' >= k``: they
+get no row and no target token (``completion_mask[g, k'] = False``, log-probs 0, count 0).
 
 Two layouts fill ``input_ids``:
 
 * padded  (``packed=False``): one row per sequence, ``[prompt | completion | pad...]``,
-  ``attention_mask`` is the usual (R, L) 0/1 tensor, R = K * G.
+  ``attention_mask`` is the usual (R, L) 0/1 tensor, R = K * G (the sequences present).
 * packed  (``packed=True``): several groups per row, each laid out once as
   ``[prompt | completion_0 | completion_1 ...]``; each completion's position ids
   continue from the end of its prompt, it attends to its prompt and its own earlier
@@ -45,6 +47,8 @@ class Batch:
     labels: torch.Tensor | None = None  # (G,) bool, KTO desirable/undesirable
     margins: torch.Tensor | None = None  # (G,) float, pairs' margin field (reward models), None if none has one
     num_tokens: int = 0  # non-padding tokens in input_ids (for tokens/s)
+    scores: torch.Tensor | None = None  # (G, K) float, response groups' scores (higher = better; 0 where absent)
+    completion_mask: torch.Tensor | None = None  # (G, K) bool, response groups: which completions exist
 
     @property
     def num_sequences(self) -> int:

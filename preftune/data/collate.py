@@ -21,6 +21,12 @@ Packed, the same group laid out once::
         c0 [1 1 1 0 0]
         c1 [1 1 1 1 0]
         r0 [1 1 0 0 1]   <- sees its prompt and itself, never the chosen tokens
+
+A response group (k completions, ``scores``) is laid out the same way, ``[prompt | r_0 | ... |
+r_{k-1}]``: every response attends to the prompt and to itself only, with positions continuing
+from the prompt's end. Groups of one batch may differ in k; K is the largest, a group of fewer
+responses has no sequences beyond its own (no row, no target; ``Batch.completion_mask`` False),
+and ``Batch.scores`` / ``completion_mask`` are (G, K).
 """
 
 from __future__ import annotations
@@ -49,22 +55,46 @@ def _round_up(n: int, multiple: int | None) -> int:
 
 def _group_completions(examples: list[TokenizedExample], kl_completions: bool) -> list[list[list[int]]]:
     """Completions of each group: ``[g][k] -> ids``. With ``kl_completions`` (KTO) each group
-    gets a second, mismatched completion: completion 0 of group ``(g + 1) % G``."""
+    gets a second, mismatched completion: completion 0 of group ``(g + 1) % G``. Response groups
+    (examples with ``scores``) may differ in k; other examples must all have the same number."""
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
     k = len(examples[0].completions)
+    groups = all(ex.scores is not None for ex in examples)
     for ex in examples:
-        if len(ex.completions) != k:
+        if len(ex.completions) != k and not groups:
             raise ValueError(
                 f"all examples of a batch need the same number of completions; example {ex.index} has "
                 f"{len(ex.completions)}, the first has {k}"
             )
+        if ex.scores is not None and len(ex.scores) != len(ex.completions):
+            raise ValueError(f"example {ex.index}: {len(ex.scores)} scores for {len(ex.completions)} completions")
     if kl_completions:
         if k != 1:
             raise ValueError(f"kl_completions needs examples with exactly one completion (KTO), got {k}")
         g_count = len(examples)
         return [[ex.completions[0], examples[(g + 1) % g_count].completions[0]] for g, ex in enumerate(examples)]
     return [list(ex.completions) for ex in examples]
+
+
+def _sequences(groups: list[list[list[int]]]) -> list[tuple[int, int]]:
+    """``(k, g)`` of every sequence present, in sequence order ``s = k * G + g`` with ``K = max k``:
+    a group of fewer completions than ``K`` has no sequences ``k >= its k``."""
+    g_count, k_count = len(groups), max(len(c) for c in groups)
+    return [(k, g) for k in range(k_count) for g in range(g_count) if k < len(groups[g])]
+
+
+def _group_scores(examples: list[TokenizedExample], k_count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Response groups: ``(scores, completion_mask)``, each (G, K): the scores (0 where a group has fewer
+    than K completions) and which completions exist. ``(None, None)`` unless every example has scores."""
+    if not all(ex.scores is not None for ex in examples):
+        return None, None
+    scores = torch.zeros((len(examples), k_count), dtype=torch.float32)
+    mask = torch.zeros((len(examples), k_count), dtype=torch.bool)
+    for g, ex in enumerate(examples):
+        scores[g, :len(ex.scores)] = torch.tensor(ex.scores, dtype=torch.float32)
+        mask[g, :len(ex.scores)] = True
+    return scores, mask
 
 
 def _margins(examples: list[TokenizedExample]) -> torch.Tensor | None:
@@ -80,15 +110,17 @@ def _labels(examples: list[TokenizedExample]) -> torch.Tensor | None:
     return None
 
 
-def _check_counts(counts: torch.Tensor, examples: list[TokenizedExample]) -> None:
-    """Refuse sequences without a single target token (their mean log-prob would be NaN)."""
-    empty = (counts == 0).nonzero().flatten().tolist()
+def _check_counts(counts: torch.Tensor, examples: list[TokenizedExample], present: list[tuple[int, int]]) -> None:
+    """Refuse sequences without a single target token (their mean log-prob would be NaN); ``counts`` is
+    (K * G,), ``present`` the ``(k, g)`` of the sequences that exist (:func:`_sequences`)."""
+    g_count = len(examples)
+    empty = [(k, g) for k, g in present if int(counts[k * g_count + g]) == 0]
     if empty:
-        g = empty[0] % len(examples)
+        k, g = empty[0]
         ex = examples[g]
         where = f" ({ex.location})" if ex.location is not None else ""
         raise ValueError(
-            f"example {ex.index}{where}: completion {empty[0] // len(examples)} has no target token "
+            f"example {ex.index}{where}: completion {k} has no target token "
             "(empty completion, or a one-token text without a prompt); drop it before collating"
         )
 
@@ -103,7 +135,8 @@ def collate_padded(
     kl_completions: bool = False,
     pad_to_multiple_of: int | None = None,
 ) -> Batch:
-    """One row per sequence ``[prompt | completion_k | pad...]``, right padded; R = K * G rows.
+    """One row per sequence ``[prompt | completion_k | pad...]``, right padded; R = K * G rows
+    (response groups of fewer than K completions: one row per completion they have, in sequence order).
 
     ``position_ids`` are ``arange(L)`` on every row (pad positions are never attended to).
     The target tokens are the completion tokens (plus the prompt tokens but the first with
@@ -111,35 +144,37 @@ def collate_padded(
     token at column ``c``. A sequence without a prompt cannot score its first token.
     """
     groups = _group_completions(examples, kl_completions)
-    g_count, k_count = len(groups), len(groups[0])
-    order = [(k, g) for k in range(k_count) for g in range(g_count)]  # sequence s = k * G + g
+    g_count, k_count = len(groups), max(len(c) for c in groups)
+    order = _sequences(groups)  # row r holds sequence order[r]
     flat: list[int] = []
     for k, g in order:
         flat += examples[g].prompt_ids
         flat += groups[g][k]
-    prompt_len = torch.tensor([len(examples[g].prompt_ids) for _, g in order], dtype=torch.long)  # (S,)
-    lengths = prompt_len + torch.tensor([len(groups[g][k]) for k, g in order], dtype=torch.long)  # (S,)
-    s_count = len(order)
+    prompt_len = torch.tensor([len(examples[g].prompt_ids) for _, g in order], dtype=torch.long)  # (R,)
+    lengths = prompt_len + torch.tensor([len(groups[g][k]) for k, g in order], dtype=torch.long)  # (R,)
+    r_count = len(order)
     width = _round_up(int(lengths.max()), pad_to_multiple_of)
 
     rows, cols = _spans(lengths)
-    input_ids = torch.full((s_count, width), pad_id, dtype=torch.long)
+    input_ids = torch.full((r_count, width), pad_id, dtype=torch.long)
     input_ids[rows, cols] = torch.tensor(flat, dtype=torch.long)
-    attention_mask = torch.zeros((s_count, width), dtype=torch.long)
+    attention_mask = torch.zeros((r_count, width), dtype=torch.long)
     attention_mask[rows, cols] = 1
 
-    first_target = (torch.ones_like(prompt_len) if train_on_prompt else prompt_len).clamp(min=1)  # (S,)
-    counts = (lengths - first_target).clamp(min=0)
-    _check_counts(counts, examples)
-    token_seq, offset = _spans(counts)
-    target_cols = first_target[token_seq] + offset
+    first_target = (torch.ones_like(prompt_len) if train_on_prompt else prompt_len).clamp(min=1)  # (R,)
+    row_seq = torch.tensor([k * g_count + g for k, g in order], dtype=torch.long)  # (R,) sequence of each row
+    token_rows, offset = _spans((lengths - first_target).clamp(min=0))
+    token_seq = row_seq[token_rows]
+    _check_counts(torch.bincount(token_seq, minlength=g_count * k_count), examples, order)
+    target_cols = first_target[token_rows] + offset
+    scores, completion_mask = _group_scores(examples, k_count)
     return Batch(
         input_ids=input_ids,
-        position_ids=torch.arange(width).repeat(s_count, 1),
+        position_ids=torch.arange(width).repeat(r_count, 1),
         attention_mask=attention_mask,
-        token_rows=token_seq.clone(),
+        token_rows=token_rows,
         token_cols=target_cols - 1,
-        token_targets=input_ids[token_seq, target_cols],
+        token_targets=input_ids[token_rows, target_cols],
         token_seq=token_seq,
         example_index=torch.tensor([ex.index for ex in examples], dtype=torch.long),
         num_groups=g_count,
@@ -148,6 +183,8 @@ def collate_padded(
         labels=_labels(examples),
         margins=_margins(examples),
         num_tokens=int(lengths.sum()),
+        scores=scores,
+        completion_mask=completion_mask,
     )
 
 
@@ -237,7 +274,7 @@ def collate_packed(
     ``attention_mask`` is (R, 1, L, L) bool, True = may attend.
     """
     groups = _group_completions(examples, kl_completions)
-    g_count, k_count = len(groups), len(groups[0])
+    g_count, k_count = len(groups), max(len(c) for c in groups)
     prompts = [ex.prompt_ids for ex in examples]
     group_len = [len(prompts[g]) + sum(len(c) for c in groups[g]) for g in range(g_count)]
     bins = first_fit_decreasing(group_len, _row_capacity(group_len, pack_tokens, row_cost, pad_to_multiple_of))
@@ -245,8 +282,8 @@ def collate_packed(
     width = _round_up(max(layout.row_fill), pad_to_multiple_of)
     input_ids, position_ids, attention_mask, lengths = _packed_rows(layout, len(bins), width, pad_id)
     token_rows, token_cols, target_cols, token_seq = _packed_targets(layout, prompts, groups, train_on_prompt)
-    counts = torch.bincount(token_seq, minlength=g_count * k_count)
-    _check_counts(counts, examples)
+    _check_counts(torch.bincount(token_seq, minlength=g_count * k_count), examples, _sequences(groups))
+    scores, completion_mask = _group_scores(examples, k_count)
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -262,6 +299,8 @@ def collate_packed(
         labels=_labels(examples),
         margins=_margins(examples),
         num_tokens=int(lengths.sum()),
+        scores=scores,
+        completion_mask=completion_mask,
     )
 
 
@@ -299,15 +338,15 @@ class _RowLayout:
 
 def _lay_out_rows(bins: list[list[int]], prompts: list[list[int]], groups: list[list[list[int]]]) -> _RowLayout:
     """Each bin's groups laid out in one row as ``[prompt | completion_0 | completion_1 ...]``."""
-    g_count, k_count = len(groups), len(groups[0])
+    g_count = len(groups)
     layout = _RowLayout(group_row=[0] * g_count, prompt_col=[0] * g_count,
-                        comp_col=[[0] * k_count for _ in range(g_count)])
+                        comp_col=[[0] * len(groups[g]) for g in range(g_count)])
     for r, members in enumerate(bins):
         col = 0
         for g in members:
             p_len = len(prompts[g])
             layout.group_row[g], layout.prompt_col[g] = r, col
-            segs = [(prompts[g], 0)] + [(groups[g][k], k + 1) for k in range(k_count)]
+            segs = [(prompts[g], 0)] + [(ids, k + 1) for k, ids in enumerate(groups[g])]
             for ids, kind in segs:
                 layout.seg_row.append(r)
                 layout.seg_col.append(col)
@@ -352,26 +391,25 @@ def _packed_targets(layout: _RowLayout, prompts: list[list[int]], groups: list[l
     """(N,) token rows, predictor columns, target columns and sequence of every target token,
     sequence by sequence (``s = k * G + g``) in text order: the prompt (``train_on_prompt``), then
     the completion, whose first token the last prompt token predicts."""
-    g_count, k_count = len(groups), len(groups[0])
+    g_count = len(groups)
     # Each span: row, first target column, length, predictor of its first token, sequence.
     span_row, span_col, span_len, span_pred, span_seq = [], [], [], [], []
-    for k in range(k_count):
-        for g in range(g_count):
-            s = k * g_count + g
-            p_len, c_len = len(prompts[g]), len(groups[g][k])
-            row, prompt_col, comp_col = layout.group_row[g], layout.prompt_col[g], layout.comp_col[g][k]
-            if train_on_prompt and p_len > 1:
-                span_row.append(row)
-                span_col.append(prompt_col + 1)
-                span_len.append(p_len - 1)
-                span_pred.append(prompt_col)
-                span_seq.append(s)
-            skip = 0 if p_len else 1  # without a prompt nothing predicts the first token
+    for k, g in _sequences(groups):
+        s = k * g_count + g
+        p_len, c_len = len(prompts[g]), len(groups[g][k])
+        row, prompt_col, comp_col = layout.group_row[g], layout.prompt_col[g], layout.comp_col[g][k]
+        if train_on_prompt and p_len > 1:
             span_row.append(row)
-            span_col.append(comp_col + skip)
-            span_len.append(max(c_len - skip, 0))
-            span_pred.append(prompt_col + p_len - 1 if p_len else comp_col)
+            span_col.append(prompt_col + 1)
+            span_len.append(p_len - 1)
+            span_pred.append(prompt_col)
             span_seq.append(s)
+        skip = 0 if p_len else 1  # without a prompt nothing predicts the first token
+        span_row.append(row)
+        span_col.append(comp_col + skip)
+        span_len.append(max(c_len - skip, 0))
+        span_pred.append(prompt_col + p_len - 1 if p_len else comp_col)
+        span_seq.append(s)
     owner, offset = _spans(torch.tensor(span_len, dtype=torch.long))
     token_rows = torch.tensor(span_row, dtype=torch.long)[owner]
     target_cols = torch.tensor(span_col, dtype=torch.long)[owner] + offset

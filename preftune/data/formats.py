@@ -10,6 +10,12 @@ pair       ``prompt``, ``chosen``, ``rejected`` as strings (standard), or as cha
 unpaired   ``prompt``, ``completion``, ``label`` (bool, or the integers 0/1) — KTO
 sft        ``prompt`` and ``completion``, or ``messages`` (the last one, from the assistant, is
            the completion; everything before it the prompt)
+group      ``prompt``, ``responses`` (k >= 2 texts or message lists) and ``scores`` (k finite
+           numbers, higher = better) or ``ranks`` (k finite numbers, lower = better; stored as
+           scores ``max(ranks) - rank``); ties allowed. Also UltraFeedback's raw rows
+           (``instruction`` or ``prompt``, ``completions: [{"response", "overall_score"}]``, the
+           score falling back to ``fine-grained_score``, then to the mean of the ``annotations``'
+           numeric ``Rating`` values), and a pair row (a group of two scored 1 and 0)
 =========  ====================================================================================
 
 A *chat message* is ``{"role": str, "content": str}``; completion messages must be the
@@ -27,6 +33,7 @@ Every bad record raises :class:`~preftune.data.errors.DataError` naming the plac
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -34,12 +41,12 @@ from preftune.data.errors import DataError
 from preftune.data.records import Example, Location
 
 ASSISTANT_MARKER = "\n\nAssistant:"  # the turn boundary of Anthropic HH-style dialogue text
-KINDS = ("pair", "unpaired", "sft")
+KINDS = ("pair", "unpaired", "sft", "group")
 _MISSING = object()
 
 
 def to_example(row: dict, location: Location | None, kind: str) -> Example:
-    """Convert one raw row into an :class:`Example` of ``kind`` ("pair", "unpaired" or "sft").
+    """Convert one raw row into an :class:`Example` of ``kind`` ("pair", "unpaired", "sft" or "group").
 
     Raises :class:`DataError` (with ``location``) for a bad record, ``ValueError`` for a bad ``kind``.
     """
@@ -49,6 +56,8 @@ def to_example(row: dict, location: Location | None, kind: str) -> Example:
         return _unpaired(row, location)
     if kind == "sft":
         return _sft(row, location)
+    if kind == "group":
+        return _group(row, location)
     raise ValueError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
@@ -111,7 +120,7 @@ def split_messages(chosen: list, rejected: list, location: Location | None) -> t
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-# ---------------------------------------------------------------------------- the three kinds
+# ---------------------------------------------------------------------------- the kinds
 
 
 def _pair(row: dict, location: Location | None) -> Example:
@@ -188,6 +197,104 @@ def _sft(row: dict, location: Location | None) -> Example:
     return Example(kind="sft", prompt=prompt, completion=completion, location=location)
 
 
+def _group(row: dict, location: Location | None) -> Example:
+    """A group record, an UltraFeedback raw row, or a pair row (a group of two) -> a group :class:`Example`."""
+    if "responses" not in row and isinstance(row.get("completions"), list):
+        prompt_field = "instruction" if row.get("instruction") is not None else "prompt"
+        prompt = _text_or_messages(row, prompt_field, location)
+        responses, scores = _ultrafeedback_completions(row["completions"], location)
+    elif "responses" not in row and is_pair_row(row):
+        pair = _pair(row, location)
+        return Example(kind="group", prompt=pair.prompt, responses=[pair.chosen, pair.rejected], scores=[1.0, 0.0],
+                       location=location, prompt_source=pair.prompt_source)
+    else:
+        prompt = _text_or_messages(row, "prompt", location)
+        responses = _responses(row.get("responses", _MISSING), location)
+        scores = _group_scores(row, len(responses), location)
+    prompt, responses = _align(prompt, responses)
+    for i, response in enumerate(responses):
+        _check_completion(response, f"responses[{i}]", location)
+    return Example(kind="group", prompt=prompt, responses=responses, scores=scores, location=location)
+
+
+def _responses(value, location: Location | None) -> list:
+    """A group's ``responses``: a list of at least two texts or message lists."""
+    if value is _MISSING or value is None:
+        raise DataError(location, "field 'responses' is missing (a group record needs 'prompt', 'responses' and "
+                                  "'scores' or 'ranks')")
+    if not isinstance(value, list):
+        raise DataError(location, f"field 'responses' must be a list of responses, got {_type_name(value)}")
+    if len(value) < 2:
+        raise DataError(location, f"field 'responses' holds {len(value)} response(s); a group needs at least 2")
+    return [_checked_text(response, f"responses[{i}]", location) for i, response in enumerate(value)]
+
+
+def _group_scores(row: dict, k: int, location: Location | None) -> list[float]:
+    """A group's scores (higher = better) from ``scores``, or from ``ranks`` (lower = better) as
+    ``max(ranks) - rank``, checked: k finite numbers."""
+    has_scores, has_ranks = row.get("scores") is not None, row.get("ranks") is not None
+    if has_scores == has_ranks:
+        what = "both 'scores' and 'ranks'; give one" if has_scores else "no 'scores' or 'ranks'"
+        raise DataError(location, f"the group has {what} (one number per response)")
+    name = "scores" if has_scores else "ranks"
+    values = row[name]
+    if not isinstance(values, list):
+        raise DataError(location, f"field {name!r} must be a list of numbers, got {_type_name(values)}")
+    if len(values) != k:
+        raise DataError(location, f"field {name!r} has {len(values)} value(s) for {k} responses")
+    numbers = [_finite(value, f"{name}[{i}]", location) for i, value in enumerate(values)]
+    if name == "ranks":
+        worst = max(numbers)
+        numbers = [worst - rank for rank in numbers]
+    return numbers
+
+
+def _finite(value, name: str, location: Location | None) -> float:
+    """``value`` as a float when it is a finite number (not true/false)."""
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # an integer beyond float range
+        number = None
+    if number is None or not math.isfinite(number):
+        raise DataError(location, f"field {name!r} must be a finite number, got {value!r:.60}")
+    return number
+
+
+def _ultrafeedback_completions(completions: list, location: Location | None) -> tuple[list, list[float]]:
+    """UltraFeedback's ``completions``: each ``{"response", "overall_score"}`` (else ``fine-grained_score``,
+    else the mean numeric ``annotations.*.Rating``) -> (responses, scores)."""
+    if len(completions) < 2:
+        raise DataError(location, f"field 'completions' holds {len(completions)} completion(s); a group needs "
+                                  "at least 2")
+    responses, scores = [], []
+    for i, completion in enumerate(completions):
+        if not isinstance(completion, dict):
+            raise DataError(location, f"field 'completions[{i}]' must be an object with 'response' and "
+                                      f"'overall_score', got {_type_name(completion)}")
+        responses.append(_checked_text(completion.get("response", _MISSING), f"completions[{i}].response", location))
+        scores.append(_ultrafeedback_score(completion, f"completions[{i}]", location))
+    return responses, scores
+
+
+def _ultrafeedback_score(completion: dict, name: str, location: Location | None) -> float:
+    for key in ("overall_score", "fine-grained_score"):
+        if completion.get(key) is not None:
+            return _finite(completion[key], f"{name}.{key}", location)
+    annotations = completion.get("annotations")
+    ratings = []
+    for aspect in (annotations.values() if isinstance(annotations, dict) else ()):
+        rating = aspect.get("Rating") if isinstance(aspect, dict) else None
+        try:
+            ratings.append(float(rating))
+        except (TypeError, ValueError):  # "N/A" and missing ratings are left out
+            continue
+    ratings = [r for r in ratings if math.isfinite(r)]
+    if not ratings:
+        raise DataError(location, f"field '{name}' has no score: no finite 'overall_score', "
+                                  "'fine-grained_score' or numeric 'annotations' Rating")
+    return sum(ratings) / len(ratings)
+
+
 # ---------------------------------------------------------------------------- field checks
 
 
@@ -197,7 +304,11 @@ def _type_name(value) -> str:
 
 def _text_or_messages(row: dict, name: str, location: Location | None) -> str | list:
     """``row[name]`` as a string or a validated list of messages (dicts with string role/content)."""
-    value = row.get(name, _MISSING)
+    return _checked_text(row.get(name, _MISSING), name, location)
+
+
+def _checked_text(value, name: str, location: Location | None) -> str | list:
+    """``value`` (field ``name``) as a string or a validated list of messages."""
     if value is _MISSING or value is None:
         raise DataError(location, f"field {name!r} is missing")
     if isinstance(value, str):

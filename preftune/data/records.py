@@ -6,6 +6,7 @@ Flow: file -> raw dict rows (``readers``) -> :class:`Example` (``formats``)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
@@ -36,6 +37,7 @@ class Example:
     kind = "pair":     prompt, chosen, rejected             (DPO family, ORPO, SimPO)
     kind = "unpaired": prompt, completion, label (bool)     (KTO)
     kind = "sft":      prompt, completion                   (SFT)
+    kind = "group":    prompt, responses (k >= 2), scores   (group losses; higher score = better)
 
     ``prompt``/completions are either all plain strings, or all lists of chat messages
     (``{"role", "content"}``); a messages prompt is rendered with the tokenizer's chat
@@ -51,6 +53,26 @@ class Example:
     location: Location | None = None
     prompt_source: str = "explicit"  # "explicit" | "implicit" | "messages"
     margin: float | None = None  # pairs: the optional ``margin`` field (reward models)
+    responses: list | None = None  # groups: the k responses (texts, or lists of messages)
+    scores: list[float] | None = None  # groups: one finite score per response, higher = better
+
+    @property
+    def completion_texts(self) -> list:
+        """The completions in tokenization order: ``[chosen, rejected]`` for a pair, the ``responses``
+        of a group, ``[completion]`` otherwise."""
+        if self.kind == "pair":
+            return [self.chosen, self.rejected]
+        if self.kind == "group":
+            return list(self.responses)
+        return [self.completion]
+
+    def with_completions(self, completions: list) -> "Example":
+        """A copy whose completions (in :attr:`completion_texts` order) are ``completions``."""
+        if self.kind == "pair":
+            return dataclasses.replace(self, chosen=completions[0], rejected=completions[1])
+        if self.kind == "group":
+            return dataclasses.replace(self, responses=list(completions))
+        return dataclasses.replace(self, completion=completions[0])
 
 
 @dataclass
@@ -58,9 +80,9 @@ class TokenizedExample:
     """Token ids of one example, boundary exact: ``prompt_ids + completions[k]`` are the
     ids of the full rendered text (no double BOS; EOS appended to plain-text completions).
 
-    ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs and ``[completion_ids]``
-    for SFT and KTO. ``index`` is the example's position in its dataset and keys the
-    reference log-prob cache.
+    ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs, the k responses' ids for a
+    group (``scores``: one per response, higher = better) and ``[completion_ids]`` for SFT and
+    KTO. ``index`` is the example's position in its dataset and keys the reference log-prob cache.
     """
 
     index: int
@@ -70,6 +92,7 @@ class TokenizedExample:
     location: Location | None = None
     truncated: bool = False
     margin: float | None = None  # pairs: the optional ``margin`` field (reward models)
+    scores: list[float] | None = None  # groups: one score per completion, higher = better
 
     @property
     def num_tokens(self) -> int:

@@ -58,8 +58,8 @@ def tokenize_example(tokenizer, example: Example, index: int, max_length: int | 
                      prefix_ids: list[int] | None = None) -> TokenizedExample | None:
     """Tokenize one :class:`Example`; ``None`` when truncation would empty a completion.
 
-    ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs, ``[completion_ids]`` otherwise.
-    ``report`` (a :class:`~preftune.data.report.DataReport`) counts chat-template mismatches and
+    ``completions`` is ``[chosen_ids, rejected_ids]`` for pairs, the responses' ids for a group
+    (in order, ``scores`` kept), ``[completion_ids]`` otherwise. ``report`` (a :class:`~preftune.data.report.DataReport`) counts chat-template mismatches and
     boundary merges; without it a template mismatch is a ``UserWarning``. ``prefix_ids`` may pass
     a precomputed :func:`special_prefix_ids` (saves two encodes per call).
     Raises ``ValueError`` for bad lengths or a messages example with no chat template, and
@@ -185,13 +185,13 @@ def bound_example(example: Example, max_length: int | None) -> tuple[Example, tu
             return (out, True) if any_cut else (text, False)
         return text, False
 
-    names = ["chosen", "rejected"] if example.kind == "pair" else ["completion"]
     prompt, prompt_cut = cut(example.prompt, keep_end=True)
-    completions = {name: cut(getattr(example, name), keep_end=False) for name in names}
-    cuts = (prompt_cut, *(completions[name][1] for name in names))
+    completions = [cut(text, keep_end=False) for text in example.completion_texts]
+    cuts = (prompt_cut, *(was_cut for _, was_cut in completions))
     if not any(cuts):
         return example, None
-    return dataclasses.replace(example, prompt=prompt, **{name: completions[name][0] for name in names}), cuts
+    bounded = example.with_completions([text for text, _ in completions])
+    return dataclasses.replace(bounded, prompt=prompt), cuts
 
 
 def bound_was_safe(bodies: list[list[int]], cuts: tuple[bool, ...], max_length: int,
@@ -211,7 +211,7 @@ def render(tokenizer, example: Example) -> tuple[list[str], bool, bool]:
     Plain text: the prompt and ``prompt + completion``; EOS is to be appended. Messages: see
     :func:`render_messages`; no EOS (the template ends the turn).
     """
-    completions = [example.chosen, example.rejected] if example.kind == "pair" else [example.completion]
+    completions = example.completion_texts
     if isinstance(example.prompt, list):
         prompt_text, full_texts, mismatch = render_messages(tokenizer, example, completions)
         return [prompt_text, *full_texts], False, mismatch
@@ -251,7 +251,7 @@ def assemble(tokenizer, example: Example, index: int, bodies: list[list[int]], p
             completion_ids, truncated = [ids[:room] for ids in completion_ids], True
     return TokenizedExample(index=index, prompt_ids=prompt_ids, completions=completion_ids,
                             label=example.label, location=example.location, truncated=truncated,
-                            margin=example.margin)
+                            margin=example.margin, scores=None if example.scores is None else list(example.scores))
 
 
 def special_prefix_ids(tokenizer) -> list[int]:

@@ -53,6 +53,42 @@ class LogpOutput:
         return self.logps / self.counts
 
 
+@dataclass
+class GroupLogps:
+    """Per-response log-probs of a batch of response groups (G groups of at most K responses each),
+    all (G, K): ``[g, k]`` is response k of group g, sequence ``s = k * G + g`` of the batch.
+    Where ``mask`` is False (a group of fewer than K responses) every value is 0."""
+
+    logps: torch.Tensor  # (G, K) fp32: summed log-prob of each response's tokens
+    mean_logps: torch.Tensor  # (G, K) fp32: the same averaged per token (SimPO / IPO length normalisation)
+    counts: torch.Tensor  # (G, K) long: target tokens of each response
+    mask: torch.Tensor  # (G, K) bool: which responses exist
+
+
+def per_group(values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(S,) per-sequence values, ``s = k * G + g`` -> (G, K) with ``[g, k]`` (gradients flow through)."""
+    if values.shape[0] % num_groups:
+        raise ValueError(f"{values.shape[0]} sequence values do not split into {num_groups} groups")
+    return values.view(-1, num_groups).t()
+
+
+def group_logps(logps: torch.Tensor, batch: Batch) -> GroupLogps:
+    """(S,) summed log-probs of ``batch``'s sequences (a policy's ``LogpOutput.logps`` or a reference's)
+    -> :class:`GroupLogps`, each (G, K); the mask is ``batch.completion_mask`` (all True for batches
+    that are not response groups), the counts the batch's target tokens per sequence."""
+    g_count, k_count = batch.num_groups, batch.num_completions
+    counts = per_group(torch.bincount(batch.token_seq, minlength=g_count * k_count), g_count)  # (G, K)
+    mask = batch.completion_mask
+    if mask is None:
+        mask = torch.ones((g_count, k_count), dtype=torch.bool, device=counts.device)
+    mask = mask.to(counts.device)
+    summed = per_group(logps.float(), g_count)
+    zero = summed.new_zeros(())
+    return GroupLogps(logps=torch.where(mask, summed, zero),
+                      mean_logps=torch.where(mask, summed / counts.clamp(min=1), zero),
+                      counts=counts, mask=mask)
+
+
 # ----------------------------------------------------------------------------- chunked head
 
 
@@ -286,6 +322,17 @@ def batch_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
         0, batch.token_seq, token_logps)
     counts = torch.bincount(batch.token_seq, minlength=s_count)
     return LogpOutput(logps=logps, counts=counts, token_logps=token_logps, token_log_sum_sq=log_sum_sq)
+
+
+def batch_group_logps(model: nn.Module, batch: Batch, chunk_size: int = 1024,
+                      cache_bytes: int = DEFAULT_CACHE_BYTES,
+                      compute_dtype: torch.dtype | None = None) -> GroupLogps:
+    """One forward over a batch of response groups -> each response's summed and token-averaged
+    log-probs, (G, K) with the validity mask (:class:`GroupLogps`). The batch is packed
+    (``[prompt | r_0 | ... | r_{k-1}]``, the prompt computed once) or padded (one row per response),
+    as :func:`batch_logps` runs either; arguments as there."""
+    out = batch_logps(model, batch, chunk_size, cache_bytes, compute_dtype)
+    return group_logps(out.logps, batch)
 
 
 def is_reward_model(model: nn.Module) -> bool:

@@ -210,3 +210,83 @@ def test_row_cost_layout_puts_groups_longer_than_half_a_row_together():
     assert plain.input_ids.shape == (3, 100) and plain.num_tokens == 255
     assert collate_packed(examples, 0, row_cost=1e-4).input_ids.shape == (1, 255)
     assert collate_packed(examples, 0, row_cost=1e-2).input_ids.shape == (3, 100)
+
+
+# ----------------------------------------------------------------------------- response groups
+
+
+def two_response_groups():
+    """Group 0: prompt [10 11], responses [20 21], [30], [40 41 42] (k = 3); group 1: prompt [12],
+    responses [22], [31 32] (k = 2). K = 3: sequences 0, 1 (k = 0), 2, 3 (k = 1), 4 (k = 2 of group 0);
+    sequence 5 (k = 2 of group 1) is absent."""
+    return [
+        TokenizedExample(index=7, prompt_ids=[10, 11], completions=[[20, 21], [30], [40, 41, 42]], scores=[1, 0, 2]),
+        TokenizedExample(index=8, prompt_ids=[12], completions=[[22], [31, 32]], scores=[0.5, 0.5]),
+    ]
+
+
+def test_packed_group_exact():
+    b = collate_packed(two_response_groups(), pad_id=0, pack_tokens=100)
+    # one row: [prompt | r0 | r1 | r2] of group 0 (9 tokens, longest first), then group 1's
+    assert torch.equal(b.input_ids, t([[10, 11, 20, 21, 30, 40, 41, 42, 12, 22, 31, 32]]))
+    assert torch.equal(b.position_ids, t([[0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 1, 2]]))  # each from the prompt end
+    mask = b.attention_mask[0, 0].int()
+    assert torch.equal(mask[7], t([1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0]))  # 42: prompt + its own response
+    assert torch.equal(mask[4], t([1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]))  # 30: not 20 21
+    assert torch.equal(mask[11], t([0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1]))  # 32: group 1 only, not 22
+    assert torch.equal(b.token_targets, t([20, 21, 22, 30, 31, 32, 40, 41, 42]))
+    assert torch.equal(b.token_seq, t([0, 0, 1, 2, 3, 3, 4, 4, 4]))
+    assert torch.equal(b.token_cols, t([1, 2, 8, 1, 8, 10, 1, 5, 6]))  # first tokens from the last prompt token
+    assert (b.num_groups, b.num_completions, b.num_tokens) == (2, 3, 12)
+    assert torch.equal(b.scores, t([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]))
+    assert torch.equal(b.completion_mask, t([[True, True, True], [True, True, False]]))
+
+
+def test_padded_group_has_no_row_for_an_absent_response():
+    b = collate_padded(two_response_groups(), pad_id=0)
+    assert torch.equal(b.input_ids, t([[10, 11, 20, 21, 0], [12, 22, 0, 0, 0], [10, 11, 30, 0, 0],
+                                       [12, 31, 32, 0, 0], [10, 11, 40, 41, 42]]))
+    assert torch.equal(b.token_rows, t([0, 0, 1, 2, 3, 3, 4, 4, 4]))
+    assert torch.equal(b.token_seq, t([0, 0, 1, 2, 3, 3, 4, 4, 4]))
+    assert torch.equal(b.token_targets, t([20, 21, 22, 30, 31, 32, 40, 41, 42]))
+    assert torch.equal(b.completion_mask, collate_packed(two_response_groups(), 0).completion_mask)
+    assert b.num_completions == 3 and b.num_tokens == 17
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 20, 1000])
+def test_packed_groups_each_target_sees_exactly_its_sequence(pack_tokens):
+    """Groups of k = 2..5: every target's predictor attends to exactly prompt + response[:j], positions
+    0..P+j-1, as in the unpacked sequence; the padded layout lists the same targets."""
+    gen = torch.Generator().manual_seed(5)
+    exs = []
+    for i, k in enumerate([2, 5, 3, 4, 2, 5]):
+        ex = _random_examples(1, seed=100 + i, k=k)[0]
+        exs.append(TokenizedExample(index=i, prompt_ids=ex.prompt_ids, completions=ex.completions,
+                                    scores=torch.rand(k, generator=gen).tolist()))
+    b = collate_packed(exs, 0, pack_tokens=pack_tokens)
+    padded = collate_padded(exs, 0)
+    assert torch.equal(b.token_targets, padded.token_targets) and torch.equal(b.token_seq, padded.token_seq)
+    g_count = len(exs)
+    for i in range(len(b.token_seq)):
+        k, g = divmod(int(b.token_seq[i]), g_count)
+        r, c = int(b.token_rows[i]), int(b.token_cols[i])
+        visible = b.attention_mask[r, 0, c].nonzero().flatten()
+        text = exs[g].prompt_ids + exs[g].completions[k]
+        assert b.input_ids[r, visible].tolist() == text[:len(visible)]
+        assert b.position_ids[r, visible].tolist() == list(range(len(visible)))
+        assert text[len(visible)] == int(b.token_targets[i])
+
+
+def test_group_errors():
+    bad = [TokenizedExample(0, [1], [[2], [3]], scores=[1.0])]
+    with pytest.raises(ValueError, match="example 0: 1 scores for 2 completions"):
+        collate_packed(bad, 0)
+    # pairs and groups mixed: not all examples are groups, so the completion counts must agree
+    mixed = [TokenizedExample(0, [1], [[2], [3]]), TokenizedExample(1, [1], [[2], [3], [4]], scores=[1, 2, 3])]
+    with pytest.raises(ValueError, match="same number of completions"):
+        collate_padded(mixed, 0)
+    empty = [TokenizedExample(5, [1, 2], [[3], [4], []], scores=[1, 2, 3]), TokenizedExample(6, [1], [[2], [3]],
+                                                                                             scores=[1, 2])]
+    for collate in (collate_padded, collate_packed):
+        with pytest.raises(ValueError, match="example 5: completion 2 has no target token"):
+            collate(empty, 0)

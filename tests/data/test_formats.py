@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -260,7 +261,7 @@ def test_arbitrary_jsonl_bytes_give_records_or_data_error(data):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "fuzz.jsonl"
         path.write_bytes(data)
-        for kind in ("pair", "unpaired", "sft"):
+        for kind in ("pair", "unpaired", "sft", "group"):
             try:
                 for location, row in read_rows(str(path)):
                     assert isinstance(to_example(row, location, kind), Example)
@@ -282,3 +283,120 @@ def test_data_errors_carry_a_reason_the_doctor_counts_by(row, reason):
     import copy
 
     assert copy.copy(err.value).reason == reason  # __reduce__ keeps it (also what pickling across processes uses)
+
+
+# ------------------------------------------------------------------------------------------ groups
+
+
+def test_group_record_with_scores_ranks_and_messages():
+    ex = to_example({"prompt": "Q", "responses": [" a", " b", " c"], "scores": [1, 2.5, 2.5]}, LOC, "group")
+    assert ex == Example(kind="group", prompt="Q", responses=[" a", " b", " c"], scores=[1.0, 2.5, 2.5],
+                         location=LOC)
+    assert ex.completion_texts == [" a", " b", " c"]
+    # ranks: lower is better; stored as scores max(ranks) - rank (ties stay ties)
+    assert to_example({"prompt": "Q", "responses": ["a", "b", "c", "d"], "ranks": [2, 1, 2, 4]},
+                      LOC, "group").scores == [2.0, 3.0, 2.0, 0.0]
+    row = {"prompt": [user("sky?")], "responses": ["blue", [user("sky?"), assistant("black")]], "scores": [1, 0]}
+    ex = to_example(row, LOC, "group")
+    assert (ex.prompt, ex.responses) == ([user("sky?")], [[assistant("blue")], [assistant("black")]])
+
+
+def test_ultrafeedback_raw_row_is_a_group():
+    """openbmb/UltraFeedback's raw shape: ``instruction``, ``completions[].response`` with ``overall_score``
+    (else ``fine-grained_score``, else the mean numeric annotation Rating; "N/A" left out)."""
+    row = {"source": "evol_instruct", "instruction": "Name a colour.", "models": ["m1", "m2", "m3", "m4"],
+           "completions": [
+               {"model": "m1", "response": "blue", "overall_score": 7.5, "fine-grained_score": 4.25},
+               {"model": "m2", "response": "black", "fine-grained_score": 2.0},
+               {"model": "m3", "response": "green", "annotations": {
+                   "helpfulness": {"Rating": "4", "Rationale": "ok"}, "honesty": {"Rating": "N/A"},
+                   "instruction_following": {"Rating": "5"}, "truthfulness": {"Rating": "3", "Type": ["0"]}}},
+               {"model": "m4", "response": "red", "overall_score": 1}]}
+    ex = to_example(row, LOC, "group")
+    assert (ex.prompt, ex.responses, ex.scores) == ("Name a colour.", ["blue", "black", "green", "red"],
+                                                    [7.5, 2.0, 4.0, 1.0])
+    assert to_example({"prompt": "Q", "completions": row["completions"][:2]}, LOC, "group").prompt == "Q"
+
+
+def test_pair_row_read_as_a_group_of_two():
+    ex = to_example({"prompt": "Q: sky?", "chosen": " blue", "rejected": " black"}, LOC, "group")
+    assert (ex.kind, ex.prompt, ex.responses, ex.scores) == ("group", "Q: sky?", [" blue", " black"], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Q", "responses": [" a"], "scores": [1]},
+     "field 'responses' holds 1 response(s); a group needs at least 2"),
+    ({"prompt": "Q", "responses": [" a", " b", " c"], "scores": [1, 2]},
+     "field 'scores' has 2 value(s) for 3 responses"),
+    ({"prompt": "Q", "responses": [" a", " b"], "ranks": [1, 2, 3]}, "field 'ranks' has 3 value(s) for 2 responses"),
+    ({"prompt": "Q", "responses": [" a", " b"], "scores": [1, "high"]},
+     "field 'scores[1]' must be a finite number, got 'high'"),
+    ({"prompt": "Q", "responses": [" a", " b"], "scores": [float("nan"), 1]},
+     "field 'scores[0]' must be a finite number, got nan"),
+    ({"prompt": "Q", "responses": [" a", " b"], "scores": [True, 1]},
+     "field 'scores[0]' must be a finite number, got True"),
+    ({"prompt": "Q", "responses": [" a", " b"], "scores": "1 2"}, "field 'scores' must be a list of numbers, got str"),
+    ({"prompt": "Q", "responses": [" a", " b"]}, "the group has no 'scores' or 'ranks' (one number per response)"),
+    ({"prompt": "Q", "responses": [" a", " b"], "scores": [1, 2], "ranks": [1, 2]},
+     "the group has both 'scores' and 'ranks'; give one"),
+    ({"prompt": "Q", "responses": " a", "scores": [1]}, "field 'responses' must be a list of responses, got str"),
+    ({"prompt": "Q", "responses": [" a", 3], "scores": [1, 2]},
+     "field 'responses[1]' must be a string or a list of messages, got int"),
+    ({"prompt": "Q", "responses": [" a", "  "], "scores": [1, 2]}, "field 'responses[1]' is empty or whitespace only"),
+    ({"responses": [" a", " b"], "scores": [1, 2]}, "field 'prompt' is missing"),
+    ({"prompt": "Q"}, "field 'responses' is missing"),
+    ({"instruction": "Q", "completions": [{"response": "a", "overall_score": 1}]},
+     "field 'completions' holds 1 completion(s); a group needs at least 2"),
+    ({"instruction": "Q", "completions": [{"response": "a", "overall_score": "x"}, {"response": "b"}]},
+     "field 'completions[0].overall_score' must be a finite number, got 'x'"),
+    ({"instruction": "Q", "completions": [{"response": "a", "overall_score": 1}, {"response": "b"}]},
+     "field 'completions[1]' has no score"),
+    ({"instruction": "Q", "completions": [{"overall_score": 1}, {"response": "b", "overall_score": 2}]},
+     "field 'completions[0].response' is missing"),
+])
+def test_bad_groups_are_one_line_naming_the_place_and_field(row, message):
+    with pytest.raises(DataError) as err:
+        to_example(row, LOC, "group")
+    text = str(err.value)
+    assert text.startswith("pairs.jsonl:3: ") and "\n" not in text
+    assert message in text
+
+
+def test_bad_group_in_a_file_names_file_and_line(tmp_path):
+    from preftune.data.load import load_dataset
+    from preftune.model.tiny import train_tokenizer
+
+    path = tmp_path / "groups.jsonl"
+    good = {"prompt": "Q: sky?", "responses": [" blue", " black", " red"], "scores": [2, 0, 1]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "scores": [2, 0]}) + "\n")
+    with pytest.raises(DataError, match=r"groups\.jsonl:2: field 'scores' has 2 value\(s\) for 3 responses"):
+        load_dataset(str(path), train_tokenizer(), kind="group")
+    examples, report = load_dataset(str(path), train_tokenizer(), kind="group", skip_bad_records=True)
+    assert len(examples) == 1 and report.bad_records == 1
+    assert examples[0].scores == [2.0, 0.0, 1.0] and len(examples[0].completions) == 3
+
+
+SCORE = st.integers(-3, 3) | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none() | TEXT \
+    | st.just(10 ** 400)
+UF_COMPLETION = st.fixed_dictionaries({}, optional={
+    "response": FIELD, "overall_score": SCORE, "fine-grained_score": SCORE,
+    "annotations": st.dictionaries(st.sampled_from(["helpfulness", "honesty"]),
+                                   st.fixed_dictionaries({}, optional={"Rating": SCORE}) | JSON_VALUES, max_size=2),
+}) | JSON_VALUES
+GROUP_RECORD = st.fixed_dictionaries({}, optional={
+    "prompt": FIELD, "instruction": FIELD, "responses": st.lists(FIELD, max_size=4) | FIELD,
+    "scores": st.lists(SCORE, max_size=4) | SCORE, "ranks": st.lists(SCORE, max_size=4),
+    "completions": st.lists(UF_COMPLETION, max_size=4), "chosen": FIELD, "rejected": FIELD,
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(GROUP_RECORD)
+def test_arbitrary_group_rows_give_a_group_or_one_data_error_line(row):
+    try:
+        ex = to_example(row, LOC, "group")
+    except DataError as err:
+        assert str(err).startswith("pairs.jsonl:3: ") and "\n" not in str(err)
+        return
+    assert ex.kind == "group" and len(ex.responses) == len(ex.scores) >= 2
+    assert all(isinstance(s, float) and math.isfinite(s) for s in ex.scores)

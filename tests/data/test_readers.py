@@ -238,3 +238,35 @@ def test_hub_offline_for_real_in_a_subprocess(tmp_path):
     assert out.stdout.startswith("DataError: someone/no-such-dataset:test: no local file or folder of that "
                                  "name, and loading it as a hub dataset failed: "), out.stdout + out.stderr
     assert out.stdout.count("\n") == 1
+
+
+def test_group_files_jsonl_and_ultrafeedback_parquet(tmp_path):
+    """Response groups come through the same readers: a JSON Lines file of group records, and UltraFeedback's
+    raw rows (nested ``completions`` structs) in Parquet, as its hub files hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preftune.data.formats import to_example
+
+    groups = [{"prompt": "Q: sky?", "responses": [" blue", " black", " grey"], "scores": [2, 0, 1]},
+              {"prompt": "Q: snow?", "responses": [" white", " pink"], "ranks": [1, 2]}]
+    path = tmp_path / "groups.jsonl"
+    path.write_text(_lines(groups))
+    got = [to_example(row, loc, "group") for loc, row in read_rows(str(path))]
+    assert [(ex.responses, ex.scores, str(ex.location)) for ex in got] == [
+        ([" blue", " black", " grey"], [2.0, 0.0, 1.0], f"{path}:1"), ([" white", " pink"], [1.0, 0.0], f"{path}:2")]
+
+    completion = lambda text, score: {"model": "m", "response": text, "overall_score": score,  # noqa: E731
+                                      "annotations": {"helpfulness": {"Rating": "4", "Rationale": "r"}}}
+    rows = [{"source": "s", "instruction": "Name a colour.", "completions": [completion("blue", 7.0),
+                                                                           completion("black", 3.5)]},
+            {"source": "s", "instruction": "Name a fruit.", "completions": [completion("apple", 6.0),
+                                                                          completion("pear", 6.0),
+                                                                          completion("stone", 1.0)]}]
+    parquet = tmp_path / "ultrafeedback.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    got = [to_example(row, loc, "group") for loc, row in read_rows(str(parquet))]
+    assert [(ex.prompt, ex.responses, ex.scores) for ex in got] == [
+        ("Name a colour.", ["blue", "black"], [7.0, 3.5]),
+        ("Name a fruit.", ["apple", "pear", "stone"], [6.0, 6.0, 1.0])]
+    assert str(got[1].location) == f"{parquet} row 1"

@@ -310,3 +310,45 @@ def test_hh_rlhf_end_to_end_boundary_exact(tok):
         assert decode(tok, ex.prompt_ids).endswith("\n\nAssistant:")
         for completion, text in zip(ex.completions, (row["chosen"], row["rejected"])):
             assert ex.prompt_ids + completion == ids(tok, text) + [EOS]
+
+
+# ------------------------------------------------------------------------------------ response groups
+
+
+def test_text_group_is_boundary_exact_per_response_and_keeps_scores(tok):
+    prompt = "Human: Name a colour. Assistant:"
+    replies = [" blue.", " black.", " A cat sat on the mat.", " blue."]
+    out = tokenize_example(tok, Example(kind="group", prompt=prompt, responses=replies, scores=[2.0, 0.0, 1.0, 2.0]), 3)
+    assert out.prompt_ids == ids(tok, prompt) and out.scores == [2.0, 0.0, 1.0, 2.0]
+    assert len(out.completions) == 4 and out.completions[0] == out.completions[3]
+    for completion, text in zip(out.completions, replies):
+        assert out.prompt_ids + completion == ids(tok, prompt + text) + [EOS]
+    assert out.num_tokens == len(out.prompt_ids) + sum(len(c) for c in out.completions)
+
+
+def test_chat_group_and_truncation_of_the_longest_response(tok):
+    ex = Example(kind="group", prompt=[user("Name a colour.")], scores=[1.0, 0.0, 0.5],
+                 responses=[[assistant("blue")], [assistant("black")], [assistant("A cat sat on the mat.")]])
+    out = tokenize_example(tok, ex, 0)
+    for completion, reply in zip(out.completions, ("blue", "black", "A cat sat on the mat.")):
+        full = tok.apply_chat_template([user("Name a colour."), assistant(reply)], tokenize=False)
+        assert out.prompt_ids + completion == ids(tok, full)
+    text = Example(kind="group", prompt=COUNTING, responses=[" A cat sat on the mat.", " A cat.", " A"],
+                   scores=[0.0, 1.0, 2.0])
+    cut = tokenize_example(tok, text, 0, max_length=16)  # prompt 12 tokens -> 4 left per response
+    assert cut.completions == [CAT_IDS[:4], [268, 421, 18, EOS], [268, EOS]] and cut.truncated
+
+
+def test_huge_group_responses_are_bounded_before_tokenizing(tok):
+    """A response of 100k characters costs what max_length needs (the bound cuts every response's text)
+    and gives the ids of tokenize-then-truncate."""
+    from preftune.data.tokenize import bound_example
+
+    long = " A cat sat on the mat." * 5000
+    ex = Example(kind="group", prompt="Q:", responses=[long, " A cat.", long[:50]], scores=[1.0, 2.0, 3.0])
+    bounded, cuts = bound_example(ex, 8)
+    assert cuts == (False, True, False, False) and len(bounded.responses[0]) == 8 * 32
+    assert bounded.responses[1:] == ex.responses[1:] and bounded.scores == ex.scores
+    whole = tokenize_example(tok, ex, 0)
+    room = 8 - len(whole.prompt_ids)
+    assert tokenize_example(tok, ex, 0, max_length=8).completions == [c[:room] for c in whole.completions]
