@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from preftune.cli.args import open_fraction, positive_int, print_usage
 
@@ -82,6 +83,23 @@ examples:
   preftune data pairs csat.jsonl csat-pairs.jsonl --score-field csat --group-by conversation_id
   preftune data pairs csat.jsonl csat-kto.jsonl --score-field csat --to kto --threshold 4 --reject-below 3"""
 
+def finite_number(text: str, least: float = -math.inf) -> float:
+    """A number that is not NaN or infinite (``float`` alone takes ``nan`` and ``inf``), >= ``least``."""
+    expects = "a finite number" + (f" >= {least:g}" if least > -math.inf else "")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects {expects}, got {text!r}") from None
+    if not math.isfinite(value) or value < least:
+        raise argparse.ArgumentTypeError(f"expects {expects}, got {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """A finite number >= 0."""
+    return finite_number(text, least=0.0)
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``data`` (with ``check``, ``convert``, ``split``) to ``subparsers``; returns its parser."""
     data = subparsers.add_parser("data", help="check, convert or split a data file; scored responses to pairs",
@@ -147,10 +165,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     pairs.add_argument("--to", choices=PAIR_TARGETS, default="pairs", help="pairs (default) or kto rows")
     pairs.add_argument("--strategy", choices=STRATEGIES, default="best-worst",
                        help="which pairs per prompt (default best-worst; see below)")
-    pairs.add_argument("--margin", type=float, default=0.0, metavar="M",
+    pairs.add_argument("--margin", type=non_negative_number, default=0.0, metavar="M",
                        help="least score difference of a pair (default 0: any difference; equal scores never pair)")
-    pairs.add_argument("--threshold", type=float, metavar="T", help="--to kto: score >= T is desirable")
-    pairs.add_argument("--reject-below", type=float, metavar="R",
+    pairs.add_argument("--threshold", type=finite_number, metavar="T", help="--to kto: score >= T is desirable")
+    pairs.add_argument("--reject-below", type=finite_number, metavar="R",
                        help="--to kto: score < R is undesirable (default T); scores in between are dropped")
     pairs.add_argument("--group-by", default="prompt", metavar="FIELD",
                        help="group responses by the prompt text (default) or by this id field")

@@ -62,7 +62,9 @@ class ExportResult:
 def export_labels(db, out: str | os.PathLike, to: str = "pairs", min_votes: int = 1,
                   min_agreement: float = 0.0) -> ExportResult:
     """Write the majority-vote data of ``db`` (a path or a :class:`LabelStore`) to ``out``
-    (``.jsonl``, ``.jsonl.gz`` or ``.parquet``, written whole or not at all)."""
+    (``.jsonl``, ``.jsonl.gz`` or ``.parquet``, written whole or not at all; no row: not written, an
+    existing file left as it was). ``out`` that cannot be written raises ``CannotWriteError`` /
+    ``DiskFullError`` (``ValueError``, one line naming it)."""
     if to not in TARGETS:
         raise ValueError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
     if min_votes < 1:
@@ -70,23 +72,32 @@ def export_labels(db, out: str | os.PathLike, to: str = "pairs", min_votes: int 
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
     store = db if isinstance(db, LabelStore) else LabelStore(db, readonly=True)
-    check_output_path(out, store.path)
+    try:
+        check_output_path(out, store.path)
+        result = ExportResult(destination=os.fspath(out), target=to)
+        rows = majority_rows(store, to, min_votes, min_agreement, result)
+        result.written = write_rows(out, rows, keep_empty=False)
+    finally:
+        if store is not db:
+            store.close()
+    return result
+
+
+def majority_rows(store: LabelStore, to: str, min_votes: int, min_agreement: float,
+                  result: ExportResult) -> list[dict]:
+    """The rows of every task of ``store`` that is kept (see the module docstring), counted in ``result``."""
     tasks = store.tasks()
     by_task: dict[int, list[Label]] = defaultdict(list)
     for label in store.labels():
         by_task[label.task_id].append(label)
-    result = ExportResult(destination=os.fspath(out), target=to, tasks=len(tasks))
+    result.tasks = len(tasks)
     rows: list[dict] = []
     for task_id, task in tasks.items():
-        labels = by_task.get(task_id, [])
-        made = _task_rows(task_id, task, labels, to, min_votes, min_agreement, result)
+        made = _task_rows(task_id, task, by_task.get(task_id, []), to, min_votes, min_agreement, result)
         if made:
             result.tasks_kept += 1
             rows.extend(made)
-    result.written = write_rows(out, rows)
-    if store is not db:
-        store.close()
-    return result
+    return rows
 
 
 def majority(votes: Sequence[Hashable]) -> tuple[Hashable | None, float]:

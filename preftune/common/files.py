@@ -1,10 +1,14 @@
-"""Writing files so that a crash or a full disk loses nothing: atomic replace, fsync, clear disk-full errors.
+"""Writing files so that a crash, a full disk or a refused write loses nothing and says one line.
 
-* :func:`atomic_path` / :func:`write_atomic`: write a temp file beside the target, fsync it, ``os.replace``
-  it onto the target. A reader (or a crash) sees the old file or the new one, never a torn or empty one.
-* :func:`disk_full_guard`: ENOSPC (also as torch's ``inline_container.cc`` or safetensors' ``IoError``
-  wrappings) becomes one :class:`DiskFullError` line naming the path, the space needed (estimated from
-  tensor sizes, :func:`tensor_bytes`) and the space free.
+* :func:`atomic_path` / :func:`write_atomic`: write a temp file beside the target, fsync it, give it the
+  mode ``open(path, "w")`` would (:func:`mode_for_write`), ``os.replace`` it onto the target. A reader
+  (or a crash) sees the old file or the new one, never a torn or empty one.
+* :func:`write_guard`: the one handler of a failed write, used by :func:`atomic_path` and by every
+  writer of a folder of files (checkpoints, the final model). A full disk (ENOSPC, also as torch's
+  ``inline_container.cc`` or safetensors' ``IoError`` wrappings) becomes one :class:`DiskFullError`
+  line naming the path, the space needed (estimated from tensor sizes, :func:`tensor_bytes`) and the
+  space free; a refused write (no permission, a read-only file system, a folder in the way) one
+  :class:`CannotWriteError` line ``cannot write PATH: permission denied``.
 * Temp folders are named ``...-<pid>``: :func:`left_by_dead_process` tells a leftover of a killed process
   (or of this one) from a live writer's, so clean-up never deletes another live run's work.
 """
@@ -15,7 +19,8 @@ import errno
 import math
 import os
 import shutil
-from contextlib import contextmanager
+import stat
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -31,30 +36,64 @@ def json_safe(value):
     return value
 
 
-class DiskFullError(ValueError):
+class CannotWriteError(ValueError):
+    """A write that failed: the message is one line naming the path and why (``permission denied``, ...)."""
+
+
+class DiskFullError(CannotWriteError):
     """No space left on the device: the message names the path, the space needed and the space free."""
 
 
 @contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; when the block succeeds it is fsync'ed and renamed onto
-    ``path``; when it fails (or is interrupted) it is removed and ``path`` is untouched."""
+def atomic_path(path: Path, needed: int = 0, hint: str = ""):
+    """Yield a temporary path beside ``path``; when the block succeeds it is fsync'ed, given the mode
+    :func:`mode_for_write` says and renamed onto ``path``; when it fails (or is interrupted) it is
+    removed and ``path`` is untouched. A failed write raises :class:`DiskFullError` or
+    :class:`CannotWriteError` naming ``path`` (:func:`write_guard`; ``needed``: bytes the write takes,
+    0 when unknown; ``hint``: what to do about a full disk)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with write_guard(path, needed, hint):
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode_for_write(path))
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """``path.write_text(text)``, atomically; a full disk raises :class:`DiskFullError` naming ``path``."""
-    with disk_full_guard(path, len(text.encode())), atomic_path(path) as tmp:
+    """``path.write_text(text)``, atomically (:func:`atomic_path`)."""
+    with atomic_path(path, len(text.encode())) as tmp:
         tmp.write_text(text)
+
+
+def mode_for_write(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves ``path`` with: an existing file keeps its own,
+    a new one gets ``0o666`` less the process's umask (``0o644`` under the usual umask 022)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux's /proc/self/status);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def fsync_dir(path: Path) -> None:
@@ -114,26 +153,79 @@ def size_text(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-@contextmanager
-def disk_full_guard(path: Path, needed: int, hint: str = ""):
-    """Re-raise a disk-full error inside the block as one :class:`DiskFullError` line:
-    ``no space left on device writing PATH (needs about 1.2 GB, 30.0 MB free); HINT``.
+# torch's own file writer on a short write (a full disk), without the OS error: older and newer wordings
+TORN_WRITE_TEXTS = ("file write failed", "unexpected pos")
+# Why a write was refused, by errno and as native writers (safetensors, pyarrow, torch) word it.
+REFUSED = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}
+REFUSED_TEXTS = {"Permission denied": "permission denied", "Read-only file system": "read-only file system"}
 
-    torch reports a full disk only as ``PytorchStreamWriter failed writing file ...: file write failed``;
-    that counts as disk full when less than ``needed`` bytes are free.
+
+@contextmanager
+def write_guard(path: Path, needed: int = 0, hint: str = ""):
+    """Re-raise a failed write inside the block as one line naming ``path``:
+
+    * a full disk: :class:`DiskFullError`,
+      ``no space left on device writing PATH (needs about 1.2 GB, 30.0 MB free); HINT`` (``needs about``
+      only when ``needed`` > 0). torch's own writer reports a full disk only as ``file write failed`` or
+      ``unexpected pos``; that counts as disk full when less than ``needed`` bytes are free;
+    * a refused write: :class:`CannotWriteError`, ``cannot write PATH: permission denied`` (also
+      ``read-only file system``, ``is a directory``, ``no such file or directory``, ...).
+
+    Anything else passes unchanged: a ``ValueError`` (bad data, already one line), and an OS error
+    about another file (reading the input inside the block is not a failed write).
     """
     try:
         yield
-    except DiskFullError:
+    except CannotWriteError:
         raise
     except Exception as exc:
-        free = free_bytes(path)
-        torn_write = "file write failed" in str(exc) and free is not None and free < needed
-        if not (is_disk_full(exc) or torn_write):
+        failure = write_failure(exc, Path(path), needed, hint)
+        if failure is None:
             raise
-        shown = f", {size_text(free)} free" if free is not None else ""
-        raise DiskFullError(f"no space left on device writing {path} (needs about {size_text(needed)}{shown})"
-                            f"{'; ' + hint if hint else ''}") from None
+        raise failure from None
+
+
+def write_failure(exc: BaseException, path: Path, needed: int = 0, hint: str = "") -> CannotWriteError | None:
+    """What :func:`write_guard` raises for ``exc`` met writing ``path`` (None: not a failed write)."""
+    free = free_bytes(path)
+    torn_write = any(t in str(exc) for t in TORN_WRITE_TEXTS) and free is not None and free < needed
+    if is_disk_full(exc) or torn_write:
+        space = (f"needs about {size_text(needed)}, " if needed > 0 else "") + \
+            (f"{size_text(free)} free" if free is not None else "free space unknown")
+        return DiskFullError(f"no space left on device writing {path} ({space}){'; ' + hint if hint else ''}")
+    reason = _refusal(exc, path)
+    return None if reason is None else CannotWriteError(f"cannot write {path}: {reason}")
+
+
+def _refusal(exc: BaseException | None, path: Path) -> str | None:
+    """Why writing ``path`` was refused, from ``exc`` or the exceptions it wraps (None: not a refusal)."""
+    for _ in range(10):
+        if exc is None or isinstance(exc, ValueError):
+            return None
+        if isinstance(exc, OSError) and exc.errno is not None:
+            if exc.filename is not None and not _about(exc.filename, path):
+                return None  # another file: the input being read, say
+            if exc.errno in REFUSED:
+                return REFUSED[exc.errno]
+            if exc.filename is not None and exc.strerror:
+                return exc.strerror[0].lower() + exc.strerror[1:]
+        text = str(exc)
+        for said, reason in REFUSED_TEXTS.items():
+            if said in text:
+                return reason
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _about(filename, path: Path) -> bool:
+    """Whether an OS error's file is ``path``, inside it, one of its folders or its temp file."""
+    try:
+        other = Path(os.fsdecode(filename)).absolute()
+    except (TypeError, ValueError):
+        return False
+    path = path.absolute()
+    return (other == path or path in other.parents or other in path.parents
+            or (other.parent == path.parent and other.name.startswith(f".{path.name}.tmp-")))
 
 
 def tensor_bytes(value) -> int:

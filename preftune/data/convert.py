@@ -19,12 +19,13 @@ UltraFeedback-style rows (``chosen`` / ``rejected`` conversations beside a ``pro
 two scores are equal (no preference). Bad records are skipped and counted with their locations,
 never fatal: the rest of the file is still converted. The output is ``.jsonl``, ``.jsonl.gz`` or
 ``.parquet`` by its name, written to a temporary file first and renamed, so a failed run never
-leaves half a file behind.
+leaves half a file behind; a run with no row to write writes nothing.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preftune.common.files import atomic_path
+from preftune.common.files import atomic_path, write_guard
 from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import chosen_as_sft, pairs_to_unpaired, to_example
 from preftune.data.readers import read_rows
@@ -80,7 +81,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     """Convert every good record of ``src`` into format ``to`` and write them to ``dst``.
 
     Raises ``ValueError`` for an unknown target, an unsupported output name, or ``dst`` naming
-    ``src``; :class:`DataError` when ``src`` cannot be opened. Bad records are counted, not raised.
+    ``src``; :class:`DataError` when ``src`` cannot be opened; ``CannotWriteError`` / ``DiskFullError``
+    (``ValueError``) naming ``dst`` when it cannot be written. Bad records are counted, not raised. No
+    row to write: ``dst`` is not written (an existing file is left as it was).
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
@@ -115,7 +118,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
             result.written += len(converted)
             yield from converted
 
-    write_rows(dst, rows_out())
+    write_rows(dst, rows_out(), keep_empty=False)
     return result
 
 
@@ -238,15 +241,26 @@ def check_output_path(dst: str | os.PathLike, *sources: str | os.PathLike) -> No
             raise ValueError(f"{os.fspath(dst)}: output would overwrite the input; choose another name")
 
 
-def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+def write_rows(path: str | os.PathLike, rows: Iterable[dict], keep_empty: bool = True) -> int:
     """Write ``rows`` as JSON Lines (``.jsonl``, ``.jsonl.gz``) or Parquet (``.parquet``); the count.
 
-    Written to a temporary file in the same folder and renamed at the end, so an error while
-    producing ``rows`` leaves any existing ``path`` untouched and no partial file.
+    Written through :func:`preftune.common.files.atomic_path`: a temporary file in the same folder,
+    renamed at the end, so an error while producing ``rows`` leaves any existing ``path`` untouched and
+    no partial file; the new file gets the mode ``open(path, "w")`` would give it. A folder that cannot
+    be written or a full disk raises one line naming ``path`` (``CannotWriteError`` / ``DiskFullError``,
+    both ``ValueError``). ``keep_empty=False``: no rows write nothing (an existing ``path`` is left as
+    it was), for commands that fail when they have nothing to write.
     """
     check_output_path(path)
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not keep_empty:
+        rows = iter(rows)
+        first = next(rows, None)
+        if first is None:
+            return 0
+        rows = itertools.chain([first], rows)
+    with write_guard(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         name = target.name.lower()
         if name.endswith(".parquet"):

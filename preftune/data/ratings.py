@@ -101,13 +101,20 @@ def score_pairs(src: str | os.PathLike, dst: str | os.PathLike, score_field: str
                 reject_below: float | None = None, group_by: str = "prompt", prompt_field: str | None = None,
                 responses_field: str | None = None, response_field: str | None = None,
                 seed: int = 0) -> PairsResult:
-    """Read ``src``, group its scored responses, and write pairs (or KTO rows) to ``dst``."""
+    """Read ``src``, group its scored responses, and write pairs (or KTO rows) to ``dst``.
+
+    ``ValueError`` for a bad option (a ``margin`` that is negative or not finite, ...);
+    ``CannotWriteError`` / ``DiskFullError`` (``ValueError``) naming ``dst`` when it cannot be written.
+    No row to write: ``dst`` is not written (an existing file is left as it was)."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if margin < 0:
-        raise ValueError(f"--margin must be >= 0, got {margin}")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"--margin must be a finite number >= 0, got {margin}")
+    for flag, value in (("--threshold", threshold), ("--reject-below", reject_below)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
     if to == "kto":
         if threshold is None:
             raise ValueError("--to kto needs --threshold T (score >= T is a desirable response)")
@@ -122,7 +129,7 @@ def score_pairs(src: str | os.PathLike, dst: str | os.PathLike, score_field: str
         rows = [row for group in groups for row in kto_rows(group, threshold, reject_below, result)]
     else:
         rows = [row for group in groups for row in pair_rows(group, strategy, margin, seed, result)]
-    result.written = write_rows(dst, rows)
+    result.written = write_rows(dst, rows, keep_empty=False)
     return result
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.common.files import disk_full_guard, fsync_dir, remove_left_temp, tensor_bytes
+from preftune.common.files import fsync_dir, remove_left_temp, tensor_bytes, write_guard
 from preftune.model.loading import describe_unreadable
 
 CHECKPOINT_PREFIX = "step-"
@@ -137,41 +137,35 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
 
     ``rng`` holds every process's :func:`rng_state` (default: this process's). Checkpoints of
     later steps (left by a run that was resumed from an earlier one) are never removed here.
+    Every write goes through :func:`preftune.common.files.write_guard`: a full disk raises
+    :class:`~preftune.common.files.DiskFullError` (the space needed and free, the checkpoint to resume
+    from), an unwritable folder :class:`~preftune.common.files.CannotWriteError`, each one line.
     """
-    from safetensors.torch import save_file
-
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    # Left by a crash mid-write (never complete, never resumed from); a live process's are not touched.
-    remove_left_temp(root, f"*{TMP_MARK}*")
     final = checkpoint_path(output_dir, step)
     tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
-    tmp.mkdir()
-    replaced = None
     optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     needed = tensor_bytes(model_state) + tensor_bytes(optimizer_state)
-    try:
-        with disk_full_guard(tmp, needed, hint=_kept_hint(output_dir, step)):
-            save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
-                      str(tmp / "model.safetensors"))
-            _crash_point("after_model", step)
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _crash_point("after_optimizer", step)
-            torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
-        _crash_point("before_rename", step)
-        # A checkpoint is a folder of files: it is renamed into place whole (os.replace of the folder),
-        # which common.files.write_atomic (one file) cannot do; the files inside need no temp names of their own.
-        if final.exists():  # the same step written again: move the old one aside, then swap
-            replaced = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    replaced = None
+    with write_guard(tmp, needed, hint=_kept_hint(output_dir, step)):
+        root.mkdir(parents=True, exist_ok=True)
+        # Left by a crash mid-write (never complete, never resumed from); a live process's are not touched.
+        remove_left_temp(root, f"*{TMP_MARK}*")
+        tmp.mkdir()
+        try:
+            _write_files(tmp, step, model_state, optimizer_state, scheduler.state_dict(),
+                         {"ranks": rng if rng is not None else [rng_state()]}, state)
+            _crash_point("before_rename", step)
+            # A checkpoint is a folder of files: it is renamed into place whole (os.replace of the folder),
+            # which common.files.atomic_path (one file) cannot do; the files inside need no temp names.
+            if final.exists():  # the same step written again: move the old one aside, then swap
+                replaced = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
+                os.replace(final, replaced)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _crash_point("after_rename", step)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
@@ -180,6 +174,30 @@ def save_checkpoint(output_dir, step: int, model_state: dict, optimizer, schedul
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_files(folder: Path, step: int, model_state: dict, optimizer_state: dict, scheduler_state: dict,
+                 rng: dict, state: dict) -> None:
+    """The files of a checkpoint, written into ``folder`` and fsync'ed (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    save_file(_unshared({k: v.detach().contiguous().cpu() for k, v in model_state.items()}),
+              str(folder / "model.safetensors"))
+    _crash_point("after_model", step)
+    _torch_save(optimizer_state, folder / "optimizer.pt")
+    _torch_save(scheduler_state, folder / "scheduler.pt")
+    _crash_point("after_optimizer", step)
+    _torch_save(rng, folder / "rng.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    _fsync_dir(folder)
+
+
+def _torch_save(value, path: Path) -> None:
+    """``torch.save`` into a file Python opened: a failed write raises its OS error (ENOSPC, ...) for
+    :func:`~preftune.common.files.write_guard` to read, where torch's own writer says only
+    ``unexpected pos``; a folder that cannot be written fails at the open, naming the file."""
+    with open(path, "wb") as fh:
+        torch.save(value, fh)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from preftune.common.files import (
     DiskFullError,
-    disk_full_guard,
     free_bytes,
     fsync_dir,
     left_by_dead_process,
     remove_left_temp,
     size_text,
     tensor_bytes,
+    write_guard,
 )
 from preftune.training import checkpoint as ckpt
 
@@ -112,7 +112,7 @@ def save_model_folder(out: Path, write, step: int, needed: int) -> None:
     tmp = out / f"{FINAL_TMP}{os.getpid()}"
     tmp.mkdir()
     try:
-        with disk_full_guard(tmp, needed):
+        with write_guard(tmp, needed):
             write(tmp)
             ckpt._crash_point("final_after_weights", step)
             fsync_dir(tmp)

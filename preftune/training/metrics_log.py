@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from preftune.common.files import disk_full_guard, json_safe, write_atomic
+from preftune.common.files import json_safe, write_atomic, write_guard
 
 log = logging.getLogger("preftune")
 
@@ -21,7 +21,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         line = json.dumps(row) + "\n"
-        with disk_full_guard(self.path, len(line.encode())), open(self.path, "a") as fh:
+        with write_guard(self.path, len(line.encode())), open(self.path, "a") as fh:
             fh.write(line)  # a torn line (a crash mid-write) is dropped by the resume: drop_metrics_after
 
     def close(self) -> None:

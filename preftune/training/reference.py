@@ -6,7 +6,9 @@
   stored in a safetensors file keyed by a fingerprint of everything that changes them.
 * ``None`` — reference-free methods (ORPO, SimPO, SFT) load no reference at all.
 
-Every reference answers ``logps(batch) -> (S,)`` summed log-probs, without grad — or, with
+Every reference answers ``logps(batch) -> (S,)`` summed log-probs (S = K * G, sequence s = k * G + g), without
+grad — for a batch of response groups too (absent responses 0; :func:`preftune.model.logprobs.group_logps`
+makes them (G, K)) — or, with
 ``ld_alpha`` (LD-DPO), the same length-desensitised sums the policy's are
 (:func:`preftune.methods.losses.modifiers.length_desensitized_logps`). A :class:`ModelReference` can
 also take TR-DPO's soft updates from the policy (:meth:`ModelReference.sync`).
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.common.files import DiskFullError, atomic_path, disk_full_guard, size_text
+from preftune.common.files import DiskFullError, atomic_path, size_text, write_guard
 from preftune.data.batch import Batch
 from preftune.methods.losses.modifiers import length_desensitized_logps
 from preftune.model.logprobs import LogpOutput, batch_logps
@@ -125,7 +127,9 @@ class AdapterOffReference:
 
 
 class CachedReference:
-    """Reference log-probs looked up by dataset index: ``table`` is (num_examples, K)."""
+    """Reference log-probs looked up by dataset index: ``table`` is (num_examples, K_max), K_max the most
+    completions of an example (response groups of fewer have 0 beyond theirs); a batch of K takes the
+    first K columns."""
 
     description = "precomputed cache"
 
@@ -134,8 +138,8 @@ class CachedReference:
         self.path = path
 
     def logps(self, batch: Batch) -> torch.Tensor:
-        rows = self.table.to(batch.example_index.device)[batch.example_index]  # (G, K)
-        return rows.t().reshape(-1)  # sequence s = k * G + g
+        rows = self.table.to(batch.example_index.device)[batch.example_index]  # (G, K_max)
+        return rows[:, :batch.num_completions].t().reshape(-1)  # (K * G,): sequence s = k * G + g
 
 
 def check_separate(policy, reference) -> None:
@@ -187,7 +191,8 @@ def cache_key(examples, model, dtype: str, extra: dict | None = None) -> str:
 @torch.no_grad()
 def compute_reference_table(reference, examples, make_batch, batch_size: int, accelerator=None,
                             progress: bool = True) -> torch.Tensor:
-    """Reference log-probs for every example: (num_examples, K) float32.
+    """Reference log-probs for every example: (num_examples, K_max) float32, K_max the most completions of an
+    example (0 beyond a response group's own).
 
     ``reference`` is a live reference (:class:`ModelReference` or :class:`AdapterOffReference`:
     its ``logps`` runs in eval mode, adapters disabled where it has them). Under several
@@ -199,7 +204,7 @@ def compute_reference_table(reference, examples, make_batch, batch_size: int, ac
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    num_k = len(examples[0].completions)
+    num_k = max(len(ex.completions) for ex in examples)
     mine = list(range(rank, len(examples), world))
     order = sorted(mine, key=lambda i: examples[i].num_tokens)  # similar lengths together: less padding
     local = torch.zeros(len(examples), num_k, dtype=torch.float32, device=device)
@@ -207,7 +212,8 @@ def compute_reference_table(reference, examples, make_batch, batch_size: int, ac
     for start in range(0, len(order), batch_size):
         ids = order[start:start + batch_size]
         batch = make_batch([examples[i] for i in ids]).to(device)
-        local[torch.tensor(ids, device=device)] = reference.logps(batch).view(num_k, batch.num_groups).t()
+        rows = reference.logps(batch).view(batch.num_completions, batch.num_groups).t()  # (G, K)
+        local[torch.tensor(ids, device=device), :batch.num_completions] = rows
         bar.update(len(ids))
     bar.close()
     if world > 1:
@@ -227,9 +233,9 @@ def save_cache(path: Path, table: torch.Tensor, key: str) -> bool:
 
     needed = table.numel() * table.element_size()
     try:
-        with disk_full_guard(path, needed):
+        with write_guard(path, needed):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:  # removed again when the write fails
+            with atomic_path(path, needed) as tmp:  # removed again when the write fails
                 save_file({"logps": table.contiguous()}, str(tmp),
                           metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
     except Exception as exc:  # DiskFullError, other OS errors, safetensors' SafetensorError

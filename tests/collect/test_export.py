@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from common.write_failures import deny_writes, fill_disk, one_error_line
 
 from collect.test_store import FixedOrder, make_store
 from preftune.cli.main import main
@@ -158,3 +159,28 @@ def test_export_cli_then_data_check_then_train(pair_db, tmp_path, tiny_model_dir
     assert main(["label", "export", "--db", str(db), "--out", str(tmp_path / "x.jsonl"), "--min-votes", "4"]) == 1
     assert main(["label", "export", "--db", str(db), "--out", str(db)]) == 1  # never over the database
     assert "output must end in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "full"])
+def test_export_into_an_unwritable_folder_or_onto_a_full_disk_is_one_line(pair_db, tmp_path, capsys, failure):
+    """Issue 33, finding 5: a PermissionError / OSError traceback before."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "pairs.jsonl.gz"
+    with deny_writes(folder) if failure == "unwritable" else fill_disk(folder):
+        assert main(["label", "export", "--db", str(tmp_path / "labels.sqlite"), "--out", str(out)]) == 1
+    line = one_error_line(capsys, out)
+    assert line.endswith(f"cannot write {out}: permission denied") if failure == "unwritable" else \
+        line.startswith(f"preftune: error: no space left on device writing {out} (")
+    assert list(folder.iterdir()) == []
+
+
+def test_an_export_with_no_row_leaves_no_file(pair_db, tmp_path, capsys):
+    """Exit 1 with nothing to write: no empty file (and an earlier export is left as it was)."""
+    out = tmp_path / "x.jsonl"
+    assert main(["label", "export", "--db", str(tmp_path / "labels.sqlite"), "--out", str(out),
+                 "--min-votes", "4"]) == 1
+    assert not out.exists() and "-> 0 pairs rows" in capsys.readouterr().out
+    out.write_text('{"old": 1}\n')
+    assert export_labels(tmp_path / "labels.sqlite", out, min_votes=4).written == 0
+    assert out.read_text() == '{"old": 1}\n'

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
+from common.write_failures import deny_writes, fill_disk, one_error_line
 from conftest import write_jsonl
 
 from preftune.cli.data import register
+from preftune.cli.main import main
 from preftune.data import load_dataset, read_rows
 from preftune.data.convert import convert, dialogue_to_messages, messages_to_dialogue, write_rows
 from preftune.data.split import normalize_text, prompt_key, split
@@ -218,3 +221,73 @@ def test_ultrafeedback_binarized_rows_read_as_pairs_unpaired_and_sft(tmp_path, t
     assert "Blue" in decode(unpaired[0].completions[0]) and "Green" in decode(unpaired[1].completions[0])
     sft, _ = load_dataset(path, tiny_tokenizer, kind="sft")
     assert len(sft) == 2 and "Blue" in decode(sft[0].completions[0])
+
+
+# ------------------------------------------------------------------------------- write failures
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "full"])
+@pytest.mark.parametrize("command", ["convert", "split"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_an_unwritable_folder_or_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, failure, command,
+                                                                          suffix):
+    """Issue 33, finding 5: ``data convert`` and ``data split`` into a read-only folder or onto a full
+    disk gave a PermissionError / OSError traceback."""
+    src = write_jsonl(tmp_path / "in.jsonl", prompt_groups_rows(6))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / f"train{suffix}"
+    argv = (["data", "convert", str(src), str(target), "--to", "standard"] if command == "convert" else
+            ["data", "split", str(src), "--train", str(target), "--eval", str(folder / f"eval{suffix}")])
+    with deny_writes(folder) if failure == "unwritable" else fill_disk(folder):
+        assert main(argv) == 1
+    line = one_error_line(capsys, target)
+    assert line.endswith(f"cannot write {target}: permission denied") if failure == "unwritable" else \
+        line.startswith(f"preftune: error: no space left on device writing {target} (")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_made_and_a_parquet_that_cannot_be_written_are_one_line(tmp_path, capsys,
+                                                                                       monkeypatch):
+    import pyarrow.parquet as pq
+
+    src = write_jsonl(tmp_path / "in.jsonl", [DIALOGUE])
+    with deny_writes(tmp_path):
+        target = tmp_path / "new" / "out.jsonl"
+        assert main(["data", "convert", str(src), str(target), "--to", "standard"]) == 1
+    assert one_error_line(capsys, target).endswith(f"cannot write {target}: permission denied")
+
+    def refused(table, where, *args, **kwargs):  # pyarrow's own wording: an OSError without a file name
+        raise OSError(13, f"Failed to open local file '{where}'. Detail: [errno 13] Permission denied")
+
+    monkeypatch.setattr(pq, "write_table", refused)
+    target = tmp_path / "out.parquet"
+    assert main(["data", "convert", str(src), str(target), "--to", "standard"]) == 1
+    assert one_error_line(capsys, target).endswith(f"cannot write {target}: permission denied")
+    assert not target.exists()
+
+
+def test_a_conversion_with_no_row_leaves_no_file(tmp_path, capsys):
+    """Exit 1 with nothing converted writes nothing: no empty file, and an earlier output stays."""
+    src = write_jsonl(tmp_path / "in.jsonl", ['{"broken"'])
+    target = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(src), str(target), "--to", "standard"]) == 1
+    assert not target.exists()
+    target.write_text('{"old": 1}\n')
+    assert main(["data", "convert", str(src), str(target), "--to", "standard"]) == 1
+    assert target.read_text() == '{"old": 1}\n'
+
+
+def test_outputs_get_the_mode_open_gives_them(tmp_path):
+    """Issue 33, finding 6: 0666 less the umask for a new file, an existing file's own mode kept."""
+    src = write_jsonl(tmp_path / "in.jsonl", [DIALOGUE])
+    old = os.umask(0o022)
+    try:
+        convert(src, tmp_path / "new.jsonl", to="standard")
+        existing = write_jsonl(tmp_path / "existing.jsonl.gz", [])
+        existing.chmod(0o600)
+        convert(src, existing, to="messages")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644
+    assert existing.stat().st_mode & 0o777 == 0o600 and len(rows_of(existing)) == 1

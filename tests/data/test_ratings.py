@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from common.write_failures import deny_writes, fill_disk, one_error_line
 
 from preftune.cli.main import main
 from preftune.data import load_dataset
@@ -178,3 +179,46 @@ def test_cli(uf, tmp_path, capsys):
         main(["data", "pairs", str(uf), str(out)])  # --score-field is required
     with pytest.raises(SystemExit):
         main(["data", "pairs", str(uf), str(out), "--score", "overall_score"])  # no abbreviations
+
+
+def test_no_pair_to_write_leaves_no_file(uf, tmp_path, capsys):
+    """Issue 33, finding 6: a run with no output row exited 1 but left an empty output file. Now it
+    writes nothing: no new file, and an earlier output stays as it was."""
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "pairs", str(uf), str(out), "--score-field", "no_such_field"]) == 1
+    assert not out.exists() and "-> 0 pairs (best-worst) written to" in capsys.readouterr().out
+    out.write_text('{"old": 1}\n')
+    assert main(["data", "pairs", str(uf), str(out), "--score-field", "no_such_field", "--to", "kto",
+                 "--threshold", "5"]) == 1
+    assert out.read_text() == '{"old": 1}\n'
+    assert "-> 0 KTO rows written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--margin", "nan"), ("--margin", "inf"), ("--margin", "-1"),
+                                         ("--threshold", "nan"), ("--reject-below", "-inf")])
+def test_a_margin_or_threshold_that_is_not_a_finite_number_is_refused(uf, tmp_path, capsys, flag, value):
+    """Issue 33, finding 6: ``--margin nan`` was accepted (every comparison with NaN is false)."""
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(SystemExit) as refused:
+        main(["data", "pairs", str(uf), str(out), "--score-field", "overall_score", "--to", "kto",
+              "--threshold", "5", f"{flag}={value}"])
+    assert refused.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and flag in errors[0] and repr(value) in errors[0], errors
+    assert not out.exists()
+    keyword = {"--margin": "margin", "--threshold": "threshold", "--reject-below": "reject_below"}[flag]
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number"):
+        score_pairs(uf, out, score_field="overall_score", to="kto", **{"threshold": 5, keyword: float(value)})
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "full"])
+def test_an_unwritable_folder_or_a_full_disk_is_one_line(uf, tmp_path, capsys, failure):
+    """Issue 33, finding 5: a traceback before."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "pairs.jsonl"
+    with deny_writes(folder) if failure == "unwritable" else fill_disk(folder):
+        assert main(["data", "pairs", str(uf), str(out), "--score-field", "overall_score"]) == 1
+    line = one_error_line(capsys, out)
+    assert "permission denied" in line if failure == "unwritable" else "no space left on device" in line
+    assert list(folder.iterdir()) == []
