@@ -202,7 +202,8 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
     assert first.pop("base_cache") == {"path": str(cache), "reused": [],
                                        "stored": ["held-out pair log-probs", "NLL", "samples"]}
     assert first == plain["trained"]
-    assert first["preference"]["accuracy"] != 0.5 and first["generation"]["kl"] > 0  # a moved model, really judged
+    # a moved model, really judged (its 8-sample KL estimate may fall either side of 0; it is not 0)
+    assert first["preference"]["accuracy"] != 0.5 and first["generation"]["kl"] != 0
 
     calls = {"pair_logps": 0, "total_nll": 0, "sample": 0}
 

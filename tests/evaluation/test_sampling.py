@@ -72,14 +72,16 @@ def test_batches_group_prompts_by_length_and_results_keep_the_prompts_order(mode
     every completion comes back at its prompt's position: greedy output equals one-at-a-time decoding."""
     prompts = ["Hi", "Human: Tell me about the library and the garden and the ocean and the river.", "Hello there",
                "Human: Name a colour and a fruit and a river.", "Yo"]
+    import preftune.evaluation.decoding as decoding
+
     widths = []
-    original = type(model).generate
+    original = decoding._left_pad
 
-    def recording(self, input_ids=None, **kwargs):
-        widths.append(input_ids.shape[1])
-        return original(self, input_ids=input_ids, **kwargs)
+    def recording(chunk, pad_id):
+        widths.append(max(len(ids) for ids in chunk))
+        return original(chunk, pad_id)
 
-    monkeypatch.setattr(type(model), "generate", recording)
+    monkeypatch.setattr(decoding, "_left_pad", recording)
     batched = sample(model, tiny_tokenizer, prompts, temperature=0, max_new_tokens=6, batch_size=2)
     lengths = sorted((len(tiny_tokenizer(p)["input_ids"]) for p in prompts), reverse=True)
     assert widths == [lengths[0], lengths[2], lengths[4]]  # not [len of prompt 1, of prompt 3, of "Yo"]...
@@ -127,3 +129,20 @@ def test_kl_is_positive_after_favouring_a_token(model, tiny_tokenizer):
     mean, stderr = estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=4, max_new_tokens=8)
     assert mean > 1.0
     assert mean > 3 * stderr
+
+
+def test_one_token_kl_estimate_matches_the_exact_kl(model, tiny_tokenizer):
+    """With one new token the KL is a sum over the vocabulary: sum_t p(t) (log p(t) - log q(t)). The
+    sampler's Monte-Carlo estimate over 400 draws lands within 3 standard errors of it: the sampler
+    draws from the model's own distribution (a biased or shifted sampler would miss)."""
+    token = tiny_tokenizer.convert_tokens_to_ids("Ġcalm")
+    policy = with_token_bias(model, token, 4.0)
+    prompt = PROMPTS[:1]
+    ids = torch.tensor([sample_token_ids(model, tiny_tokenizer, prompt, max_new_tokens=1)[0][0]])
+    with torch.no_grad():
+        log_p = torch.log_softmax(policy(ids).logits[0, -1].double(), -1)
+        log_q = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+    exact = float((log_p.exp() * (log_p - log_q)).sum())
+    mean, stderr = estimate_kl(policy, model, tiny_tokenizer, prompt, n_samples=400, max_new_tokens=1,
+                               batch_size=64)
+    assert exact > 0.05 and abs(mean - exact) < 3 * stderr, (mean, exact, stderr)

@@ -1,0 +1,163 @@
+"""The sampler: token-by-token decoding with a KV cache, behind every ``generate`` / ``eval`` / recipe sample.
+
+* :func:`decode` — prompts (token ids) -> completions (token ids), in batches, one forward per new token.
+* :func:`choose_tokens` — one decoding step's choice from the last logits: greedy, or temperature,
+  top-k and top-p sampling driven by given uniform numbers (a pure function, tested on hand-set logits).
+* :func:`sample_uniforms` — the uniform numbers of every sample: sample ``s`` draws from its own
+  generator seeded by ``(seed, s)``.
+
+What it does differently from Hugging Face ``generate`` (same model forward, same distribution):
+
+* **No per-token machinery**: no logits-processor list, stopping-criteria objects or output
+  dataclasses per step; one forward, one :func:`choose_tokens`, one append.
+* **Finished rows leave the batch**: a row that emitted EOS is dropped from the input, the
+  attention mask and the KV cache (``Cache.batch_select_indices``), so later steps compute only the
+  rows still generating.
+* **Prefill computes one row of logits** (``logits_to_keep=1``), not (B, P, V).
+* **Reproducible per sample**: a sample's random draws come from its own seeded generator, so its
+  tokens do not depend on which batch it landed in, the batch size, or the number of processes
+  sampling a shard each (bit-equal draws; the model's arithmetic may still differ in the last bits
+  between batch shapes in bf16).
+
+Prompts arrive left padded: every row's last prompt token sits in the last column, positions are
+counted from each row's first real token (``position_ids``), as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+TOP_P_CANDIDATES = 256  # top-p first looks among this many most likely tokens; the full sort only if they fall short
+
+
+def sample_uniforms(n_samples: int, steps: int, seed: int, first: int = 0) -> torch.Tensor:
+    """(n_samples, steps) float64 uniforms in [0, 1): row ``s`` from a generator seeded by ``(seed, first + s)``."""
+    rows = []
+    for s in range(first, first + n_samples):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64)
+
+
+def _pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: (B, V) unnormalized probabilities, (B,) uniforms -> (B,) column indices.
+
+    Picks the first column whose running sum exceeds ``u * total``; a column with zero probability
+    is never picked (float rounding at the top end falls back to the most likely column)."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    index = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
+    zero = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1) <= 0
+    return torch.where(zero, probs.argmax(-1), index)
+
+
+def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """The next token of each row: (B, V) logits, (B,) uniforms in [0, 1) -> (B,) token ids.
+
+    ``temperature == 0`` is greedy (argmax; the uniforms are unused). Otherwise, in the order
+    Hugging Face applies them: logits / temperature; ``top_k > 0`` keeps the k largest logits (ties
+    with the k-th kept); ``top_p < 1`` keeps the most likely tokens until their probability reaches
+    ``top_p`` (a token is kept when the probability of the tokens more likely than it is < top_p;
+    at least one); then one inverse-CDF draw with the row's uniform over the kept tokens' renormalized
+    probabilities. Computed in float32 (the draw's running sum in float64).
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    if top_p >= 1:
+        return _pick(probs, uniforms)
+    count = min(vocab, TOP_P_CANDIDATES)
+    head, index = probs.topk(count, dim=-1)  # (B, C) descending, with their columns
+    if count < vocab and bool((head.sum(-1) < top_p).any()):  # the cut-off lies past the candidates
+        head, index = probs.sort(dim=-1, descending=True)
+    kept = head * ((head.cumsum(-1) - head) < top_p)  # exclusive running sum < top_p
+    return index.gather(-1, _pick(kept, uniforms).unsqueeze(-1)).squeeze(-1)
+
+
+def _forward_names(model) -> tuple[str, bool]:
+    """The model forward's cache keyword (``cache`` in newer transformers, ``past_key_values`` before)
+    and whether it takes ``logits_to_keep``; read once from the forward's signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes through
+    params = inspect.signature(type(base).forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _left_pad(chunk: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> ``(input_ids, attention_mask)``, both (B, P) long, left padded to the longest."""
+    width = max(len(ids) for ids in chunk)
+    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, ids in enumerate(chunk):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def decode_batch(model, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor, max_new_tokens: int,
+                 eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> list[list[int]]:
+    """One batch of prompts -> their completions' token ids (each ends at its first EOS, kept, or after
+    ``max_new_tokens``). ``uniforms``: (B, max_new_tokens), row b's draws for prompt b."""
+    cache_name, keeps_logits = _forward_names(model)
+    device = next(model.parameters()).device
+    input_ids, mask = (t.to(device) for t in _left_pad(chunk, pad_id))
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # (B, P): counted from each row's first real token
+    extra = {"logits_to_keep": 1} if keeps_logits else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    live = torch.arange(len(chunk))  # (b,) which prompt each remaining row is
+    next_position = positions[:, -1:] + 1  # (b, 1)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+    completions: list[list[int]] = [[] for _ in chunk]
+    for step in range(max_new_tokens):
+        tokens = choose_tokens(out.logits[:, -1, :], uniforms[live, step], temperature, top_k, top_p).cpu()  # (b,)
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            completions[row].append(token)
+        going = ~torch.isin(tokens, eos)  # (b,)
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):  # finished rows leave the batch and the cache
+            keep = going.nonzero().squeeze(-1)  # (b',) on the CPU
+            on_device = keep.to(device)
+            cache.batch_select_indices(on_device)
+            live, tokens = live[keep], tokens[keep]
+            mask, next_position = mask[on_device], next_position[on_device]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)  # (b, P + step + 1)
+        out = model(input_ids=tokens.unsqueeze(-1).to(device), attention_mask=mask, position_ids=next_position,
+                    use_cache=True, **{cache_name: cache})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        next_position = next_position + 1
+    return completions
+
+
+def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+           first_sample: int = 0) -> list[list[int]]:
+    """Completions (token ids) of ``prompt_ids[s]`` for every s, in the given order.
+
+    Batches of ``batch_size`` in order of prompt length (longest first, so an out-of-memory error
+    shows at the first batch; a batch is padded to its longest prompt). Sample ``s`` draws from
+    :func:`sample_uniforms` row ``first_sample + s`` (a shard of a larger sampling job passes its
+    offset and gets the samples the whole job would). The caller sets eval mode, ``no_grad`` and
+    autocast.
+    """
+    uniforms = sample_uniforms(len(prompt_ids), max_new_tokens, seed, first_sample)  # (S, T)
+    order = sorted(range(len(prompt_ids)), key=lambda s: -len(prompt_ids[s]))
+    completions: list[list[int]] = [[] for _ in prompt_ids]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        done = decode_batch(model, [prompt_ids[s] for s in rows], uniforms[rows], max_new_tokens, eos_ids, pad_id,
+                            temperature, top_k, top_p)
+        for s, ids in zip(rows, done):
+            completions[s] = ids
+    return completions
