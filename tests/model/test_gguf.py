@@ -10,7 +10,10 @@ behind the ``slow`` marker.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import re
+import struct
 from pathlib import Path
 
 import gguf
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 from preftune.cli.main import main
+from preftune.model.errors import ModelFileError, gguf_problem
 from preftune.model.gguf import (
     convert_gguf_to_folder,
     default_cache_dir,
@@ -238,11 +242,65 @@ def test_missing_or_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no .gguf file in"):
         find_gguf(tmp_path)
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
-    with pytest.raises(ValueError, match="could not load the GGUF model .*broken.gguf"):
+    with pytest.raises(ModelFileError, match=r"cannot read this model file: .*broken.gguf \(not a GGUF file: it "
+                                             r"starts with b'not ', not b'GGUF'\)"):
         load_gguf_model(tmp_path / "broken.gguf")
     with pytest.raises(ValueError, match="dtype 'float64' is not one of"):
         load_gguf_model(tmp_path / "broken.gguf", dtype="float64")
 
+
+def _corrupted(f32_gguf, path, at, replacement=b"", cut=None):
+    """A copy of ``f32_gguf`` at ``path`` with ``replacement`` written at byte ``at`` (or cut to ``cut`` bytes)."""
+    data = bytearray(f32_gguf.read_bytes())
+    data[at:at + len(replacement)] = replacement
+    path.write_bytes(bytes(data[:cut]))
+    return path
+
+
+def _first_tensor(f32_gguf):
+    """(name, offset of its n_dims field) of the file's first tensor info."""
+    tensor = gguf.GGUFReader(str(f32_gguf)).tensors[0]
+    return tensor.name, tensor.field.offset + 8 + len(tensor.name.encode())
+
+
+def _train_errors(model, rule_data, out, capsys) -> tuple[int, list[str]]:
+    code = main(["train", "--model", str(model), "--data", str(rule_data["eval"]), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--no-progress", "-q"])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("preftune")]
+
+
+def test_a_corrupt_gguf_header_is_one_line_naming_the_file(f32_gguf, rule_data, tmp_path, capsys):
+    """n_dims 0xFFFFFFFF, a header cut at 5,000 bytes, absurd dimensions: each ``cannot read this model
+    file: PATH (what is wrong)``, from the tokenizer (read first) as from the model."""
+    name, n_dims_at = _first_tensor(f32_gguf)
+    size = f32_gguf.stat().st_size
+    cases = {
+        "n_dims": (_corrupted(f32_gguf, tmp_path / "n_dims.gguf", n_dims_at, b"\xff" * 4),
+                   rf"corrupt header: tensor '{name}' has 4294967295 dimensions \(GGUF allows at most 4\)"),
+        "cut": (_corrupted(f32_gguf, tmp_path / "cut.gguf", 0, cut=5000),
+                r"truncated or corrupt: the header needs at least \d+ bytes for \d+ entries of "
+                r"metadata 'tokenizer\.ggml\.\w+', the file has 5000"),
+        "dims": (_corrupted(f32_gguf, tmp_path / "dims.gguf", n_dims_at + 4, struct.pack("<Q", 1 << 40)),
+                 rf"truncated or corrupt: the header says \d+ bytes \(tensor '{name}' of dimensions "
+                 rf"\[1099511627776, \d+\], F32\), the file has {size}"),
+    }
+    for what, (path, reason) in cases.items():
+        code, lines = _train_errors(path, rule_data, tmp_path / what, capsys)
+        assert code == 1 and len(lines) == 1, (what, lines)
+        assert re.fullmatch(rf"preftune: error: cannot read this model file: {re.escape(str(path))} \({reason}\)",
+                            lines[0]), (what, lines[0])
+        with pytest.raises(ModelFileError, match=re.escape(str(path))):
+            load_gguf_model(path)
+    assert gguf_problem(f32_gguf) is None
+
+
+
+def test_a_missing_attention_package_is_named_for_a_gguf(f32_gguf):
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match=r"^--attn-implementation flash_attention_2 needs a package that is not "
+                                         r"installed here \(.*\); sdpa \(the default\) and eager need none$"):
+        load_model(str(f32_gguf), attn_implementation="flash_attention_2")
 
 def test_load_in_4bit_asks_for_a_converted_folder(f32_gguf):
     with pytest.raises(ValueError, match="convert it to a folder first"):
