@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from preftune.cli import data as cli_data
     from preftune.cli import eval as cli_eval
+    from preftune.cli import export as cli_export
     from preftune.cli import label as cli_label
     from preftune.cli import model as cli_model
     from preftune.cli import quickstart as cli_quickstart
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.register(sub)
     cli_model.register(sub)
     cli_label.register(sub)
+    cli_export.register(sub)
     return parser
 
 
