@@ -61,6 +61,9 @@ def _group_completions(examples: list[TokenizedExample], kl_completions: bool) -
         raise ValueError("cannot collate an empty list of examples")
     k = len(examples[0].completions)
     groups = all(ex.scores is not None for ex in examples)
+    if not groups and any(ex.scores is not None for ex in examples):
+        raise ValueError("a batch mixes response groups (examples with scores) with other examples; read the "
+                         "pairs as groups of two (data kind 'group') or keep them in separate files")
     for ex in examples:
         if len(ex.completions) != k and not groups:
             raise ValueError(

@@ -47,11 +47,12 @@ _MISSING = object()
 
 def to_example(row: dict, location: Location | None, kind: str) -> Example:
     """Convert one raw row into an :class:`Example` of ``kind`` ("pair", "unpaired", "sft" or "group").
+    A response group row (:func:`is_group_row`) read as "pair" gives a group :class:`Example`.
 
     Raises :class:`DataError` (with ``location``) for a bad record, ``ValueError`` for a bad ``kind``.
     """
     if kind == "pair":
-        return _pair(row, location)
+        return _group(row, location) if is_group_row(row) else _pair(row, location)
     if kind == "unpaired":
         return _unpaired(row, location)
     if kind == "sft":
@@ -83,6 +84,16 @@ def chosen_as_sft(examples: Iterable[Example]) -> list[Example]:
         out.append(Example(kind="sft", prompt=ex.prompt, completion=ex.chosen, location=ex.location,
                            prompt_source=ex.prompt_source))
     return out
+
+
+def is_group_row(row: dict) -> bool:
+    """True for a row holding a response group: ``responses`` (a group record) or UltraFeedback's raw
+    ``completions`` list of objects, and no ``chosen`` / ``rejected``. Read for a pair method, such a row
+    is read as a group (pair losses train on a group's ordered pairs)."""
+    if "chosen" in row or "rejected" in row:
+        return False
+    completions = row.get("completions")
+    return "responses" in row or (isinstance(completions, list) and all(isinstance(c, dict) for c in completions))
 
 
 def is_pair_row(row: dict) -> bool:

@@ -281,10 +281,12 @@ def test_group_errors():
     bad = [TokenizedExample(0, [1], [[2], [3]], scores=[1.0])]
     with pytest.raises(ValueError, match="example 0: 1 scores for 2 completions"):
         collate_packed(bad, 0)
-    # pairs and groups mixed: not all examples are groups, so the completion counts must agree
-    mixed = [TokenizedExample(0, [1], [[2], [3]]), TokenizedExample(1, [1], [[2], [3], [4]], scores=[1, 2, 3])]
-    with pytest.raises(ValueError, match="same number of completions"):
-        collate_padded(mixed, 0)
+    # pairs and groups mixed: a group of two would silently become a pair whose first response is "chosen"
+    for k in (2, 3):
+        mixed = [TokenizedExample(0, [1], [[2], [3]]),
+                 TokenizedExample(1, [1], [[2], [3], [4]][:k], scores=[1, 2, 3][:k])]
+        with pytest.raises(ValueError, match="a batch mixes response groups"):
+            collate_padded(mixed, 0)
     empty = [TokenizedExample(5, [1, 2], [[3], [4], []], scores=[1, 2, 3]), TokenizedExample(6, [1], [[2], [3]],
                                                                                              scores=[1, 2])]
     for collate in (collate_padded, collate_packed):

@@ -318,6 +318,17 @@ def test_ultrafeedback_raw_row_is_a_group():
     assert to_example({"prompt": "Q", "completions": row["completions"][:2]}, LOC, "group").prompt == "Q"
 
 
+def test_group_row_read_for_a_pair_method_is_a_group():
+    """Pair losses train on groups through their ordered pairs: a group row read as "pair" stays a group."""
+    row = {"prompt": "Q", "responses": [" a", " b", " c"], "scores": [1, 0, 2]}
+    assert to_example(row, LOC, "pair") == to_example(row, LOC, "group")
+    uf = {"instruction": "Q", "completions": [{"response": "a", "overall_score": 2}, {"response": "b",
+                                                                                      "overall_score": 1}]}
+    assert to_example(uf, LOC, "pair").scores == [2.0, 1.0]
+    with pytest.raises(DataError, match="field 'chosen' is missing"):
+        to_example({"prompt": "Q", "rejected": " b", "responses": [" a"]}, LOC, "pair")  # chosen/rejected: a pair
+
+
 def test_pair_row_read_as_a_group_of_two():
     ex = to_example({"prompt": "Q: sky?", "chosen": " blue", "rejected": " black"}, LOC, "group")
     assert (ex.kind, ex.prompt, ex.responses, ex.scores) == ("group", "Q: sky?", [" blue", " black"], [1.0, 0.0])

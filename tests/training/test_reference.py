@@ -9,10 +9,13 @@ import torch
 
 from preftune.data import load_dataset
 from preftune.data.collate import collate_packed
+from preftune.data.records import TokenizedExample
 from preftune.model.loading import add_lora, load_model, load_tokenizer
-from preftune.model.logprobs import batch_logps
+from preftune.model.logprobs import batch_group_logps, batch_logps, group_logps
+from preftune.model.tiny import tiny_model
 from preftune.training.reference import (
     AdapterOffReference,
+    CachedReference,
     ModelReference,
     cache_key,
     check_separate,
@@ -88,3 +91,43 @@ def test_table_equals_live_reference_and_adapters_off_equals_base(tiny_model_dir
     with torch.no_grad():
         assert torch.allclose(adapters_off, batch_logps(base, batch).logps, atol=1e-4)
         assert not torch.allclose(batch_logps(policy, batch).logps, adapters_off, atol=1e-2)
+
+
+def test_every_reference_gives_group_logps():
+    """Response groups (k = 4, 2, 3): the live reference, adapters off and the precomputed table give the
+    same (G, K) log-probs as the base model's one forward per group; the table is (num_examples, K_max) and a
+    batch of smaller K reads its first K columns; absent responses are 0 and masked."""
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 256, (n,), generator=gen).tolist()
+
+    examples = [TokenizedExample(index=i, prompt_ids=ids(3 + i), completions=[ids(2 + j + i) for j in range(k)],
+                                 scores=[float(j % 2) for j in range(k)]) for i, k in enumerate([4, 2, 3, 2])]
+    base = tiny_model("llama", vocab_size=256).eval()
+    make_batch = lambda exs: collate_packed(exs, pad_id=0)  # noqa: E731
+    batch = make_batch(examples)
+    with torch.no_grad():
+        expected = batch_group_logps(base, batch)
+    live = ModelReference(copy.deepcopy(base))
+    got = group_logps(live.logps(batch), batch)
+    assert torch.equal(got.mask, expected.mask) and (got.logps - expected.logps).abs().max() < 1e-5
+    assert (got.mean_logps - expected.mean_logps).abs().max() < 1e-5
+
+    table = compute_reference_table(live, examples, make_batch, batch_size=2, progress=False)
+    assert table.shape == (4, 4)
+    assert (table - expected.logps).abs().max() < 1e-4 and (table[1, 2:] == 0).all()
+    cached = CachedReference(table)
+    for part in (examples, examples[1::2]):  # K = 4, and K = 2 (groups of two only)
+        part_batch = make_batch(part)
+        assert (cached.logps(part_batch) - live.logps(part_batch)).abs().max() < 1e-4
+
+    policy = add_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapters_off = group_logps(AdapterOffReference(policy).logps(batch), batch)
+    assert (adapters_off.logps - expected.logps).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (batch_group_logps(policy, batch).logps - expected.logps).abs().max() > 1e-2
