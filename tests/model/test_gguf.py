@@ -270,8 +270,8 @@ def _train_errors(model, rule_data, out, capsys) -> tuple[int, list[str]]:
 
 
 def test_a_corrupt_gguf_header_is_one_line_naming_the_file(f32_gguf, rule_data, tmp_path, capsys):
-    """n_dims 0xFFFFFFFF, a header cut at 5,000 bytes, absurd dimensions: each ``cannot read this model
-    file: PATH (what is wrong)``, from the tokenizer (read first) as from the model."""
+    """n_dims 0xFFFFFFFF, a header cut at 5,000 bytes, a file cut in half, absurd dimensions: each ``cannot
+    read this model file: PATH (what is wrong)``, from the tokenizer (read first) as from the model."""
     name, n_dims_at = _first_tensor(f32_gguf)
     size = f32_gguf.stat().st_size
     cases = {
@@ -280,6 +280,9 @@ def test_a_corrupt_gguf_header_is_one_line_naming_the_file(f32_gguf, rule_data, 
         "cut": (_corrupted(f32_gguf, tmp_path / "cut.gguf", 0, cut=5000),
                 r"truncated or corrupt: the header needs at least \d+ bytes for \d+ entries of "
                 r"metadata 'tokenizer\.ggml\.\w+', the file has 5000"),
+        "half": (_corrupted(f32_gguf, tmp_path / "half.gguf", 0, cut=size // 2),  # an interrupted download
+                 rf"truncated or corrupt: the header says \d+ bytes \(tensor '[\w.]+' of dimensions \[[\d, ]+\], "
+                 rf"F32\), the file has {size // 2}"),
         "dims": (_corrupted(f32_gguf, tmp_path / "dims.gguf", n_dims_at + 4, struct.pack("<Q", 1 << 40)),
                  rf"truncated or corrupt: the header says \d+ bytes \(tensor '{name}' of dimensions "
                  rf"\[1099511627776, \d+\], F32\), the file has {size}"),
