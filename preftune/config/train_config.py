@@ -34,6 +34,7 @@ from preftune.config.values import (
 from preftune.config.yaml import dump_yaml, load_options
 from preftune.methods import table as methods
 from preftune.methods.losses.divergences import F_DIVERGENCES
+from preftune.methods.losses.groups import GROUP_PAIRS
 from preftune.model.precision import MIXED_PRECISION
 
 LOSSES = methods.NAMES  # every --loss name: the method table (preftune.methods.table) is the one list
@@ -130,6 +131,12 @@ class TrainConfig:
                               domain=NON_NEGATIVE)
     discopop_tau: float = option(0.05, "DiscoPOP: temperature of the log-ratio modulation (Lu et al. 2024: 0.05).",
                                  group="method", domain=POSITIVE)
+    dpop_lambda: float = option(50.0, "dpop (DPO-Positive, Pal et al. 2024): weight of the penalty on the chosen "
+                                      "log-prob falling below the reference's (the paper's 50).", group="method",
+                                domain=NON_NEGATIVE)
+    group_pairs: str = option("all", "Pair losses on response groups: which ordered pairs of each group to train on "
+                                     "(ties skipped): all, the best response against the rest, or best against "
+                                     "worst.", GROUP_PAIRS, group="method")
     f_divergence_type: str = option("reverse_kl", "f-DPO (Wang et al. 2023): the divergence DPO-type losses "
                                                   "regularise with; reverse_kl is plain DPO.", F_DIVERGENCES,
                                     group="method")

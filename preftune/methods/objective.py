@@ -4,7 +4,9 @@ The method table (:mod:`preftune.methods.table`) says, per method, which tensors
 (summed or token-averaged log-probs, the chosen NLL, KTO's KL point ...) and which options;
 this module builds those tensors from one batch's log-probs, calls each loss, applies the
 loop-level options (WPO weights, LD-DPO lengths), sums the weighted losses and names the
-metrics the way TRL users know them. Nothing here names a method.
+metrics the way TRL users know them. Batches of response groups (``scores`` given) go to the
+group rows' losses as [G, K] tensors, and to pair rows through each group's ordered pairs
+(``--group-pairs``, :mod:`preftune.methods.losses.groups`). Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from preftune.methods import table as M
-from preftune.methods.losses import modifiers, unpaired
+from preftune.methods.losses import groups, modifiers, unpaired
 from preftune.model.logprobs import LogpOutput
 
 # Metrics every paired method logs (others add their own).
@@ -37,6 +39,8 @@ def compute_objective(
     loss_weights: str | None = None,
     token_seq: torch.Tensor | None = None,
     token_log_sum_sq: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
     state: dict | None = None,
     update_state: bool = False,
     mean_across_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
@@ -58,6 +62,9 @@ def compute_objective(
         token_seq: (N,) sequence id of each token (``Batch.token_seq``), for ``ld_alpha`` and
             ``use_weighting``.
         token_log_sum_sq: (N,) log sum_v p(v)^2 of the policy at each token, for ``use_weighting``.
+        scores: (G, K) float for a batch of response groups (higher = better; K = the most responses
+            of a group, sequence s = k * G + g); None for other data.
+        completion_mask: (G, K) bool, which responses exist (False = padding); None = all.
         state: values kept across batches (BCO's running mean reward); ``update_state`` adds
             this batch to them (training) or only reads them (evaluation). Without a state BCO
             uses this batch's mean reward.
@@ -67,11 +74,16 @@ def compute_objective(
             keyword whose field is not given keeps the loss function's default.
     """
     combination = M.parse(method, loss_weights) if isinstance(method, (str, list, tuple)) else method
+    if scores is not None:
+        group = _GroupTensors(policy, num_groups, ref_logps, scores, completion_mask)
+        return _group_objective(combination, group, options, state, update_state, mean_across_processes)
     kind = combination.kind
+    if kind == "group":
+        raise ValueError(f"--loss {combination.name} trains on response groups; this batch has no scores")
     tensors = _Tensors(policy, num_groups, ref_logps, labels, margins, token_seq, options, state, update_state,
                        mean_across_processes)
     weights = _wpo_weights(policy, num_groups, token_seq, token_log_sum_sq, options)
-    summed = _weighted_sum(combination, tensors, weights, options)
+    summed = _weighted_sum(combination, lambda row: _row_losses(row, tensors, options), weights)
     loss = summed.loss if summed.loss is not None else torch.zeros((), device=policy.logps.device)
     metrics = {"loss": loss.detach(), **_batch_metrics(kind, policy, num_groups, labels, tensors, summed.rewards)}
     metrics.update(_method_metrics(summed, weights))
@@ -92,20 +104,24 @@ class _Summed:
     """The weighted sum of a combination's losses and what its rows report."""
 
     loss: torch.Tensor | None = None  # 0-d, with grad: sum of weight * mean loss of each row
-    rewards: tuple[torch.Tensor, ...] = ()  # of the first row with rewards: (G,) chosen and rejected, or (G,) alone
+    # of the first row with rewards: (G,) chosen and rejected, or (G,) alone; on groups (P,) chosen and rejected
+    # rewards and log-probs of its ordered pairs (pair_metrics' arguments)
+    rewards: tuple[torch.Tensor, ...] = ()
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows' own metrics (ORPO's or_loss, KTO's kl)
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss/<name>": each row's mean loss, detached
 
 
-def _weighted_sum(combination: M.Combination, tensors: _Tensors, weights: torch.Tensor | None, options) -> _Summed:
-    """Each row's loss on its inputs, WPO-weighted where the row takes it, averaged over the batch and summed
-    with the combination's weights."""
+def _weighted_sum(combination: M.Combination, row_losses: Callable[[M.Method], tuple],
+                  weights: torch.Tensor | None) -> _Summed:
+    """Each row's loss on its inputs (``row_losses(row)`` -> (losses, rewards, metrics)), WPO-weighted where
+    the row takes it, averaged over the batch and summed with the combination's weights. A batch of groups
+    without an ordered pair (all tied) gives a pair row no loss: 0, with the graph kept."""
     summed = _Summed()
     for row, weight in zip(combination.methods, combination.weights):
-        losses, rewards, extra = _row_losses(row, tensors, options)  # losses (G,)
+        losses, rewards, extra = row_losses(row)  # losses (G,), or (P,) pairs of groups
         if weights is not None and "use_weighting" in row.modifiers:
             losses = losses * weights
-        row_loss = losses.mean()
+        row_loss = losses.mean() if losses.numel() else losses.sum()
         summed.loss = weight * row_loss if summed.loss is None else summed.loss + weight * row_loss
         summed.components[f"loss/{row.name}"] = row_loss.detach()
         summed.rewards = summed.rewards or rewards  # the first method with rewards names rewards/*
@@ -236,6 +252,82 @@ class _Tensors:
             self.state[_REWARD_SHIFT] = unpaired.bco_reward_shift(batch_mean, self.state.get(_REWARD_SHIFT))
         saved = self.state.get(_REWARD_SHIFT)
         return batch_mean if saved is None else torch.tensor(saved[0], device=batch_mean.device)
+
+
+def _group_objective(combination: M.Combination, group: _GroupTensors, options, state, update_state,
+                     mean_across_processes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`compute_objective` on a batch of response groups: each row's loss on the groups (a group row)
+    or on their ordered pairs (a pair row, ``--group-pairs``); metrics named as for pairs, over the ordered
+    pairs (chosen = the better response of each pair; ``rewards/accuracies`` = the share of ordered pairs,
+    ties skipped, whose rewards agree with the scores)."""
+    if "group" not in combination.kinds:
+        takers = ", ".join(m.name for m in M.METHODS if "group" in m.kinds)
+        raise ValueError(f"--loss {combination.name} does not train on response groups (methods that do: {takers})")
+    for name in ("use_weighting", "ld_alpha"):
+        if options.get(name) not in (None, False):
+            raise ValueError(f"--{name.replace('_', '-')} weighs the tokens of pair records; it does not apply to "
+                             f"response groups")
+    context = (options, state, update_state, mean_across_processes)
+    summed = _weighted_sum(combination, lambda row: group.row_losses(row, *context), None)
+    loss = summed.loss if summed.loss is not None else torch.zeros((), device=group.logps.device)
+    metrics = {"loss": loss.detach(), **(pair_metrics(*summed.rewards) if summed.rewards else {})}
+    metrics.update(_method_metrics(summed, None))
+    return loss, metrics
+
+
+class _GroupTensors:
+    """A batch of G response groups as [G, K] tensors (:mod:`preftune.methods.losses.groups`).
+
+    ``policy.logps`` / ``policy.counts`` and ``ref_logps`` are (S,) with S = K * G, sequence s = k * G + g
+    (response k of group g; :mod:`preftune.data.batch`); ``scores`` and ``mask`` are (G, K).
+    """
+
+    def __init__(self, policy: LogpOutput, num_groups: int, ref_logps, scores, mask):
+        G, S = num_groups, policy.logps.numel()
+        if G < 1 or S % G or tuple(scores.shape) != (G, S // G):
+            raise ValueError(f"a batch of {G} groups with {S} sequences needs scores of shape (G, K) = "
+                             f"({G}, {S // max(G, 1)}), got {tuple(scores.shape)}")
+        K = S // G
+        self.policy = policy
+        self.logps = policy.logps.view(K, G).T  # [G, K] summed
+        self.counts = policy.counts.view(K, G).T  # [G, K]
+        self.ref = None if ref_logps is None else ref_logps.view(K, G).T  # [G, K]
+        self.scores = scores
+        self.mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+
+    def row_losses(self, row: M.Method, options, state, update_state, mean_across_processes):
+        """``row``'s (losses, rewards, metrics) on the groups; rewards as :class:`_Summed` keeps them."""
+        if row.reference and self.ref is None:
+            raise ValueError(f"--loss {row.name} needs reference log-probs")
+        if row.pairwise_on_groups:
+            return self._pair_row_losses(row, options, state, update_state, mean_across_processes)
+        per_token = self.counts.clamp(min=1) if row.logps == "mean" else 1
+        inputs = {"policy_logps": self.logps / per_token, "scores": self.scores, "mask": self.mask,
+                  "reference_logps": None if self.ref is None else self.ref / per_token}
+        kwargs = {keyword: options[name] for keyword, name in row.options.items() if name in options}
+        losses, rewards, extra = _unpack(row.loss(**{name: inputs[name] for name in row.inputs}, **kwargs))
+        pairs = groups.ordered_pairs(self.scores, self.mask, "all")
+        logps = self.logps.detach()
+        return losses, (pairs.better_of(rewards[0]), pairs.worse_of(rewards[0]), pairs.better_of(logps),
+                        pairs.worse_of(logps)), extra
+
+    def _pair_row_losses(self, row: M.Method, options, state, update_state, mean_across_processes):
+        """A pair row on the groups' ordered pairs: the P pairs laid out as a batch of P pairs (sequences
+        0..P-1 the better responses, P..2P-1 the worse) and passed to the row as any pair batch."""
+        pairs = groups.ordered_pairs(self.scores, self.mask, options.get(M.GROUP_PAIRS_FIELD) or "all")
+        P = len(pairs)
+
+        def expand(values):  # [G, K] -> (2P,)
+            return torch.cat([pairs.better_of(values), pairs.worse_of(values)])
+
+        policy = LogpOutput(expand(self.logps), expand(self.counts), self.policy.token_logps)
+        ref = None if self.ref is None else expand(self.ref)
+        tensors = _Tensors(policy, P, ref, None, None, None, options, state, update_state, mean_across_processes)
+        losses, rewards, extra = _row_losses(row, tensors, options)
+        if rewards:
+            logps = policy.logps.detach()
+            rewards = (rewards[0], rewards[1], logps[:P], logps[P:])
+        return losses, rewards, extra
 
 
 def _unpack(result) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:

@@ -25,6 +25,10 @@ pairs or examples unless said otherwise:
 * unpaired: ``policy_logps``, ``ref_logps`` (summed, each example's own completion),
   ``labels`` (bool, True = desirable), ``kl`` (0-d, KTO's reference point from mismatched
   completions), ``reward_shift`` (0-d, BCO's running mean reward).
+* groups (G groups of up to K responses, all [G, K]): ``policy_logps``, ``reference_logps`` (summed or
+  averaged as the row says), ``scores`` (higher = better), ``mask`` (bool, False = padding); see
+  :mod:`preftune.methods.losses.groups`. A pair row with kind ``group`` trains on groups through their
+  ordered pairs (``--group-pairs``): its pair inputs above are built from the expanded pairs.
 """
 
 from __future__ import annotations
@@ -34,13 +38,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preftune.data.formats import KINDS
-from preftune.methods.losses import anchored, distributional, pairwise, reference_free, reward, sft, unpaired
+from preftune.methods.losses import anchored, distributional, groups, pairwise, reference_free, reward, sft, unpaired
 
 PAIR = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+GROUP = ("policy_logps", "reference_logps", "scores", "mask")
+# A pair row trains on pairs and on groups, through the group's ordered pairs (--group-pairs).
+PAIRS = ("pair", "group")
 F_DIVERGENCE = {"f_divergence_type": "f_divergence_type", "f_alpha_divergence_coef": "f_alpha_divergence_coef"}
 # Loop-level options the objective applies to a row's per-pair losses (not keywords of its loss).
 LOOP_OPTIONS = ("use_weighting", "ld_alpha")
 BOTH = frozenset(LOOP_OPTIONS)
+# Read by the objective for every pair row on group data: which ordered pairs of a group it trains on.
+GROUP_PAIRS_FIELD = "group_pairs"
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,9 +79,15 @@ class Method:
             raise ValueError(f"method {self.name}: kinds must be one or more of {', '.join(KINDS)}, got {self.kinds}")
 
     @property
+    def pairwise_on_groups(self) -> bool:
+        """A pair loss that trains on groups through their ordered pairs (and so reads --group-pairs)."""
+        return "pair" in self.kinds and "group" in self.kinds
+
+    @property
     def fields(self) -> frozenset[str]:
         """Every TrainConfig field this method reads."""
-        return frozenset(self.options.values()) | self.modifiers
+        group_pairs = {GROUP_PAIRS_FIELD} if self.pairwise_on_groups else set()
+        return frozenset(self.options.values()) | self.modifiers | group_pairs
 
     @property
     def short_citation(self) -> str:
@@ -89,7 +104,7 @@ def _exo_check(options: Mapping[str, Any]) -> str | None:
 METHODS: tuple[Method, ...] = (
     Method("dpo", pairwise.dpo_loss,
            citation='Rafailov et al. 2023, "Direct Preference Optimization", eq. 7',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR + ("chosen_nll",),
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR + ("chosen_nll",),
            options={"beta": "beta", "label_smoothing": "label_smoothing", "sft_weight": "sft_weight", **F_DIVERGENCE},
            modifiers=BOTH, aliases=("sigmoid",),
            notes="`--label-smoothing` > 0 = conservative DPO (cDPO); `--sft-weight` = RPO (Pang et al. 2024), an NLL "
@@ -97,28 +112,28 @@ METHODS: tuple[Method, ...] = (
     Method("ipo", pairwise.ipo_loss,
            citation='Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human '
                     'Preferences", eq. 17',
-           reference=True, logps="mean", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="mean", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="token-averaged log-probs, as the IPO authors and TRL"),
     Method("robust", pairwise.robust_dpo_loss,
            citation='Chowdhury et al. 2024, "Provably Robust DPO"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
            options={"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, modifiers=BOTH,
            notes="unbiased under label noise `--label-smoothing`"),
     Method("hinge", pairwise.hinge_loss,
            citation='Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta", **F_DIVERGENCE},
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta", **F_DIVERGENCE},
            modifiers=BOTH,
            notes="margin 1/beta on the reference-relative log-ratios, as TRL"),
     Method("orpo", reference_free.orpo_loss,
            citation='Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eq. 6-7',
-           reference=False, logps="mean", kinds=("pair",),
+           reference=False, logps="mean", kinds=PAIRS,
            inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"), options={"lambda_": "orpo_lambda"},
            notes="NLL + odds-ratio term (`--orpo-lambda`); the NLL covers the chosen completion's tokens only, "
                  "token-averaged, as the paper's code does (TRL's also counts prompt tokens): the prompt is not what "
                  "we want the model to learn to write"),
     Method("simpo", reference_free.simpo_loss,
            citation='Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6',
-           reference=False, logps="mean", kinds=("pair",),
+           reference=False, logps="mean", kinds=PAIRS,
            inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_nll"),
            options={"beta": "beta", "gamma": "simpo_gamma", "sft_weight": "sft_weight"}, defaults={"beta": 2.0},
            notes="length-normalised, margin `--simpo-gamma` (the margin itself, not gamma/beta); beta 2.0 by default"),
@@ -135,63 +150,69 @@ METHODS: tuple[Method, ...] = (
            notes="NLL per token of the completions; in a combination, of the chosen ones (TRL's `sft` loss_type)"),
     Method("exo_pair", pairwise.exo_pair_loss,
            citation='Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", eq. 16',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
            options={"beta": "beta", "label_smoothing": "label_smoothing", **F_DIVERGENCE}, modifiers=BOTH,
            check=_exo_check,
            notes="needs `--label-smoothing` > 0 (the paper's 1e-3)"),
     Method("nca_pair", anchored.nca_pair_loss,
            citation='Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="scores each reward on its own, so the chosen likelihood does not fall"),
     Method("bco_pair", anchored.bco_pair_loss,
            citation='Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="TRL's form, without the paper's reward shift (that is `bco`)"),
     Method("sppo_hard", anchored.sppo_hard_loss,
            citation='Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.7',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="win probability 1 for chosen, 0 for rejected (no preference model)"),
     Method("aot", distributional.aot_loss,
            citation='Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
            options={"beta": "beta", "label_smoothing": "label_smoothing"}, modifiers=frozenset({"ld_alpha"}),
            notes="margins matched by rank within each batch; no `--use-weighting`"),
     Method("aot_unpaired", distributional.aot_unpaired_loss,
            citation='Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
            options={"beta": "beta", "label_smoothing": "label_smoothing"}, modifiers=frozenset({"ld_alpha"}),
            notes="chosen and rejected log-ratios matched by rank; no `--use-weighting`"),
     Method("apo_zero", anchored.apo_zero_loss,
            citation="D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and Contrastive Revisions\", eq. 7",
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="chosen better than the model's outputs: chosen up, rejected down"),
     Method("apo_down", anchored.apo_down_loss,
            citation="D'Oosterlinck et al. 2024, \"Anchored Preference Optimization and Contrastive Revisions\", eq. 8",
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            notes="chosen worse than the model's outputs: both down, rejected more"),
     Method("discopop", pairwise.discopop_loss,
            citation='Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language '
                     'Models", eq. 5',
-           reference=True, logps="sum", kinds=("pair",), inputs=PAIR,
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
            options={"beta": "beta", "tau": "discopop_tau", **F_DIVERGENCE}, modifiers=BOTH,
            notes="log-ratio modulated logistic/exponential mix, `--discopop-tau`"),
     Method("sigmoid_norm", pairwise.dpo_loss,
            citation='Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model Post-Training", '
                     "length-normalised DPO",
-           reference=True, logps="mean", kinds=("pair",), inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
+           reference=True, logps="mean", kinds=PAIRS, inputs=PAIR, options={"beta": "beta"}, modifiers=BOTH,
            defaults={"beta": 5.0},
            notes="DPO on token-averaged log-probs; beta 5 by default (Tulu 3)"),
+    Method("dpop", pairwise.dpop_loss,
+           citation='Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive"',
+           reference=True, logps="sum", kinds=PAIRS, inputs=PAIR,
+           options={"beta": "beta", "dpop_lambda": "dpop_lambda"}, modifiers=BOTH,
+           notes="DPO-Positive: DPO plus `--dpop-lambda` (50 by default, the paper's) x max(0, ref - policy log-prob "
+                 "of the chosen) inside the sigmoid, so the chosen likelihood cannot fall for free"),
     Method("cpo", reference_free.cpo_loss,
            citation='Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance '
                     'in Machine Translation", eq. 3',
-           reference=False, logps="sum", kinds=("pair",),
+           reference=False, logps="sum", kinds=PAIRS,
            inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
            options={"beta": "beta", "cpo_alpha": "cpo_alpha", "label_smoothing": "label_smoothing"},
            notes="reference-free DPO + `--cpo-alpha` x NLL (per token over the batch, as TRL)"),
     Method("cpo_simpo", reference_free.cpo_loss,
            citation='Xu et al. 2024 with Meng et al. 2024 (CPO-SimPO), "Contrastive Preference Optimization" '
                     '+ "SimPO"',
-           reference=False, logps="mean", kinds=("pair",),
+           reference=False, logps="mean", kinds=PAIRS,
            inputs=("policy_chosen_logps", "policy_rejected_logps", "chosen_token_nll"),
            options={"beta": "beta", "cpo_alpha": "cpo_alpha", "gamma": "simpo_gamma",
                     "label_smoothing": "label_smoothing"},
@@ -208,6 +229,16 @@ METHODS: tuple[Method, ...] = (
            reference=True, logps="sum", kinds=("unpaired",),
            inputs=("policy_logps", "ref_logps", "labels", "reward_shift"), options={"beta": "beta"},
            notes="unpaired; reward shift = running mean reward (restarts on --resume-from)"),
+    Method("plackett_luce", groups.plackett_luce_loss,
+           citation='Rafailov et al. 2023, "Direct Preference Optimization", appendix A.3 (Plackett-Luce)',
+           reference=True, logps="sum", kinds=("group",), inputs=GROUP, options={"beta": "beta"},
+           notes="listwise DPO on each group's ranking by score; a response competes only against those scored "
+                 "strictly below it, so ties carry no order (with distinct scores: the Plackett-Luce likelihood)"),
+    Method("lipo_lambda", groups.lipo_lambda_loss,
+           citation='Liu et al. 2024, "LiPO: Listwise Preference Optimization through Learning-to-Rank", LiPO-lambda',
+           reference=True, logps="sum", kinds=("group",), inputs=GROUP, options={"beta": "beta"},
+           notes="each ordered pair's logistic loss weighted by its |delta DCG| (gains 2^score - 1, discounts "
+                 "1/log2(1 + rank by the model's rewards)); scores on a small scale (0-10, ranks)"),
     Method("reward", reward.reward_loss,
            citation='Ouyang et al. 2022, "Training language models to follow instructions with human feedback", '
                     "eq. 1 (Bradley-Terry reward model)",
@@ -258,13 +289,18 @@ class Combination:
         return self.methods[0].model_head
 
     @property
-    def kind(self) -> str:
-        """The data kind all methods can train on (the first method's order decides)."""
-        common = [k for k in self.methods[0].kinds if all(k in m.kinds for m in self.methods)]
+    def kinds(self) -> tuple[str, ...]:
+        """Every data kind all methods can train on, in the first method's order (pair rows: pair, group)."""
+        common = tuple(k for k in self.methods[0].kinds if all(k in m.kinds for m in self.methods))
         if not common:
             kinds = "; ".join(f"{m.name}: {', '.join(m.kinds)}" for m in self.methods)
             raise ValueError(f"--loss {self.name}: these methods train on different data kinds ({kinds})")
-        return common[0]
+        return common
+
+    @property
+    def kind(self) -> str:
+        """The data kind the methods train on when the data does not say (the first of :attr:`kinds`)."""
+        return self.kinds[0]
 
     @property
     def fields(self) -> frozenset[str]:

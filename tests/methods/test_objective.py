@@ -102,3 +102,120 @@ def test_bco_reward_shift_runs_across_batches_and_evaluation_only_reads_it():
     assert run([0.0, -2.0], True) == pytest.approx(0.5)
     assert run([5.0, 5.0], False) == pytest.approx(0.5)
     assert state["reward_shift"] == (pytest.approx(0.5), 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches of response groups: G groups of up to K responses, sequence s = k * G + g
+# ------------------------------------------------------------------------------------------------
+
+# Group 0: three responses scored 2, 0, 1; group 1: two responses scored 1, 3 and a padding slot.
+GROUP_SCORES = torch.tensor([[2.0, 0.0, 1.0], [1.0, 3.0, 0.0]])
+GROUP_MASK = torch.tensor([[True, True, True], [True, True, False]])
+GROUP_POLICY = torch.tensor([[-4.0, -6.0, -5.0], [-3.0, -2.5, 0.0]])  # [G, K] summed log-probs
+GROUP_REF = torch.tensor([[-5.0, -5.5, -5.0], [-2.0, -3.0, 0.0]])
+GROUP_COUNTS = torch.tensor([[2, 3, 4], [1, 5, 0]])
+
+
+def group_batch():
+    """(policy LogpOutput, ref (S,)) in the batch order s = k * G + g."""
+    flat = lambda grid: grid.T.reshape(-1)  # noqa: E731
+    policy = LogpOutput(flat(GROUP_POLICY), flat(GROUP_COUNTS), torch.zeros(15))
+    return policy, flat(GROUP_REF)
+
+
+def expanded_pairs():
+    """The groups' ordered pairs (ties none here) as a pair batch: group 0: (0, 2), (0, 1), (2, 1); group 1: (1, 0)."""
+    pairs = [(0, 0, 1), (0, 0, 2), (0, 2, 1), (1, 1, 0)]
+    chosen = [(g, i) for g, i, _ in pairs]
+    rejected = [(g, j) for g, _, j in pairs]
+    logps = torch.tensor([float(GROUP_POLICY[g, i]) for g, i in chosen + rejected])
+    counts = torch.tensor([int(GROUP_COUNTS[g, i]) for g, i in chosen + rejected])
+    ref = torch.tensor([float(GROUP_REF[g, i]) for g, i in chosen + rejected])
+    return LogpOutput(logps, counts, torch.zeros(15)), ref, len(pairs)
+
+
+@pytest.mark.parametrize("loss, options", [("dpo", {"sft_weight": 1.0}), ("simpo", {"simpo_gamma": 1.0}), ("dpop", {}),
+                                           ("ipo", {}), ("dpo,sft", {})])
+def test_a_pair_loss_on_groups_equals_it_on_the_expanded_pairs(loss, options):
+    """Every pair row trains on groups through their ordered pairs: loss and metrics equal those of the same
+    pairs given as a pair batch (the mean over all 4 pairs: groups weigh as many pairs as they hold)."""
+    from preftune.methods import table as M
+
+    policy, ref = group_batch()
+    if not all("group" in m.kinds for m in M.parse(loss).methods):  # sft: the NLL of pair or SFT records only
+        with pytest.raises(ValueError, match="does not train on response groups"):
+            compute_objective(loss, policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES,
+                              completion_mask=GROUP_MASK)
+        return
+    loss_groups, metrics_groups = compute_objective(loss, policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES,
+                                                    completion_mask=GROUP_MASK, **options)
+    pair_policy, pair_ref, P = expanded_pairs()
+    loss_pairs, metrics_pairs = compute_objective(loss, pair_policy, P, ref_logps=pair_ref, beta=0.1, **options)
+    assert abs(loss_groups.item() - loss_pairs.item()) < 1e-6
+    for key in PAIR_METRICS:
+        assert metrics_groups[key].item() == pytest.approx(metrics_pairs[key].item(), abs=1e-6), key
+
+
+def test_dpo_on_groups_hand_computed():
+    """beta 0.1; log-ratios: group 0: 1, -0.5, 0; group 1: -1, 0.5. Pairs (better, worse) and beta * h:
+    (0, 1): 0.15, (0, 2): 0.1, (2, 1): 0.05, group 1 (1, 0): 0.15. Mean of log(1 + e^-x):
+    (0.620957 + 0.644397 + 0.668460 + 0.620957) / 4 = 0.638693; all four rewards agree with the scores."""
+    import math
+
+    policy, ref = group_batch()
+    loss, metrics = compute_objective("dpo", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES,
+                                      completion_mask=GROUP_MASK)
+    expected = sum(math.log1p(math.exp(-x)) for x in (0.15, 0.1, 0.05, 0.15)) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(0.638693, abs=1e-6)
+    assert metrics["rewards/accuracies"].item() == 1.0
+
+
+def test_group_pairs_best_vs_worst_trains_on_one_pair_per_group():
+    """--group-pairs best-vs-worst: group 0's (0, 1), beta h = 0.15, and group 1's (1, 0), 0.15: 0.620957."""
+    policy, ref = group_batch()
+    loss, _ = compute_objective("dpo", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES,
+                                completion_mask=GROUP_MASK, group_pairs="best-vs-worst")
+    assert loss.item() == pytest.approx(0.620957, abs=1e-6)
+
+
+def test_plackett_luce_on_groups_is_the_mean_over_groups():
+    """Rewards r = beta * log-ratio = 0.1, -0.05, 0 and -0.1, 0.05. Group 0 ranks 0 > 2 > 1:
+    [log(e^0.1 + e^0 + e^-0.05) - 0.1] + [log(e^0 + e^-0.05) - 0] = 1.017238 + 0.668460 = 1.685698;
+    group 1 (two responses) is DPO: log(1 + e^-0.15) = 0.620957; the mean over the groups 1.153327."""
+    import math
+
+    e = math.exp
+    group0 = (math.log(e(0.1) + e(0) + e(-0.05)) - 0.1) + math.log(e(0) + e(-0.05))
+    group1 = math.log1p(e(-0.15))
+    policy, ref = group_batch()
+    loss, metrics = compute_objective("plackett_luce", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES,
+                                      completion_mask=GROUP_MASK)
+    assert loss.item() == pytest.approx((group0 + group1) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(1.153327, abs=1e-6)
+    assert metrics["rewards/accuracies"].item() == 1.0
+    assert metrics["rewards/margins"].item() == pytest.approx((0.15 + 0.1 + 0.05 + 0.15) / 4, abs=1e-6)
+    assert metrics["logps/chosen"].item() == pytest.approx((-4 - 4 - 5 - 2.5) / 4)
+
+
+def test_group_batches_are_checked():
+    policy, ref = group_batch()
+    with pytest.raises(ValueError, match="does not train on response groups"):
+        compute_objective("kto", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES)
+    with pytest.raises(ValueError, match="trains on response groups; this batch has no scores"):
+        compute_objective("lipo_lambda", policy, 2, ref_logps=ref, beta=0.1)
+    with pytest.raises(ValueError, match="--ld-alpha weighs the tokens of pair records"):
+        compute_objective("dpo", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES, ld_alpha=0.5)
+    with pytest.raises(ValueError, match="needs scores of shape"):
+        compute_objective("dpo", policy, 2, ref_logps=ref, beta=0.1, scores=GROUP_SCORES[:, :2])
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        compute_objective("plackett_luce", policy, 2, beta=0.1, scores=GROUP_SCORES)
+
+
+def test_an_all_tied_batch_gives_zero_loss_with_a_graph():
+    """No ordered pair in the batch: the pair row's loss is 0 (not NaN) and backward runs."""
+    policy, ref = group_batch()
+    policy.logps.requires_grad_()
+    loss, _ = compute_objective("dpo", policy, 2, ref_logps=ref, beta=0.1, scores=torch.ones(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(policy.logps.grad, torch.zeros(6))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
-from conftest import rule_pairs, write_jsonl
+from conftest import BAD, GOOD, TOPICS, rule_pairs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from preftune.config.train_config import TrainConfig
@@ -161,7 +162,8 @@ def test_every_row_is_complete():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     inputs = {"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_nll",
               "chosen_token_nll", "chosen_counts", "policy_logps", "ref_logps", "labels", "kl", "reward_shift",
-              "chosen_rewards", "rejected_rewards", "margins"}
+              "chosen_rewards", "rejected_rewards", "margins",
+              "reference_logps", "scores", "mask"}  # groups: policy_logps, reference_logps, scores, mask, [G, K]
     names = [n for m in M.METHODS for n in (m.name, *m.aliases)]
     assert len(names) == len(set(names)) == len(M.NAMES)
     for m in M.METHODS:
@@ -171,7 +173,7 @@ def test_every_row_is_complete():
         assert set(m.options) <= set(parameters) and set(m.options.values()) <= fields, m.name
         assert m.modifiers <= set(M.LOOP_OPTIONS) and set(m.defaults) <= fields, m.name
         assert m.citation and m.notes and (m.short_citation[0].isupper() or m.name == "sft"), m.name
-        assert m.reference == any(i.startswith("ref_") for i in m.inputs), m.name
+        assert m.reference == any(i.startswith("ref_") or i == "reference_logps" for i in m.inputs), m.name
     assert M.get("sigmoid") is M.get("dpo")
 
 
@@ -373,6 +375,8 @@ RULE_TESTED_ELSEWHERE = {
     "kto": "test_kto_from_unpaired_data_learns_the_rule (above)",
     "sft": "test_sft_lowers_held_out_nll (above): SFT imitates the chosen side, its check is the held-out NLL",
     "apo_down": "test_apo_down_is_not_meant_to_learn_the_rule (below)",
+    "plackett_luce": "test_group_methods_learn_the_ranked_rule (below)",
+    "lipo_lambda": "test_group_methods_learn_the_ranked_rule (below)",
 }
 
 # One run each: the method with the options it needs (on top of cfg_for's lr 3e-3, 32 steps of 8).
@@ -399,6 +403,7 @@ RULE_RUNS = [
     ("dpo", {"f_divergence_type": "js_divergence"}),  # f-DPO
     ("dpo", {"sync_ref_model": True, "ref_model_sync_steps": 8}),  # TR-DPO
     ("dpo", {"use_weighting": True}),  # WPO
+    ("dpop", {}),  # DPO-Positive
 ]
 
 
@@ -450,3 +455,34 @@ def test_discopop_at_tau_005_moves_margins_down(tiny_model_dir, rule_data, tmp_p
     result = train(cfg_for(tiny_model_dir, rule_data, tmp_path / "disco", loss="discopop", max_steps=16))
     assert result.eval_after["rewards/margins"] < 0
     assert result.eval_after["loss"] < 0.8466
+
+
+def rule_groups(n: int, seed: int) -> list[dict]:
+    """The rule task ranked: per prompt four replies with 0, 1, 1 and 2 bad words, in random order, each
+    scored minus its number of bad words (the two middle ones tied)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        replies = []
+        for bad in rng.sample([0, 1, 1, 2], 4):
+            words = [rng.choice(GOOD) for _ in range(rng.randint(3, 5))]
+            for position in rng.sample(range(len(words)), bad):
+                words[position] = rng.choice(BAD)
+            replies.append((f" The {topic} is {' '.join(words)}.", -bad))
+        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:",
+                     "responses": [text for text, _ in replies], "scores": [score for _, score in replies]})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, extra", [("plackett_luce", {}), ("lipo_lambda", {}), ("dpop", {}),
+                                         ("dpo", {"group_pairs": "best-vs-worst"})])
+def test_group_methods_learn_the_ranked_rule(tiny_model_dir, rule_data, tmp_path, loss, extra):
+    """256 ranked groups of four (one forward per group), 32 steps of 8 groups: held-out pair accuracy of the
+    implicit reward on the unranked task >= 0.9, listwise and through the pairs of each group."""
+    data = write_jsonl(tmp_path / "groups.jsonl", rule_groups(256, seed=1))
+    out = tmp_path / "run"
+    result = train(cfg_for(tiny_model_dir, rule_data, out, loss=loss, data=str(data), eval_data=None, **extra))
+    assert result.steps == 32
+    assert pair_accuracy(out, tiny_model_dir, rule_data["eval"]) >= 0.9

@@ -2,7 +2,7 @@
 
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
-DPO (with cDPO's label smoothing, f-DPO's divergences and RPO's NLL term), robust DPO, the
+DPO (with cDPO's label smoothing, f-DPO's divergences and RPO's NLL term), DPO-Positive, robust DPO, the
 hinge loss of SLiC, IPO, EXO and DiscoPOP. Each takes four (B,) log-prob tensors and returns
 ``(losses, chosen_rewards, rejected_rewards)``, all (B,), rewards = beta * log-ratio, detached.
 """
@@ -280,4 +280,34 @@ def discopop_loss(
                                         f_alpha_divergence_coef)  # (B,)
     modulation = torch.sigmoid(logits / tau)  # (B,)
     losses = (1 - modulation) * -F.logsigmoid(logits) + torch.exp(F.logsigmoid(logits / tau) - logits)
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def dpop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    dpop_lambda: float = 50.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO-Positive (DPOP): Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive". DPO with a penalty, inside the sigmoid, whenever the policy's chosen log-prob
+    falls below the reference's:
+
+        loss = -log sigmoid(beta * (h - lambda * max(0, ref_chosen - policy_chosen))),   h as in :func:`dpo_loss`
+
+    DPO's loss can fall while both likelihoods fall (the margin grows as the rejected falls faster); the
+    penalty makes a lower chosen likelihood cost. lambda = ``dpop_lambda`` (the paper uses 50; 0 is DPO).
+
+    Args: as :func:`dpo_loss`; ``dpop_lambda`` >= 0.
+    Returns: as :func:`dpo_loss` (rewards without the penalty).
+    """
+    beta = check_beta(beta)
+    lam = check_non_negative(dpop_lambda, "dpop_lambda")
+    chosen_logratios, rejected_logratios = pair_logratios(  # (B,) each
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    penalty = torch.clamp(-chosen_logratios, min=0)  # (B,) max(0, ref_chosen - policy_chosen)
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios - lam * penalty))
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
