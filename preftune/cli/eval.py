@@ -79,8 +79,11 @@ example sweep.yaml (relative paths are relative to the current directory):
   isolate: true                 # one process per variant (its peak memory is measured); default
 
 writes OUTPUT_DIR/<name>/ per variant (done.json when finished: re-runs skip it), and OUTPUT_DIR/report.md,
-report.html (self-contained), summary.json, curves.png, frontier.png. A failed variant is reported with its
-error; the others still run.
+report.html (self-contained), summary.json, curves.png, frontier.png. Every variant's options are checked
+before any variant runs (a bad one: exit 2). A variant that fails while running is reported with its error,
+the others still run, and compare exits 1 with one line naming the failed variants. Each variant runs in
+a process that ends with compare's; run again, compare waits (up to 10 min) for a variant folder that a
+live process still holds.
 """
 
 
@@ -239,9 +242,14 @@ def _write_candidates(args, prompts, options: dict) -> int:
 
 
 def cmd_compare(args) -> int:
-    from preftune.evaluation.sweep import run_compare
+    """Run the sweep; exit 1 with one line naming the variants that failed (the report is written first)."""
+    from preftune.evaluation.sweep import failure_line, run_compare
 
     path = run_compare(args.config)
-    print(json.loads((path.parent / "summary.json").read_text())["best_text"])
+    summary = json.loads((path.parent / "summary.json").read_text())
+    print(summary["best_text"])
     print(f"report: {path} and {path.with_suffix('.html')}")
+    failed = failure_line(summary["rows"])
+    if failed:
+        raise ValueError(failed)  # main(): "preftune: error: ..." and exit 1
     return 0

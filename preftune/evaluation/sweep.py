@@ -22,8 +22,12 @@ Relative paths are relative to the current directory, as for ``preftune train --
 :func:`run_compare` trains each variant into ``output_dir/<name>`` (:func:`preftune.training.loop.train`),
 evaluates it against the base (:func:`preftune.evaluation.evaluate.evaluate_model`, the base as the
 reference for every variant), and writes ``report.md``, ``report.html`` (self-contained),
-``summary.json`` and the plots. A variant that fails is reported with its error and the
-sweep goes on. A finished variant leaves ``done.json`` (its settings and results) and is
+``summary.json`` and the plots. Every variant's options are checked when the sweep file is read,
+before any variant runs (:class:`ConfigError` naming the variant and the option). A variant that fails
+while it runs is reported with its error and the sweep goes on (``preftune compare`` then exits 1
+naming the failed variants, :func:`failure_line`). A variant's process ends with the sweep's, and a
+sweep run again waits for a variant folder still held by a live process
+(:func:`preftune.evaluation.sweep_variant.wait_for_folder`). A finished variant leaves ``done.json`` (its settings and results) and is
 skipped when the sweep is run again with the same settings for it; when only the ``eval:``
 settings changed, it is evaluated again without retraining. The base's share of each evaluation
 (its log-probs of the held-out pairs, its NLL, its samples) is the same for every variant: the first
@@ -57,6 +61,7 @@ from preftune.evaluation.sweep_variant import (
     reevaluate,
     run_in_process,
     run_isolated,
+    wait_for_folder,
     write_json,
 )
 
@@ -92,7 +97,8 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file; :class:`ConfigError` naming the key for anything wrong."""
+    """Read and check a sweep file, every variant's options included; :class:`ConfigError` naming the key
+    (and the variant) for anything wrong."""
     path = Path(path)
     raw = load_yaml(path)  # duplicate keys and alias bombs refused in one line, like every config file
     if not isinstance(raw, dict):
@@ -137,26 +143,35 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     if criterion == "win_rate" and not has_judge:
         raise ConfigError(f"{path}: criterion win_rate needs eval: {{generate: N, judge: SPEC}}")
-    return Sweep(path=path, base=str(raw["base"]), data=str(raw["data"]), eval_data=str(raw["eval_data"]),
-                 output_dir=Path(raw["output_dir"]), common=common, variants=variants, eval=evaluation,
-                 criterion=criterion, isolate=bool(raw.get("isolate", True)),
-                 train_eval=bool(raw.get("train_eval", True)))
+    sweep = Sweep(path=path, base=str(raw["base"]), data=str(raw["data"]), eval_data=str(raw["eval_data"]),
+                  output_dir=Path(raw["output_dir"]), common=common, variants=variants, eval=evaluation,
+                  criterion=criterion, isolate=bool(raw.get("isolate", True)),
+                  train_eval=bool(raw.get("train_eval", True)))
+    for variant in variants:  # each variant's training options, before any variant runs (cheap: no I/O)
+        variant_spec(sweep, variant)
+    return sweep
 
 
 def variant_spec(sweep: Sweep, variant: dict) -> dict:
-    """Everything one variant's run needs, as JSON-ready data; ConfigError for bad options."""
+    """Everything one variant's run needs, as JSON-ready data; ConfigError naming the sweep file, the variant
+    and the option for bad options."""
     name = variant["name"]
+    where = f"{sweep.path}: variant {name}"
     options = {k: v for k, v in variant.items() if k != "name"}
     fixed = sorted(set(k.replace("-", "_") for k in options) & set(SET_BY_SWEEP))
     if fixed:
-        raise ConfigError(f"{fixed[0]!r} is set by the sweep, not per variant")
+        raise ConfigError(f"{where}: {fixed[0]!r} is set by the sweep, not per variant")
     values = {"progress": False, **sweep.common, **options, "model": sweep.base, "data": sweep.data,
               # train_eval: false leaves the in-loop held-out passes out; the evaluation after training stays
               "eval_data": sweep.eval_data if sweep.train_eval else None,
               "output_dir": str(sweep.output_dir / name),
               # the sweep owns its variant folders: a variant trained again replaces what an earlier try left
               "overwrite_output_dir": True}
-    cfg = TrainConfig.from_dict(values, source=f"variant {name}").validate()
+    try:
+        cfg = TrainConfig.from_dict(values, source=where).validate()
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(where) else f"{where}: {text}") from None
     return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval),
             "eval_data": sweep.eval_data}
 
@@ -165,43 +180,55 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
 
 
 def run_compare(config_path: str | Path) -> Path:
-    """Train, evaluate and report every variant of the sweep file; the path of ``report.md``."""
+    """Train, evaluate and report every variant of the sweep file; the path of ``report.md``.
+
+    A bad option of any variant raises :class:`ConfigError` before anything runs; a variant that fails
+    while running is a failed row of the report (:func:`failure_line` says which).
+    """
     sweep = load_sweep(config_path)
-    out = sweep.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for variant in sweep.variants:
-        name = variant["name"]
-        options = {k: v for k, v in variant.items() if k != "name"}
-        try:
-            spec = json.loads(json.dumps(variant_spec(sweep, variant)))  # as it reads back from done.json
-        except (ConfigError, ValueError) as exc:
-            log.warning("variant %s: %s", name, exc)
-            records.append(failed_record(name, options, str(exc)))
-            continue
-        folder = out / name
-        done = json.loads((folder / "done.json").read_text()) if (folder / "done.json").exists() else None
-        if done is not None and done.get("spec") == spec:
-            log.info("variant %s: finished earlier (%s); skipped", name, folder / "done.json")
-            records.append({**done, "options": options, "status": "done (earlier run)"})
-            continue
-        if done is not None and done.get("spec", {}).get("train") == spec["train"]:
-            log.info("variant %s: only the eval settings changed since its done.json; evaluating it again", name)
-            record = reevaluate(done, spec, folder)
-            records.append({**record, "options": options})
-            continue
-        if done is not None:
-            log.info("variant %s: training settings changed since its done.json; running it again", name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in ("done.json", "error.json", "metrics.jsonl", "summary.json"):  # metrics.jsonl is appended to
-            (folder / stale).unlink(missing_ok=True)
-        log.info("variant %s: training (%s)", name, ", ".join(f"{k}={v}" for k, v in options.items()) or "common")
-        record = run_isolated(spec, folder) if sweep.isolate else run_in_process(spec, folder)
-        record["options"] = options
-        if record.get("error"):
-            log.warning("variant %s failed: %s", name, record["error"])
-        records.append(record)
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    records = [variant_record(sweep, variant) for variant in sweep.variants]
     return write_report(sweep, records)
+
+
+def variant_record(sweep: Sweep, variant: dict) -> dict:
+    """Run one variant of the sweep (or reuse what an earlier run finished); its report row."""
+    name = variant["name"]
+    options = {k: v for k, v in variant.items() if k != "name"}
+    spec = json.loads(json.dumps(variant_spec(sweep, variant)))  # as it reads back from done.json
+    folder = sweep.output_dir / name
+    busy = wait_for_folder(folder, name)  # a live earlier variant may still be finishing it
+    if busy:
+        log.warning("variant %s: %s", name, busy)
+        return failed_record(name, options, busy)
+    done = json.loads((folder / "done.json").read_text()) if (folder / "done.json").exists() else None
+    if done is not None and done.get("spec") == spec:
+        log.info("variant %s: finished earlier (%s); skipped", name, folder / "done.json")
+        return {**done, "options": options, "status": "done (earlier run)"}
+    if done is not None and done.get("spec", {}).get("train") == spec["train"]:
+        log.info("variant %s: only the eval settings changed since its done.json; evaluating it again", name)
+        return {**reevaluate(done, spec, folder), "options": options}
+    if done is not None:
+        log.info("variant %s: training settings changed since its done.json; running it again", name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("done.json", "error.json", "metrics.jsonl", "summary.json"):  # metrics.jsonl is appended to
+        (folder / stale).unlink(missing_ok=True)
+    log.info("variant %s: training (%s)", name, ", ".join(f"{k}={v}" for k, v in options.items()) or "common")
+    record = run_isolated(spec, folder) if sweep.isolate else run_in_process(spec, folder)
+    record["options"] = options
+    if record.get("error"):
+        log.warning("variant %s failed: %s", name, record["error"])
+    return record
+
+
+def failure_line(records: list[dict]) -> str | None:
+    """One line naming the variants that failed and why (``2 of 4 variants failed: a (error), b (error)``);
+    None when none failed."""
+    failed = [r for r in records if r.get("error")]
+    if not failed:
+        return None
+    names = ", ".join(f"{r['name']} ({' '.join(str(r['error']).split())})" for r in failed)
+    return f"{len(failed)} of {len(records)} variant{'s' if len(records) != 1 else ''} failed: {names}"
 
 
 def _criterion_value(record: dict, criterion: str) -> tuple[float, float, float, int] | None:
@@ -304,13 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--config", metavar="SWEEP.yaml", help="sweep file (see `preftune compare --help`)")
     group.add_argument("--run-variant", metavar="SPEC.json", help="internal: train + evaluate one variant")
+    parser.add_argument("--parent-pid", type=int, help="internal (--run-variant): end when this process is gone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.run_variant:
-        return execute_variant(args.run_variant)
-    print(f"report: {run_compare(args.config)}")
+        return execute_variant(args.run_variant, args.parent_pid)
+    path = run_compare(args.config)
+    print(f"report: {path}")
+    failed = failure_line(json.loads((path.parent / "summary.json").read_text())["rows"])
+    if failed:
+        print(f"preftune: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

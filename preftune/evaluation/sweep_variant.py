@@ -6,6 +6,13 @@ A variant runs in its own Python process (:func:`run_isolated`: ``python -m pref
 results) in its folder, or a failed record naming the error; :func:`reevaluate` evaluates a variant
 trained earlier again without retraining. The spec a variant runs from is built by
 :func:`preftune.evaluation.sweep.variant_spec`.
+
+A variant's process never outlives the sweep that started it: on Linux the kernel sends it ``SIGKILL``
+when the sweep's process dies (``prctl(PR_SET_PDEATHSIG)``, set between fork and exec), and on every
+system the variant also watches its parent's pid and exits when it is gone (:func:`exit_with_parent`).
+While it runs it holds ``<folder>/.preftune-variant.lock`` (:data:`VARIANT_LOCK`; the trainer inside it
+holds the run folder's own lock): a sweep run again waits for a live owner of a variant's folder
+(:func:`wait_for_folder`, up to :data:`BUSY_WAIT_SECONDS`) and takes over one whose owner is dead.
 """
 
 from __future__ import annotations
@@ -13,23 +20,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from preftune.common.files import write_atomic
+from preftune.common.files import pid_alive, write_atomic
 from preftune.common.process import peak_rss_mb
 from preftune.config.eval_config import EvalConfig
 from preftune.config.train_config import TrainConfig
 from preftune.evaluation.evaluate import evaluate_model
 from preftune.evaluation.report_table import to_json
 from preftune.training.loop import train
+from preftune.training.run_folder import LOCK_NAME, RunLock, describe_lock, lock_owner
 
 log = logging.getLogger("preftune")
+
+VARIANT_LOCK = ".preftune-variant.lock"  # held by a variant's process for its whole life (training, evaluation)
+BUSY_WAIT_SECONDS = 600.0  # how long a sweep waits for a live process that holds a variant's folder
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_variant(spec: dict) -> dict:
@@ -88,19 +102,31 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def execute_variant(spec_path: str | Path) -> int:
-    """Child entry (``python -m preftune.evaluation.sweep --run-variant SPEC``): writes done.json or error.json."""
+def execute_variant(spec_path: str | Path, parent_pid: int | None = None) -> int:
+    """Child entry (``python -m preftune.evaluation.sweep --run-variant SPEC``): writes done.json or error.json.
+
+    With ``parent_pid`` (the sweep's process) it ends when that process is gone; it holds the
+    folder's :data:`VARIANT_LOCK` while it runs.
+    """
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     spec_path = Path(spec_path)
     folder = spec_path.parent
     spec = json.loads(spec_path.read_text())
+    lock = None
     try:
+        lock = RunLock.acquire(folder, VARIANT_LOCK)
         record = run_variant(spec)
     except Exception as exc:  # reported in the sweep's table; the traceback stays in the log
         traceback.print_exc()
         write_json(folder / "error.json", {"name": spec["name"], "error": error_text(exc)})
         return 1
-    write_json(folder / "done.json", record)
-    return 0
+    else:
+        write_json(folder / "done.json", record)
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def run_isolated(spec: dict, folder: Path) -> dict:
@@ -111,9 +137,17 @@ def run_isolated(spec: dict, folder: Path) -> dict:
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = folder / "run.log"
+    command = [sys.executable, "-m", "preftune.evaluation.sweep", "--run-variant", str(spec_path),
+               "--parent-pid", str(os.getpid())]
     with open(log_path, "w") as log_file:
-        code = subprocess.run([sys.executable, "-m", "preftune.evaluation.sweep", "--run-variant", str(spec_path)],
-                              stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_parent_death_signal())
+        try:
+            code = process.wait()
+        except BaseException:  # Ctrl-C (the variant got it too) or an error here: the variant ends with us
+            process.kill()
+            process.wait()
+            raise
     if (folder / "done.json").exists():
         return json.loads((folder / "done.json").read_text())
     if (folder / "error.json").exists():
@@ -122,6 +156,68 @@ def run_isolated(spec: dict, folder: Path) -> dict:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         error = f"process exited with code {code}" + (f": {lines[-1]}" if lines else "")
     return failed_record(spec["name"], spec["options"], f"{error} (log: {log_path})")
+
+
+def _parent_death_signal():
+    """Linux: a ``preexec_fn`` that has the kernel send the child ``SIGKILL`` when this process dies
+    (``PR_SET_PDEATHSIG``; inherited through exec). None elsewhere, or where libc has no ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    zero = ctypes.c_ulong(0)
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero)
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+
+    return set_signal
+
+
+def exit_with_parent(parent_pid: int, every: float = 0.2) -> None:
+    """End this process (at once, ``os._exit``) when process ``parent_pid`` is gone: a daemon thread checks
+    every ``every`` seconds whether this process's parent changed (an orphan is re-parented) or that pid
+    ended. Where the parent-death signal exists (Linux) it is a second guard; elsewhere the only one."""
+    def watch() -> None:
+        while os.getppid() == parent_pid and pid_alive(parent_pid):
+            time.sleep(every)
+        print(f"preftune: the sweep process {parent_pid} that started this variant is gone; stopping",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def wait_for_folder(folder: Path, name: str) -> str | None:
+    """Wait while a live process holds the variant's folder (an earlier sweep's variant still running, or a
+    trainer): None once it is free, else why it is still busy after :data:`BUSY_WAIT_SECONDS`. A lock left by
+    a dead process is free (the variant's run takes it over), said in one log line."""
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    waiting = False
+    while True:
+        owners = [owner for lock in (VARIANT_LOCK, LOCK_NAME) if (owner := lock_owner(folder, lock))]
+        live = [info for info, held in owners if held]
+        if not live:
+            if waiting:
+                log.info("variant %s: %s is free now", name, folder)
+            elif owners:
+                log.info("variant %s: the process that ran it earlier is gone (%s); running it again", name,
+                         describe_lock(owners[0][0]))
+            return None
+        if time.monotonic() >= deadline:
+            return (f"its folder {folder} is still in use by {describe_lock(live[0])} after waiting "
+                    f"{BUSY_WAIT_SECONDS:g} s: run compare again when that process has finished (or stop it)")
+        if not waiting:
+            log.warning("variant %s: %s is in use by %s (an earlier compare's variant still running?); waiting "
+                        "up to %g s for it to finish", name, folder, describe_lock(live[0]), BUSY_WAIT_SECONDS)
+            waiting = True
+        time.sleep(0.2)
 
 
 def run_in_process(spec: dict, folder: Path) -> dict:

@@ -252,9 +252,10 @@ class RunLock:
         self.path, self.fd, self.info = path, fd, info
 
     @classmethod
-    def acquire(cls, out: Path) -> "RunLock":
-        """Take the folder's lock, or raise :class:`OutputDirBusy` naming the run that holds it."""
-        path = Path(out) / LOCK_NAME
+    def acquire(cls, out: Path, name: str = LOCK_NAME) -> "RunLock":
+        """Take the folder's lock (the file ``name`` in it), or raise :class:`OutputDirBusy` naming the run
+        that holds it."""
+        path = Path(out) / name
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             held = _try_flock(fd)
@@ -303,19 +304,42 @@ class RunLock:
             self.fd = None
 
 
+def lock_owner(out: Path, name: str = LOCK_NAME) -> tuple[dict, bool] | None:
+    """Who holds or last held the folder's lock ``name``: ``(what its file says, whether that process still
+    holds it)``; None when there is no lock file. Takes nothing: with ``flock`` a shared lock is tried and
+    dropped at once (a trainer starting on the folder in that instant is refused as busy); without it, a
+    lock whose pid is gone on this host counts as left behind."""
+    try:
+        fd = os.open(Path(out) / name, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        info = _read_lock(fd)
+        held = _try_flock(fd, shared=True)
+        if held is None:
+            held = bool(info) and not _left_behind(info)
+        elif not held:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return info, held
+    finally:
+        os.close(fd)
+
+
 def describe_lock(info: dict) -> str:
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}, "
             f"run {info.get('run_id') or '?'}")
 
 
-def _try_flock(fd: int) -> bool | None:
+def _try_flock(fd: int, shared: bool = False) -> bool | None:
     """False when we got the lock, True when another process holds it, None when flock is unsupported."""
     try:
         import fcntl
     except ImportError:  # Windows
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError as exc:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
+import yaml
 
 from preftune.cli.eval import eval_config_from_args, eval_flags_markdown, register
 from preftune.cli.main import main
@@ -85,3 +87,41 @@ def test_generate_shares_the_sampling_flags_and_their_ranges(tmp_path, capsys, f
                  "--judge", "python:os:getcwd", "--out", str(tmp_path / "pairs.jsonl"), *flags])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"preftune: error: {message}"]
+
+
+def write_sweep(path, **values):
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_compare_refuses_bad_variant_options_before_anything_runs(tmp_path, capsys):
+    """A key typo or an out-of-range value in any variant: exit 2, one line naming the variant and the key,
+    before any variant trains (the output folder is not even created)."""
+    config = write_sweep(tmp_path / "sweep.yaml", base=str(tmp_path / "m"), data="d.jsonl", eval_data="e.jsonl",
+                         output_dir=str(tmp_path / "out"),
+                         variants=[{"name": "ok"}, {"name": "betta", "betta": 0.1}, {"name": "neg", "beta": -1}])
+    assert main(["compare", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"preftune: error: {config}: variant betta: unknown option 'betta' (did you mean 'beta'?)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_exits_1_naming_the_failed_variants_and_still_writes_the_report(tiny_model_dir, rule_data, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "out"
+    config = write_sweep(
+        tmp_path / "sweep.yaml", base=str(tiny_model_dir), data=str(rule_data["train"]),
+        eval_data=str(rule_data["eval"]), output_dir=str(out), isolate=False, train_eval=False,
+        eval={"max_examples": 8},
+        common={"max_steps": 2, "batch_size": 4, "max_length": 64, "max_prompt_length": 32},
+        variants=[{"name": "ok"}, {"name": "no-ref", "ref_model": str(tmp_path / "missing-model")}])
+    assert main(["compare", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("preftune: error:")]
+    assert len(errors) == 1, captured.err
+    assert errors[0].startswith("preftune: error: 1 of 2 variants failed: no-ref (") and "missing-model" in errors[0]
+    assert "ok (" not in errors[0]
+    assert f"report: {out / 'report.md'}" in captured.out and (out / "report.md").exists()
+    rows = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows == {"ok": "done", "no-ref": "failed"}
