@@ -19,7 +19,10 @@ Definitions:
   the same KTO completion with the opposite label;
 * length bias: the share of pairs whose chosen response is longer than the rejected, of those
   that differ in length (a model can win DPO by length alone; warned outside 40-60%);
-* train/eval leak: a record whose normalised prompt is also in ``eval_path``.
+* train/eval leak: a record whose normalised prompt is also in ``eval_path``;
+* response groups (``{"prompt", "responses", "scores"}``): group sizes, all-tied groups, duplicate
+  responses and the best response's length bias (:mod:`preftune.data.doctor_groups`); exact and near
+  duplicates compare the prompt, every response and the scores.
 
 Lengths are in tokens with a tokenizer (prompt with its BOS, responses with EOS, as training
 counts them); without one they are approximate tokens, characters / 4, and say so.
@@ -33,9 +36,10 @@ from array import array
 from pathlib import Path
 
 from preftune.data.convert import detect_kind
+from preftune.data.doctor_groups import GroupChecks
 from preftune.data.doctor_report import NOUNS, DoctorReport, Finding, LengthStats
 from preftune.data.errors import DataError
-from preftune.data.formats import ASSISTANT_MARKER, to_example
+from preftune.data.formats import ASSISTANT_MARKER, is_group_row, to_example
 from preftune.data.messages import messages_text
 from preftune.data.readers import read_rows
 from preftune.data.records import Example, Location
@@ -107,7 +111,15 @@ def record_format(example: Example) -> str:
         return "conversational" if messages else "standard"
     if example.kind == "unpaired":
         return "KTO (messages)" if messages else "KTO (text)"
+    if example.kind == "group":
+        return "group (messages)" if messages else "group (text)"
     return "SFT messages" if example.prompt_source == "messages" else "SFT prompt/completion"
+
+
+def row_kind(row: dict) -> str:
+    """The kind of data a raw row holds: "group" for a response group (:func:`~preftune.data.formats.is_group_row`),
+    else :func:`~preftune.data.convert.detect_kind`'s."""
+    return "group" if is_group_row(row) else detect_kind(row)
 
 
 def classify(error: DataError) -> str:
@@ -138,12 +150,13 @@ class _Doctor:
         self.near_seen: dict[bytes, Location] = {}
         self.leaked_prompts: set[str] = set()
         self.prompts: set[bytes] = set()
+        self.groups = GroupChecks()
 
     def read(self) -> None:
         pending: list[Example] = []
         for location, row in read_rows(self.source, on_bad_record=self._unreadable):
             self.rows += 1
-            self.kind = self.kind or detect_kind(row)
+            self.kind = self.kind or row_kind(row)
             try:
                 pending.append(to_example(row, location, self.kind))
             except DataError as err:
@@ -181,11 +194,12 @@ class _Doctor:
 
     def _look_at(self, example: Example, token_lens: list[int] | None) -> None:
         names, parts = _parts(example)
-        for name, part in zip(names, parts):
-            self.chars.setdefault(name, array("l")).append(len(messages_text(part)))
+        chars = [len(messages_text(part)) for part in parts]
+        for name, n in zip(names, chars):
+            self.chars.setdefault(_length_row(name), array("l")).append(n)
         if token_lens is not None:
             for name, n in zip(names, token_lens):
-                self.tokens.setdefault(name, array("l")).append(n)
+                self.tokens.setdefault(_length_row(name), array("l")).append(n)
         where = example.location
         self.locations.append(where)
         _count(self.record_formats, record_format(example))
@@ -194,6 +208,7 @@ class _Doctor:
             self.labels[example.label] += 1
 
         label = () if example.label is None else (str(example.label),)
+        label += tuple(map(repr, example.scores or ()))
         exact = _digest(*map(messages_text, parts), *label)
         normalised = [normalize_text(messages_text(part)) for part in parts]
         near = _digest(*normalised, *label)
@@ -208,6 +223,8 @@ class _Doctor:
         if opposite not in (None, near) and opposite in self.near_seen:
             self._note(CONFLICT, f"{where} (opposite of {_short(self.near_seen[opposite])})")
         self.near_seen.setdefault(near, where)
+        if example.kind == "group":
+            self.groups.add(example, normalised, chars, token_lens)
 
         for name, part in zip(names[1:], parts[1:]):
             text = messages_text(part)
@@ -238,8 +255,12 @@ class _Doctor:
             measured = self.tokens if exact else self.chars  # characters are finer than characters / 4
             findings.append(_bias_finding(measured.get("chosen", array("l")), measured.get("rejected", array("l")),
                                           unit="tokens" if exact else "characters"))
+        if self.kind == "group":
+            findings += self.groups.findings(exact)
         if max_length is not None or max_prompt_length is not None:
-            findings += self._truncation_findings(lengths, max_length, max_prompt_length, exact, noun)
+            per_example = (self.groups.lengths(exact) if self.kind == "group" else
+                           [[values[i] for values in lengths.values()] for i in range(len(self.locations))])
+            findings += self._truncation_findings(per_example, max_length, max_prompt_length, exact, noun)
         if eval_path is not None:
             leak = self.problems[LEAK]
             leak.severity = "error" if leak.count else "ok"
@@ -281,7 +302,7 @@ class _Doctor:
 
     def _duplicate_findings(self, noun: str) -> list[Finding]:
         same = {"pair": "prompt, chosen and rejected", "unpaired": "prompt, completion and label",
-                "sft": "prompt and completion"}[self.kind]
+                "sft": "prompt and completion", "group": "prompt, responses and scores"}[self.kind]
         checks = {EXACT: f"same {same} as an earlier record",
                   NEAR: "equal to an earlier record once lowercased, punctuation dropped, whitespace collapsed",
                   CONFLICT: "the opposite preference of an earlier record",
@@ -289,19 +310,18 @@ class _Doctor:
         out = []
         for name, message in checks.items():
             finding = self.problems[name]
-            if name == CONFLICT and self.kind == "sft" or name == MARKERS and not finding.count:
+            if name == CONFLICT and self.kind in ("sft", "group") or name == MARKERS and not finding.count:
                 continue
             finding.severity, finding.message = ("warning" if finding.count else "ok"), message
             out.append(finding)
         return out
 
-    def _truncation_findings(self, lengths: dict[str, array], max_length, max_prompt_length, exact: bool,
+    def _truncation_findings(self, per_example: list, max_length, max_prompt_length, exact: bool,
                              noun: str) -> list[Finding]:
-        names = list(lengths)
+        """``per_example[i]``: example i's lengths, prompt first, then each response."""
         outcomes: dict[str, list[str]] = {"kept": [], "truncated": [], "dropped": []}
-        for i, where in enumerate(self.locations):
-            outcome = truncation_outcome(lengths[names[0]][i], [lengths[n][i] for n in names[1:]],
-                                         max_length, max_prompt_length)
+        for where, lengths in zip(self.locations, per_example):
+            outcome = truncation_outcome(lengths[0], list(lengths[1:]), max_length, max_prompt_length)
             outcomes[outcome].append(str(where))
         truncated, dropped = outcomes["truncated"], outcomes["dropped"]
         limits = ", ".join(f"{flag} {value}" for flag, value in (("--max-length", max_length),
@@ -346,7 +366,7 @@ def _eval_prompts(eval_path) -> dict[str, str]:
     prompts: dict[str, str] = {}
     kind = None
     for location, row in read_rows(eval_path, on_bad_record=lambda err: None):
-        kind = kind or detect_kind(row)
+        kind = kind or row_kind(row)
         try:
             prompts.setdefault(prompt_key(to_example(row, location, kind).prompt), str(location))
         except DataError:
@@ -357,7 +377,15 @@ def _eval_prompts(eval_path) -> dict[str, str]:
 def _parts(example: Example) -> tuple[tuple[str, ...], list]:
     if example.kind == "pair":
         return ("prompt", "chosen", "rejected"), [example.prompt, example.chosen, example.rejected]
+    if example.kind == "group":
+        return ("prompt", *(f"response {i + 1}" for i in range(len(example.responses)))), [example.prompt,
+                                                                                          *example.responses]
     return ("prompt", "completion"), [example.prompt, example.completion]
+
+
+def _length_row(name: str) -> str:
+    """The length table's row of a part: every response of a group is one row, ``responses``."""
+    return "responses" if name.startswith("response ") else name
 
 
 def _opposite_key(example: Example, normalised: list[str]) -> bytes | None:

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-NOUNS = {"pair": "pairs", "unpaired": "KTO examples", "sft": "SFT examples"}
+NOUNS = {"pair": "pairs", "unpaired": "KTO examples", "sft": "SFT examples", "group": "groups"}
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DoctorReport:
 
     source: str
     file_format: str
-    kind: str  # "pair" | "unpaired" | "sft"
+    kind: str  # "pair" | "unpaired" | "sft" | "group"
     rows: int  # records in the file, bad ones included
     valid: int  # records preftune train would use
     record_formats: dict[str, int]

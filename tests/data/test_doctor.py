@@ -232,3 +232,52 @@ def test_missing_file_is_one_data_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         check_data(tmp_path / "nope.jsonl")
 
+
+
+# ------------------------------------------------------------------------------- response groups
+
+
+def group(prompt, responses, scores):
+    return {"prompt": prompt, "responses": responses, "scores": scores}
+
+
+def test_response_groups_sizes_ties_duplicates_and_the_best_responses_length(tmp_path):
+    """Groups of 4, 3 and 2 responses: an all-tied group, a group repeating a response (up to case and
+    punctuation), a group of one (a bad record naming its line and field), and best responses always the
+    longest (a length bias warning)."""
+    rows = [group(f"Question {i}?", [f" a long good answer {i}", " bad", " worse!", " no"], [3, 1, 0, 1])
+            for i in range(6)]
+    rows += [group("Tied?", [" one", " two", " three"], [2, 2, 2]),
+             group("Again?", [" Same answer.", " other text", " same answer"], [1, 0, 2]),
+             group("Alone?", [" only"], [1]),
+             {"instruction": "UltraFeedback?", "completions": [{"response": " a longer best", "overall_score": 8},
+                                                               {"response": " short", "overall_score": 2}]}]
+    path = write_jsonl(tmp_path / "groups.jsonl", rows)
+    report = check_data(path, max_length=40)
+    assert (report.kind, report.rows, report.valid) == ("group", 10, 9)
+    assert report.record_formats == {"group (text)": 9}
+    assert set(report.lengths) == {"prompt", "responses"}
+    found = {f.check: f for f in report.findings}
+    assert found["bad records"].locations == [f"{path}:9: field 'responses' holds 1 response(s); a group needs at "
+                                              "least 2"]
+    assert found["group sizes"].message == "responses per prompt: k=2: 1, k=3: 2, k=4: 6"
+    assert (found["all-tied groups"].severity, found["all-tied groups"].locations) == ("warning", [f"{path}:7"])
+    assert found["duplicate responses"].locations == [f"{path}:8 (responses 1 and 3)"]
+    bias = found["length bias"]
+    # 6 groups x 3 longer; "Again?": best " same answer" (12 characters) shorter than " Same answer." (13),
+    # longer than " other text" (11); UltraFeedback's row 1 longer: 20 of 21
+    assert bias.severity == "warning" and bias.message.startswith("best response longer in 95.2% of its comparisons")
+    assert "(20 longer, 1 shorter, in characters)" in bias.message
+    assert "conflicting pairs" not in found and found["exact duplicates"].count == 0
+    assert report.exit_code == 1  # the bad record
+    text = report.to_text()
+    assert "valid groups" in text and "all-tied groups" in text
+
+
+def test_group_duplicates_compare_scores_and_truncation_counts_each_response(tmp_path):
+    rows = [group("Q?", [" a", " b"], [1, 0]), group("Q?", [" a", " b"], [1, 0]), group("Q?", [" a", " b"], [0, 1]),
+            group("P" * 200, [" x", " y"], [1, 0]), group("R?", [" x", " z", " y" * 100], [1, 0, 2])]
+    report = check_data(write_jsonl(tmp_path / "g.jsonl", rows), max_length=40)
+    assert counts(report)["exact duplicates"] == 1  # the third has other scores: not a duplicate
+    # a 200-character prompt (~50 tokens) leaves no room; a 200-character third response is cut
+    assert counts(report)["dropped"] == 1 and report.finding("truncated").locations == [f"{tmp_path / 'g.jsonl'}:5"]
