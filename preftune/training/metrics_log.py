@@ -1,5 +1,6 @@
 """What a run logs: ``OUTPUT/metrics.jsonl`` (one JSON row per logged step or evaluation, trimmed back
-on resume) and the text of ``OUTPUT/summary.json``."""
+on resume) and the text of ``OUTPUT/summary.json``. Each row is also shown to the falling-chosen-likelihood
+watch (:mod:`preftune.training.chosen_drift`), which warns once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from pathlib import Path
 
 from preftune.common.files import json_safe, write_atomic, write_guard
+from preftune.training.chosen_drift import ChosenDriftWatch
 
 log = logging.getLogger("preftune")
 
@@ -18,11 +20,13 @@ class MetricsLog:
 
     def __init__(self, out: Path):
         self.path = out / "metrics.jsonl"
+        self.chosen_drift = ChosenDriftWatch()
 
     def write(self, row: dict) -> None:
         line = json.dumps(row) + "\n"
         with write_guard(self.path, len(line.encode())), open(self.path, "a") as fh:
             fh.write(line)  # a torn line (a crash mid-write) is dropped by the resume: drop_metrics_after
+        self.chosen_drift.see(row)  # a warning, once, when chosen log-probs fall while margins grow
 
     def close(self) -> None:
         pass  # each row is written and closed as it comes
