@@ -55,22 +55,37 @@ class Task:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (the store remembers which candidates file it was made from)."""
+    """Hex SHA-256 of a file's bytes (the store remembers which candidates file it was made from).
+    Raises :class:`DataError` naming ``path`` when it is missing, a folder or unreadable."""
+    source = os.fspath(path)
+    check_candidates_path(source)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise DataError(Location(source), f"cannot read file: {err.strerror or err}") from None
     return digest.hexdigest()
+
+
+def check_candidates_path(source: str) -> None:
+    """:class:`DataError` unless ``source`` names an existing file (a folder is refused by name)."""
+    if os.path.isdir(source):
+        raise DataError(Location(source), "is a folder, not a candidates file (give a .jsonl, .jsonl.gz, .json "
+                                          "or .parquet file)")
+    if not os.path.isfile(source):
+        raise DataError(Location(source), "no such file")
 
 
 def read_tasks(path: str | os.PathLike, mode: str = "auto") -> list[Task]:
     """Every task of the candidates file ``path``, in file order. Raises :class:`DataError`
-    (``file:line: ...``) at the first bad record, ``ValueError`` for an unknown mode."""
+    (``file:line: ...``) at the first bad record or for a missing, folder or unreadable path,
+    ``ValueError`` for an unknown mode."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     source = os.fspath(path)
-    if not os.path.isfile(source):
-        raise DataError(Location(source), "no such file")
+    check_candidates_path(source)
     tasks: list[Task] = []
     for location, row in read_rows(source):
         prompt, responses, meta = parse_candidate(row, location)

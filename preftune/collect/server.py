@@ -15,22 +15,27 @@ Routes (JSON in and out; every ``/api`` call needs the token when one is set)::
 Security: the server binds 127.0.0.1 unless a host is given, and then a token is required (one is
 made up and printed if none is given); without ``--host`` only ``Host: 127.0.0.1`` / ``localhost``
 is answered (no DNS rebinding). POSTs need ``Content-Type: application/json``, an ``Origin`` (when
-sent) equal to the server's own, and the token in ``X-Preftune-Token``; requests over
-:data:`MAX_BODY_BYTES` are refused with 413 and fields are bounded (annotator names, reasons,
-rankings). The page renders every text with ``textContent`` (never as HTML), under a
+sent) equal to the server's own, and the token in ``X-Preftune-Token``. A body is read whole
+(with a Content-Length or chunked) before the app sees it; one over :data:`MAX_BODY_BYTES` is
+refused with 413, one that is not UTF-8 JSON, or holds a number that is not finite or past SQLite's
+64-bit integers, with 400 (:mod:`preftune.collect.bodies`), and fields are bounded (annotator names, reasons,
+rankings: 422). Every refusal is ``{"detail": "one line"}``; nothing is stored. The page renders every text with ``textContent`` (never as HTML), under a
 Content-Security-Policy that allows only the page's own script and style.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import random
 import re
 import secrets
 import socket
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlencode
 
 try:
@@ -41,8 +46,11 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(f"the labelling app needs FastAPI and uvicorn ({err}); pip install 'preftune[label]'") from err
 
+from preftune.collect.bodies import HardenedApp, json_body
 from preftune.collect.candidates import MAX_RANKED, file_sha256, read_tasks
-from preftune.collect.store import LabelStore, ServerLock, Shown, StoreError
+from preftune.collect.store import MAX_SQLITE_INT, LabelStore, ServerLock, Shown, StoreError
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -72,19 +80,22 @@ class Settings:
 
 
 class Who(BaseModel):
-    """A request body naming the annotator."""
+    """A request body naming the annotator. Strict: numbers are JSON integers, never floats or booleans."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     annotator: str = Field(pattern=ANNOTATOR_PATTERN)
+
+
+Position = Annotated[int, Field(ge=0, lt=MAX_RANKED)]  # a response's index or display position
 
 
 class LabelIn(Who):
     """A label as the page sends it: sides / display positions, mapped to canonical indices by the store."""
 
-    task_id: int = Field(ge=0)
-    display_order: list[int] = Field(max_length=MAX_RANKED)
+    task_id: int = Field(ge=0, le=MAX_SQLITE_INT)
+    display_order: list[Position] = Field(max_length=MAX_RANKED)
     choice: str = Field(max_length=8)
-    ranking: list[int] | None = Field(default=None, max_length=MAX_RANKED)
+    ranking: list[Position] | None = Field(default=None, max_length=MAX_RANKED)
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
@@ -117,6 +128,12 @@ def create_app(store: LabelStore, settings: Settings):
     def store_error(request, exc: StoreError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    @app.exception_handler(sqlite3.Error)
+    def database_error(request, exc: sqlite3.Error):
+        log.error("the labels database %s failed: %s", store.path, exc)
+        return JSONResponse({"detail": f"the labels database could not be written ({exc}); nothing was saved: "
+                                       "try again, and tell whoever runs the server"}, status_code=503)
+
     def page(name: str) -> Response:
         body, media = pages[name]
         return Response(body, media_type=media)
@@ -146,21 +163,21 @@ def create_app(store: LabelStore, settings: Settings):
         return {**extra, "task": _task_json(shown), "progress": store.progress(annotator, settings.overlap)}
 
     @app.post("/api/next", dependencies=[Depends(guard)])
-    def next_task(body: Who):
+    def next_task(body: Who = Depends(json_body(Who))):
         return answer(body.annotator)
 
     @app.post("/api/label", dependencies=[Depends(guard)])
-    def label(body: LabelIn):
+    def label(body: LabelIn = Depends(json_body(LabelIn))):
         saved = store.submit(body.annotator, body.task_id, body.display_order, body.choice, body.ranking,
                              body.reason.strip())
         return answer(body.annotator, saved=saved)  # committed above, before the next task is chosen
 
     @app.post("/api/undo", dependencies=[Depends(guard)])
-    def undo(body: Who):
+    def undo(body: Who = Depends(json_body(Who))):
         return answer(body.annotator, undone=store.undo(body.annotator))
 
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
-    return _Hardened(app, MAX_BODY_BYTES)
+    return HardenedApp(app, MAX_BODY_BYTES, SECURITY_HEADERS)
 
 
 def _task_json(shown: Shown | None) -> dict | None:
@@ -172,57 +189,6 @@ def _task_json(shown: Shown | None) -> dict | None:
             "responses": [task.responses[i] for i in shown.display_order]}
 
 
-class _Hardened:
-    """ASGI wrapper: security headers on every response, and a body size limit (413) enforced on
-    the declared Content-Length and on the bytes actually received."""
-
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_hardened(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
-            await send(message)
-
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            return await _too_large(send_hardened, self.max_body)
-        received = 0
-
-        async def receive_limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, receive_limited, send_hardened)
-        except _TooLarge:
-            if not started:
-                await _too_large(send_hardened, self.max_body)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _too_large(send, limit: int) -> None:
-    body = f'{{"detail": "request body over {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 # ----------------------------------------------------------------------------- serving
 
 
@@ -231,9 +197,11 @@ def serve(candidates: str | os.PathLike, db: str | os.PathLike, host: str | None
           mode: str = "auto", seed: int | None = None, annotators: list[str] | None = None) -> int:
     """Check the candidates, open the store, print the annotators' links and serve until stopped.
 
-    Every problem that can be found before serving is a ``ValueError`` / ``DataError`` here:
-    a bad candidates line (``file:line``), a database made from another file, a second server on
-    the same database, a port in use.
+    Every problem that can be found before serving is a ``ValueError`` / ``DataError`` here, raised
+    before the socket listens: a bad candidates line (``file:line``), a candidates path that is a
+    folder or cannot be read, a guidelines file that cannot be read, a ``db`` that is a folder or
+    that SQLite cannot open or write (its lock file included), a database made from another file,
+    a second server on the same database, a port in use.
     """
     try:
         import uvicorn
@@ -251,27 +219,21 @@ def serve(candidates: str | os.PathLike, db: str | os.PathLike, host: str | None
     tasks = read_tasks(candidates, mode)
     if file_sha256(candidates) != sha256:
         raise ValueError(f"{os.fspath(candidates)} changed while it was read; try again once it is written")
-    guidelines_text = Path(guidelines).read_text(encoding="utf-8") if guidelines else ""
+    guidelines_text = _read_guidelines(guidelines)
     if host is not None and not token:
         token = secrets.token_urlsafe(18)
     bind = host or "127.0.0.1"
     lock = ServerLock(db)
     sock = None
     try:
-        sock = _bind(bind, port)
+        sock = _bind(bind, port)  # bound now (a port in use is refused before --db is made), listening below
         store = LabelStore(db)
         store.load_tasks(tasks, candidates, sha256, mode)
         settings = Settings(overlap=overlap, token=token, allowed_hosts=("*",) if host is not None
                             else tuple(LOOPBACK_HOSTS), guidelines=guidelines_text, seed=seed)
         app = create_app(store, settings)
-        shown_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
-        base = f"http://{'[' + shown_host + ']' if ':' in shown_host else shown_host}:{sock.getsockname()[1]}/"
-        counts = {m: sum(t.mode == m for t in tasks) for m in ("pair", "rank", "thumbs")}
-        print(f"{len(tasks)} tasks ({', '.join(f'{n} {m}' for m, n in counts.items() if n)}) from "
-              f"{os.fspath(candidates)}; labels go to {os.fspath(db)} (overlap {overlap})")
-        for name in annotators or ["NAME"]:
-            print(f"  {base}?{urlencode({'annotator': name, **({'token': token} if token else {})})}")
-        print("serving; Ctrl-C stops (every submitted label is already saved)", flush=True)
+        _listen(sock, bind, port)
+        _print_links(tasks, candidates, db, overlap, bind, sock.getsockname()[1], token, annotators)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
                                 limit_concurrency=64, h11_max_incomplete_event_size=16 * 1024)
         uvicorn.Server(config).run(sockets=[sock])
@@ -283,7 +245,36 @@ def serve(candidates: str | os.PathLike, db: str | os.PathLike, host: str | None
     return 0
 
 
+def _read_guidelines(path: str | os.PathLike | None) -> str:
+    """The ``--guidelines`` text ("" without one); ``ValueError`` naming the file when it cannot be read."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ValueError(f"{os.fspath(path)}: is a folder; --guidelines takes a text file") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{os.fspath(path)}: not UTF-8 text (byte {err.start + 1}); --guidelines takes a text "
+                         "file") from None
+    except OSError as err:
+        raise ValueError(f"{os.fspath(path)}: cannot read the guidelines ({err.strerror or err})") from None
+
+
+def _print_links(tasks, candidates, db, overlap: int, bind: str, port: int, token: str | None,
+                 annotators: list[str] | None) -> None:
+    """What is served, and each annotator's link."""
+    shown_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+    base = f"http://{'[' + shown_host + ']' if ':' in shown_host else shown_host}:{port}/"
+    counts = {m: sum(t.mode == m for t in tasks) for m in ("pair", "rank", "thumbs")}
+    print(f"{len(tasks)} tasks ({', '.join(f'{n} {m}' for m, n in counts.items() if n)}) from "
+          f"{os.fspath(candidates)}; labels go to {os.fspath(db)} (overlap {overlap})")
+    for name in annotators or ["NAME"]:
+        print(f"  {base}?{urlencode({'annotator': name, **({'token': token} if token else {})})}")
+    print("serving; Ctrl-C stops (every submitted label is already saved)", flush=True)
+
+
 def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, not yet listening; ``ValueError`` when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -292,5 +283,11 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port") from None
-    sock.listen(128)
     return sock
+
+
+def _listen(sock: socket.socket, host: str, port: int) -> None:
+    try:
+        sock.listen(128)
+    except OSError as err:  # another socket took the port between bind and listen
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port") from None

@@ -37,6 +37,7 @@ from preftune.collect.candidates import Task
 
 SCHEMA_VERSION = "1"
 LEASE_SECONDS = 30 * 60  # a task shown but not labelled holds its overlap slot this long
+MAX_SQLITE_INT = 2**63 - 1  # SQLite integers are signed 64-bit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -102,28 +103,42 @@ class LabelStore:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
         self._lock = threading.Lock()
-        if readonly:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path}: no such labels database")
-            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                         check_same_thread=False, isolation_level=None)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise ValueError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); put the database on a "
-                                 "local disk")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-        self._conn.execute("PRAGMA busy_timeout=10000")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        refuse_folder(self.path)
+        if readonly and not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such labels database")
+        try:
+            self._conn = self._connect(readonly)
+        except (OSError, sqlite3.Error) as err:
+            raise _open_error(self.path, err, readonly) from None
         try:
             self.info = dict(self._conn.execute("SELECT key, value FROM info").fetchall())
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path}: not a preftune labels database ({err})") from None
         if readonly and not self.info:
             raise ValueError(f"{self.path}: not a preftune labels database (no info table rows)")
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        """The connection, in WAL mode with full sync and the schema made (read-only: as it is)."""
+        if readonly:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            if not readonly:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise ValueError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); put the database on a "
+                                     "local disk")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         with self._lock:
@@ -133,7 +148,13 @@ class LabelStore:
 
     def load_tasks(self, tasks: Sequence[Task], candidates: str | os.PathLike, sha256: str, mode: str) -> None:
         """Fill a new database with ``tasks``, or check that an existing one was made from the same
-        candidates file (by SHA-256) and mode; ``ValueError`` if not."""
+        candidates file (by SHA-256) and mode; ``ValueError`` if not, or if SQLite cannot write it."""
+        try:
+            self._load_tasks(tasks, candidates, sha256, mode)
+        except sqlite3.Error as err:
+            raise ValueError(f"{self.path}: cannot write the labels database ({err})") from None
+
+    def _load_tasks(self, tasks: Sequence[Task], candidates: str | os.PathLike, sha256: str, mode: str) -> None:
         with self._lock:
             self._begin()
             try:
@@ -156,7 +177,7 @@ class LabelStore:
                     self._conn.executemany("INSERT INTO info (key, value) VALUES (?, ?)", info.items())
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.info = info
 
@@ -179,7 +200,7 @@ class LabelStore:
                 shown = self._pending(annotator, overlap, now) or self._assign(annotator, overlap, rng, now)
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return shown
 
@@ -193,6 +214,8 @@ class LabelStore:
         ``annotator``, one already labelled by them, or a bad choice.
         """
         now = time.time() if now is None else now
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id <= MAX_SQLITE_INT:
+            raise StoreError(f"task_id must be an integer from 0 to {MAX_SQLITE_INT}, got {task_id!r:.40}", status=422)
         with self._lock:
             self._begin()
             try:
@@ -215,7 +238,7 @@ class LabelStore:
                      None if canonical_ranking is None else _dump(canonical_ranking), reason, served_at, now))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return cursor.lastrowid
 
@@ -235,7 +258,7 @@ class LabelStore:
                                        (now, row[1], annotator))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return None if row is None else row[1]
 
@@ -278,6 +301,11 @@ class LabelStore:
 
     def _begin(self) -> None:
         self._conn.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already ended it (a failed COMMIT may have)."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     def _live_label(self, task_id: int, annotator: str):
         return self._conn.execute("SELECT id FROM labels WHERE task_id = ? AND annotator = ? AND undone_at IS NULL",
@@ -345,6 +373,21 @@ def _canonical(mode: str, choice: str, ranking: Sequence[int] | None,
     return choice, None, None
 
 
+def refuse_folder(path: Path) -> None:
+    """``ValueError`` when the labels database's path is a folder."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; the labels database is a file (e.g. {path / 'labels.sqlite'})")
+
+
+def _open_error(path: Path, err: BaseException, readonly: bool) -> ValueError:
+    """One line for a database SQLite (or the OS) would not open."""
+    if type(err) is sqlite3.DatabaseError:  # "file is not a database"
+        return ValueError(f"{path}: not a preftune labels database ({err})")
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    needs = "readable" if readonly else "writable"
+    return ValueError(f"{path}: cannot open the labels database ({reason}); the file and its folder must be {needs}")
+
+
 def _dump(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -356,9 +399,14 @@ class ServerLock:
     def __init__(self, db_path: str | os.PathLike):
         import fcntl
 
+        refuse_folder(Path(db_path))
         self.path = Path(f"{os.fspath(db_path)}.lock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except OSError as err:
+            raise ValueError(f"{self.path}: cannot make the lock file ({err.strerror or err}); --db must be in a "
+                             "folder you can write") from None
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -51,3 +51,24 @@ def test_generate_needs_a_judge_unless_keep_all(tiny_model_dir, tmp_path, capsys
                  "--out", str(tmp_path / "pairs.jsonl")])
     assert code == 1
     assert "--judge is required" in capsys.readouterr().err
+
+
+def test_a_candidates_path_that_is_no_readable_file_is_one_error(tmp_path, monkeypatch):
+    from preftune.collect import candidates as candidates_module
+    from preftune.collect.candidates import file_sha256
+    from preftune.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"is a folder, not a candidates file"):
+        file_sha256(tmp_path)
+    with pytest.raises(DataError, match=r"is a folder, not a candidates file"):
+        read_tasks(tmp_path)
+    with pytest.raises(DataError, match=r"missing.jsonl: no such file"):
+        file_sha256(tmp_path / "missing.jsonl")
+
+    def refused(path, *args, **kwargs):  # what a user without read permission gets (root reads anything)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (tmp_path / "c.jsonl").write_text('{"prompt": "p", "responses": ["a", "b"]}\n')
+    monkeypatch.setattr(candidates_module, "open", refused, raising=False)
+    with pytest.raises(DataError, match=r"c.jsonl: cannot read file: .*Permission denied"):
+        file_sha256(tmp_path / "c.jsonl")

@@ -170,6 +170,190 @@ def test_bad_candidates_stop_the_server_before_it_starts(tmp_path, capsys):
     assert main(["label", "serve", str(candidates), "--db", str(candidates)]) == 1
 
 
+@pytest.fixture
+def never_serves(monkeypatch):
+    """uvicorn's run replaced by a recorder: a refused start must never reach it."""
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: started.append(sockets))
+    monkeypatch.delenv("PREFTUNE_LABEL_TOKEN", raising=False)
+    return started
+
+
+def one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("preftune: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def refuse_open(monkeypatch, module, path: Path) -> None:
+    """``open(path)`` in ``module`` raises PermissionError, as it does for a user without the right
+    (tests run as root, for whom chmod alone refuses nothing)."""
+    import builtins
+
+    def fake_open(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+def test_serve_refuses_a_folder_or_unreadable_candidates_in_one_line(tmp_path, capsys, monkeypatch, never_serves):
+    from preftune.collect import candidates as candidates_module
+
+    db = tmp_path / "labels.sqlite"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["label", "serve", str(folder), "--db", str(db)]) == 1
+    one_line_error(capsys, f"{folder}: is a folder")
+    unreadable = write(tmp_path / "c.jsonl", ROWS)
+    unreadable.chmod(0)
+    with monkeypatch.context() as patch:
+        refuse_open(patch, candidates_module, unreadable)
+        assert main(["label", "serve", str(unreadable), "--db", str(db)]) == 1
+    one_line_error(capsys, str(unreadable), "Permission denied")
+    unreadable.chmod(0o644)
+    guidelines = tmp_path / "guide"
+    guidelines.mkdir()
+    assert main(["label", "serve", str(unreadable), "--db", str(db), "--guidelines", str(guidelines)]) == 1
+    one_line_error(capsys, f"{guidelines}", "is a folder")
+    assert not never_serves and not db.exists()
+
+
+def test_serve_refuses_a_database_it_cannot_open_in_one_line(tmp_path, capsys, monkeypatch, never_serves):
+    candidates = write(tmp_path / "c.jsonl", ROWS)
+    folder = tmp_path / "dbs"
+    folder.mkdir()
+    assert main(["label", "serve", str(candidates), "--db", str(folder)]) == 1  # a folder given as --db
+    one_line_error(capsys, f"{folder}", "is a folder")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    db = readonly / "labels.sqlite"
+    # SQLite cannot make the file (what a non-root user gets in a read-only folder; root is let in, so
+    # the refusal is simulated as well as set up)
+    real_connect = sqlite3.connect
+
+    def refused_connect(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(db):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", refused_connect)
+        assert main(["label", "serve", str(candidates), "--db", str(db)]) == 1
+    one_line_error(capsys, str(db), "unable to open database file")
+    # the lock file beside it cannot be made either
+    from preftune.collect import store as store_module
+
+    with monkeypatch.context() as patch:
+        refuse_open(patch, store_module, Path(f"{db}.lock"))
+        assert main(["label", "serve", str(candidates), "--db", str(db)]) == 1
+    one_line_error(capsys, f"{db}.lock", "Permission denied")
+    readonly.chmod(0o755)
+    assert not never_serves
+    assert main(["label", "serve", str(candidates), "--db", str(db), "--port", "0"]) == 0  # nothing was left held
+    assert len(never_serves) == 1
+
+
+def raw(c: TestClient, body, path: str = "/api/label") -> httpx.Response:
+    """POST ``body`` (bytes, or an iterator of byte chunks: sent chunked) as it is."""
+    return c.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def refusal(response: httpx.Response, status: int, *words: str) -> str:
+    """The one-line JSON message of a 4xx answer, checked for ``words``."""
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
+    for word in words:
+        assert word in detail, detail
+    return detail
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b'{"annotator": "ann", "task_id": 100000000000000000000000000, "display_order": [0, 1], "choice": "left"}',
+     400, ["100000000000000000000000000", "out of range"]),
+    (b'{"annotator": "ann", "task_id": 9223372036854775808, "display_order": [0, 1], "choice": "left"}',
+     400, ["9223372036854775808", "out of range"]),
+    (b'{"annotator": "ann", "task_id": 1e26, "display_order": [0, 1], "choice": "left"}', 422, ["task_id"]),
+    (b'{"annotator": "ann", "task_id": 0, "display_order": [1e400, 1], "choice": "left"}', 400, ["1e400"]),
+    (b'{"annotator": "ann", "task_id": 0, "display_order": [NaN, 1], "choice": "left"}', 400, ["NaN"]),
+    (b'{"annotator": "ann", "task_id": -Infinity, "display_order": [0, 1], "choice": "left"}', 400, ["Infinity"]),
+    (b'{"annotator": "ann", "task_id": ' + b"9" * 5000 + b', "display_order": [0, 1], "choice": "left"}',
+     400, ["out of range"]),
+    (b'{"annotator": "ann", "task_id": true, "display_order": [0, 1], "choice": "left"}', 422, ["task_id"]),
+    (b'{"annotator": "ann", "task_id": 0, "display_order": [0, 1e26], "choice": "left"}', 422, ["display_order"]),
+    (b'{"annotator": "ann", "task_id": 0, "display_order": [0, 1], "choice": "left", "reason": 1e999}', 400,
+     ["1e999"]),
+    (b'{"annotator": "ann", "task_id": 0, "display_order": [0, 1], "choice": "left"', 400, ["not valid JSON"]),
+])
+def test_numbers_out_of_range_are_refused_and_nothing_is_stored(tmp_path, body, status, words):
+    """JSON numbers SQLite cannot hold (past int64) or that are not finite: a 4xx naming the value, not a 500."""
+    c = client(tmp_path)
+    c = TestClient(c.app, base_url="http://127.0.0.1:8765", raise_server_exceptions=False)
+    task = c.post("/api/next", json={"annotator": "ann"}).json()["task"]
+    assert task["task_id"] == 0
+    refusal(raw(c, body), status, *words)
+    assert LabelStore(tmp_path / "labels.sqlite", readonly=True).labels() == []  # nothing stored
+    after = label(c, "ann", task, "left")  # and the server goes on
+    assert after["saved"] == 1 and len(LabelStore(tmp_path / "labels.sqlite", readonly=True).labels()) == 1
+
+
+def test_chunked_bodies_are_read_up_to_the_limit(tmp_path):
+    """A body without Content-Length (chunked) is read like any other: accepted within
+    MAX_BODY_BYTES, 413 naming the limit past it."""
+    c = client(tmp_path)
+    limit = server_module.MAX_BODY_BYTES
+
+    def chunks(body: bytes, size: int = 8192):
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+
+    small = raw(c, chunks(b'{"annotator": "ann"}'), "/api/next")
+    assert small.status_code == 200 and small.json()["task"]["task_id"] == 0
+    padded = b'{"annotator": "ann"' + b" " * (limit - 40) + b"}"  # just under the limit, in 8 chunks
+    assert len(padded) <= limit
+    assert raw(c, chunks(padded), "/api/next").status_code == 200
+    over = b'{"annotator": "ann"' + b" " * limit + b"}"
+    refusal(raw(c, chunks(over), "/api/next"), 413, f"{limit} bytes")
+    refusal(raw(c, over, "/api/next"), 413, f"{limit} bytes")  # the same with a Content-Length
+    assert c.post("/api/next", json={"annotator": "ann"}).status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_refused_as_such(tmp_path):
+    c = client(tmp_path)
+    body = '{"annotator": "ann", "reason": "caf\u00e9"}'.encode("latin-1")
+    refusal(raw(c, body, "/api/next"), 400, "UTF-8 JSON")
+    refusal(raw(c, b"\xff\xfe" + '{"annotator": "ann"}'.encode("utf-16-le"), "/api/next"), 400, "UTF-8 JSON")
+    assert c.post("/api/next", json={"annotator": "ann"}).status_code == 200
+
+
+def test_schema_errors_are_one_line(tmp_path):
+    c = client(tmp_path)
+    detail = refusal(c.post("/api/next", json={"annotator": "../x"}), 422, "annotator")
+    assert len(detail) < 300
+    refusal(c.post("/api/next", json=["ann"]), 422)
+    refusal(c.post("/api/next", json={}), 422, "annotator")
+
+
+def test_a_database_failing_while_serving_is_a_503_not_a_traceback(tmp_path, monkeypatch):
+    c = client(tmp_path)
+    c = TestClient(c.app, base_url="http://127.0.0.1:8765", raise_server_exceptions=False)
+    task = c.post("/api/next", json={"annotator": "ann"}).json()["task"]
+
+    def disk_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(LabelStore, "submit", disk_full)
+    r = c.post("/api/label", json={"annotator": "ann", "task_id": task["task_id"],
+                                   "display_order": task["display_order"], "choice": "left"})
+    refusal(r, 503, "database or disk is full", "nothing was saved")
+
+
 # ----------------------------------------------------------------------------- the real server
 
 
@@ -279,3 +463,34 @@ def test_host_flag_requires_the_token(tmp_path, servers):
     assert post(url, "/api/next", {"annotator": "ann"}).status_code == 401
     assert post(url, "/api/next", {"annotator": "ann"}, token="wrong").status_code == 401
     assert post(url, "/api/next", {"annotator": "ann"}, token="t0ken-for-test").status_code == 200
+
+
+def test_the_real_server_refuses_bad_bodies_in_one_line_and_keeps_serving(tmp_path, servers):
+    """Through uvicorn: a chunked body within the limit is read, one past it is 413, non-UTF-8 and
+    out-of-range numbers are 400; no traceback, nothing stored, the next label is saved."""
+    db = tmp_path / "labels.sqlite"
+    server = servers(write(tmp_path / "candidates.jsonl", ROWS), db)
+    url = server.wait_ready()
+    headers = {"content-type": "application/json"}
+
+    def chunked(body: bytes):
+        yield from (body[i:i + 4096] for i in range(0, len(body), 4096))
+
+    limit = server_module.MAX_BODY_BYTES
+    near = b'{"annotator": "ann"' + b" " * (limit - 40) + b"}"
+    task = httpx.post(url + "/api/next", content=chunked(near), headers=headers, timeout=30).json()["task"]
+    over = httpx.post(url + "/api/next", content=chunked(near + b" " * 100), headers=headers, timeout=30)
+    refusal(over, 413, f"{limit} bytes")
+    latin = httpx.post(url + "/api/next", content='{"annotator": "\u00e9"}'.encode("latin-1"), headers=headers,
+                       timeout=30)
+    refusal(latin, 400, "UTF-8 JSON")
+    for bad in (b'"task_id": 100000000000000000000000000, "display_order": [0, 1]',
+                b'"task_id": 0, "display_order": [1e400, 1]'):
+        body = b'{"annotator": "ann", "choice": "left", ' + bad + b"}"
+        refusal(httpx.post(url + "/api/label", content=body, headers=headers, timeout=30), 400, "out of range")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 0
+    r = post(url, "/api/label", {"annotator": "ann", "task_id": task["task_id"],
+                                 "display_order": task["display_order"], "choice": "left"})
+    assert r.status_code == 200 and r.json()["saved"] == 1
+    server.stop()
+    assert "Traceback" not in server.proc.stderr.read()

@@ -191,3 +191,35 @@ def test_one_server_lock_per_database(tmp_path):
         ServerLock(tmp_path / "db.sqlite")
     first.release()
     ServerLock(tmp_path / "db.sqlite").release()
+
+
+def test_a_database_that_cannot_be_opened_is_one_error_naming_it(tmp_path, monkeypatch):
+    """--db a folder, a file that is not SQLite, a folder SQLite may not write (simulated: root may write anywhere)."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=r"folder: is a folder"):
+        LabelStore(tmp_path / "folder")
+    (tmp_path / "text.sqlite").write_text("hello, not a database\n" * 100)
+    with pytest.raises(ValueError, match=r"text.sqlite: not a preftune labels database"):
+        LabelStore(tmp_path / "text.sqlite")
+    real_connect = sqlite3.connect
+    for refusal in (sqlite3.OperationalError("unable to open database file"),
+                    PermissionError(13, "Permission denied")):
+        def refused(path, *args, refusal=refusal, **kwargs):
+            if "readonly" in str(path):
+                raise refusal
+            return real_connect(path, *args, **kwargs)
+
+        monkeypatch.setattr(sqlite3, "connect", refused)
+        with pytest.raises(ValueError, match=r"readonly/labels.sqlite: cannot open the labels database"):
+            LabelStore(tmp_path / "readonly" / "labels.sqlite")
+
+
+def test_a_lock_file_that_cannot_be_made_is_one_error_naming_it(tmp_path, monkeypatch):
+    from preftune.collect import store as store_module
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(store_module, "open", refused, raising=False)
+    with pytest.raises(ValueError, match=r"db.sqlite.lock: cannot make the lock file.*Permission denied"):
+        ServerLock(tmp_path / "db.sqlite")
