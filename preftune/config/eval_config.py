@@ -25,6 +25,7 @@ from preftune.config.values import (
     apply_options,
     check_fields,
     flag_name,
+    located,
     option,
     read_options,
 )
@@ -84,8 +85,16 @@ class EvalConfig:
 
     def validate(self, judge_given: bool = False) -> "EvalConfig":
         """Check every value before anything is loaded; raise :class:`ConfigError` naming the option, the
-        value and what is allowed (types, choices, ranges, then the combinations). ``judge_given``: a
-        Judge object comes with this config (Python callers), so --judge's combination rule applies."""
+        value and what is allowed (types, choices, ranges, then the combinations), and the file the option
+        came from where it did. ``judge_given``: a Judge object comes with this config (Python callers), so
+        --judge's combination rule applies."""
+        try:
+            return self._check(judge_given)
+        except ConfigError as exc:
+            raise ConfigError(located(self, str(exc))) from None
+
+    def _check(self, judge_given: bool) -> "EvalConfig":
+        """:meth:`validate`'s checks, in order; ConfigError at the first that fails."""
         check_fields(self)
         for name in ("model", "data"):
             if not getattr(self, name):
@@ -117,7 +126,10 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "EvalConfig":
         """Build from a dict (YAML), refusing unknown keys with a suggestion and coercing types (not validated)."""
-        return cls(**read_options(values, cls.fields(), source))
+        kwargs = read_options(values, cls.fields(), source)
+        cfg = cls(**kwargs)
+        cfg.read_from = (source, dict(kwargs), {})  # validate() names the file in an error about its values
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":

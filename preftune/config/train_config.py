@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from preftune.config.values import (
     check_fields,
     describe,
     flag_name,
+    located,
     option,
     read_options,
 )
@@ -267,20 +267,7 @@ class TrainConfig:
         try:
             return self._check(require_io)
         except ConfigError as exc:
-            raise ConfigError(self._located(str(exc))) from None
-
-    def _located(self, message: str) -> str:
-        """``message`` (which starts with the option's flag) led by the file the option's value came from,
-        while it holds that file's value (a flag given after --config is the command line's)."""
-        read = getattr(self, "read_from", None)
-        flag = re.match(r"--([a-z0-9][a-z0-9-]*)", message)
-        if read is None or flag is None:
-            return message
-        source, values, origins = read
-        name = flag.group(1).replace("-", "_")
-        if name not in values or getattr(self, name, None) != values[name]:
-            return message
-        return f"{source}: {origins[name] + ' -> ' if name in origins else ''}{message}"
+            raise ConfigError(located(self, str(exc))) from None
 
     def _check(self, require_io: bool) -> "TrainConfig":
         """:meth:`validate`'s checks, in order; ConfigError at the first that fails."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +281,22 @@ def _keyword_hint(name: str, known: list[str], renamed: dict[str, str]) -> str:
         return f" (TRL's name; preftune's is {renamed[name]!r})"
     close = suggest(name, known, n=3, cutoff=0.6)
     return f" (close matches: {', '.join(close)})" if close else f" (options: {', '.join(sorted(known))})"
+
+
+def located(config, message: str) -> str:
+    """An error ``message`` about ``config`` (a dataclass config) led by the file the option it is about came
+    from: the option is the flag the message starts with; the file, ``config.read_from`` = ``(source,
+    {name: value read}, {name: the TRL key it was read as})``, set where the config is built from a file. A
+    value given after the file (a command-line flag, a Python keyword) is not the file's: the message is kept."""
+    read = getattr(config, "read_from", None)
+    flag = re.match(r"--([a-z0-9][a-z0-9-]*)", message)
+    if read is None or flag is None:
+        return message
+    source, values, origins = read
+    name = flag.group(1).replace("-", "_")
+    if name not in values or getattr(config, name, None) != values[name]:
+        return message
+    return f"{source}: {origins[name] + ' -> ' if name in origins else ''}{message}"
 
 
 def flags_markdown(config_class, flags_only: bool = True) -> str:

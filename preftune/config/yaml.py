@@ -22,6 +22,18 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     pass
 
 
+class _Unbuildable(Exception):
+    """A value YAML's constructor cannot build (``!!bool 0``, ``!!timestamp x``, an integer of over 4,300
+    digits): the node (for its line and tag) and the constructor's exception."""
+
+    def __init__(self, node: yaml.Node, error: Exception):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+# What a constructor raises for a value it cannot build (its own ConstructorError aside).
+_BUILD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError)
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error (plain
     YAML keeps the last silently). Merge keys (``<<: *base``) may still be overridden."""
@@ -42,6 +54,16 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                         key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node, deep=False):
+        """The base class's, with a value its constructor cannot build raised as :class:`_Unbuildable` (with
+        the innermost node, so the error names the line)."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, _Unbuildable, ConfigError):
+            raise
+        except _BUILD_ERRORS as exc:
+            raise _Unbuildable(node, exc) from None
 
 
 def check_size(root: yaml.Node | None, path: str | Path) -> None:
@@ -98,10 +120,21 @@ def load_yaml(path: str | Path) -> Any:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()
         raise ConfigError(f"{where}: invalid YAML ({problem[0] if problem else 'unreadable'})") from None
-    except ValueError as exc:  # a value the constructor cannot build (an integer of over 4,300 digits)
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{path}: invalid YAML value ({(str(exc).splitlines() or ['unreadable'])[0][:80]})") from None
+    except _Unbuildable as exc:
+        node, tag = exc.node, exc.node.tag.replace("tag:yaml.org,2002:", "!!")
+        shown = f" {describe(node.value, 40)}" if isinstance(node, yaml.ScalarNode) else ""
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: invalid YAML value {tag}{shown} "
+                          f"({_first_line(exc.error)})") from None
+    except ConfigError:
+        raise
+    except _BUILD_ERRORS as exc:  # raised outside any one value's constructor
+        raise ConfigError(f"{path}: invalid YAML value ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's type and the first line of its text, at most 80 characters of it."""
+    text = (str(exc).splitlines() or [""])[0][:80]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_options(path: str | Path) -> dict:

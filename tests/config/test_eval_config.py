@@ -89,3 +89,16 @@ def test_markdown_table_has_a_row_per_flag_with_its_range():
     assert "| `--kl-samples` | `1` |" in table and "Must be a positive integer." in table
     assert "| `--mixed-precision` | `auto` |" in table  # the command line's default
     assert "--device" not in table and "--packing" not in table  # Python-only options
+
+
+def test_an_error_about_a_value_from_a_file_names_the_file(tmp_path):
+    """As for preftune train's config: `judge: x` without `generate` came from the file, so the file is named."""
+    path = tmp_path / "eval.yaml"
+    path.write_text("judge: python:m:f\nbeta: 0.2\n")
+    cfg = EvalConfig.from_yaml(path)
+    cfg.model, cfg.data = "m", "d"
+    with pytest.raises(ConfigError, match=f"^{path}: --judge is used on generated samples"):
+        cfg.validate()
+    cfg.judge = "python:m:g"  # no longer the file's value (a flag given after --config)
+    with pytest.raises(ConfigError, match="^--judge is used on generated samples"):
+        cfg.validate()

@@ -106,7 +106,7 @@ def test_anchors_and_aliases_in_a_real_config_still_load(tmp_path):
 
 def test_an_integer_yaml_cannot_build_is_one_config_error(tmp_path):
     (tmp_path / "big.yaml").write_text("beta: 1" + "0" * 5000 + "\n")
-    with pytest.raises(ConfigError, match="big.yaml: invalid YAML value"):
+    with pytest.raises(ConfigError, match="big.yaml:1: invalid YAML value !!int "):
         load_yaml(tmp_path / "big.yaml")
 
 
@@ -169,3 +169,16 @@ def test_a_config_that_is_a_folder_or_unreadable_is_one_line(tmp_path):
     long_name = tmp_path / ("x" * 300 + ".yaml")
     with pytest.raises(ConfigError, match="cannot read it"):
         TrainConfig.from_yaml(long_name)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("loss: dpo\nbeta: !!bool 0\n", "bad.yaml:2: invalid YAML value !!bool '0' (KeyError: '0')"),
+    ("seed: !!timestamp 2024-99-99\n", "bad.yaml:1: invalid YAML value !!timestamp '2024-99-99' (ValueError: "),
+    ("beta: [1, !!int 0x]\n", "bad.yaml:1: invalid YAML value !!int '0x' (ValueError: "),
+])
+def test_a_tagged_value_yaml_cannot_build_is_one_line_naming_its_line(tmp_path, text, says):
+    """Each was a KeyError / ValueError traceback from PyYAML's constructor (found by tests/integration/test_fuzz.py)."""
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_yaml(tmp_path / "bad.yaml")
+    assert says in str(err.value) and "\n" not in str(err.value)
