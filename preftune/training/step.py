@@ -177,7 +177,9 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
                     update_state=False):
     """The configured method's loss and metrics for one batch; ``model(batch)`` is its LogpOutput.
     The options passed are those the method table says the method reads (``cfg.method_options()``);
-    ``state`` / ``update_state``: see :func:`preftune.methods.objective.compute_objective`.
+    ``state`` / ``update_state``: see :func:`preftune.methods.objective.compute_objective`. A batch of
+    response groups passes its (G, K) ``scores`` and ``completion_mask``: the one forward gave every
+    response's log-probs, (K * G,) in sequence order like a pair batch's.
 
     The reference runs first: its no-grad forward (body activations, head logits chunk) is freed
     before the policy builds its graph (activations, the kept softmax), instead of stacking on top
@@ -189,7 +191,7 @@ def batch_objective(cfg, batch, model, reference, mean_across_processes=lambda t
         cfg.method, policy, batch.num_groups, ref_logps=ref_logps, labels=batch.labels, margins=batch.margins,
         # LD-DPO counts tokens per sequence; WPO weights pairs by their tokens' aligned probabilities
         token_seq=batch.token_seq if cfg.ld_alpha is not None or cfg.use_weighting else None,
-        token_log_sum_sq=policy.token_log_sum_sq,
+        token_log_sum_sq=policy.token_log_sum_sq, scores=batch.scores, completion_mask=batch.completion_mask,
         state=state, update_state=update_state, mean_across_processes=mean_across_processes, **cfg.method_options())
 
 

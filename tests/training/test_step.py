@@ -1,0 +1,113 @@
+"""One step's objective on response groups: one forward per group through the policy and the reference,
+equal to the same groups expanded into pair records; ``preftune train`` on a group file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from conftest import BAD, GOOD, TOPICS, write_jsonl
+
+from preftune.config.train_config import TrainConfig
+from preftune.data.collate import collate_packed, collate_padded
+from preftune.data.records import TokenizedExample
+from preftune.model.logprobs import LogProbModel
+from preftune.model.tiny import tiny_model
+from preftune.training.loop import train
+from preftune.training.reference import ModelReference
+from preftune.training.step import batch_objective
+
+
+def groups_and_pairs(seed=0):
+    """Groups of k = 4, 3 and 2 with a tie, and the same groups as pair records: every ordered pair
+    (better, worse), ties skipped, in the group's order (``--group-pairs all``)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, 256, (n,), generator=gen).tolist()
+
+    groups = [TokenizedExample(index=0, prompt_ids=ids(6), completions=[ids(5), ids(9), ids(2), ids(7)],
+                               scores=[2.0, 0.0, 2.0, 1.0]),
+              TokenizedExample(index=1, prompt_ids=ids(12), completions=[ids(3), ids(8), ids(4)], scores=[0, 1, 3]),
+              TokenizedExample(index=2, prompt_ids=ids(2), completions=[ids(6), ids(6)], scores=[5.0, 4.5])]
+    pairs = []
+    for ex in groups:
+        for i, better in enumerate(ex.scores):
+            for j, worse in enumerate(ex.scores):
+                if better > worse:
+                    pairs.append(TokenizedExample(index=len(pairs), prompt_ids=ex.prompt_ids,
+                                                  completions=[ex.completions[i], ex.completions[j]]))
+    return groups, pairs
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
+@pytest.mark.parametrize("collate", [collate_packed, collate_padded])
+def test_group_objective_equals_the_expanded_pairs(loss, collate):
+    """The loss, its gradient and the pair metrics of a group batch (one forward per group) equal those of
+    its 5 + 3 + 1 = 9 expanded pairs (a forward per pair) within 1e-5: summed (dpo), averaged (ipo) and
+    reference-free (simpo) log-probs."""
+    groups, pairs = groups_and_pairs()
+    assert len(pairs) == 9
+    cfg = TrainConfig(model="tiny", data="groups.jsonl", loss=loss, beta=2.0 if loss == "simpo" else 0.1)
+    policy = tiny_model("llama", vocab_size=256, seed=0).eval()
+    start = copy.deepcopy(policy)
+    with torch.no_grad():  # a policy a little away from the reference: rewards are not all 0
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    reference = ModelReference(start, policy=policy) if cfg.needs_reference else None
+    outcomes = []
+    for examples in (groups, pairs):
+        policy.zero_grad()
+        loss_value, metrics = batch_objective(cfg, collate(examples, pad_id=0), LogProbModel(policy), reference)
+        loss_value.backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+        outcomes.append((loss_value.detach(), metrics, grads))
+    (group_loss, group_metrics, group_grads), (pair_loss, pair_metrics, pair_grads) = outcomes
+    assert abs(float(group_loss - pair_loss)) < 1e-5
+    assert (group_grads - pair_grads).norm() <= 1e-4 * pair_grads.norm()
+    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert float(group_metrics[key]) == pytest.approx(float(pair_metrics[key]), abs=1e-4), key
+
+
+def ranked_rule_groups(n: int, seed: int) -> list[dict]:
+    """The synthetic rule task as groups of 4: responses with 0-3 words that break the rule, scored by
+    minus that number."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        responses, scores = [], []
+        for bad in rng.sample(range(4), 4):
+            words = [rng.choice(GOOD) for _ in range(rng.randint(3, 5))]
+            for i in rng.sample(range(len(words)), bad):
+                words[i] = rng.choice(BAD)
+            responses.append(f" The {topic} is {' '.join(words)}.")
+            scores.append(-bad)
+        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:", "responses": responses,
+                     "scores": scores})
+    return rows
+
+
+def test_train_on_a_group_file_with_a_pair_loss(tiny_model_dir, tmp_path):
+    """``preftune train --data groups.jsonl --loss dpo``: the group file is read as groups, each group one
+    forward, DPO on its ordered pairs; held-out pairwise accuracy goes from 0 to >= 0.9 in 16 steps. The
+    precomputed reference gives the live reference's losses."""
+    data = write_jsonl(tmp_path / "groups.jsonl", ranked_rule_groups(128, seed=1))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", ranked_rule_groups(32, seed=2))
+    common = dict(model=str(tiny_model_dir), data=str(data), eval_data=str(held_out), loss="dpo", beta=0.1,
+                  learning_rate=3e-3, batch_size=8, epochs=1, max_length=64, logging_steps=4, warmup_ratio=0.0,
+                  lr_scheduler="constant", seed=0, progress=False)
+    result = train(TrainConfig(output_dir=str(tmp_path / "live"), **common))
+    assert result.steps == 16
+    assert result.eval_before["rewards/accuracies"] == 0.0  # policy == reference
+    assert result.eval_after["rewards/accuracies"] >= 0.9
+    cached = train(TrainConfig(output_dir=str(tmp_path / "cached"), precompute_ref=True, max_steps=4, **common))
+    assert cached.steps == 4
+    live_rows = [json.loads(line) for line in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    cached_rows = [json.loads(line) for line in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    live_losses = [r["loss"] for r in live_rows if "loss" in r][:1]
+    cached_losses = [r["loss"] for r in cached_rows if "loss" in r][:1]
+    assert cached_losses == pytest.approx(live_losses, abs=1e-5)
