@@ -207,8 +207,8 @@ def wait_for_folder(folder: Path, name: str) -> str | None:
             if waiting:
                 log.info("variant %s: %s is free now", name, folder)
             elif owners:
-                log.info("variant %s: the process that ran it earlier is gone (%s); running it again", name,
-                         describe_lock(owners[0][0]))
+                log.info("variant %s: the process that held %s earlier is gone (%s): the folder is taken over",
+                         name, folder, describe_lock(owners[0][0]))
             return None
         if time.monotonic() >= deadline:
             return (f"its folder {folder} is still in use by {describe_lock(live[0])} after waiting "

@@ -62,7 +62,8 @@ def test_config_file_is_read_and_flags_override_it(tmp_path):
 def test_bad_config_file_exits_2(tmp_path, capsys):
     (tmp_path / "eval.yaml").write_text("kl_samples: 0\n")
     assert main(["eval", "--config", str(tmp_path / "eval.yaml"), "--model", "m", "--data", "d"]) == 2
-    assert capsys.readouterr().err.strip() == "preftune: error: --kl-samples must be a positive integer (got 0)"
+    assert capsys.readouterr().err.strip() == (f"preftune: error: {tmp_path / 'eval.yaml'}: --kl-samples must be a "
+                                               "positive integer (got 0)")  # the file the value came from
 
 
 def test_every_flag_is_in_help_and_in_the_docs_table(capsys):
