@@ -16,10 +16,11 @@ Security: the server binds 127.0.0.1 unless a host is given, and then a token is
 made up and printed if none is given); without ``--host`` only ``Host: 127.0.0.1`` / ``localhost``
 is answered (no DNS rebinding). POSTs need ``Content-Type: application/json``, an ``Origin`` (when
 sent) equal to the server's own, and the token in ``X-Preftune-Token``. A body is read whole
-(with a Content-Length or chunked) before the app sees it; one over :data:`MAX_BODY_BYTES` is
-refused with 413, one that is not UTF-8 JSON, or holds a number that is not finite or past SQLite's
-64-bit integers, with 400 (:mod:`preftune.collect.bodies`), and fields are bounded (annotator names, reasons,
-rankings: 422). Every refusal is ``{"detail": "one line"}``; nothing is stored. The page renders every text with ``textContent`` (never as HTML), under a
+(with a Content-Length or chunked) before the app sees it (:mod:`preftune.collect.bodies`): over
+:data:`MAX_BODY_BYTES` it is refused with 413; not UTF-8 JSON, or holding a number that is not
+finite or past SQLite's 64-bit integers, with 400; and fields are bounded (annotator names,
+reasons, rankings: 422). Every refusal is ``{"detail": "one line"}`` and stores nothing. The page
+renders every text with ``textContent`` (never as HTML), under a
 Content-Security-Policy that allows only the page's own script and style.
 """
 
@@ -131,7 +132,7 @@ def create_app(store: LabelStore, settings: Settings):
     @app.exception_handler(sqlite3.Error)
     def database_error(request, exc: sqlite3.Error):
         log.error("the labels database %s failed: %s", store.path, exc)
-        return JSONResponse({"detail": f"the labels database could not be written ({exc}); nothing was saved: "
+        return JSONResponse({"detail": f"the labels database could not be used ({exc}); nothing was saved: "
                                        "try again, and tell whoever runs the server"}, status_code=503)
 
     def page(name: str) -> Response:
