@@ -233,6 +233,11 @@ class TrainConfig:
         False, "Replace the run already in --output-dir: its model, metrics, checkpoints and summary are deleted "
                "when this run starts (TRL's --overwrite_output_dir). Without it a folder holding a run is refused "
                "unless --resume-from continues it.", group="output")
+    export_gguf: str | None = option(
+        None, "Also write the final model as one GGUF file (llama.cpp, Ollama, LM Studio) at this quantization, "
+              "LoRA adapters merged: OUTPUT_DIR/gguf/NAME.QUANT.gguf (NAME: the output folder's) with an Ollama "
+              "Modelfile beside it, as preftune export --ollama writes for any model folder.",
+        ("f32", "f16", "bf16", "q8_0"), group="output")
 
     # ------------------------------------------------------------------------------------------
     @property

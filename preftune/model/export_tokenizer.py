@@ -178,13 +178,12 @@ def _tokens(tokenizer, state: dict, vocab_size: int, kind: str) -> tuple[list[st
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
             if i == unk:
                 types.append(gguf.TokenType.UNKNOWN)
+            elif i in added:
+                types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
             elif kind == "llama" and BYTE_TOKEN.match(token):
                 types.append(gguf.TokenType.BYTE)
             else:

@@ -77,7 +77,30 @@ def save_final(cfg, accelerator, model, tokenizer, run) -> None:
         except DiskFullError as exc:
             raise DiskFullError(f"{exc}; nothing in {run.out} was replaced. {_keep_trained(run, write, needed)}") \
                 from None
+        if getattr(cfg, "export_gguf", None):
+            export_final_gguf(run.out, cfg.export_gguf)
     accelerator.wait_for_everyone()
+
+
+def export_final_gguf(out: Path, quant: str) -> Path:
+    """``--export-gguf QUANT``: the saved final model in ``out`` (LoRA adapters merged) also written as
+    ``out/gguf/<out's name>.<QUANT>.gguf``, with an Ollama ``Modelfile`` beside it. A subfolder, so the run
+    folder itself never holds a ``.gguf`` (an adapter folder with one would load as that GGUF).
+    Returns the GGUF's path; a model that cannot be exported raises one line saying the model is saved.
+    """
+    from preftune.model.export_gguf import ExportError, export_gguf
+    from preftune.model.export_ollama import ollama_name, write_modelfile
+
+    out = Path(out)
+    target = out / "gguf" / f"{out.resolve().name}.{quant.upper()}.gguf"
+    try:
+        result = export_gguf(out, target, quant=quant)
+    except ExportError as exc:
+        raise ExportError(f"the final model is saved in {out}, but --export-gguf {quant} failed: {exc}") from None
+    modelfile, _ = write_modelfile(target, result.plan.tokenizer, result.plan.vocab.stop_tokens)
+    log.info("GGUF written: %s (%s); for Ollama: ollama create %s -f %s", target, size_text(result.size_bytes),
+             ollama_name(target), modelfile)
+    return target
 
 
 def _keep_trained(run, write, needed: int) -> str:
