@@ -54,7 +54,8 @@ def model_card_text(cfg, summary: dict, num_examples: int) -> str:
                          library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          tags=tags)
     name = Path(cfg.output_dir).name if cfg.output_dir else "model"
-    kind = {"pair": "preference pairs", "unpaired": "KTO examples", "sft": "SFT examples"}[cfg.kind]
+    kind = {"pair": "preference pairs", "unpaired": "KTO examples", "sft": "SFT examples",
+            "group": "response groups"}[cfg.kind]
     lines = [f"# {name}", "",
              f"{'LoRA adapters for' if adapter else 'A fine-tune of'} `{cfg.model}`"
              + (f" (hub: [{base}](https://huggingface.co/{base}))" if base and base != cfg.model else "")
