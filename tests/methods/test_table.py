@@ -270,6 +270,23 @@ def test_combinations_read_as_rows():
     assert TrainConfig(model="m", data="d", output_dir="o", loss="cpo").validate().needs_reference is False
 
 
+def test_pair_rows_train_on_groups_and_group_rows_on_groups_only():
+    """Every pair row of a causal LM also trains on response groups (through their ordered pairs) and reads
+    --group-pairs; plackett_luce and lipo_lambda train on groups alone; a combination shares its kinds."""
+    from preftune.methods import table as M
+
+    assert M.parse("dpo").kinds == ("pair", "group") and M.parse("dpo").kind == "pair"
+    assert M.parse("plackett_luce").kinds == ("group",) and "group_pairs" not in M.get("plackett_luce").fields
+    assert M.parse("dpo,lipo_lambda").kind == "group"
+    assert {m.name for m in M.METHODS if "group" in m.kinds} >= {"dpo", "dpop", "simpo", "ipo", "plackett_luce"}
+    assert "group" not in M.get("reward").kinds and "group" not in M.get("sft").kinds
+    assert all("group_pairs" in m.fields for m in M.METHODS if m.pairwise_on_groups)
+    with pytest.raises(ValueError, match="train on different data kinds"):
+        M.parse("plackett_luce,sft")
+    cfg = TrainConfig(model="m", data="d", output_dir="o", loss="dpop", group_pairs="best-vs-rest").validate()
+    assert cfg.method_options()["group_pairs"] == "best-vs-rest" and cfg.method_options()["dpop_lambda"] == 50.0
+
+
 @pytest.mark.parametrize("options, message", [
     ({"loss": "ipo", "label_smoothing": 0.1}, "--label-smoothing applies to --loss dpo, robust"),
     ({"loss": "orpo", "beta": 0.2}, "--beta applies to --loss"),
@@ -287,6 +304,10 @@ def test_combinations_read_as_rows():
     ({"loss": "dpo", "sync_ref_model": True, "precompute_ref": True}, "would be stale"),
     ({"loss": "dpo", "sync_ref_model": True, "lora_r": 8}, "adapters off"),
     ({"loss": "dpo", "sync_ref_model": True, "resume_from": "latest"}, "checkpoints hold the policy"),
+    ({"loss": "dpo", "dpop_lambda": 5.0}, "--dpop-lambda applies to --loss dpop only, not dpo"),
+    ({"loss": "plackett_luce", "group_pairs": "best-vs-worst"}, "--group-pairs applies to --loss dpo, .* only, not "
+                                                                 "plackett_luce"),
+    ({"loss": "dpo", "group_pairs": "best"}, "--group-pairs: 'best' is not one of all, best-vs-rest, best-vs-worst"),
 ])
 def test_options_that_cannot_act_are_refused_by_name(options, message):
     """PITFALLS: a flag that is accepted must act, or be refused."""
