@@ -134,8 +134,13 @@ def _row_losses(row: M.Method, tensors: _Tensors, options) -> tuple[torch.Tensor
     TrainConfig field is not in ``options`` keeps its default) -> (losses, rewards, metrics)."""
     if row.reference and tensors.ref is None:
         raise ValueError(f"--loss {row.name} needs reference log-probs")
-    kwargs = {keyword: options[name] for keyword, name in row.options.items() if name in options}
-    return _unpack(row.loss(**{name: tensors.get(name, row) for name in row.inputs}, **kwargs))
+    return _unpack(row.loss(**{name: tensors.get(name, row) for name in row.inputs}, **_keywords(row, options)))
+
+
+def _keywords(row: M.Method, options) -> dict[str, Any]:
+    """The loss keywords of ``row`` whose TrainConfig fields are in ``options`` (the others keep the loss's
+    defaults)."""
+    return {keyword: options[name] for keyword, name in row.options.items() if name in options}
 
 
 def _batch_metrics(kind: str, policy: LogpOutput, num_groups: int, labels, tensors: _Tensors,
@@ -304,8 +309,8 @@ class _GroupTensors:
         per_token = self.counts.clamp(min=1) if row.logps == "mean" else 1
         inputs = {"policy_logps": self.logps / per_token, "scores": self.scores, "mask": self.mask,
                   "reference_logps": None if self.ref is None else self.ref / per_token}
-        kwargs = {keyword: options[name] for keyword, name in row.options.items() if name in options}
-        losses, rewards, extra = _unpack(row.loss(**{name: inputs[name] for name in row.inputs}, **kwargs))
+        losses, rewards, extra = _unpack(row.loss(**{name: inputs[name] for name in row.inputs},
+                                                  **_keywords(row, options)))
         pairs = groups.ordered_pairs(self.scores, self.mask, "all")
         logps = self.logps.detach()
         return losses, (pairs.better_of(rewards[0]), pairs.worse_of(rewards[0]), pairs.better_of(logps),
