@@ -47,6 +47,9 @@ class Batch:
     labels: torch.Tensor | None = None  # (G,) bool, KTO desirable/undesirable
     margins: torch.Tensor | None = None  # (G,) float, pairs' margin field (reward models), None if none has one
     num_tokens: int = 0  # non-padding tokens in input_ids (for tokens/s)
+    # (N,) long: the target token's own column (token_cols + 1, except where a packed completion's first
+    # token is predicted by its prompt's last token); a reward model reads each sequence's last one
+    token_target_cols: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # (G, K) float, response groups' scores (higher = better; 0 where absent)
     completion_mask: torch.Tensor | None = None  # (G, K) bool, response groups: which completions exist
 

@@ -351,20 +351,26 @@ def _batch_rewards(lm: nn.Module, batch: Batch, inputs: dict, compute_dtype) -> 
         out = body(lm)(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (R, L, H)
     S, L = batch.num_sequences, batch.input_ids.shape[1]
-    # Each target token t sits one column after its predicting state: (row, col + 1).
-    flat = batch.token_rows * L + batch.token_cols + 1  # (N,)
+    # Each target token's own column: one after its predicting state's, except a packed completion's first
+    # token, predicted by the prompt's last (Batch.token_target_cols says where it sits).
+    target_cols = batch.token_target_cols if batch.token_target_cols is not None else batch.token_cols + 1
+    flat = batch.token_rows * L + target_cols  # (N,)
     last = torch.full((S,), -1, dtype=flat.dtype, device=flat.device).scatter_reduce(
         0, batch.token_seq, flat, reduce="amax")  # (S,) flat position of each sequence's last token
-    if bool((last < 0).any()):
+    present = torch.ones(S, dtype=torch.bool, device=flat.device)  # (S,) absent: a group's missing responses
+    if batch.completion_mask is not None:
+        present = batch.completion_mask.to(flat.device).t().reshape(-1)
+    if bool((last[present] < 0).any()):
         raise ValueError("a sequence of the batch has no completion token: a reward model scores the last one")
     head = getattr(lm, "score", None)
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no `score` head")
+    last = last.clamp(min=0)  # absent responses read any state; their rewards are zeroed below
     with autocast(batch.input_ids.device.type, compute_dtype):
-        rewards = head(hidden[last // L, last % L])  # (S, 1)
+        rewards = head(hidden[last // L, last % L])[:, 0].float() * present  # (S,)
     counts = torch.bincount(batch.token_seq, minlength=S)
     zeros = torch.zeros(S, dtype=torch.float32, device=hidden.device)
-    return LogpOutput(logps=zeros, counts=counts, token_logps=zeros.new_zeros(0), rewards=rewards[:, 0].float())
+    return LogpOutput(logps=zeros, counts=counts, token_logps=zeros.new_zeros(0), rewards=rewards)
 
 
 class LogProbModel(CausalLMWrapper):

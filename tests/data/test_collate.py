@@ -237,6 +237,8 @@ def test_packed_group_exact():
     assert torch.equal(b.token_targets, t([20, 21, 22, 30, 31, 32, 40, 41, 42]))
     assert torch.equal(b.token_seq, t([0, 0, 1, 2, 3, 3, 4, 4, 4]))
     assert torch.equal(b.token_cols, t([1, 2, 8, 1, 8, 10, 1, 5, 6]))  # first tokens from the last prompt token
+    assert torch.equal(b.token_target_cols, t([2, 3, 9, 4, 10, 11, 5, 6, 7]))  # where each target sits
+    assert torch.equal(b.input_ids[0, b.token_target_cols], b.token_targets)
     assert (b.num_groups, b.num_completions, b.num_tokens) == (2, 3, 12)
     assert torch.equal(b.scores, t([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]))
     assert torch.equal(b.completion_mask, t([[True, True, True], [True, True, False]]))

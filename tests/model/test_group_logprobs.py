@@ -190,3 +190,27 @@ def test_per_group_and_pairs():
     out = group_logps(torch.arange(6.0), batch)
     assert out.mask.all() and out.counts.tolist() == [[2, 1]] * 3
     assert out.mean_logps.tolist() == [[0.0, 3.0], [0.5, 4.0], [1.0, 5.0]]
+
+
+def test_a_reward_model_scores_every_response_of_groups_of_different_k():
+    """A reward model's head on each response's last token: packed and padded group batches give the
+    classifier's own score of prompt + response alone; absent responses score 0."""
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.model.logprobs import batch_logps
+    from preftune.model.tiny import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", VOCAB, num_labels=1)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa",
+                                                            dtype=torch.float32).eval()
+    examples = make_groups(3)
+    with torch.no_grad():
+        own = torch.zeros(3, 4)
+        for g, ex in enumerate(examples):
+            for k, response in enumerate(ex.completions):
+                own[g, k] = model(input_ids=torch.tensor([ex.prompt_ids + response])).logits[0, 0]
+        for batch in (collate_packed(examples, 0, pack_tokens=10_000), collate_padded(examples, 0)):
+            rewards = per_group(batch_logps(model, batch).rewards, 3)
+            assert (rewards - own).abs().max() < 1e-5
+    assert float(own[own != 0].std()) > 0.01
