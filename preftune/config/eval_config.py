@@ -28,6 +28,7 @@ from preftune.config.values import (
     located,
     option,
     read_options,
+    shown_path,
 )
 from preftune.config.yaml import load_options
 from preftune.model.precision import MIXED_PRECISION
@@ -134,7 +135,7 @@ class EvalConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
         """Options from a YAML file of ``preftune eval`` option names (not validated)."""
-        return cls.from_dict(load_options(path), source=str(path))
+        return cls.from_dict(load_options(path), source=shown_path(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

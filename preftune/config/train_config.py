@@ -30,6 +30,7 @@ from preftune.config.values import (
     located,
     option,
     read_options,
+    shown_path,
 )
 from preftune.config.yaml import dump_yaml, load_options
 from preftune.methods import table as methods
@@ -376,13 +377,14 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         """Options from a YAML file (preftune's or TRL's names; an empty file: every default)."""
         values = load_options(path)
-        return cls.from_dict(values, source=str(path)) if values else cls()
+        return cls.from_dict(values, source=shown_path(path)) if values else cls()
 
 
 def _check_checkpoint_path(given: str) -> None:
     """``--resume-from PATH`` is a checkpoint folder (it holds ``state.json``), else ConfigError saying
     whether the path does not exist or what it is instead, and what a checkpoint folder holds."""
     path = Path(given)
+    given = shown_path(given)  # in the messages
     try:
         if (path / "state.json").is_file():
             return

@@ -46,6 +46,13 @@ def describe(value: Any, limit: int = 80) -> str:
     return shown if len(shown) <= limit else shown[:max(limit - 3, 0)] + "..."
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as an error message shows it: as it is, or -- holding a control character (a newline) or over
+    200 characters long -- as its bounded :func:`describe`, so the message stays one short line."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text if text.isprintable() and len(text) <= 200 else describe(text, 120)
+
+
 def _repr_pieces(value: Any):
     """The fragments of ``repr(value)`` in order, generated lazily (containers one item at a time)."""
     if type(value) in (list, tuple, set, frozenset, dict):

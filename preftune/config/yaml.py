@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from preftune.config.values import ConfigError, describe
+from preftune.config.values import ConfigError, describe, shown_path
 
 # Caps on a YAML config counted as expanded (a node reached through an alias counts each time it is
 # reached). A real config has a few hundred values and a handful of levels; an alias bomb (anchors of
@@ -95,40 +95,49 @@ def check_size(root: yaml.Node | None, path: str | Path) -> None:
 def load_yaml(path: str | Path) -> Any:
     """A YAML file read safely (:class:`UniqueKeyLoader`) within :func:`check_size`'s caps, or ConfigError
     naming the file and line."""
-    path = Path(path)
+    name = shown_path(path)
+    text, loader = _read_text(Path(path), name), None
     try:
-        loader = UniqueKeyLoader(path.read_text(encoding="utf-8"))
-        try:
-            root = loader.get_single_node()
-            check_size(root, path)
-            return None if root is None else loader.construct_document(root)
-        finally:
-            loader.dispose()
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config {path}: a folder, not a YAML file") from None
-    except OSError as exc:  # unreadable: permissions, an I/O error, a name too long
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        loader = UniqueKeyLoader(text)  # checks that every character is printable
+        root = loader.get_single_node()
+        check_size(root, name)
+        return None if root is None else loader.construct_document(root)
     except _DuplicateKey as exc:
-        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}; YAML would keep only the last, "
+        raise ConfigError(f"{name}:{exc.problem_mark.line + 1}: {exc.problem}; YAML would keep only the last, "
                           f"so say it once") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        where = f"{name}:{mark.line + 1}" if mark else name
         problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()
         raise ConfigError(f"{where}: invalid YAML ({problem[0] if problem else 'unreadable'})") from None
     except _Unbuildable as exc:
         node, tag = exc.node, exc.node.tag.replace("tag:yaml.org,2002:", "!!")
         shown = f" {describe(node.value, 40)}" if isinstance(node, yaml.ScalarNode) else ""
-        raise ConfigError(f"{path}:{node.start_mark.line + 1}: invalid YAML value {tag}{shown} "
+        raise ConfigError(f"{name}:{node.start_mark.line + 1}: invalid YAML value {tag}{shown} "
                           f"({_first_line(exc.error)})") from None
     except ConfigError:
         raise
     except _BUILD_ERRORS as exc:  # raised outside any one value's constructor
-        raise ConfigError(f"{path}: invalid YAML value ({_first_line(exc)})") from None
+        raise ConfigError(f"{name}: invalid YAML value ({_first_line(exc)})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_text(path: Path, name: str) -> str:
+    """The file's text, or ConfigError saying why it cannot be read (``name``: the path as messages show it)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {name}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {name}: a folder, not a YAML file") from None
+    except OSError as exc:  # unreadable: permissions, an I/O error, a name too long
+        raise ConfigError(f"--config {name}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise ConfigError(f"--config {name}: cannot read it ({exc})") from None
 
 
 def _first_line(exc: Exception) -> str:
@@ -143,7 +152,7 @@ def load_options(path: str | Path) -> dict:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+        raise ConfigError(f"{shown_path(path)}: expected a mapping of option: value, got {type(loaded).__name__}")
     return loaded
 
 

@@ -97,3 +97,9 @@ def test_resume_from_a_run_folder_names_its_newest_checkpoint(tmp_path):
     assert f"--resume-from {tmp_path / 'run' / 'checkpoints' / 'step-000010'}" in str(err.value)
     valid(resume_from=str(tmp_path / "run" / "checkpoints" / "step-000002")).validate()  # a checkpoint: accepted
     valid(resume_from="latest").validate()
+
+
+def test_resume_from_a_path_with_control_characters_is_one_bounded_line():
+    with pytest.raises(ConfigError) as err:
+        valid(resume_from="run\n" + "x" * 500).validate()
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)

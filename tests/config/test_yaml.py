@@ -182,3 +182,11 @@ def test_a_tagged_value_yaml_cannot_build_is_one_line_naming_its_line(tmp_path, 
     with pytest.raises(ConfigError) as err:
         load_yaml(tmp_path / "bad.yaml")
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["`\n?x.yaml", "x" * 300 + ".yaml"])
+def test_a_config_path_is_shown_on_one_short_line(tmp_path, name):
+    """A newline in the file's name (found by tests/integration/test_fuzz.py) or a long name: one bounded line."""
+    with pytest.raises(ConfigError) as err:
+        preftune.train(str(tmp_path / name))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)

@@ -368,3 +368,39 @@ def test_command_lines_exit_0_1_or_2_with_one_error_line(cli_folder, capsys, no_
     argv = fill(argv, cli_folder)
     code, out, err = run_cli(argv, capsys)
     check_outcome(argv, code, out, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Python API: preftune.train(**options), preftune.evaluate(model, data, **options)
+# ------------------------------------------------------------------------------------------------
+
+PY_VALUES = (st.none() | st.booleans() | st.integers() | st.integers(2**63, 2**200) | st.floats()
+             | st.text(max_size=8) | st.binary(max_size=4) | st.sampled_from(WORDS + NUMBER_WORDS[:8])
+             | st.builds(Path, st.sampled_from(["/nonexistent/preftune-fuzz/x", "rel/x", ""]))
+             | st.lists(st.integers() | st.text(max_size=3), max_size=3)
+             | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+             | st.builds(object) | st.just(float) | st.tuples(st.integers()))
+API_NAMES = st.sampled_from(OWN_NAMES) | st.sampled_from(TRL_KEYS) | st.sampled_from(["betta", "lr", ""])
+
+
+@settings(max_examples=60, **FUZZ)
+@given(options=st.dictionaries(API_NAMES, PY_VALUES, max_size=5), which=st.sampled_from(["train", "evaluate"]),
+       config=st.none() | PY_VALUES)
+def test_python_api_gives_a_result_or_one_config_error(no_training, options, which, config):
+    """Any keywords of any Python type: the call gets as far as training / evaluating (the stub), or raises one
+    ConfigError line; never a TypeError or another exception."""
+    import preftune
+
+    options = {"model": "/nonexistent/preftune-fuzz/m", "data": "/nonexistent/preftune-fuzz/d.jsonl",
+               "output_dir": "/nonexistent/preftune-fuzz/out", **options}
+    with bounded(CLI_SECONDS, megabytes=None):
+        try:
+            if which == "train":
+                preftune.train(config, **options)
+            else:
+                options.pop("output_dir", None)
+                preftune.evaluate(options.pop("model"), options.pop("data"), **options)
+        except ConfigError as err:
+            assert "\n" not in str(err) and len(str(err)) < 2000, str(err)[:300]
+        except StopBeforeLoading:
+            pass
