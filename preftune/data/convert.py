@@ -30,6 +30,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,35 +245,53 @@ def check_output_path(dst: str | os.PathLike, *sources: str | os.PathLike) -> No
 def write_rows(path: str | os.PathLike, rows: Iterable[dict], keep_empty: bool = True) -> int:
     """Write ``rows`` as JSON Lines (``.jsonl``, ``.jsonl.gz``) or Parquet (``.parquet``); the count.
 
-    Written through :func:`preftune.common.files.atomic_path`: a temporary file in the same folder,
-    renamed at the end, so an error while producing ``rows`` leaves any existing ``path`` untouched and
-    no partial file; the new file gets the mode ``open(path, "w")`` would give it. A folder that cannot
-    be written or a full disk raises one line naming ``path`` (``CannotWriteError`` / ``DiskFullError``,
-    both ``ValueError``). ``keep_empty=False``: no rows write nothing (an existing ``path`` is left as
-    it was), for commands that fail when they have nothing to write.
+    Written through :func:`atomic_outputs`: an error while producing ``rows`` leaves any existing
+    ``path`` untouched and no partial file, a folder that cannot be written or a full disk is one line
+    naming ``path``. ``keep_empty=False``: no rows write nothing (an existing ``path`` is left as it
+    was), for commands that fail when they have nothing to write.
     """
     check_output_path(path)
-    target = Path(path).expanduser()
     if not keep_empty:
         rows = iter(rows)
         first = next(rows, None)
         if first is None:
             return 0
         rows = itertools.chain([first], rows)
-    with write_guard(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        name = target.name.lower()
+    with atomic_outputs(path) as (tmp,):
+        return write_rows_to(tmp, path, rows)
+
+
+@contextmanager
+def atomic_outputs(*paths: str | os.PathLike):
+    """Temporary paths for the output files ``paths`` (their folders made), each renamed onto its file
+    only when the block has written them all: a failure leaves every output as it was and no partial
+    file (:func:`preftune.common.files.atomic_path`; new files get the mode ``open(path, "w")`` would
+    give them). A folder that cannot be written or a full disk raises one line naming the output
+    (``CannotWriteError`` / ``DiskFullError``, both ``ValueError``)."""
+    with ExitStack() as stack:
+        temps = []
+        for path in paths:
+            target = Path(path).expanduser()
+            with write_guard(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(stack.enter_context(atomic_path(target)))
+        yield temps
+
+
+def write_rows_to(tmp: Path, path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write ``rows`` into ``tmp`` in the format ``path``'s name says (:func:`write_rows`); the count.
+    A failed write names ``path`` (its own guard: with several outputs open, the one that failed)."""
+    name = os.fspath(path).lower()
+    with write_guard(Path(path).expanduser()):
         if name.endswith(".parquet"):
-            count = _write_parquet(str(tmp), rows)
-        else:
-            opener = gzip.open if name.endswith(".gz") else open
-            count = 0
-            with opener(tmp, "wt", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-                    count += 1
-    return count
+            return _write_parquet(str(tmp), rows)
+        opener = gzip.open if name.endswith(".gz") else open
+        count = 0
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                count += 1
+        return count
 
 
 def _write_parquet(path: str, rows: Iterable[dict]) -> int:

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from preftune.data.convert import check_output_path, detect_kind, write_rows
+from preftune.data.convert import atomic_outputs, check_output_path, detect_kind, write_rows_to
 from preftune.data.errors import DataError, count_bad_record
 from preftune.data.formats import to_example
 from preftune.data.messages import messages_text
@@ -67,7 +67,9 @@ def split(src: str | os.PathLike, train_out: str | os.PathLike, eval_out: str | 
     """Split ``src`` into ``train_out`` and ``eval_out`` grouped by prompt (see the module docstring).
 
     Give ``eval_fraction`` (default 0.1) or ``eval_size`` (records), not both. Raises ``ValueError``
-    for bad sizes, outputs that name the input or each other, or data with fewer than two prompts.
+    for bad sizes, outputs that name the input or each other, or data with fewer than two prompts, and
+    one line naming the output that cannot be written (an unwritable folder, a full disk): then neither
+    file is written (:func:`preftune.data.convert.atomic_outputs`).
     """
     if eval_fraction is not None and eval_size is not None:
         raise ValueError("give eval_fraction or eval_size, not both")
@@ -95,8 +97,9 @@ def split(src: str | os.PathLike, train_out: str | os.PathLike, eval_out: str | 
         raise ValueError(f"eval_size {target} leaves no training data ({good} good records)")
     eval_keys = choose_eval_groups(sizes, target, seed)
 
-    result.train_rows = write_rows(train_out, _side(src, keys, eval_keys, want_eval=False))
-    result.eval_rows = write_rows(eval_out, _side(src, keys, eval_keys, want_eval=True))
+    with atomic_outputs(train_out, eval_out) as (train_tmp, eval_tmp):  # both files or neither
+        result.train_rows = write_rows_to(train_tmp, train_out, _side(src, keys, eval_keys, want_eval=False))
+        result.eval_rows = write_rows_to(eval_tmp, eval_out, _side(src, keys, eval_keys, want_eval=True))
     result.eval_prompts = len(eval_keys)
     result.train_prompts = len(sizes) - len(eval_keys)
     return result

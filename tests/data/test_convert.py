@@ -291,3 +291,25 @@ def test_outputs_get_the_mode_open_gives_them(tmp_path):
         os.umask(old)
     assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644
     assert existing.stat().st_mode & 0o777 == 0o600 and len(rows_of(existing)) == 1
+
+
+def test_a_split_whose_eval_file_cannot_be_written_writes_neither(tmp_path, capsys):
+    """Both outputs or neither: the disk filling up under the eval file leaves no train file (and an
+    earlier one as it was); the line names the eval file, the one that failed."""
+    src = write_jsonl(tmp_path / "in.jsonl", prompt_groups_rows(6))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    train, held_out = folder / "train.jsonl", folder / "eval.jsonl"
+    argv = ["data", "split", str(src), "--train", str(train), "--eval", str(held_out)]
+    with fill_disk(folder, only="eval"):
+        assert main(argv) == 1
+    assert one_error_line(capsys, held_out).startswith(f"preftune: error: no space left on device writing {held_out}")
+    assert list(folder.iterdir()) == []
+    train.write_text('{"old": 1}\n')
+    with fill_disk(folder, only="eval"):
+        assert main(argv) == 1
+    assert [p.name for p in folder.iterdir()] == ["train.jsonl"] and train.read_text() == '{"old": 1}\n'
+    one_error_line(capsys, held_out)
+    with fill_disk(folder, only="train"):
+        assert main(argv) == 1
+    assert one_error_line(capsys, train).startswith(f"preftune: error: no space left on device writing {train} (")
