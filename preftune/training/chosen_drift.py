@@ -59,7 +59,8 @@ def chosen_drift(chosen: Sequence[float], margins: Sequence[float], threshold: f
 @dataclass
 class ChosenDriftWatch:
     """Reads each logged row (:meth:`see`) and warns once when :func:`chosen_drift` fires on the held-out
-    history (the running one while the run has logged no held-out row)."""
+    history (the running one while the run has logged fewer than two held-out rows). The history is this
+    process's rows: a resumed run compares with its first row after the resume."""
 
     threshold: float = THRESHOLD
     warned: bool = False
