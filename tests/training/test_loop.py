@@ -152,7 +152,7 @@ def test_reference_runs_before_the_policy_graph_is_built():
         return LogpOutput(logps=logps, counts=torch.tensor([1, 1]), token_logps=logps)
 
     class OneGroup:
-        num_groups, labels, margins = 1, None, None
+        num_groups, labels, margins, scores, completion_mask = 1, None, None, None, None
 
     loss, _ = batch_objective(TrainConfig(model="m", data="d", loss="dpo", beta=0.1), OneGroup(), policy, Reference())
     assert calls == ["reference", "policy"]
