@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "for 2 DPO steps here)")
     parser.add_argument("--quants", default=",".join(QUANTS), help="comma-separated (default: all)")
     parser.add_argument("--steps", type=int, default=2, help="DPO steps of the tuning run (default: 2)")
-    parser.add_argument("--work", help="folder for the tuned model and the GGUF files (default: a temp folder)")
+    parser.add_argument("--work", help="folder for the tuned model (WORK/tuned, reused when there) and the GGUF "
+                                       "files (default: a temp folder)")
     parser.add_argument("--results-dir", help="also write results.json here")
     return parser.parse_args(argv)
 
@@ -211,7 +212,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gguf-export-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir = Path(args.model) if args.model else tune(smollm2_folder(), work / "tuned", args.steps)
+        tuned = work / "tuned"  # kept in --work: a later run with the same --work measures the same model again
+        reuse = (tuned / "config.json").is_file()
+        model_dir = Path(args.model) if args.model else tuned if reuse else tune(smollm2_folder(), tuned, args.steps)
         measured = measure(model_dir, quants, work)
     metrics = flat_metrics(measured)
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
@@ -223,7 +226,9 @@ def main(argv=None) -> int:
                  f"export, run by llama.cpp (llama-cpp-python {llama_cpp.__version__}, built from source, "
                  "GGML_NATIVE=OFF) against transformers in float32. Log-prob difference: |log p(next token)| "
                  f"llama.cpp - transformers over {measured['per_quant'][quants[0]]['positions']} positions of "
-                 f"{measured['texts']} chat conversations.") if not args.model else None
+                 f"{measured['texts']} chat conversations. For comparison, transformers running the q8_0 "
+                 "file (weights dequantized, activations in float32): mean 0.045; llama.cpp also rounds "
+                 "activations to 8 bits in q8_0 matmuls.") if not args.model else None
         write_results(args.results_dir, "GGUF export checked by llama.cpp: size and log-prob error per "
                       "quantization", "gguf-export", metrics, notes=notes)
     return 0

@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 
 from preftune.common.files import atomic_path
+from preftune.model.errors import first_line
 from preftune.model.export_tokenizer import ExportError, Vocabulary, vocabulary_of, write_vocabulary
 
 log = logging.getLogger("preftune")
@@ -97,17 +98,21 @@ def plan_export(model_dir: str | os.PathLike, name: str | None = None) -> Export
     try:
         config = AutoConfig.from_pretrained(str(config_source))
     except (OSError, ValueError) as exc:
-        raise ExportError(f"could not read the model config of {config_source}: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"could not read the model config of {config_source}: {first_line(exc)}") from None
     _check_architecture(config)
     if not (folder / "tokenizer.json").exists():
         raise ExportError(f"missing tokenizer: {model_dir} has no tokenizer.json (save the tokenizer beside the "
                           "model: tokenizer.save_pretrained(folder))")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"could not load the tokenizer of {model_dir}: {first_line(exc)}") from None
     eos_ids = _generation_eos_ids(folder)
     vocab = vocabulary_of(tokenizer, config.vocab_size, eos_ids)
     base_model, license_name = _provenance(folder, adapter_base)
     plan = ExportPlan(model_dir=folder, config=config, tokenizer=tokenizer, vocab=vocab, adapter_base=adapter_base,
-                      name=name or folder.resolve().name, base_model=base_model, license=license_name)
+                      name=name or folder.resolve().name, base_model=base_model, license=license_name,
+                      notes=list(vocab.notes))
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         plan.notes.append(f"the sliding window ({config.sliding_window} tokens) is not stored: llama.cpp attends "
                           "to the whole context")

@@ -57,6 +57,7 @@ class Vocabulary:
     add_space_prefix: bool = False
     chat_template: str | list | None = None
     stop_tokens: list[str] = field(default_factory=list)  # the EOS tokens, as text
+    notes: list[str] = field(default_factory=list)  # where a runtime will tokenize differently
 
 
 def vocabulary_of(tokenizer, vocab_size: int, eos_ids=()) -> Vocabulary:
@@ -75,7 +76,7 @@ def vocabulary_of(tokenizer, vocab_size: int, eos_ids=()) -> Vocabulary:
     if model.get("type") != "BPE":
         raise ExportError(f"vocabulary kind {model.get('type')!r} cannot be exported to GGUF: supported are "
                           "byte-level BPE (GPT-2 style) and SentencePiece-style BPE with byte fallback")
-    kind, pre, space_prefix = _kind(state)
+    kind, pre, space_prefix, notes = _kind(state)
     tokens, types = _tokens(tokenizer, state, vocab_size, kind)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     special_ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")}
@@ -86,7 +87,7 @@ def vocabulary_of(tokenizer, vocab_size: int, eos_ids=()) -> Vocabulary:
     return Vocabulary(model=kind, pre=pre, tokens=tokens, types=types, merges=merges,
                       scores=_scores(tokens, merges) if kind == "llama" else None, special_ids=special_ids,
                       add_bos=add_bos, add_eos=add_eos, add_space_prefix=space_prefix,
-                      chat_template=getattr(tokenizer, "chat_template", None), stop_tokens=stops)
+                      chat_template=getattr(tokenizer, "chat_template", None), stop_tokens=stops, notes=notes)
 
 
 def write_vocabulary(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
@@ -114,32 +115,35 @@ def write_vocabulary(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
         writer.add_chat_template(template)
 
 
-def _kind(state: dict) -> tuple[str, str | None, bool]:
-    """``(model, pre, add_space_prefix)`` from a tokenizer.json's normalizer and pre-tokenizer."""
+def _kind(state: dict) -> tuple[str, str | None, bool, list[str]]:
+    """``(model, pre, add_space_prefix, notes)`` from a tokenizer.json's normalizer and pre-tokenizer."""
     pre_tok, normalizer = state.get("pre_tokenizer"), state.get("normalizer")
     steps = _flatten(pre_tok)
     if any(step.get("type") == "ByteLevel" for step in steps):
         if normalizer and normalizer.get("type") != "NFC":  # Qwen2's NFC: llama.cpp's converter keeps it too
             raise ExportError(f"byte-level tokenizer with a {normalizer.get('type')} normalizer cannot be exported "
                               "to GGUF (llama.cpp applies none)")
-        return "gpt2", _byte_level_pre(steps), False
+        return "gpt2", _byte_level_pre(steps), False, []
     norm_steps = _flatten(normalizer)
     prepends = any(step.get("type") == "Prepend" and step.get("prepend") == "▁" for step in norm_steps)
     metaspace = [step for step in steps if step.get("type") == "Metaspace"]
     if state["model"].get("byte_fallback") and (metaspace or prepends):
         scheme = metaspace[0].get("prepend_scheme", "always") if metaspace else None
-        return "llama", None, prepends or scheme in ("first", "always")
+        notes = [] if prepends else ["text that starts with a space, or follows a special token, tokenizes "
+                                     "differently in llama.cpp (this tokenizer's Metaspace adds no '▁' there; "
+                                     "llama.cpp does)"]
+        return "llama", None, prepends or scheme in ("first", "always"), notes
     described = ", ".join(step.get("type", "?") for step in steps) or "none"
     raise ExportError(f"BPE tokenizer with pre-tokenizer [{described}] is neither byte-level nor "
                       "SentencePiece-style (byte fallback + '▁'): llama.cpp has no equivalent")
 
 
 def _byte_level_pre(steps: list[dict]) -> str:
-    """llama.cpp's name for a byte-level splitter: ``gpt2`` (GPT-2's regex), ``smollm`` (digits
+    """llama.cpp's name for a byte-level splitter: ``gpt-2`` (GPT-2's regex), ``smollm`` (digits
     one by one, then GPT-2's regex), ``qwen2`` or ``llama-bpe`` (their own Split regex)."""
     types = [step.get("type") for step in steps]
     if types == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if types == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -148,7 +152,7 @@ def _byte_level_pre(steps: list[dict]) -> str:
         if name:
             return name
     raise ExportError(f"byte-level pre-tokenizer {json.dumps(steps)[:160]} is not one llama.cpp knows "
-                      "(gpt2, smollm, qwen2, llama-bpe): a runtime would split text differently")
+                      "(gpt-2, smollm, qwen2, llama-bpe): a runtime would split text differently")
 
 
 def _flatten(step: dict | None) -> list[dict]:

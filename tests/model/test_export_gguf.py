@@ -141,7 +141,7 @@ def test_metadata_and_tensor_layout(folders, tmp_path):
     assert fields["llama.block_count"] == 2 and fields["llama.embedding_length"] == 64
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.rope.dimension_count"] == 16 and fields["llama.context_length"] == cfg.max_position_embeddings
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
     assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id

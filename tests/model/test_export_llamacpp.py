@@ -1,12 +1,18 @@
-"""The real client: llama.cpp (``llama-cpp-python``) runs an exported SmolLM2-135M-Instruct that preftune
-tuned as preftune computes it -- same token ids for chat text, next-token log-probs within a bound per
-quantization, and at f16 the same greedy tokens. The measuring code is ``benchmarks/gguf_export.py``
-(which also writes the results the docs quote); this test holds it to its bounds.
+"""The real client: llama.cpp (``llama-cpp-python``) runs what ``preftune export`` writes as preftune computes it.
 
-Bounds, against the tuned model in float32 in transformers, over ~300 positions of four chat
-conversations: f16 stores 11 significant bits per weight, so log-probs move by ~1e-3 on average
-(bound 1e-2); q8_0 moves each weight by up to half of its block's step (max |w| / 254), ~1e-2 on
-average (bound 5e-2).
+* Tiny Llama, Qwen2, Mistral and a SentencePiece-style vocabulary (every run): llama.cpp makes the same
+  token ids of text as preftune's tokenizer, and its logits at f32 agree with transformers' to 1e-3
+  (measured ~2e-4: float summation order), at q8_0 to 5e-2 (measured ~1e-2).
+* SmolLM2-135M-Instruct that preftune tuned (``slow``): the same token ids for chat text, next-token
+  log-probs within a bound per quantization, and at f16 the same greedy tokens. The measuring code is
+  ``benchmarks/gguf_export.py`` (which also writes the results the docs quote); this test holds it to
+  its bounds. Against the tuned model in float32 in transformers, over ~300 positions of four chat
+  conversations (docs/export.md has the numbers): llama.cpp at f32 differs by ~1e-3 on average (its own
+  arithmetic); f16 stores 11 significant bits per weight, measured ~3e-3 (bound 1e-2); q8_0 moves each
+  weight by up to half of its block's step (max |w| / 254) and llama.cpp also rounds the activations to
+  8 bits in its q8_0 matmuls, measured ~8e-2 (bound 0.15; weights alone, in transformers: ~4.5e-2).
+
+Skipped where llama-cpp-python is not installed (it is in the ``dev`` extra, built from source).
 """
 
 from __future__ import annotations
@@ -14,12 +20,84 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-MEAN_BOUND = {"f16": 1e-2, "q8_0": 5e-2}
+from preftune.model.export_gguf import export_gguf
+from preftune.model.tiny import tiny_model
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+TEXTS = ["The river is calm and kind.", "\n\nHuman: Tell me about the city.\n\nAssistant: The city is warm.",
+         "two words, <|im_start|>user\nhi<|im_end|> and digits 0 1 2 345", "é ü 日本 – tabs\tand\nlines"]
+TINY_BOUND = {"f32": 1e-3, "q8_0": 5e-2}
+
+
+def llama_cpp_logits(path, ids_list, texts):
+    """llama.cpp's (T, V) logits of each id list, and its own ids of each of ``texts``."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+    try:
+        logits = []
+        for ids in ids_list:
+            llm.reset()
+            llm.eval(ids)
+            logits.append(np.array(llm.scores[:len(ids)]))
+        return logits, [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) for text in texts]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "sentencepiece"])
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_tiny_models_run_in_llama_cpp_as_in_transformers(tmp_path, tiny_tokenizer, arch, quant):
+    from transformers import AutoTokenizer
+
+    tokenizer = tiny_tokenizer
+    if arch == "sentencepiece":
+        from tests.model.test_export_gguf import sentencepiece_style_tokenizer
+
+        tokenizer = sentencepiece_style_tokenizer()
+    folder = tmp_path / f"tiny-{arch}-model"
+    model = tiny_model("llama" if arch == "sentencepiece" else arch, vocab_size=len(tokenizer), seed=0).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    path = export_gguf(folder, tmp_path / f"m.{quant}.gguf", quant).path
+    # a Metaspace vocabulary: not beside special tokens (the difference the export names in its notes)
+    texts = [t for t in TEXTS if "<|" not in t] if arch == "sentencepiece" else TEXTS
+    ids_list = [tokenizer(text).input_ids for text in texts]
+    logits, their_ids = llama_cpp_logits(path, ids_list, texts)
+    assert their_ids == ids_list
+    with torch.no_grad():
+        ours = [model(torch.tensor([ids])).logits[0].numpy() for ids in ids_list]
+    gap = max(np.abs(a - b).max() for a, b in zip(logits, ours))
+    assert gap <= TINY_BOUND[quant]
+
+
+def test_a_leading_space_differs_with_a_metaspace_vocabulary(tmp_path):
+    """The known difference, named in the export's notes: Metaspace adds no '▁' before a leading space."""
+    from tests.model.test_export_gguf import sentencepiece_style_tokenizer
+
+    tokenizer = sentencepiece_style_tokenizer()
+    folder = tmp_path / "spm-model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = export_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert any("starts with a space" in note for note in result.plan.notes)
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=64, verbose=False, n_threads=1)
+    try:
+        theirs = llm.tokenize(b"  two", add_bos=True, special=True)
+    finally:
+        llm.close()
+    ours = tokenizer("  two").input_ids
+    assert theirs != ours and theirs[1:] == [ours[1], *ours[1:]]  # one more leading '▁'
+
+
+# ----------------------------------------------------------------------------- SmolLM2, tuned by preftune
+
+MEAN_BOUND = {"f16": 1e-2, "q8_0": 0.15}
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gguf_export.py"
-
-pytestmark = pytest.mark.slow
 
 
 def load_bench():
@@ -31,7 +109,6 @@ def load_bench():
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
     bench = load_bench()
     try:
         base = bench.smollm2_folder()
@@ -42,6 +119,7 @@ def measured(tmp_path_factory):
     return bench.measure(tuned, ["f16", "q8_0"], work)["per_quant"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_llama_cpp_tokenizes_and_scores_like_preftune(measured, quant):
     m = measured[quant]
@@ -51,11 +129,13 @@ def test_llama_cpp_tokenizes_and_scores_like_preftune(measured, quant):
     assert m["mean_abs_logp_diff"] > 0  # really a different runtime (and precision)
 
 
+@pytest.mark.slow
 def test_greedy_generation_agrees_at_f16(measured):
     m = measured["f16"]
     assert m["greedy_same_first_tokens"] == m["greedy_tokens"] > 0, (m["greedy_ours"], m["greedy_llama_cpp"])
 
 
+@pytest.mark.slow
 def test_q8_0_is_about_half_the_size_of_f16(measured):
     ratio = measured["q8_0"]["size_bytes"] / measured["f16"]["size_bytes"]
     assert 0.5 < ratio < 0.6  # 34 bytes per 32 weights against 64, plus f32 norms and metadata
