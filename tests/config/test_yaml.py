@@ -177,7 +177,7 @@ def test_a_config_that_is_a_folder_or_unreadable_is_one_line(tmp_path):
     ("beta: [1, !!int 0x]\n", "bad.yaml:1: invalid YAML value !!int '0x' (ValueError: "),
 ])
 def test_a_tagged_value_yaml_cannot_build_is_one_line_naming_its_line(tmp_path, text, says):
-    """Each was a KeyError / ValueError traceback from PyYAML's constructor (found by tests/integration/test_fuzz.py)."""
+    """Each was a KeyError / ValueError traceback from PyYAML's constructor (found by the fuzz tests)."""
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError) as err:
         load_yaml(tmp_path / "bad.yaml")

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from preftune.cli.main import main
 from preftune.config.train_config import TrainConfig
 from preftune.config.values import ConfigError
-from preftune.data import DataError, load_dataset
+from preftune.data import load_dataset
 from preftune.model.loading import load_model
 
 PACKAGE = Path(__file__).resolve().parents[2] / "preftune"
