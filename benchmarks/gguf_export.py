@@ -22,6 +22,7 @@ Also the file size per quantization. Prints one JSON object; ``--results-dir`` a
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import tempfile
@@ -222,9 +223,10 @@ def main(argv=None) -> int:
         import llama_cpp
         from bench_report import write_results
 
-        notes = (f"SmolLM2-135M-Instruct tuned {args.steps} DPO steps by preftune train, exported by preftune "
-                 f"export, run by llama.cpp (llama-cpp-python {llama_cpp.__version__}, built from source, "
-                 "GGML_NATIVE=OFF) against transformers in float32. Log-prob difference: |log p(next token)| "
+        notes = (f"SmolLM2-135M-Instruct tuned {args.steps} DPO steps by preftune train (WORK/tuned), exported "
+                 f"by preftune export (gguf {importlib.metadata.version('gguf')}), run by llama.cpp "
+                 f"(llama-cpp-python {llama_cpp.__version__}, built from source, GGML_NATIVE=OFF, 2 threads) "
+                 "against transformers in float32. Log-prob difference: |log p(next token)| "
                  f"llama.cpp - transformers over {measured['per_quant'][quants[0]]['positions']} positions of "
                  f"{measured['texts']} chat conversations. For comparison, transformers running the q8_0 "
                  "file (weights dequantized, activations in float32): mean 0.045; llama.cpp also rounds "

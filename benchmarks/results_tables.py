@@ -307,6 +307,8 @@ KINDS = {
                     "variant's evaluation.", eval_stages_tables),
     "gpu-checks": ("GPU checks", "`benchmarks/gpu_checks.sh`: FSDP2 on one GPU, resume under FSDP, LoRA and a live "
                    "reference.", gpu_checks_tables),
+    "gguf-export": ("GGUF export checked by llama.cpp", "`benchmarks/gguf_export.py`: SmolLM2-135M-Instruct tuned by "
+                    "preftune, exported per quantization, run by llama.cpp against transformers.", generic_tables),
 }
 
 

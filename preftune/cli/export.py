@@ -16,11 +16,11 @@ tokenizer (vocabulary, merges, special tokens) and the chat template, so a runti
 training did. Written by preftune itself with the 'gguf' package: no llama.cpp checkout is needed."""
 
 EXPORT_EPILOG = """\
-quantizations (size for SmolLM2-135M; docs/export.md has the measured log-prob error of each):
-  f32   exact weights, 4 bytes each
-  f16   2 bytes per weight (norms stay f32); the usual choice to keep
-  bf16  2 bytes per weight, float32's range
-  q8_0  blocks of 32 int8 weights with one f16 scale: about 1.06 bytes per weight
+quantizations (file size for SmolLM2-135M; docs/export.md: the log-prob error of each, in llama.cpp):
+  f32   exact weights, 4 bytes each                                        540 MB
+  f16   2 bytes per weight (norms stay f32); the default                   271 MB
+  bf16  2 bytes per weight, float32's range                                271 MB
+  q8_0  blocks of 32 int8 weights with one f16 scale: 1.06 bytes a weight  145 MB
 
 A model that cannot be exported (another architecture, a vocabulary GGUF cannot hold, an adapter
 folder whose adapters were never trained, no tokenizer.json) is refused before anything is written.

@@ -348,3 +348,19 @@ def test_plan_notes_a_sliding_window(tmp_path, tiny_tokenizer):
     plan = plan_export(folder)
     assert plan.notes == ["the sliding window (64 tokens) is not stored: llama.cpp attends to the whole context"]
     assert plan.vocab.stop_tokens == ["</s>"]
+
+
+def test_docs_quote_the_measured_results():
+    """docs/export.md's table is the one benchmarks/gguf_export.py makes from its newest results.json."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    runs = sorted((repo / "benchmarks" / "results").glob("*-gguf-export/results.json"))
+    assert runs, "no benchmarks/results/*-gguf-export/results.json"
+    spec = importlib.util.spec_from_file_location("gguf_export_bench", repo / "benchmarks" / "gguf_export.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = json.loads(runs[-1].read_text())
+    page = (repo / "docs" / "export.md").read_text()
+    assert bench.docs_table(record) in page and f"results/{runs[-1].parent.name}/results.json" in page
