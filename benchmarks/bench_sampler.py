@@ -96,10 +96,13 @@ def hf_generate(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed)
 
 
 def preftune_decode(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed) -> int:
+    """What :func:`preftune.evaluation.sampling.sample_token_ids` runs: bf16 linears prepacked, then decode."""
     from preftune.evaluation.decoding import decode
+    from preftune.model.packed_linear import packed_linears
 
-    return sum(len(c) for c in decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
-                                      batch_size=batch))
+    with packed_linears(model, torch.bfloat16, batch):
+        return sum(len(c) for c in decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
+                                          batch_size=batch))
 
 
 def llama_cpp_generate(llm, prompt_ids, max_new_tokens, eos_ids) -> int:

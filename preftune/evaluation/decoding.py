@@ -29,8 +29,10 @@ import inspect
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as nn_functional
 
 TOP_P_CANDIDATES = 256  # top-p first looks among this many most likely tokens; the full sort only if they fall short
+PICK_BLOCK = 256  # columns per block of the two-level inverse-CDF draw
 
 
 def sample_uniforms(n_samples: int, steps: int, seed: int, first: int = 0) -> torch.Tensor:
@@ -45,13 +47,26 @@ def sample_uniforms(n_samples: int, steps: int, seed: int, first: int = 0) -> to
 def _pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: (B, V) unnormalized probabilities, (B,) uniforms -> (B,) column indices.
 
-    Picks the first column whose running sum exceeds ``u * total``; a column with zero probability
-    is never picked (float rounding at the top end falls back to the most likely column)."""
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
-    index = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
+    Picks the first column whose running sum exceeds ``u * total``, in two levels so the running
+    sums (float64) cover blocks of ``PICK_BLOCK`` columns and then one block, not the whole vocabulary
+    per row. A column with zero probability is never picked (float rounding at a block's end falls
+    back to the row's most likely column).
+    """
+    rows, vocab = probs.shape
+    blocks = -(-vocab // PICK_BLOCK)
+    padded = nn_functional.pad(probs, (0, blocks * PICK_BLOCK - vocab)).view(rows, blocks, PICK_BLOCK)
+    block_mass = padded.sum(-1, dtype=torch.float64)  # (B, nb)
+    block_cdf = block_mass.cumsum(-1)  # (B, nb)
+    target = (uniforms.to(block_cdf.device, block_cdf.dtype) * block_cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=blocks - 1)  # (B, 1)
+    before = block_cdf.gather(-1, block) - block_mass.gather(-1, block)  # (B, 1) mass left of the block
+    inner = padded[torch.arange(rows, device=probs.device), block.squeeze(-1)].double()  # (B, PICK_BLOCK)
+    offset = torch.searchsorted(before + inner.cumsum(-1), target, right=True).clamp_(max=PICK_BLOCK - 1)
+    index = (block * PICK_BLOCK + offset).clamp_(max=vocab - 1).squeeze(-1)  # (B,)
     zero = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1) <= 0
-    return torch.where(zero, probs.argmax(-1), index)
+    if bool(zero.any()):
+        index = torch.where(zero, probs.argmax(-1), index)
+    return index
 
 
 def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -68,7 +83,8 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)

@@ -25,6 +25,7 @@ from preftune.evaluation.judges.base import Prompt
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.scoring import completion_logps, eval_mode, model_device, pad_token_id
 from preftune.model.loading import load_model, load_tokenizer
+from preftune.model.packed_linear import packed_linears
 from preftune.model.precision import autocast, resolve_compute_dtype
 
 
@@ -51,7 +52,8 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     Sample ``i * n + j`` draws its randomness from its own generator seeded by ``(seed, i * n + j)``
     (:mod:`preftune.evaluation.decoding`), so results do not depend on ``batch_size``; the global RNG
     is not touched. ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the forwards under
-    ``torch.autocast`` to it (None: the weights' dtype).
+    ``torch.autocast`` to it (None: the weights' dtype); bf16 on a CPU multiplies by prepacked bf16
+    weights (:mod:`preftune.model.packed_linear`, autocast's arithmetic).
     """
     _, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
@@ -80,7 +82,8 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     prompt_ids = [ids for ids in (prompt_token_ids(tokenizer, p, prefix) for p in prompts) for _ in range(n)]
     # decode() batches prompts of similar length (longest first): a batch is left padded to its longest
     # prompt, and real prompts vary 10x in length (HH-RLHF: 30 to 500+ tokens).
-    with eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype):
+    with (eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype),
+          packed_linears(model, compute_dtype, batch_size)):
         completion_ids = decode(model, prompt_ids, max_new_tokens, _eos_ids(model, tokenizer),
                                 pad_token_id(tokenizer), temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed, batch_size=batch_size)

@@ -140,3 +140,17 @@ def test_finished_rows_leave_the_batch_and_stop_at_eos():
         end = next((i + 1 for i, t in enumerate(full) if t == stop_at), len(full))
         assert cut == full[:end]
     assert any(len(cut) == 1 for cut in stopped) and any(len(cut) == 6 for cut in stopped)
+
+
+def test_two_level_draw_equals_one_running_sum_over_the_vocabulary():
+    """The blocked inverse-CDF draw picks what one float64 running sum over all 1,000 columns picks
+    (a vocabulary that is not a multiple of the block size, zeros included)."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(64, 1000, generator=g) ** 4
+    probs[:, ::7] = 0
+    uniforms = torch.rand(64, generator=g, dtype=torch.float64)
+    from preftune.evaluation.decoding import _pick
+
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    assert torch.equal(_pick(probs, uniforms), expected)
