@@ -72,7 +72,8 @@ def load_tokenizer_as_is(name: str | os.PathLike):
     try:
         return load_gguf_tokenizer(name) if is_gguf(name) else AutoTokenizer.from_pretrained(os.fspath(name))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load tokenizer {os.fspath(name)!r}: {err}") from None
+        missing = _missing_files(Path(name).expanduser(), "the tokenizer")
+        raise ValueError(missing or f"cannot load tokenizer {os.fspath(name)!r}: {first_line(err)}") from None
 
 
 def load_model(name: str, dtype: str = "float32", attn_implementation: str | None = None,
@@ -187,12 +188,31 @@ def _load_error(name: str, what: str, exc: Exception, attn: str | None, trust_re
     return exc
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _missing_files(folder: Path, what: str) -> str | None:
+    """The line for a folder that lacks the files ``what`` (the model, the tokenizer) is read from, else None."""
+    if not folder.is_dir():
+        return None
+    if what == "the tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return (f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}): copy the base model's "
+                "tokenizer files into it, or pass --tokenizer FOLDER")
+    if what == "the model" and not (folder / "config.json").is_file():
+        return (f"{folder} is not a model folder (no config.json): pass a folder with config.json and weights, "
+                "or a .gguf file")
+    return None
+
+
 def _failure_line(name: str, what: str, exc: BaseException, trust_remote_code: bool) -> str:
     """Why ``what`` (the model, the tokenizer) could not be loaded from ``name``, in one line. A name
     that is no local path was looked up on the model hub: say that the folder is not here either."""
     if not Path(name).expanduser().exists():
         return (f"model folder not found: {name}, and the model hub could not provide it ({first_line(exc)}); "
                 "pass a local folder (config.json and weights) or a .gguf file")
+    missing = _missing_files(Path(name).expanduser(), what)
+    if missing:
+        return missing
     hint = ""
     if not trust_remote_code and "trust_remote_code" in str(exc):
         hint = " (it needs custom code from the model folder or hub: pass --trust-remote-code if you trust it)"

@@ -152,3 +152,27 @@ def test_auto_map_ignored_without_trust_remote_code_is_said_once(tiny_model_dir,
     assert f"{folder / 'config.json'} names custom code (auto_map: AutoModelForCausalLM -> " \
            "modeling_custom.CustomForCausalLM)" in warnings[0]
     assert "--trust-remote-code" in warnings[0] and "built-in 'llama'" in warnings[0]
+
+
+def test_a_folder_without_tokenizer_or_model_files_says_what_is_missing(tiny_model_dir, rule_data, tmp_path,
+                                                                        capsys):
+    """An empty folder as --model, and as `data check --tokenizer`: one line naming the missing files
+    (transformers' own message is several lines about backends)."""
+    from preftune.cli.main import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(empty, rule_data["eval"], tmp_path / "out") == 1
+    [line] = _cli_errors(capsys)
+    assert line == (f"preftune: error: no tokenizer in {empty} (none of tokenizer.json, tokenizer_config.json, "
+                    "tokenizer.model, vocab.json): copy the base model's tokenizer files into it, or pass "
+                    "--tokenizer FOLDER")
+    assert main(["data", "check", str(rule_data["eval"]), "--tokenizer", str(empty)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"preftune: error: no tokenizer in {empty}"), err
+    weights_only = tmp_path / "no-config"
+    shutil.copytree(tiny_model_dir, weights_only)
+    (weights_only / "config.json").unlink()
+    assert _train(weights_only, rule_data["eval"], tmp_path / "out2") == 1
+    [line] = _cli_errors(capsys)
+    assert line.startswith(f"preftune: error: {weights_only} is not a model folder (no config.json)"), line
