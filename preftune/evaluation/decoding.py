@@ -177,3 +177,23 @@ def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_
         for s, ids in zip(rows, done):
             completions[s] = ids
     return completions
+
+
+def decode_on_ranks(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
+                    pad_id: int, state, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    batch_size: int = 8) -> list[list[int]]:
+    """:func:`decode` shared by the processes of a distributed run (``state``: accelerate's
+    ``PartialState`` or ``Accelerator``): process r decodes the r-th contiguous share of the samples,
+    with the sample indices the whole job gives them, and every process gets every completion back
+    (``gather_object``) — the same completions one process would draw."""
+    from accelerate.utils import gather_object
+
+    world, rank = state.num_processes, state.process_index
+    share = -(-len(prompt_ids) // world) if prompt_ids else 0
+    start = min(rank * share, len(prompt_ids))
+    mine = decode(model, prompt_ids[start:start + share], max_new_tokens, eos_ids, pad_id, temperature, top_k,
+                  top_p, seed, batch_size, first_sample=start)
+    if world == 1:
+        return mine
+    return [ids for part in gather_object([mine]) for ids in part]
+

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from preftune.data.tokenize import prompt_token_ids, special_prefix_ids
-from preftune.evaluation.decoding import decode
+from preftune.evaluation.decoding import decode, decode_on_ranks
 from preftune.evaluation.judges.base import Prompt
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.scoring import completion_logps, eval_mode, model_device, pad_token_id
@@ -64,13 +64,15 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
 
 def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-                     compute_dtype: torch.dtype | None = None,
-                     top_k: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+                     compute_dtype: torch.dtype | None = None, top_k: int = 0,
+                     state=None) -> tuple[list[list[int]], list[list[int]]]:
     """Like :func:`sample` but token ids: ``(prompt_ids, completion_ids)``, one entry per sample.
 
     Sample ``s = i * n + j`` is the j-th completion of prompt i. The prompt ids are
     :func:`prompt_token_ids` (the training path's). A completion keeps its final EOS when it
-    has one (its probability is part of the sequence's), and nothing after.
+    has one (its probability is part of the sequence's), and nothing after. ``state`` (accelerate's
+    ``PartialState`` / ``Accelerator`` of a multi-process run): each process samples a share and all
+    get every sample, equal to one process's result (:func:`preftune.evaluation.decoding.decode_on_ranks`).
     """
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}")
@@ -84,9 +86,12 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     # prompt, and real prompts vary 10x in length (HH-RLHF: 30 to 500+ tokens).
     with (eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype),
           packed_linears(model, compute_dtype, batch_size)):
-        completion_ids = decode(model, prompt_ids, max_new_tokens, _eos_ids(model, tokenizer),
-                                pad_token_id(tokenizer), temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, batch_size=batch_size)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+        ends = (max_new_tokens, _eos_ids(model, tokenizer), pad_token_id(tokenizer))
+        if state is not None and state.num_processes > 1:
+            completion_ids = decode_on_ranks(model, prompt_ids, *ends, state, **options)
+        else:
+            completion_ids = decode(model, prompt_ids, *ends, **options)
     return prompt_ids, completion_ids
 
 

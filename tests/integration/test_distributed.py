@@ -116,3 +116,24 @@ def test_fsdp2_full_shard_matches_unsharded(tmp_path, case):
         assert result["sharded_params"]
         assert result["logps_diff"] < 1e-5
         assert result["grad_rel_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_sampling_on_two_processes_equals_one(tmp_path):
+    """2 gloo processes each sample half of 14 samples (7 prompts x 2) and gather: both hold the 14
+    completions one process draws (each sample's draws come from its own seeded generator)."""
+    from integration.sampler_worker import completions
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(here, "sampler_worker.py"), str(tmp_path / "result")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    alone = completions()
+    assert len(alone) == 14 and len({tuple(c) for c in alone}) > 1
+    for rank in range(2):
+        result = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        assert result["world"] == 2 and result["completions"] == alone
+        assert result["decoded"] == 7  # its own half, not all 14
