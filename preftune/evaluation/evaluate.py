@@ -32,16 +32,18 @@ import torch
 
 from preftune.config.eval_config import EvalConfig
 from preftune.data.load import read_examples
+from preftune.data.records import TokenizedExample
 from preftune.evaluation.base_cache import BaseCache
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
 from preftune.evaluation.judges.registry import make_judge
-from preftune.evaluation.metrics import kl_from_samples, wilson_interval
+from preftune.evaluation.metrics import best_response_mean, kl_from_samples, ranking_metrics, wilson_interval
 from preftune.evaluation.prompts import read_prompts
 from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
 from preftune.evaluation.scoring import completion_logps
+from preftune.methods.losses.groups import ordered_pairs
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
-from preftune.model.logprobs import LogpOutput, batch_logps
+from preftune.model.logprobs import LogpOutput, batch_group_logps, batch_logps
 from preftune.model.packing import make_collate, model_row_cost, packing_decision
 from preftune.model.precision import resolve_compute_dtype
 from preftune.training.reference import check_separate, examples_fingerprint, tokenizer_fingerprint
@@ -89,14 +91,20 @@ def evaluate_model(cfg: EvalConfig, judge: Judge | None = None) -> dict:
               "data": cfg.data, "settings": {"beta": cfg.beta, "max_length": cfg.max_length,
                                              "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype,
                                              "compute_dtype": str(compute or "weights' dtype").replace("torch.", "")}}
-    pairs = read_held_out(cfg, tokenizer, cfg.data, "pair")
+    held_out = read_preferences(cfg, tokenizer)
+    groups = held_out[0].scores is not None
     collate = make_collate(tokenizer.pad_token_id, packing, row_cost=row_cost)
-    result["preference"] = preference_metrics(model, base, pairs, collate, cfg, device, compute, cache, layout)
+    score = group_preference_metrics if groups else preference_metrics
+    result["preference"] = score(model, base, held_out, collate, cfg, device, compute, cache, layout)
 
-    sft_examples = read_held_out(cfg, tokenizer, cfg.nll_data or cfg.data, "sft")
+    if cfg.nll_data is None and groups:
+        sft_examples = best_responses(held_out)
+    else:
+        sft_examples = read_held_out(cfg, tokenizer, cfg.nll_data or cfg.data, "sft")
     result["nll"] = nll_metrics(model, base, sft_examples, make_collate(tokenizer.pad_token_id, packing),
                                 cfg, device, compute, cache, layout)
-    result["nll"]["data"] = cfg.nll_data if cfg.nll_data else f"chosen responses of {cfg.data}"
+    result["nll"]["data"] = (cfg.nll_data if cfg.nll_data else
+                             f"{'best' if groups else 'chosen'} responses of {cfg.data}")
 
     result["generation"] = None
     if cfg.generate:
@@ -126,6 +134,26 @@ def read_held_out(cfg: EvalConfig, tokenizer, source: str, kind: str) -> list:
     examples, _ = read_examples(tokenizer, source, True, kind=kind, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length, limit=cfg.max_examples)
     return examples
+
+
+def read_preferences(cfg: EvalConfig, tokenizer) -> list:
+    """The held-out preferences of ``cfg.data``: pairs, or response groups when the file holds any
+    group (its pair rows then read as groups of two scored 1 and 0, as training reads such a file)."""
+    examples = read_held_out(cfg, tokenizer, cfg.data, "pair")  # a group row read as "pair" is a group
+    if any(ex.scores is not None for ex in examples) and any(ex.scores is None for ex in examples):
+        examples = read_held_out(cfg, tokenizer, cfg.data, "group")
+    return examples
+
+
+def best_responses(groups: list) -> list:
+    """SFT-kind examples of response groups for the NLL: each group's prompt with its best response
+    (the first of those holding the top score), the tokens the group was read with."""
+    out = []
+    for ex in groups:
+        best = max(range(len(ex.scores)), key=lambda k: (ex.scores[k], -k))
+        out.append(TokenizedExample(index=ex.index, prompt_ids=list(ex.prompt_ids), completions=[ex.completions[best]],
+                                    location=ex.location, truncated=ex.truncated))
+    return out
 
 
 # ----------------------------------------------------------------------------- reward models
@@ -182,7 +210,8 @@ def pair_logps(model, examples, collate, cfg: EvalConfig, device, compute=None) 
 @torch.no_grad()
 def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute=None,
                        cache: BaseCache | None = None, layout: dict | None = None) -> dict:
-    """DPO metrics over all held-out pairs at once (exact means, not means of batch means)."""
+    """DPO metrics over all held-out pairs at once (exact means, not means of batch means), with the
+    ranking metrics of :func:`preference_summary` (a pair is a group of two scored 1 and 0)."""
     logps, counts = pair_logps(model, examples, collate, cfg, device, compute)
     n = len(examples)
     if base is None:
@@ -197,18 +226,83 @@ def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, 
             lambda: pair_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
     _, metrics = compute_objective("dpo", LogpOutput(logps, counts, logps.new_zeros(0)), n,
                                    ref_logps=ref_logps, beta=cfg.beta)
+    scores = torch.tensor([[1.0, 0.0]]).expand(n, 2)
+    out = {"pairs": n, "groups": None, **preference_summary(metrics, logps.view(2, n).t(), ref_logps.view(2, n).t(),
+                                                           scores, None, cfg, base is not None)}
+    out["accuracy_definition"] = ("beta * (logp_model - logp_ref): chosen > rejected" if base is not None else
+                                  "raw log-prob preference: logp(chosen) > logp(rejected) (no reference model given)")
+    return out
+
+
+@torch.no_grad()
+def group_table_logps(model, examples, collate, cfg: EvalConfig, device,
+                      compute=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out response groups through the training loop's batches and ``batch_group_logps`` (one
+    forward per group, the prompt computed once): (G, K) float32 summed log-probs, row g of
+    ``examples[g]``, K the most responses of a group, 0 beyond a group's own; their (G, K) long
+    completion-token counts; the (G, K) bool mask of which responses exist."""
+    k_max = max(len(ex.completions) for ex in examples)
+    logps = torch.zeros((len(examples), k_max), dtype=torch.float32)
+    counts = torch.zeros((len(examples), k_max), dtype=torch.long)
+    mask = torch.zeros((len(examples), k_max), dtype=torch.bool)
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = collate(examples[start:start + cfg.batch_size]).to(device)
+        out = batch_group_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)  # (G_b, K_b)
+        rows, k = slice(start, start + batch.num_groups), out.logps.shape[1]
+        logps[rows, :k], counts[rows, :k], mask[rows, :k] = out.logps.cpu(), out.counts.cpu(), out.mask.cpu()
+    return logps, counts, mask
+
+
+@torch.no_grad()
+def group_preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute=None,
+                             cache: BaseCache | None = None, layout: dict | None = None) -> dict:
+    """The DPO metrics of held-out response groups over their ordered pairs (two responses of a group
+    whose scores differ, the better one as chosen: what training on the group with ``--loss dpo``
+    optimises), with the ranking metrics of :func:`preference_summary`. The base's (G, K) log-probs
+    are kept in ``cache`` like the pairs' ("held-out group log-probs")."""
+    logps, counts, mask = group_table_logps(model, examples, collate, cfg, device, compute)
+    if base is None:
+        ref_logps = torch.zeros_like(logps)  # the implicit reward is beta * log p, as for pairs
+    elif cache is None:
+        ref_logps = group_table_logps(base, examples, collate, cfg, device, compute)[0]
+    else:
+        ref_logps = torch.tensor(cache.get_or_compute(
+            "held-out group log-probs", {"examples": examples_fingerprint(examples), **(layout or {})},
+            lambda: group_table_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
+    scores = torch.zeros_like(logps)
+    for g, ex in enumerate(examples):
+        scores[g, :len(ex.scores)] = torch.tensor(ex.scores, dtype=torch.float32)
+    if not len(ordered_pairs(scores, mask)):
+        raise ValueError(f"{cfg.data}: every held-out group has all its responses tied: no ordered pair to evaluate")
+    flat = LogpOutput(logps.t().reshape(-1), counts.t().reshape(-1), logps.new_zeros(0))  # s = k * G + g
+    _, metrics = compute_objective("dpo", flat, len(examples), ref_logps=ref_logps.t().reshape(-1), beta=cfg.beta,
+                                   scores=scores, completion_mask=mask)
+    out = preference_summary(metrics, logps, ref_logps, scores, mask, cfg, base is not None)
+    out = {"pairs": out["ordered_pairs"], "groups": len(examples), **out}
+    out["accuracy_definition"] = ("beta * (logp_model - logp_ref): better > worse response of each ordered pair"
+                                  if base is not None else "raw log-prob preference: logp(better) > logp(worse) "
+                                  "response of each ordered pair (no reference model given)")
+    return out
+
+
+def preference_summary(metrics: dict, logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor,
+                       mask: torch.Tensor | None, cfg: EvalConfig, has_base: bool) -> dict:
+    """The preference part of the result from ``compute_objective``'s DPO ``metrics`` and the (G, K)
+    log-probs of model and base (zeros without a base), scores and mask: accuracy, log-probs, rewards
+    and DPO loss (None without a base); ``ranking_accuracy`` / ``kendall_tau`` of the implicit rewards
+    ``beta * (logp - logp_ref)`` against the scores (:func:`preftune.evaluation.metrics.ranking_metrics`);
+    ``chosen_logp_change``: mean ``logp_model - logp_base`` of the chosen (a group's best) response,
+    negative when training lowered it (None without a base)."""
     m = {k: float(v) for k, v in metrics.items()}
-    out = {"pairs": n, "accuracy": m["rewards/accuracies"],
-           "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"],
-           "logp_margin": m["logps/chosen"] - m["logps/rejected"]}
-    if base is not None:
-        out.update(accuracy_definition="beta * (logp_model - logp_ref): chosen > rejected",
-                   reward_chosen=m["rewards/chosen"], reward_rejected=m["rewards/rejected"],
+    out = {"accuracy": m["rewards/accuracies"], "logps_chosen": m["logps/chosen"],
+           "logps_rejected": m["logps/rejected"], "logp_margin": m["logps/chosen"] - m["logps/rejected"],
+           **ranking_metrics(cfg.beta * (logps - ref_logps), scores, mask),
+           "chosen_logp_change": best_response_mean(logps - ref_logps, scores, mask) if has_base else None}
+    if has_base:
+        out.update(reward_chosen=m["rewards/chosen"], reward_rejected=m["rewards/rejected"],
                    reward_margin=m["rewards/margins"], dpo_loss=m["loss"], beta=cfg.beta)
     else:
-        out.update(accuracy_definition="raw log-prob preference: logp(chosen) > logp(rejected) "
-                                       "(no reference model given)",
-                   reward_chosen=None, reward_rejected=None, reward_margin=None, dpo_loss=None, beta=None)
+        out.update(reward_chosen=None, reward_rejected=None, reward_margin=None, dpo_loss=None, beta=None)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Small statistics for evaluation: win rates with a confidence interval, Monte-Carlo KL.
+"""Small statistics for evaluation: win rates with a confidence interval, Monte-Carlo KL, how well
+rewards rank a group's responses (ranking accuracy, Kendall's tau-b).
 
 Pure functions of numbers; nothing here touches a model or a judge.
 """
@@ -119,3 +120,63 @@ def kl_from_samples(policy_logps: Sequence[float] | torch.Tensor,
         return mean, float("nan")
     stderr = (differences.std(unbiased=True) / math.sqrt(differences.numel())).item()
     return mean, stderr
+
+
+def ranking_metrics(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """How well implicit rewards order the responses of each group, against the labels' scores.
+
+    Args:
+        rewards: (G, K) one reward per response (the implicit reward ``beta * (log p - log p_base)``).
+        scores: (G, K) the labels, higher = better (a pair is a group scored ``[1, 0]``).
+        mask: (G, K) bool, False where a group has fewer than K responses (ignored); None = all.
+
+    Returns a dict:
+
+    * ``ranking_accuracy``: over every ordered pair of every group (two responses of one group whose
+      scores differ; tied scores form no pair), the share whose rewards order them the same way
+      (strictly: a reward tie counts as a disagreement, as pair accuracy does); None without pairs.
+      For pairs this is the preference accuracy ``mean[r_chosen > r_rejected]``.
+    * ``ordered_pairs``: that number of pairs.
+    * ``kendall_tau``: Kendall's tau-b between rewards and scores within each group, averaged over the
+      groups where it is defined. Per group, over its n(n-1)/2 unordered pairs of responses,
+      ``tau_b = (concordant - discordant) / sqrt((n0 - ties_scores) * (n0 - ties_rewards))``; a group
+      whose scores or rewards are all tied has no tau (0/0) and is left out. Rewards of different
+      prompts are not comparable, so tau is never pooled across groups. None when no group has one.
+      For a pair it is +1 or -1, so over pairs without reward ties it equals ``2 * accuracy - 1``.
+    * ``tau_groups``: the number of groups averaged.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float64).detach().cpu()
+    scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
+    if rewards.dim() != 2 or rewards.shape != scores.shape or mask.shape != scores.shape:
+        raise ValueError(f"rewards, scores and mask must be (G, K) of one shape, got {tuple(rewards.shape)}, "
+                         f"{tuple(scores.shape)} and {tuple(mask.shape)}")
+    k = scores.shape[1]
+    both = mask[:, :, None] & mask[:, None, :] & torch.ones(k, k, dtype=torch.bool).triu(1)  # (G, K, K): i < j
+    label_sign = torch.sign(scores[:, :, None] - scores[:, None, :]) * both  # (G, K, K)
+    reward_sign = torch.sign(rewards[:, :, None] - rewards[:, None, :]) * both
+    ordered = int((label_sign != 0).sum())
+    agree = int((label_sign * reward_sign > 0).sum())
+    n0 = both.sum(dim=(1, 2)).double()  # (G,) unordered pairs
+    untied_labels = n0 - ((label_sign == 0) & both).sum(dim=(1, 2))
+    untied_rewards = n0 - ((reward_sign == 0) & both).sum(dim=(1, 2))
+    denominator = (untied_labels * untied_rewards).sqrt()
+    defined = denominator > 0
+    taus = (label_sign * reward_sign).sum(dim=(1, 2))[defined] / denominator[defined]
+    return {"ranking_accuracy": agree / ordered if ordered else None, "ordered_pairs": ordered,
+            "kendall_tau": float(taus.mean()) if taus.numel() else None, "tau_groups": int(taus.numel())}
+
+
+def best_response_mean(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean over groups of ``values`` (G, K) at each group's best response: the mean over the responses
+    holding the group's top score (all of them when the top is tied, so the listing order never
+    matters); padding (``mask`` False) left out. For pairs scored ``[1, 0]`` the mean over the chosen."""
+    values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
+    if values.shape != scores.shape or mask.shape != scores.shape or values.dim() != 2 or not len(values):
+        raise ValueError(f"values, scores and mask must be (G, K) of one shape with G >= 1, got "
+                         f"{tuple(values.shape)}, {tuple(scores.shape)} and {tuple(mask.shape)}")
+    top = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (G, 1)
+    best = mask & (scores == top)  # (G, K)
+    return float(((values * best).sum(dim=1) / best.sum(dim=1)).mean())

@@ -20,16 +20,24 @@ def format_table(result: dict) -> str:
                 ("Bradley-Terry loss", f"{pref['bt_loss']:.4f}")]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-    rows = [("model", result["model"]), ("reference", result["reference"]),
-            ("held-out pairs", f"{pref['pairs']} ({result['data']})"),
-            ("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]")]
+    rows = [("model", result["model"]), ("reference", result["reference"])]
+    if pref.get("groups") is not None:
+        rows.append(("held-out groups", f"{pref['groups']}, {pref['pairs']} ordered pairs ({result['data']})"))
+    else:
+        rows.append(("held-out pairs", f"{pref['pairs']} ({result['data']})"))
+    rows.append(("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]"))
+    rows += ranking_rows(pref)
     if pref["dpo_loss"] is not None:
         rows += [("reward margin", f"{pref['reward_margin']:+.4f}   (beta = {pref['beta']})"),
                  ("reward chosen / rejected", f"{pref['reward_chosen']:+.4f} / {pref['reward_rejected']:+.4f}"),
                  ("DPO loss", f"{pref['dpo_loss']:.4f}")]
-    rows += [("logp chosen / rejected", f"{pref['logps_chosen']:.3f} / {pref['logps_rejected']:.3f}   "
-                                        f"(margin {pref['logp_margin']:+.3f})"),
-             ("NLL/token model", f"{nll['model']:.4f}   ({nll['tokens']} tokens of {nll['data']})")]
+    rows.append(("logp chosen / rejected", f"{pref['logps_chosen']:.3f} / {pref['logps_rejected']:.3f}   "
+                                           f"(margin {pref['logp_margin']:+.3f})"))
+    if pref.get("chosen_logp_change") is not None:
+        best = "best response of each group" if pref.get("groups") is not None else "chosen response"
+        rows.append(("logp chosen change vs base", f"{pref['chosen_logp_change']:+.3f}   (mean logp_model - "
+                                                   f"logp_base of the {best}; < 0: the model lowered it)"))
+    rows.append(("NLL/token model", f"{nll['model']:.4f}   ({nll['tokens']} tokens of {nll['data']})"))
     if nll["base"] is not None:
         rows += [("NLL/token base", f"{nll['base']:.4f}"),
                  ("NLL difference", f"{nll['difference']:+.4f}   (model - base; > 0 = worse than the base)")]
@@ -48,6 +56,17 @@ def format_table(result: dict) -> str:
             rows.append(("judge score model / base", f"{gen['score_model']:.4f} / {gen['score_base']:.4f}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def ranking_rows(pref: dict) -> list[tuple[str, str]]:
+    """The ranking accuracy and Kendall's tau rows of a preference result (none in a result without them)."""
+    if pref.get("ranking_accuracy") is None:
+        return []
+    tau = pref.get("kendall_tau")
+    return [("ranking accuracy", f"{pref['ranking_accuracy']:.4f}   (implicit rewards vs labels over "
+                                 f"{pref['ordered_pairs']} ordered pairs, tied labels skipped)"),
+            ("Kendall tau-b", (f"{tau:+.4f}   (implicit rewards vs labels within each group, mean over "
+                               f"{pref['tau_groups']} groups)") if tau is not None else "n/a (every group tied)")]
 
 
 def to_json(result: dict) -> str:

@@ -112,7 +112,8 @@ def frontier_png(points: list[dict], path: str | Path, y_label: str, base_y: flo
 
 
 TABLE_HEADER = ("variant", "options", "status", "held-out acc", "win rate vs base [95% CI]", "KL nats/seq",
-                "NLL/token (diff vs base)", "train time", "peak RSS MB (+ during training)")
+                "NLL/token (diff vs base)", "train time", "peak RSS MB (+ during training)", "ranking acc / Kendall tau",
+                "chosen logp change vs base")
 
 
 def table_rows(summary: dict) -> list[tuple[str, ...]]:
@@ -140,8 +141,19 @@ def table_rows(summary: dict) -> list[tuple[str, ...]]:
         options = ", ".join(f"{k}={v}" for k, v in (row.get("options") or {}).items())
         acc = f"{pref['accuracy']:.3f}" if pref.get("accuracy") is not None else "n/a"
         seconds = f"{row['train_seconds']:.1f} s" if row.get("train_seconds") is not None else "n/a"
-        out.append((row["name"], options, status, acc, win, kl, nll_text, seconds, rss))
+        out.append((row["name"], options, status, acc, win, kl, nll_text, seconds, rss, *ranking_cells(pref)))
     return out
+
+
+def ranking_cells(pref: dict) -> tuple[str, str]:
+    """A variant's held-out ranking accuracy / Kendall tau-b and its chosen (a group's best) response's
+    log-prob change vs the base, as table cells ("n/a" where the evaluation has none)."""
+    ranking = "n/a"
+    if pref.get("ranking_accuracy") is not None:
+        tau = pref.get("kendall_tau")
+        ranking = f"{pref['ranking_accuracy']:.3f} / " + (f"{tau:+.3f}" if tau is not None else "n/a")
+    change = pref.get("chosen_logp_change")
+    return ranking, f"{change:+.3f}" if change is not None else "n/a"
 
 
 def _md_cell(text: str) -> str:
