@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from preftune.cli import data as cli_data
     from preftune.cli import eval as cli_eval
     from preftune.cli import export as cli_export
+    from preftune.cli import iterate as cli_iterate
     from preftune.cli import label as cli_label
     from preftune.cli import model as cli_model
     from preftune.cli import quickstart as cli_quickstart
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_model.register(sub)
     cli_label.register(sub)
     cli_export.register(sub)
+    cli_iterate.register(sub, add_config_flags, config_from_args)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""``preftune iterate``'s judge cache: every verdict a round asks for is kept on disk, so a resumed run never
+pays for a judge call twice (paid endpoints), and a judge that fails says which prompt it failed on.
+
+:func:`cached_judge` wraps a judge in :class:`CachedScoringJudge` (``python:``, ``reward-model:``: a score per
+``(judge spec, prompt, response)``) or :class:`CachedPairwiseJudge` (``openai:``: an outcome per
+``(judge spec, prompt, response a, response b)``). The cache is a JSONL file in the round's folder, one
+``{"key", "value"}`` line per verdict, appended and fsync'ed after each prompt's verdicts: a run killed
+mid-judging keeps every prompt judged before; a torn last line is ignored. The wrapped judge is asked one
+prompt at a time, so a failure (an exception of any kind from the judge) becomes one
+:class:`~preftune.evaluation.judges.base.JudgeError` line naming the prompt, and the round stays resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError, ScoringJudge, prompt_text
+from preftune.evaluation.metrics import TIE
+
+
+class _Cache:
+    """The verdicts of one judge in one JSONL file; ``calls`` counts the verdicts the wrapped judge gave."""
+
+    def __init__(self, judge: Judge, path: Path, where: str):
+        self.judge, self.path, self.where = judge, Path(path), where
+        self.values: dict[str, float] = {}
+        self.calls = 0
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.values[row["key"]] = float(row["value"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line (killed mid-write): the verdicts before it stand
+
+    def key(self, *parts) -> str:
+        text = json.dumps([self.judge.spec or repr(self.judge), *parts], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def add(self, pairs: list[tuple[str, float]]) -> None:
+        """Keep ``(key, value)`` pairs in memory and append them to the file (flushed and fsync'ed)."""
+        self.values.update(pairs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write("".join(json.dumps({"key": k, "value": v}) + "\n" for k, v in pairs))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def ask(self, groups: dict[int, list[int]], prompts: Sequence, keys: list[str], call) -> None:
+        """For each prompt index of ``groups`` (-> the item indices not cached), ``call(items)`` -> one value
+        per item; kept per prompt. A failure raises JudgeError naming the prompt."""
+        for number, items in enumerate(groups.values()):
+            prompt = prompts[items[0]]
+            try:
+                values = [float(v) for v in call(items)]
+            except Exception as err:  # noqa: BLE001 - any judge failure becomes one line naming the prompt
+                done = sum(len(v) for v in list(groups.values())[:number])
+                raise JudgeError(
+                    f"{self.where}: judge {self.judge.spec or self.judge!r} failed on prompt "
+                    f"{prompt_text(prompt).splitlines()[0]!r:.80} ({type(err).__name__}: {err}); the {done} verdicts "
+                    f"before it are kept in {self.path}: rerun the same command with --resume to go on") from err
+            self.calls += len(items)
+            self.add([(keys[i], v) for i, v in zip(items, values)])
+
+
+def _groups(prompts: Sequence, keys: list[str], cached: dict) -> dict[int, list[int]]:
+    """The indices of the items not in ``cached``, grouped by their prompt (first-seen order)."""
+    groups: dict[str, list[int]] = {}
+    for i, (prompt, key) in enumerate(zip(prompts, keys)):
+        if key not in cached:
+            groups.setdefault(json.dumps(prompt), []).append(i)
+    return dict(enumerate(groups.values()))
+
+
+class CachedScoringJudge(ScoringJudge):
+    """A scoring judge whose scores are cached by ``(judge spec, prompt, response)``."""
+
+    def __init__(self, judge: ScoringJudge, path: Path, where: str):
+        self.cache = _Cache(judge, path, where)
+        self.spec = judge.spec
+
+    @property
+    def calls(self) -> int:
+        return self.cache.calls
+
+    def score(self, prompts, responses) -> list[float]:
+        keys = [self.cache.key(p, r) for p, r in zip(prompts, responses)]
+        inner = self.cache.judge
+        self.cache.ask(_groups(prompts, keys, self.cache.values), prompts, keys,
+                       lambda items: inner.score([prompts[i] for i in items], [responses[i] for i in items]))
+        return [self.cache.values[k] for k in keys]
+
+
+class CachedPairwiseJudge(Judge):
+    """A pairwise judge whose outcomes are cached by ``(judge spec, prompt, response a, response b)``."""
+
+    def __init__(self, judge: Judge, path: Path, where: str):
+        self.cache = _Cache(judge, path, where)
+        self.spec = judge.spec
+
+    @property
+    def calls(self) -> int:
+        return self.cache.calls
+
+    def compare(self, prompts, responses_a, responses_b) -> CompareResult:
+        keys = [self.cache.key(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+        inner = self.cache.judge
+
+        def call(items: list[int]) -> list[float]:
+            return inner.compare([prompts[i] for i in items], [responses_a[i] for i in items],
+                                 [responses_b[i] for i in items]).outcomes
+
+        self.cache.ask(_groups(prompts, keys, self.cache.values), prompts, keys, call)
+        outcomes = [self.cache.values[k] for k in keys]
+        return CompareResult(outcomes=outcomes, ties=sum(o == TIE for o in outcomes))
+
+
+def cached_judge(judge: Judge, path: Path, where: str) -> CachedScoringJudge | CachedPairwiseJudge:
+    """``judge`` with its verdicts cached in ``path`` (``where``: what the failure line starts with)."""
+    if isinstance(judge, ScoringJudge):
+        return CachedScoringJudge(judge, path, where)
+    return CachedPairwiseJudge(judge, path, where)
