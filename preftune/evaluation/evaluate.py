@@ -32,18 +32,23 @@ import torch
 
 from preftune.config.eval_config import EvalConfig
 from preftune.data.load import read_examples
-from preftune.data.records import TokenizedExample
 from preftune.evaluation.base_cache import BaseCache
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
 from preftune.evaluation.judges.registry import make_judge
-from preftune.evaluation.metrics import best_response_mean, kl_from_samples, ranking_metrics, wilson_interval
+from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.prompts import read_prompts
+from preftune.evaluation.ranking import (
+    best_responses,
+    group_preference_metrics,
+    group_table,
+    preference_summary,
+    reward_model_preference,
+)
 from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
 from preftune.evaluation.scoring import completion_logps
-from preftune.methods.losses.groups import ordered_pairs
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
-from preftune.model.logprobs import LogpOutput, batch_group_logps, batch_logps
+from preftune.model.logprobs import LogpOutput, batch_logps
 from preftune.model.packing import make_collate, model_row_cost, packing_decision
 from preftune.model.precision import resolve_compute_dtype
 from preftune.training.reference import check_separate, examples_fingerprint, tokenizer_fingerprint
@@ -145,49 +150,24 @@ def read_preferences(cfg: EvalConfig, tokenizer) -> list:
     return examples
 
 
-def best_responses(groups: list) -> list:
-    """SFT-kind examples of response groups for the NLL: each group's prompt with its best response
-    (the first of those holding the top score), the tokens the group was read with."""
-    out = []
-    for ex in groups:
-        best = max(range(len(ex.scores)), key=lambda k: (ex.scores[k], -k))
-        out.append(TokenizedExample(index=ex.index, prompt_ids=list(ex.prompt_ids), completions=[ex.completions[best]],
-                                    location=ex.location, truncated=ex.truncated))
-    return out
-
-
 # ----------------------------------------------------------------------------- reward models
 
 
 def evaluate_reward_model(cfg: EvalConfig, device: torch.device) -> dict:
-    """A reward model's held-out pair accuracy: reward(chosen) > reward(rejected), on the training
-    data path (the same tokens, collate and head read as ``preftune train --loss reward``)."""
+    """A reward model's held-out accuracy, reward(chosen) > reward(rejected) (a group's better > worse
+    response of each ordered pair), ranking accuracy and Kendall's tau-b, on the training data path (the
+    same tokens, collate and head read as ``preftune train --loss reward``;
+    :func:`preftune.evaluation.ranking.reward_model_preference`)."""
     compute = resolve_compute_dtype(cfg.mixed_precision, device)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code, head="reward").to(device).eval()
     packing = cfg.packing and packing_decision(model)[0]
     collate = make_collate(tokenizer.pad_token_id, packing, row_cost=model_row_cost(model))
-    pairs = read_held_out(cfg, tokenizer, cfg.data, "pair")
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for start in range(0, len(pairs), cfg.batch_size):
-            batch = collate(pairs[start:start + cfg.batch_size]).to(device)
-            rewards = batch_logps(model, batch, compute_dtype=compute).rewards.float().cpu()  # (2G,) chosen, rejected
-            chosen.append(rewards[:batch.num_groups])
-            rejected.append(rewards[batch.num_groups:])
-    rc, rr = torch.cat(chosen), torch.cat(rejected)
-    n = len(pairs)
-    accuracy = float((rc > rr).float().mean())
-    low, high = wilson_interval(accuracy, n)
+    examples = read_preferences(cfg, tokenizer)
+    rewards = group_table(model, examples, collate, cfg, device, compute, rewards=True)[0]  # (G, K)
     return {"model": cfg.model, "kind": "reward", "reference": "none: a reward model", "data": cfg.data,
             "settings": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype},
-            "preference": {"pairs": n, "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high,
-                           "accuracy_definition": "reward(chosen) > reward(rejected) (reward model)",
-                           "reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
-                           "reward_margin": float((rc - rr).mean()), "logps_chosen": None, "logps_rejected": None,
-                           "logp_margin": None, "dpo_loss": None, "beta": None,
-                           "bt_loss": float(torch.nn.functional.softplus(rr - rc).mean())},
-            "nll": None, "generation": None}
+            "preference": reward_model_preference(rewards, examples), "nll": None, "generation": None}
 
 
 # ----------------------------------------------------------------------------- held-out pairs
@@ -231,78 +211,6 @@ def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, 
                                                            scores, None, cfg, base is not None)}
     out["accuracy_definition"] = ("beta * (logp_model - logp_ref): chosen > rejected" if base is not None else
                                   "raw log-prob preference: logp(chosen) > logp(rejected) (no reference model given)")
-    return out
-
-
-@torch.no_grad()
-def group_table_logps(model, examples, collate, cfg: EvalConfig, device,
-                      compute=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Held-out response groups through the training loop's batches and ``batch_group_logps`` (one
-    forward per group, the prompt computed once): (G, K) float32 summed log-probs, row g of
-    ``examples[g]``, K the most responses of a group, 0 beyond a group's own; their (G, K) long
-    completion-token counts; the (G, K) bool mask of which responses exist."""
-    k_max = max(len(ex.completions) for ex in examples)
-    logps = torch.zeros((len(examples), k_max), dtype=torch.float32)
-    counts = torch.zeros((len(examples), k_max), dtype=torch.long)
-    mask = torch.zeros((len(examples), k_max), dtype=torch.bool)
-    for start in range(0, len(examples), cfg.batch_size):
-        batch = collate(examples[start:start + cfg.batch_size]).to(device)
-        out = batch_group_logps(model, batch, chunk_size=cfg.logit_chunk_size, compute_dtype=compute)  # (G_b, K_b)
-        rows, k = slice(start, start + batch.num_groups), out.logps.shape[1]
-        logps[rows, :k], counts[rows, :k], mask[rows, :k] = out.logps.cpu(), out.counts.cpu(), out.mask.cpu()
-    return logps, counts, mask
-
-
-@torch.no_grad()
-def group_preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute=None,
-                             cache: BaseCache | None = None, layout: dict | None = None) -> dict:
-    """The DPO metrics of held-out response groups over their ordered pairs (two responses of a group
-    whose scores differ, the better one as chosen: what training on the group with ``--loss dpo``
-    optimises), with the ranking metrics of :func:`preference_summary`. The base's (G, K) log-probs
-    are kept in ``cache`` like the pairs' ("held-out group log-probs")."""
-    logps, counts, mask = group_table_logps(model, examples, collate, cfg, device, compute)
-    if base is None:
-        ref_logps = torch.zeros_like(logps)  # the implicit reward is beta * log p, as for pairs
-    elif cache is None:
-        ref_logps = group_table_logps(base, examples, collate, cfg, device, compute)[0]
-    else:
-        ref_logps = torch.tensor(cache.get_or_compute(
-            "held-out group log-probs", {"examples": examples_fingerprint(examples), **(layout or {})},
-            lambda: group_table_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
-    scores = torch.zeros_like(logps)
-    for g, ex in enumerate(examples):
-        scores[g, :len(ex.scores)] = torch.tensor(ex.scores, dtype=torch.float32)
-    if not len(ordered_pairs(scores, mask)):
-        raise ValueError(f"{cfg.data}: every held-out group has all its responses tied: no ordered pair to evaluate")
-    flat = LogpOutput(logps.t().reshape(-1), counts.t().reshape(-1), logps.new_zeros(0))  # s = k * G + g
-    _, metrics = compute_objective("dpo", flat, len(examples), ref_logps=ref_logps.t().reshape(-1), beta=cfg.beta,
-                                   scores=scores, completion_mask=mask)
-    out = preference_summary(metrics, logps, ref_logps, scores, mask, cfg, base is not None)
-    out = {"pairs": out["ordered_pairs"], "groups": len(examples), **out}
-    out["accuracy_definition"] = ("beta * (logp_model - logp_ref): better > worse response of each ordered pair"
-                                  if base is not None else "raw log-prob preference: logp(better) > logp(worse) "
-                                  "response of each ordered pair (no reference model given)")
-    return out
-
-
-def preference_summary(metrics: dict, logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor,
-                       mask: torch.Tensor | None, cfg: EvalConfig, has_base: bool) -> dict:
-    """The preference part of the result from ``compute_objective``'s DPO ``metrics`` and the (G, K)
-    log-probs of model and base (zeros without a base), scores and mask: accuracy, log-probs, rewards
-    and DPO loss (None without a base); ``ranking_accuracy`` / ``kendall_tau`` of the implicit rewards
-    ``beta * (logp - logp_ref)`` against the scores (:func:`preftune.evaluation.metrics.ranking_metrics`);
-    ``chosen_logp_change``: mean ``logp_model - logp_base`` of the chosen (a group's best) response,
-    negative when training lowered it (None without a base)."""
-    m = {k: float(v) for k, v in metrics.items()}
-    out = {"accuracy": m["rewards/accuracies"], "logps_chosen": m["logps/chosen"],
-           "logps_rejected": m["logps/rejected"], "logp_margin": m["logps/chosen"] - m["logps/rejected"],
-           **ranking_metrics(cfg.beta * (logps - ref_logps), scores, mask),
-           "chosen_logp_change": best_response_mean(logps - ref_logps, scores, mask) if has_base else None}
-    if has_base:
-        out.update(reward_chosen=m["rewards/chosen"], reward_rejected=m["rewards/rejected"],
-                   reward_margin=m["rewards/margins"], dpo_loss=m["loss"], beta=cfg.beta)
-    else:
-        out.update(reward_chosen=None, reward_rejected=None, reward_margin=None, dpo_loss=None, beta=None)
     return out
 
 

@@ -12,21 +12,16 @@ def format_table(result: dict) -> str:
     line)."""
     pref, nll, gen = result["preference"], result["nll"], result.get("generation")
     if result.get("kind") == "reward":
-        rows = [("reward model", result["model"]), ("held-out pairs", f"{pref['pairs']} ({result['data']})"),
+        rows = [("reward model", result["model"]), held_out_row(result),
                 ("pair accuracy", f"{pref['accuracy']:.4f} [{pref['accuracy_low']:.3f}, {pref['accuracy_high']:.3f}]"
-                                  f" 95% CI   [{pref['accuracy_definition']}]"),
+                                  f" 95% CI   [{pref['accuracy_definition']}]"), *ranking_rows(pref),
                 ("reward chosen / rejected", f"{pref['reward_chosen']:+.4f} / {pref['reward_rejected']:+.4f}"),
                 ("reward margin", f"{pref['reward_margin']:+.4f}"),
                 ("Bradley-Terry loss", f"{pref['bt_loss']:.4f}")]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-    rows = [("model", result["model"]), ("reference", result["reference"])]
-    if pref.get("groups") is not None:
-        rows.append(("held-out groups", f"{pref['groups']}, {pref['pairs']} ordered pairs ({result['data']})"))
-    else:
-        rows.append(("held-out pairs", f"{pref['pairs']} ({result['data']})"))
-    rows.append(("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]"))
-    rows += ranking_rows(pref)
+    rows = [("model", result["model"]), ("reference", result["reference"]), held_out_row(result),
+            ("preference accuracy", f"{pref['accuracy']:.4f}   [{pref['accuracy_definition']}]"), *ranking_rows(pref)]
     if pref["dpo_loss"] is not None:
         rows += [("reward margin", f"{pref['reward_margin']:+.4f}   (beta = {pref['beta']})"),
                  ("reward chosen / rejected", f"{pref['reward_chosen']:+.4f} / {pref['reward_rejected']:+.4f}"),
@@ -56,6 +51,14 @@ def format_table(result: dict) -> str:
             rows.append(("judge score model / base", f"{gen['score_model']:.4f} / {gen['score_base']:.4f}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def held_out_row(result: dict) -> tuple[str, str]:
+    """The row naming the held-out data: its pairs, or its response groups and their ordered pairs."""
+    pref = result["preference"]
+    if pref.get("groups") is not None:
+        return "held-out groups", f"{pref['groups']}, {pref['pairs']} ordered pairs ({result['data']})"
+    return "held-out pairs", f"{pref['pairs']} ({result['data']})"
 
 
 def ranking_rows(pref: dict) -> list[tuple[str, str]]:

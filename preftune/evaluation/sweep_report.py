@@ -112,8 +112,8 @@ def frontier_png(points: list[dict], path: str | Path, y_label: str, base_y: flo
 
 
 TABLE_HEADER = ("variant", "options", "status", "held-out acc", "win rate vs base [95% CI]", "KL nats/seq",
-                "NLL/token (diff vs base)", "train time", "peak RSS MB (+ during training)", "ranking acc / Kendall tau",
-                "chosen logp change vs base")
+                "NLL/token (diff vs base)", "train time", "peak RSS MB (+ during training)",
+                "ranking acc / Kendall tau", "chosen logp change vs base")
 
 
 def table_rows(summary: dict) -> list[tuple[str, ...]]:
