@@ -21,9 +21,10 @@ class BaseCache:
     """What an evaluation computes on the base alone, kept in one JSON file for the next evaluation.
 
     Every variant of a sweep is evaluated against the same base on the same held-out data, and a
-    third of that work is the base's: its log-probs of the held-out pairs (the reference side of
-    the implicit reward), its NLL on the NLL data, its samples and a scoring judge's scores of them
-    (a reward model's; :meth:`preftune.evaluation.judges.base.ScoringJudge.cache_parts`). Those
+    third of that work is the base's: its log-probs of the held-out pairs or response groups (the
+    reference side of the implicit reward), its NLL on the NLL data, its samples and a scoring
+    judge's scores of them (a reward model's;
+    :meth:`preftune.evaluation.judges.base.ScoringJudge.cache_parts`). Those
     depend only on the base, the data and the settings, never on the variant, so
     :func:`preftune.evaluation.evaluate.evaluate_model` with ``base_cache`` computes each once and
     reads it back afterwards. An entry's key hashes everything it depends on: every weight of the

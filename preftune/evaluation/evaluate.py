@@ -9,9 +9,12 @@ and ``cfg.ref_model`` (the base it started from), with the options of an
    ``make_collate``, ``batch_logps``, ``compute_objective``). The implicit reward of a
    response is ``beta * (log p_model - log p_ref)`` (Rafailov et al. 2023, eq. 5). Without a
    reference model the accuracy is the model's *raw log-prob preference*
-   (``log p(chosen) > log p(rejected)``), and the result says so.
-2. **Did it forget?** Mean NLL per completion token of the chosen responses (or of an SFT
-   file, ``nll_data``) under the model and under the base, and the difference.
+   (``log p(chosen) > log p(rejected)``), and the result says so. A held-out file of response groups
+   (:mod:`preftune.evaluation.ranking`) gets the same metrics over its groups' ordered pairs, each group
+   one forward; pairs and groups alike get the ranking accuracy and Kendall's tau-b of the implicit
+   rewards against the labels and the chosen (a group's best) response's log-prob change vs the base.
+2. **Did it forget?** Mean NLL per completion token of the chosen responses (a group's best; or of
+   an SFT file, ``nll_data``) under the model and under the base, and the difference.
 3. **How far did it move?** KL(model || base) per sequence, Monte-Carlo on the model's own
    samples (:func:`preftune.evaluation.sampling.estimate_kl`'s estimator).
 4. **Is it better?** The win rate of the model's samples over the base's under a judge, with
@@ -59,11 +62,11 @@ RAW_PREFERENCE = "none: raw log-prob preference (chosen logp > rejected logp)"
 
 
 def evaluate_model(cfg: EvalConfig, judge: Judge | None = None) -> dict:
-    """Metrics of ``cfg.model`` on the held-out pairs ``cfg.data``, against ``cfg.ref_model`` when given.
+    """Metrics of ``cfg.model`` on the held-out pairs or groups ``cfg.data``, against ``cfg.ref_model`` when given.
 
     ``cfg`` is validated first (:meth:`EvalConfig.validate`: ranges and combinations, before any
     model is loaded). ``judge``: a Judge object used instead of the spec ``cfg.judge``. A reward
-    model (:func:`evaluate_reward_model`) is evaluated on the held-out pairs only. With
+    model (:func:`evaluate_reward_model`) is evaluated on the held-out preferences only. With
     ``cfg.base_cache`` the base's share of the work is kept in that file (:class:`BaseCache`) for the
     next evaluation against the same base; the results are the same with or without it.
 

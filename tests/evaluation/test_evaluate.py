@@ -4,12 +4,15 @@ EvalConfig (flags, ranges, YAML, the Python API's checks)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BAD, GOOD, TOPICS, write_jsonl
 from conftest import RULE_JUDGE_SOURCE as JUDGE_SOURCE
 from transformers import AutoModelForCausalLM
 
@@ -94,7 +97,8 @@ def hand_metrics(model_dir, ref_dir, data, n: int, beta: float) -> dict:
             "reward_margin": margin.mean().item(), "dpo_loss": (-F.logsigmoid(margin)).mean().item(),
             "reward_chosen": (beta * (pc - rc)).mean().item(), "reward_rejected": (beta * (pr - rr)).mean().item(),
             "logps_chosen": pc.mean().item(), "logps_rejected": pr.mean().item(),
-            "raw_accuracy": (pc > pr).double().mean().item(),
+            "raw_accuracy": (pc > pr).double().mean().item(), "chosen_change": (pc - rc).mean().item(),
+            "tau": torch.sign(margin)[margin != 0].mean().item(),
             "nll_model": -pc.sum().item() / tokens, "nll_base": -rc.sum().item() / tokens, "tokens": tokens}
 
 
@@ -114,13 +118,131 @@ def test_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, rule_data
     assert nll["difference"] == pytest.approx(expected["nll_model"] - expected["nll_base"], abs=1e-5)
     assert nll["difference"] < 0  # DPO on the rule raised the chosen log-probs here
     assert result["reference"] == str(tiny_model_dir) and result["generation"] is None
+    # ranking view of the pairs: the ranking accuracy is the preference accuracy, tau-b per pair is +-1
+    assert pref["ordered_pairs"] == 24 and pref["groups"] is None  # the accuracy: a float32 mean, the ranking: exact
+    assert pref["ranking_accuracy"] == pytest.approx(pref["accuracy"], abs=1e-6) == expected["accuracy"]
+    assert pref["kendall_tau"] == pytest.approx(expected["tau"], abs=1e-9)
+    assert pref["chosen_logp_change"] == pytest.approx(expected["chosen_change"], abs=1e-4)
+    table = format_table(result)
+    assert f"logp chosen change vs base  {pref['chosen_logp_change']:+.3f}" in table
+    assert "ranking accuracy" in table and f"{pref['kendall_tau']:+.4f}" in table
 
     raw = run_eval(trained_dir, rule_data["eval"], max_examples=24, **LENGTHS)  # no reference model
     assert raw["reference"] == RAW_PREFERENCE
     assert raw["preference"]["accuracy"] == pytest.approx(expected["raw_accuracy"], abs=1e-9)
     assert "raw log-prob" in raw["preference"]["accuracy_definition"]
     assert raw["preference"]["dpo_loss"] is None and raw["nll"]["base"] is None
+    assert raw["preference"]["ranking_accuracy"] == pytest.approx(raw["preference"]["accuracy"], abs=1e-6)
+    assert raw["preference"]["chosen_logp_change"] is None and "logp chosen change" not in format_table(raw)
     assert "raw log-prob preference" in format_table(raw)
+
+
+def rule_groups(n: int, seed: int) -> list[dict]:
+    """The rule task as response groups of 2 to 4 responses scored by minus their rule-breaking words (0-2),
+    so some groups hold tied responses."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        responses, scores = [], []
+        for _ in range(rng.randint(2, 4)):
+            words = [rng.choice(GOOD) for _ in range(rng.randint(2, 4))]
+            bad = rng.randint(0, 2)
+            for i in rng.sample(range(len(words)), bad):
+                words[i] = rng.choice(BAD)
+            responses.append(f" The {topic} is {' '.join(words)}.")
+            scores.append(-bad)
+        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:", "responses": responses,
+                     "scores": scores})
+    return rows
+
+
+def hand_group_metrics(model_dir, ref_dir, data, beta: float) -> dict:
+    """Each response summed by hand (one plain forward), then with r = beta * (logp_model - logp_ref), pair by
+    pair over every group's ordered pairs (scores differ): accuracy, DPO loss; Kendall's tau-b of each group
+    from its concordant / discordant / tied pair counts, averaged; the best response's log-prob change and NLL."""
+    tokenizer = load_tokenizer(str(model_dir))
+    examples, _ = load_dataset(data, tokenizer, "group", **LENGTHS)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    agree, losses, taus, changes, nll, tokens = [], [], [], [], 0.0, 0
+    for ex in examples:
+        lp = [summed_logps(model, ex.prompt_ids, c) for c in ex.completions]
+        lr = [summed_logps(ref, ex.prompt_ids, c) for c in ex.completions]
+        r = [beta * (a - b) for a, b in zip(lp, lr)]
+        y = ex.scores
+        concordant = discordant = tied_y = tied_r = 0
+        for i, j in itertools.combinations(range(len(y)), 2):
+            tied_y += y[i] == y[j]
+            tied_r += r[i] == r[j]
+            if y[i] != y[j]:
+                better, worse = (i, j) if y[i] > y[j] else (j, i)
+                agree.append(r[better] > r[worse])
+                losses.append(-F.logsigmoid(torch.tensor(r[better] - r[worse], dtype=torch.float64)).item())
+                if r[i] != r[j]:
+                    concordant += (y[i] > y[j]) == (r[i] > r[j])
+                    discordant += (y[i] > y[j]) != (r[i] > r[j])
+        n0 = len(y) * (len(y) - 1) // 2
+        if (n0 - tied_y) * (n0 - tied_r) > 0:
+            taus.append((concordant - discordant) / math.sqrt((n0 - tied_y) * (n0 - tied_r)))
+        top = [k for k in range(len(y)) if y[k] == max(y)]
+        changes.append(sum(lp[k] - lr[k] for k in top) / len(top))
+        nll -= lp[top[0]]
+        tokens += len(ex.completions[top[0]])
+    return {"groups": len(examples), "pairs": len(agree), "accuracy": sum(agree) / len(agree),
+            "dpo_loss": sum(losses) / len(losses), "tau": sum(taus) / len(taus), "tau_groups": len(taus),
+            "chosen_change": sum(changes) / len(changes), "nll": nll / tokens, "tokens": tokens}
+
+
+def test_group_file_metrics_match_a_hand_computation(trained_dir, tiny_model_dir, tmp_path):
+    """``preftune eval --data groups.jsonl``: each group one forward through the training path (packed and
+    padded give the same), the metrics over the groups' ordered pairs, Kendall's tau-b per group and the best
+    response's log-prob change, all as computed response by response by hand; the base's group log-probs are
+    kept in the base cache and give the same result read back."""
+    data = write_jsonl(tmp_path / "groups.jsonl", rule_groups(12, seed=5))
+    expected = hand_group_metrics(trained_dir, tiny_model_dir, data, beta=0.1)
+    assert expected["pairs"] < sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rule_groups(12, 5))
+    result = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, **LENGTHS)
+    pref, nll = result["preference"], result["nll"]
+    assert (pref["groups"], pref["pairs"], pref["ordered_pairs"]) == (12, expected["pairs"], expected["pairs"])
+    assert pref["ranking_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert pref["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert pref["dpo_loss"] == pytest.approx(expected["dpo_loss"], abs=1e-5)
+    assert pref["tau_groups"] == expected["tau_groups"]
+    assert pref["kendall_tau"] == pytest.approx(expected["tau"], abs=1e-6) and pref["kendall_tau"] > 0
+    assert pref["chosen_logp_change"] == pytest.approx(expected["chosen_change"], abs=1e-4)
+    assert nll["tokens"] == expected["tokens"] and nll["model"] == pytest.approx(expected["nll"], abs=1e-5)
+    assert nll["data"] == f"best responses of {data}"
+    table = format_table(result)
+    assert f"held-out groups             12, {expected['pairs']} ordered pairs" in table
+    assert f"Kendall tau-b               {pref['kendall_tau']:+.4f}" in table
+    assert f"logp chosen change vs base  {pref['chosen_logp_change']:+.3f}" in table
+
+    padded = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, packing=False, **LENGTHS)
+    for key in ("accuracy", "dpo_loss", "kendall_tau", "chosen_logp_change", "logps_chosen"):
+        assert padded["preference"][key] == pytest.approx(pref[key], abs=1e-5), key
+
+    cache = tmp_path / "base_cache.json"
+    first = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, base_cache=cache, **LENGTHS)
+    assert first.pop("base_cache")["stored"] == ["held-out group log-probs", "NLL"]
+    again = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, base_cache=cache, **LENGTHS)
+    assert again.pop("base_cache")["reused"] == ["held-out group log-probs", "NLL"]
+    assert first == again == result
+
+    raw = run_eval(trained_dir, data, beta=0.1, **LENGTHS)["preference"]  # no base: beta * log p ranks
+    assert raw["chosen_logp_change"] is None and raw["dpo_loss"] is None
+    assert "logp(better)" in raw["accuracy_definition"]
+    assert raw["ranking_accuracy"] == pytest.approx(raw["accuracy"], abs=1e-6)
+
+
+def test_a_file_mixing_pairs_and_groups_reads_as_groups(tiny_model_dir, rule_data, tmp_path):
+    """Pair rows beside group rows are groups of two scored 1 and 0 (as training reads such a file)."""
+    rows = [json.loads(line) for line in rule_data["eval"].read_text().splitlines()[:3]] + rule_groups(2, seed=6)
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    pref = run_eval(tiny_model_dir, data, ref_model=tiny_model_dir, **LENGTHS)["preference"]
+    group_pairs = sum(a != b for r in rows[3:] for a, b in itertools.combinations(r["scores"], 2))
+    assert pref["groups"] == 5 and pref["pairs"] == pref["ordered_pairs"] == 3 + group_pairs
+    assert pref["chosen_logp_change"] == 0.0 and pref["dpo_loss"] == pytest.approx(math.log(2))
 
 
 def test_kl_is_zero_against_itself_and_positive_after_training(trained_dir, tiny_model_dir, rule_data):
