@@ -235,14 +235,20 @@ def test_group_file_metrics_match_a_hand_computation(trained_dir, tiny_model_dir
     assert raw["ranking_accuracy"] == pytest.approx(raw["accuracy"], abs=1e-6)
 
 
-def test_a_file_mixing_pairs_and_groups_reads_as_groups(tiny_model_dir, rule_data, tmp_path):
-    """Pair rows beside group rows are groups of two scored 1 and 0 (as training reads such a file)."""
+def test_a_file_mixing_pairs_and_groups_reads_as_groups(tiny_model_dir, rule_data, tmp_path, capsys):
+    """Pair rows beside group rows are groups of two scored 1 and 0 (as training reads such a file);
+    ``preftune eval --json`` prints the same result."""
     rows = [json.loads(line) for line in rule_data["eval"].read_text().splitlines()[:3]] + rule_groups(2, seed=6)
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    pref = run_eval(tiny_model_dir, data, ref_model=tiny_model_dir, **LENGTHS)["preference"]
+    result = run_eval(tiny_model_dir, data, ref_model=tiny_model_dir, **LENGTHS)
+    pref = result["preference"]
     group_pairs = sum(a != b for r in rows[3:] for a, b in itertools.combinations(r["scores"], 2))
     assert pref["groups"] == 5 and pref["pairs"] == pref["ordered_pairs"] == 3 + group_pairs
     assert pref["chosen_logp_change"] == 0.0 and pref["dpo_loss"] == pytest.approx(math.log(2))
+    args = parser().parse_args(["eval", "--model", str(tiny_model_dir), "--ref-model", str(tiny_model_dir), "--data",
+                                str(data), "--max-length", "64", "--max-prompt-length", "32", "--json"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["preference"] == json.loads(to_json(result))["preference"]
 
 
 def test_kl_is_zero_against_itself_and_positive_after_training(trained_dir, tiny_model_dir, rule_data):
