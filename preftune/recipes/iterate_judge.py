@@ -68,10 +68,13 @@ class _Cache:
 
 
 def _groups(prompts: Sequence, keys: list[str], cached: dict) -> dict[int, list[int]]:
-    """The indices of the items not in ``cached``, grouped by their prompt (first-seen order)."""
+    """The indices of the items not in ``cached`` (the first of equal keys), grouped by their prompt (first-seen
+    order)."""
     groups: dict[str, list[int]] = {}
+    asked: set[str] = set()  # a response given twice is judged once
     for i, (prompt, key) in enumerate(zip(prompts, keys)):
-        if key not in cached:
+        if key not in cached and key not in asked:
+            asked.add(key)
             groups.setdefault(json.dumps(prompt), []).append(i)
     return dict(enumerate(groups.values()))
 

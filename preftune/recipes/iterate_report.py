@@ -68,7 +68,7 @@ def measure_round(loop, n: int) -> int:
                                  batch_size=cfg.sample_batch_size)
         row.update(win_vs_base=win(0), win_vs_previous=win(n - 1),
                    kl={"mean": kl, "stderr": stderr, "samples": len(prompts) * cfg.kl_samples},
-                   pairs=read_json(folder / "pairs.json", {}), train=read_json(folder / "train.json", {}))
+                   pairs=read_json(folder / "pairs.json", {}), train=training_numbers(folder))
     write_jsonl(folder / "eval_samples.jsonl",
                 [{"prompt": p, "response": t, "score": s}
                  for p, t, s in zip(prompts, texts, scores or [None] * len(texts))])
@@ -93,6 +93,13 @@ def write_outputs(out: Path, measured: int, stopped: bool, runner, judge_calls: 
     write_atomic(out / "report.md", report_text(metrics))
     write_atomic(out / "iterate.svg", plot_svg(base, rounds))
     return metrics
+
+
+def training_numbers(folder: Path) -> dict:
+    """``train.json``'s steps and final metrics without the speeds and times (which vary run to run)."""
+    summary = read_json(folder / "train.json", {})
+    final = {k: v for k, v in summary.get("final", {}).items() if not any(w in k for w in ("second", "time", "mem"))}
+    return {"steps": summary.get("steps"), "final": final}
 
 
 def _number(value, digits: int = 3) -> str:
