@@ -11,7 +11,7 @@ In Python (notebooks, scripts), the same options as the command line::
 
 from preftune.common.version import VERSION as __version__
 
-__all__ = ["train", "evaluate", "__version__"]
+__all__ = ["train", "evaluate", "iterate", "__version__"]
 
 
 def train(config=None, **options):
@@ -26,3 +26,11 @@ def evaluate(model, data, **options):
     from preftune.api import evaluate as api_evaluate
 
     return api_evaluate(model, data, **options)
+
+
+def iterate(model, prompts, eval_prompts, judge, output_dir, **options):
+    """On-policy rounds as ``preftune iterate`` runs them (sample -> judge -> train -> measure); returns its
+    result (see :func:`preftune.api.iterate`)."""
+    from preftune.api import iterate as api_iterate
+
+    return api_iterate(model, prompts, eval_prompts, judge, output_dir, **options)

@@ -1,4 +1,5 @@
-"""The Python API for notebooks and scripts: ``preftune.train(...)`` and ``preftune.evaluate(...)``.
+"""The Python API for notebooks and scripts: ``preftune.train(...)``, ``preftune.evaluate(...)`` and
+``preftune.iterate(...)``.
 
 The same options as the command line, as keywords (a flag's name with underscores:
 ``--learning-rate`` is ``learning_rate=``), checked by the same :meth:`TrainConfig.validate` /
@@ -83,3 +84,41 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, **options: Any) 
     from preftune.evaluation.evaluate import evaluate_model
 
     return evaluate_model(cfg, judge=judge)
+
+
+def iterate(model: str | os.PathLike, prompts: str | os.PathLike, eval_prompts: str | os.PathLike, judge,
+            output_dir: str | os.PathLike, **options: Any):
+    """On-policy rounds as ``preftune iterate`` runs them; returns its
+    :class:`preftune.recipes.iterate.IterateResult` (``metrics``: what ``OUT/metrics.json`` holds).
+
+    Args:
+        model: the starting policy (a model folder or hub name); every round is measured against it.
+        prompts / eval_prompts: training prompts and held-out prompts (a ``.txt``, one a line, or any file
+            ``preftune train`` reads).
+        judge: a judge spec (``python:...``, ``reward-model:PATH``, ``openai:URL#MODEL``) or a
+            :class:`preftune.evaluation.judges.base.Judge`.
+        output_dir: the run folder (``OUT/round-N/``, ``report.md``, ``metrics.json``).
+        **options: the loop's settings (``rounds``, ``samples``, ``prompts_per_round``, ``reuse_prompts``,
+            ``reference``, ``max_new_tokens``, ``temperature``, ``top_p``, ``sample_batch_size``,
+            ``kl_samples``, ``seed``, ``stop_when_no_gain``, ``resume``, ``progress``) and any
+            :class:`TrainConfig` field every round trains with (``loss``, ``beta``, ``learning_rate``,
+            ``lora_r`` ...).
+
+    Raises ConfigError for an unknown keyword (naming the close matches) or a bad value, and on ``resume``
+    with other settings than the run in ``output_dir`` was started with.
+    """
+    from preftune.recipes.iterate import run_iterate
+    from preftune.recipes.iterate_config import IterateConfig
+
+    loop_names = {f.name for f in dataclasses.fields(IterateConfig)} - {"train", "model", "prompts", "eval_prompts",
+                                                                       "judge", "output_dir"}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    check_names(options, loop_names | train_names, "preftune.iterate", renamed=RENAMED)
+    loop = {k: v for k, v in options.items() if k in loop_names}
+    train = {k: v for k, v in options.items() if k not in loop_names}
+    checked = TrainConfig()
+    apply_options(checked, train, "preftune.iterate", renamed=RENAMED)  # each value coerced as `preftune train` does
+    train = {name: getattr(checked, name) for name in train}
+    cfg = IterateConfig(model=os.fspath(model), prompts=os.fspath(prompts), eval_prompts=os.fspath(eval_prompts),
+                        judge=judge, output_dir=os.fspath(output_dir), train=train, **loop)
+    return run_iterate(cfg)

@@ -318,3 +318,20 @@ def test_kill_9_mid_round_2_then_resume_from_the_command_line(world, tmp_path):
     done = subprocess.run(argv(tmp_path / "killed") + ["--resume"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert numbers(tmp_path / "killed") == numbers(tmp_path / "whole")
+
+
+def test_the_python_api(world, tmp_path):
+    """``preftune.iterate(...)``: the loop's settings and train options as keywords, checked before anything runs."""
+    import preftune
+
+    with pytest.raises(ConfigError, match=r"preftune.iterate: unknown option 'learning_rat' \(close matches: "
+                                          r"learning_rate"):
+        preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "a", learning_rat=1)
+    with pytest.raises(ConfigError, match="beta"):
+        preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "b", beta="high")
+    result = preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "c", rounds=1,
+                              samples=4, max_new_tokens=12, kl_samples=1, progress=False, **TRAIN)
+    assert result.rounds == 1 and [r["round"] for r in result.metrics["rounds"]] == [1]
+    settings = json.loads((tmp_path / "c" / "settings.json").read_text())
+    assert settings["train.learning_rate"] == 1e-3 and settings["judge"] == JUDGE_SPEC
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
