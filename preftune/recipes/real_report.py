@@ -16,16 +16,32 @@ from preftune.recipes.stages import (
 )
 
 
-def task_a_rows(a: dict) -> list[tuple[str, str, str]]:
-    """``(metric, base, DPO)`` rows of Task A."""
-    base, dpo, kl = a["base"], a["dpo"], a["kl"]
-    return [("judge score, mean (-1..1)", f"{base['mean_score']:+.3f}", f"{dpo['mean_score']:+.3f}"),
-            ("positive / negative / zero reviews", f"{base['positive']:.0%} / {base['negative']:.0%} / "
-             f"{base['zero']:.0%}", f"{dpo['positive']:.0%} / {dpo['negative']:.0%} / {dpo['zero']:.0%}"),
-            ("words per review", f"{base['mean_words']:.1f}", f"{dpo['mean_words']:.1f}"),
-            ("win rate vs base [95% CI]", "", rate_text(a["win_rate"])),
-            ("KL(DPO || base), nats/review", "", f"{number(kl['mean'], '.2f')} +- {number(kl['stderr'], '.2f')}"),
-            ("held-out preference accuracy", "", number(a["preference_accuracy"], ".3f"))]
+def task_a_rows(a: dict) -> list[tuple[str, ...]]:
+    """``(metric, base, DPO)`` rows of Task A, with a fourth column (DPO on the response groups) when the
+    group run's stage has run (``a["group"]``)."""
+    runs = [a] + ([a["group"]] if a.get("group") else [])
+
+    def row(name: str, base: str, value) -> tuple[str, ...]:
+        return (name, base, *(value(run) for run in runs))
+
+    def shares(side: dict) -> str:
+        return f"{side['positive']:.0%} / {side['negative']:.0%} / {side['zero']:.0%}"
+
+    base = a["base"]
+    return [row("training steps", "", lambda run: number(run.get("steps"), "d")),
+            row("judge score, mean (-1..1)", f"{base['mean_score']:+.3f}",
+                lambda run: f"{run['dpo']['mean_score']:+.3f}"),
+            row("positive / negative / zero reviews", shares(base), lambda run: shares(run["dpo"])),
+            row("words per review", f"{base['mean_words']:.1f}", lambda run: f"{run['dpo']['mean_words']:.1f}"),
+            row("win rate vs base [95% CI]", "", lambda run: rate_text(run["win_rate"])),
+            row("KL(DPO || base), nats/review", "", lambda run: f"{number(run['kl']['mean'], '.2f')} +- "
+                                                             f"{number(run['kl']['stderr'], '.2f')}"),
+            row("held-out preference accuracy", "", lambda run: number(run["preference_accuracy"], ".3f"))]
+
+
+def task_a_header(a: dict) -> tuple[str, ...]:
+    """The columns of :func:`task_a_rows`."""
+    return ("metric", "base", "DPO, best vs worst") + (("DPO, whole groups",) if a.get("group") else ())
 
 
 TASK_B_HEADER = ("model", "training steps", "held-out accuracy", "win rate vs base [95% CI]", "KL (nats/reply)",
@@ -61,9 +77,17 @@ def write_report(out: Path, metrics: dict) -> None:
              f"{cfg['a_beta']}, lr {cfg['a_learning_rate']}. Evaluated on {a['eval_prompts']} prompts over "
              f"{a['held_out_films']} held-out films: one DPO and one base sample each, compared by the judge (ties "
              "count half; Wilson interval).", ""]
-    lines += markdown_table(("metric", "base", "DPO"), task_a_rows(a))
+    if a.get("group"):
+        lines += [f"The comparison: DPO on the same samples as {a['train_groups']} response groups (all "
+                  f"{a['group_responses']} non-empty samples with their judge scores, {a['group_ordered_pairs']} "
+                  "ordered pairs, one forward per group), with the best-vs-worst run's steps and settings, "
+                  "against the same base samples.", ""]
+    lines += markdown_table(task_a_header(a), task_a_rows(a))
     lines += ["", "Sample generations (first sample of the first held-out films, not cherry-picked):", ""]
     lines += sample_lines(a["examples"], [("base", "base"), ("DPO", "dpo")], markdown=True)
+    if a.get("group"):
+        lines += ["DPO on whole groups, the same prompts:", ""]
+        lines += sample_lines(a["group"]["examples"], [("DPO, groups", "dpo")], markdown=True)
     sizes = b["data"]["rows"]
     lines += ["## Task B: HH-RLHF harmless", "",
               f"`{b['data']['source']}` as chat messages, split by prompt: held-out {sizes['held_out']}, reward-model "
@@ -98,7 +122,9 @@ def write_report(out: Path, metrics: dict) -> None:
 def summary_text(out: Path, metrics: dict) -> str:
     """The summary printed at the end: both tasks' tables, each target reached or not, the verdict."""
     lines = ["", "task A (sentiment):"]
-    lines += aligned_rows(task_a_rows(metrics["task_a"]), name_width=37, value_width=18, indent="  ")
+    a = metrics["task_a"]
+    lines += aligned_rows([(name, base, " | ".join(runs)) for name, base, *runs in
+                           [task_a_header(a)] + task_a_rows(a)], name_width=37, value_width=18, indent="  ")
     lines += ["task B (HH-RLHF harmless): " + ", ".join(TASK_B_HEADER)]
     lines += ["  " + " | ".join(row) for row in task_b_rows(metrics["task_b"])]
     lines += [f"{'reached' if t['reached'] else 'NOT reached'}: {t['name']}: {t['value']} (target {t['target']})"

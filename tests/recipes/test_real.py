@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,10 +44,10 @@ def test_cli_flags():
             args.func(args)
 
 
-def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
+def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None) -> list[tuple]:
     """Every stage's work replaced by a stub that writes its entries and records its name (``fail_in``
     raises there, as a run stopped mid-stage); report.md lists the stage seconds; the targets and the
-    summary are the real ones."""
+    summary are the real ones. Returns the list the stub of ``train_stage`` appends its calls to."""
     def writes(name, result=None):
         def work(cfg, out, *args):
             calls.append(name)
@@ -64,11 +65,20 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
            "nll_difference": 0.01}
     monkeypatch.setattr(recipe, "prepare_model", lambda cfg, echo: calls.append("model") or Path("base"))
     monkeypatch.setattr(recipe, "task_a_pairs", writes("task A pairs", {"train_pairs": 9, "skipped_ties": 0,
-                                                                        "eval_pairs": 4}))
-    monkeypatch.setattr(recipe, "train_stage", lambda cfg, output_dir, *a, **k:
-                        writes("task A DPO")(cfg, output_dir.parent))
+                                                                        "eval_pairs": 4, "train_groups": 10}))
+
+    def train_stage(cfg, output_dir, model, data, loss, learning_rate, epochs, max_steps=None, beta=None):
+        trained.append((output_dir.name, data.name, loss, learning_rate, epochs, max_steps, beta))
+        if output_dir.name == "a_dpo":  # the group run's folder is its stage's entry: its evaluation writes it
+            writes("task A DPO")(cfg, output_dir.parent)
+        return SimpleNamespace(steps=max_steps or 2)
+
+    trained: list[tuple] = []  # every train_stage call's output folder, data and settings
+    monkeypatch.setattr(recipe, "train_stage", train_stage)
     monkeypatch.setattr(recipe, "task_a_evaluation", writes("task A evaluation", {
         "win_rate": {"rate": 0.89, "low": 0.82, "high": 0.94, "n": 102}}))
+    monkeypatch.setattr(recipe, "task_a_group_evaluation", writes("task A group DPO", {
+        "win_rate": {"rate": 0.91, "low": 0.84, "high": 0.95, "n": 102}}))
     monkeypatch.setattr(recipe, "task_b_data", writes("task B data", {"rows": {"held_out": 240, "rm": 600, "dpo": 9}}))
     monkeypatch.setattr(recipe, "task_b_reward_model", writes("task B reward model", lambda: {
         "reward_model": dict(row, name="reward model"), "base_raw": dict(row, accuracy=0.55)}))
@@ -78,18 +88,19 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None):
     monkeypatch.setattr(report, "task_a_rows", lambda task_a: [])
     monkeypatch.setattr(recipe, "write_report", lambda out, metrics: (out / "report.md").write_text(
         "\n".join(f"{k} {v}" for k, v in metrics["stage_seconds"].items()) + f"\n{metrics.get('resumed')}\n"))
+    return trained
 
 
 def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatch):
-    """A run stopped in stage 8 (the whole-part DPO): ``resume`` keeps stages 2-7 (their metrics, entries and
-    measured seconds), runs the model stage, stage 8 and the report, and the total adds the kept seconds."""
+    """A run stopped in stage 9 (the whole-part DPO): ``resume`` keeps stages 2-8 (their metrics, entries and
+    measured seconds), runs the model stage, stage 9 and the report, and the total adds the kept seconds."""
     out, calls = tmp_path / "run", []
     cfg = RealRecipeConfig.preset("full", output_dir=str(out), progress=False)
     _fake_stages(monkeypatch, calls, fail_in="task B DPO")
     with pytest.raises(KeyboardInterrupt):
         recipe.run_real_recipe(cfg, echo=lambda line: None)
     earlier = json.loads((out / "metrics.json").read_text())
-    assert list(earlier["stage_seconds"]) == list(recipe.STAGE_ENTRIES)[:7] and "dpo" not in earlier["task_b"]
+    assert list(earlier["stage_seconds"]) == list(recipe.STAGE_ENTRIES)[:8] and "dpo" not in earlier["task_b"]
     earlier["stage_seconds"] = {name: 100.0 for name in earlier["stage_seconds"]}  # as if each took 100 s
     (out / "metrics.json").write_text(json.dumps(earlier))
 
@@ -99,13 +110,13 @@ def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatc
     resumed = RealRecipeConfig.preset("full", output_dir=str(out), progress=False, resume=True, threads=1)
     result = recipe.run_real_recipe(resumed, echo=lines.append)
     assert calls == ["model", "task B DPO"]
-    kept = list(recipe.STAGE_ENTRIES)[1:7]
+    kept = list(recipe.STAGE_ENTRIES)[1:8]
     assert result.metrics["resumed"] == kept
-    assert sum("kept from the earlier run (1m40s; --resume)" in line for line in lines) == 6
+    assert sum("kept from the earlier run (1m40s; --resume)" in line for line in lines) == 7
     seconds = result.metrics["stage_seconds"]
     assert list(seconds) == list(recipe.STAGE_ENTRIES)  # stage order, the kept ones included
-    assert [seconds[name] for name in kept] == [100.0] * 6 and seconds["task B DPO"] < 10
-    assert 600 <= result.metrics["seconds"] < 610 and result.passed  # the fakes reach every target
+    assert [seconds[name] for name in kept] == [100.0] * 7 and seconds["task B DPO"] < 10
+    assert 700 <= result.metrics["seconds"] < 710 and result.passed  # the fakes reach every target
     assert result.metrics["task_b"]["variants"][0]["steps"] == 48  # the sweep's results read back
     assert result.metrics["task_b"]["dpo"]["name"] == "dpo (whole part)"
     assert json.loads((out / "metrics.json").read_text())["seconds"] == result.metrics["seconds"]
@@ -122,7 +133,28 @@ def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatc
     calls.clear()
     recipe.run_real_recipe(RealRecipeConfig.preset("full", output_dir=str(tmp_path / "new"), resume=True,
                                                           progress=False), echo=lambda line: None)
-    assert calls == ["model", *list(recipe.STAGE_ENTRIES)[1:8]]
+    assert calls == ["model", *list(recipe.STAGE_ENTRIES)[1:9]]
+
+
+def test_group_run_trains_on_the_groups_with_the_best_vs_worst_runs_steps_and_settings(tmp_path, monkeypatch):
+    """Task A's group stage: DPO from the base on ``data/a_train_groups.jsonl`` with the pairs run's loss, learning
+    rate, epochs and beta, capped at the steps the pairs run took; its evaluation lands in ``task_a["group"]``."""
+    calls: list = []
+    trained = _fake_stages(monkeypatch, calls)
+    cfg = RealRecipeConfig.preset("reduced", output_dir=str(tmp_path / "run"), progress=False)
+    lines: list[str] = []
+    result = recipe.run_real_recipe(cfg, echo=lines.append)
+    assert trained[:2] == [("a_dpo", "a_train_pairs.jsonl", "dpo", cfg.a_learning_rate, cfg.a_epochs, None,
+                            cfg.a_beta),
+                           ("a_group_dpo", "a_train_groups.jsonl", "dpo", cfg.a_learning_rate, cfg.a_epochs, 2,
+                            cfg.a_beta)]
+    task_a = result.metrics["task_a"]
+    assert task_a["steps"] == task_a["group"]["steps"] == 2 and task_a["group"]["win_rate"]["rate"] == 0.91
+    assert calls.index("task A evaluation") < calls.index("task A group DPO") < calls.index("task B data")
+    assert any("[5/10] task A group DPO: DPO on 10 groups of up to 4 (all pairs, 2 steps as best vs worst)" in line
+               for line in lines)
+    assert any("2 steps: win rate 0.910 [0.840, 0.950] (n=102) (best vs worst: 0.890" in line for line in lines)
+    assert recipe.STAGE_ENTRIES["task A group DPO"] == ("a_group_dpo", "a_group_samples.jsonl")
 
 
 def test_output_dir_refuses_foreign_files(tmp_path):
@@ -209,7 +241,8 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
     out = reduced_run["out"]
     for name in ("report.md", "metrics.json", "a_samples.jsonl", "b_sweep.yaml", "b_sweep/report.md",
                  "b_sweep/summary.json", "b_sweep/frontier.png", "a_dpo/model.safetensors", "b_rm/config.json",
-                 "b_dpo/model.safetensors",
+                 "b_dpo/model.safetensors", "a_group_dpo/model.safetensors", "a_group_samples.jsonl",
+                 "data/a_train_groups.jsonl", "a_base_cache.json",
                  "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl", "data/hh_held_out.jsonl",
                  "data/hh_rm.jsonl", "data/hh_dpo.jsonl"):
         assert (out / name).is_file(), name
@@ -217,10 +250,12 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
     for name in ("a_samples.jsonl", "data/a_train_pairs.jsonl", "data/hh_dpo.jsonl"):
         assert all(isinstance(json.loads(line), dict) for line in (out / name).read_text().splitlines())
     report = (out / "report.md").read_text()
-    for text in ("## Task A", "## Task B", "## Targets", "## Wall time", "b_sweep/frontier.png", "win rate vs base"):
+    for text in ("## Task A", "## Task B", "## Targets", "## Wall time", "b_sweep/frontier.png", "win rate vs base",
+                 "| DPO, best vs worst | DPO, whole groups |", "DPO on whole groups, the same prompts"):
         assert text in report
     assert report.count("reached") >= 3
-    for line in ("[1/9] model", "[8/9] task B DPO", "[9/9] report", "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
+    for line in ("[1/10] model", "[5/10] task A group DPO", "[9/10] task B DPO", "[10/10] report",
+                 "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
         assert line in reduced_run["stdout"], line
     assert list(metrics["stage_seconds"]) == list(recipe.STAGE_ENTRIES)
     assert _finite(metrics["seconds"]) and metrics["seconds"] >= sum(metrics["stage_seconds"].values()) - 1
@@ -236,6 +271,13 @@ def test_reduced_recipe_metrics_are_finite_and_in_range(reduced_run):
     win = a["win_rate"]
     assert 0 <= win["low"] <= win["rate"] <= win["high"] <= 1 and win["n"] == a["eval_prompts"]
     assert _finite(a["kl"]["mean"]) and 0 <= a["preference_accuracy"] <= 1 and len(a["examples"]) == 3
+    group = a["group"]  # DPO on whole groups: the pairs run's steps, judged against the same base samples
+    assert group["steps"] == a["steps"] and a["train_groups"] >= 2 and group["eval_prompts"] == a["eval_prompts"]
+    assert 0 <= group["win_rate"]["low"] <= group["win_rate"]["rate"] <= group["win_rate"]["high"] <= 1
+    assert group["base"] == a["base"] and _finite(group["kl"]["mean"]) and 0 <= group["preference_accuracy"] <= 1
+    groups = [row for _, row in read_rows(reduced_run["out"] / "data" / "a_train_groups.jsonl")]
+    assert len(groups) == a["train_groups"] and all(2 <= len(g["responses"]) == len(g["scores"]) <= 4
+                                                     and len(set(g["scores"])) > 1 for g in groups)
     for part in ("reward_model", "base_raw"):
         assert 0 <= b[part]["accuracy"] <= 1 and b[part]["pairs"] > 0
     cfg = RealRecipeConfig.preset("reduced")
@@ -279,9 +321,9 @@ def test_reduced_recipe_exit_code_follows_its_smoke_checks(reduced_run):
     """A smoke run passes on what it can check at its size; the full run's targets are reported, not judged."""
     metrics = json.loads((reduced_run["out"] / "metrics.json").read_text())
     checks = metrics["smoke_checks"]
-    assert [c["ok"] for c in checks] == [True] * 5, checks
+    assert [c["ok"] for c in checks] == [True] * 6, checks
     assert metrics["passed"] is True and reduced_run["returncode"] == 0
     reached = sum(t["reached"] for t in metrics["targets"])
-    assert f"PASS: smoke run, 5/5 checks (the targets apply to the full run: {reached}/3 targets reached" \
+    assert f"PASS: smoke run, 6/6 checks (the targets apply to the full run: {reached}/3 targets reached" \
         in reduced_run["stdout"]
     assert "A smoke run (`--reduced`)" in (reduced_run["out"] / "report.md").read_text()

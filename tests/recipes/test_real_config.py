@@ -21,6 +21,7 @@ def test_presets_and_help():
     text = recipe.help_text()
     assert "PyPI" in text and "93 MB" in text and "158 min measured" in text
     assert f"held-out ({full.b_held_out})" in text and f"{full.a_train_films} films" in text  # the preset's numbers
+    assert "DPO on all 4 reviews of each film as a response group" in text
 
 
 def _metrics(a_rate, a_low, accuracy, pairs, b_rate, b_low) -> dict:
@@ -42,10 +43,11 @@ def test_targets_reached_and_not():
     assert [t["reached"] for t in recipe.check_targets(cfg, missing)] == [True, False, False]  # no whole-part run
 
 
-def _smoke_metrics(kl=1.5, variant_error=None, accuracy=0.6):
+def _smoke_metrics(kl=1.5, variant_error=None, accuracy=0.6, group_steps=4):
     rate = {"rate": 0.6, "low": 0.4, "high": 0.75, "n": 16}
     model = {"error": None, "accuracy": accuracy, "win_rate": rate, "kl": 2.0, "nll_difference": 0.05}
-    return {"task_a": {"win_rate": rate, "kl": {"mean": kl}, "preference_accuracy": 0.5},
+    group = {"steps": group_steps, "win_rate": rate, "kl": {"mean": 1.0}, "preference_accuracy": 0.5}
+    return {"task_a": {"win_rate": rate, "kl": {"mean": kl}, "preference_accuracy": 0.5, "steps": 4, "group": group},
             "task_b": {"reward_model": {"accuracy": 0.55}, "base_raw": {"accuracy": 0.5},
                        "variants": [{**model, "name": "dpo"}, {**model, "name": "orpo", "error": variant_error}],
                        "dpo": model}}
@@ -56,9 +58,15 @@ def test_reduced_preset_is_a_smoke_run_and_its_checks_can_fail(tmp_path):
     for name in recipe.SMOKE_FILES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    assert [c["ok"] for c in recipe.smoke_checks(tmp_path, _smoke_metrics())] == [True] * 5
+    assert [c["ok"] for c in recipe.smoke_checks(tmp_path, _smoke_metrics())] == [True] * 6
+    assert {"data/a_train_groups.jsonl", "a_group_dpo/model.safetensors"} <= set(recipe.SMOKE_FILES)
     (tmp_path / "b_dpo" / "model.safetensors").unlink()
     bad = recipe.smoke_checks(tmp_path, _smoke_metrics(kl=float("nan"), variant_error="OutputDirBusy", accuracy=1.5))
-    assert [c["ok"] for c in bad] == [False, False, True, False, False]
+    assert [c["ok"] for c in bad] == [False, False, True, True, False, False]
     assert bad[0]["detail"] == "b_dpo/model.safetensors"
-    assert bad[3]["detail"] == "dpo: out of range, orpo: OutputDirBusy"
+    assert bad[4]["detail"] == "dpo: out of range, orpo: OutputDirBusy"
+    # the group run: fewer steps than best vs worst, or no group run at all, fails its check
+    assert not recipe.smoke_checks(tmp_path, _smoke_metrics(group_steps=3))[2]["ok"]
+    no_group = _smoke_metrics()
+    del no_group["task_a"]["group"]
+    assert not recipe.smoke_checks(tmp_path, no_group)[2]["ok"]
