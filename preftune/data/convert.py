@@ -14,6 +14,11 @@ kto         unpaired ``prompt`` / ``completion`` / ``label``: each pair becomes 
 sft         the chosen side: ``prompt`` / ``completion`` strings, or ``messages`` for conversations.
 ==========  =====================================================================================
 
+Response groups (``{"prompt", "responses", "scores" | "ranks"}``, UltraFeedback's raw rows) stay groups
+``{"prompt", "responses", "scores"}``: ``messages`` / ``standard`` convert the prompt and each response
+(ranks are written as the scores they are read as, ``max(ranks) - rank``); ``sft`` keeps the best response;
+``kto`` refuses them (counted as bad records).
+
 UltraFeedback-style rows (``chosen`` / ``rejected`` conversations beside a ``prompt`` string, with
 ``score_chosen`` / ``score_rejected``) keep their scores; ``drop_equal_scores`` drops pairs whose
 two scores are equal (no preference). Bad records are skipped and counted with their locations,
@@ -36,7 +41,7 @@ from pathlib import Path
 
 from preftune.common.files import atomic_path, write_guard
 from preftune.data.errors import DataError, count_bad_record
-from preftune.data.formats import chosen_as_sft, pairs_to_unpaired, to_example
+from preftune.data.formats import chosen_as_sft, is_group_row, pairs_to_unpaired, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Example
 
@@ -124,10 +129,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
 
 
 def detect_kind(row: dict) -> str:
-    """The kind a raw row holds: ``"pair"`` (chosen + rejected), ``"unpaired"`` (completion + label)
-    or ``"sft"`` (anything else: prompt + completion, or messages)."""
+    """The kind a raw row holds: ``"pair"`` (chosen + rejected), ``"group"`` (``responses``, or
+    UltraFeedback's raw ``completions``: :func:`~preftune.data.formats.is_group_row`), ``"unpaired"``
+    (completion + label) or ``"sft"`` (anything else: prompt + completion, or messages)."""
     if "chosen" in row and "rejected" in row:
         return "pair"
+    if is_group_row(row):
+        return "group"
     if "completion" in row and "label" in row:
         return "unpaired"
     return "sft"
@@ -136,6 +144,8 @@ def detect_kind(row: dict) -> str:
 def convert_example(example: Example, to: str, row: dict | None = None) -> list[dict]:
     """One :class:`Example` -> its output rows in format ``to``. ``row`` (the raw record) supplies
     UltraFeedback scores to keep. Raises :class:`DataError` when the example has no such form."""
+    if example.kind == "group":
+        return [_group_row(example, to)]
     scores = {key: row[key] for key in SCORE_KEYS if row and row.get(key) is not None}
     if to == "kto":
         if example.kind == "sft":
@@ -163,6 +173,24 @@ def convert_example(example: Example, to: str, row: dict | None = None) -> list[
     if to == "messages":
         return [{"messages": prompt_messages(example.prompt) + completion_messages(example.completion)}]
     return [{"prompt": prompt_text(example.prompt), "completion": completion_text(example.completion)}]
+
+
+def _group_row(example: Example, to: str) -> dict:
+    """A response group in format ``to``: ``{"prompt", "responses", "scores"}`` with the prompt and each
+    response as messages or text (ranks were read as scores ``max(ranks) - rank``: same order, same
+    ties); ``sft``: the best response (the first of equal scores). A group has no KTO label."""
+    if to == "kto":
+        raise DataError(example.location, "a response group has no desirable / undesirable label; it cannot "
+                                          "become KTO examples (preftune data pairs ... --to kto --threshold T "
+                                          "labels scored responses)")
+    if to == "sft":
+        best = max(range(len(example.scores)), key=example.scores.__getitem__)
+        sft = Example(kind="sft", prompt=example.prompt, completion=example.responses[best], location=example.location)
+        return convert_example(sft, "sft")[0]
+    as_prompt, as_completion = ((prompt_messages, completion_messages) if to == "messages"
+                                else (prompt_text, completion_text))
+    return {"prompt": as_prompt(example.prompt), "responses": [as_completion(r) for r in example.responses],
+            "scores": list(example.scores)}
 
 
 # ---------------------------------------------------------------------------- text <-> messages
