@@ -43,6 +43,9 @@ targets:
   standard  {"prompt": str, "chosen": str, "rejected": str}; messages become dialogue text
   kto       {"prompt", "completion", "label"}: each pair -> (chosen, true), (rejected, false)
   sft       the chosen side: {"prompt": str, "completion": str} or {"messages": [...]}
+response groups ({"prompt", "responses", "scores" | "ranks"}, UltraFeedback's raw rows) stay groups
+{"prompt", "responses", "scores"} (messages / standard convert the prompt and each response); sft
+keeps the best response; kto refuses them.
 
 UltraFeedback-style score_chosen / score_rejected columns are kept. Bad records are skipped and
 counted (their first locations are printed); the rest is converted. The output is .jsonl, .jsonl.gz
@@ -57,7 +60,8 @@ SPLIT_EPILOG = """\
 Records are grouped by prompt (compared lowercased, without punctuation, whitespace collapsed) and
 whole groups go to one side, so no prompt is both trained on and held out. The groups are shuffled
 with --seed: the same file and seed always give the same split, whatever the order of the records.
-Records are copied unchanged; bad records are skipped and counted.
+Records are copied unchanged (a response group is one record: it stays whole); bad records are
+skipped and counted.
 
 examples:
   preftune data split pairs.jsonl --train train.jsonl --eval eval.jsonl
@@ -76,12 +80,15 @@ strategies (equal scores are ties: never a pair, always counted):
   all          every pair of responses whose scores differ by >= --margin
   best-random  the best against a random response scoring >= --margin below it (seeded per prompt)
 --to kto: every response with a score, labelled by --threshold (and --reject-below).
+--to groups: every scored response of a prompt in one response group {"prompt", "responses", "scores"}
+  (ties kept; prompts with fewer than 2 scored responses dropped), trained on with one forward per group.
 
 examples:
   preftune data pairs ultrafeedback.jsonl uf-pairs.jsonl --score-field overall_score
   preftune data pairs ultrafeedback.jsonl uf-all.jsonl --score-field overall_score --strategy all --margin 1
   preftune data pairs csat.jsonl csat-pairs.jsonl --score-field csat --group-by conversation_id
-  preftune data pairs csat.jsonl csat-kto.jsonl --score-field csat --to kto --threshold 4 --reject-below 3"""
+  preftune data pairs csat.jsonl csat-kto.jsonl --score-field csat --to kto --threshold 4 --reject-below 3
+  preftune data pairs ultrafeedback.jsonl uf-groups.jsonl --score-field overall_score --to groups"""
 
 def finite_number(text: str, least: float = -math.inf) -> float:
     """A number that is not NaN or infinite (``float`` alone takes ``nan`` and ``inf``), >= ``least``."""
@@ -153,16 +160,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     from preftune.data.ratings import STRATEGIES
     from preftune.data.ratings import TARGETS as PAIR_TARGETS
 
-    pairs = commands.add_parser("pairs", help="turn scored / rated responses into pairs or KTO rows",
+    pairs = commands.add_parser("pairs", help="turn scored / rated responses into pairs, KTO rows or groups",
                                 description="Group the scored responses of SRC by prompt (or an id field) and "
-                                            "write preference pairs (or KTO rows) to DST.",
+                                            "write preference pairs (KTO rows, response groups) to DST.",
                                 epilog=PAIRS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     pairs.add_argument("src", metavar="SRC", help="input file, folder or hub dataset")
     pairs.add_argument("dst", metavar="DST", help="output file: .jsonl, .jsonl.gz or .parquet")
     pairs.add_argument("--score-field", required=True, metavar="F",
                        help="the score of a response (a dotted path for nested fields), e.g. overall_score")
-    pairs.add_argument("--to", choices=PAIR_TARGETS, default="pairs", help="pairs (default) or kto rows")
+    pairs.add_argument("--to", choices=PAIR_TARGETS, default="pairs",
+                       help="pairs (default), kto rows or response groups")
     pairs.add_argument("--strategy", choices=STRATEGIES, default="best-worst",
                        help="which pairs per prompt (default best-worst; see below)")
     pairs.add_argument("--margin", type=non_negative_number, default=0.0, metavar="M",

@@ -1,4 +1,4 @@
-"""Scored responses -> preference pairs or KTO rows: ``score_pairs(src, dst, score_field=...)``.
+"""Scored responses -> preference pairs, KTO rows or response groups: ``score_pairs(src, dst, score_field=...)``.
 
 For rows holding several rated responses per prompt, with no people in the loop:
 
@@ -23,9 +23,15 @@ Strategies for pairs (within a group; equal scores are ties, never pairs):
 ``to="kto"`` labels each response by ``threshold``: ``score >= threshold`` is desirable,
 ``score < reject_below`` (default: the threshold) undesirable, scores in between are dropped.
 
+``to="groups"`` writes each prompt's scored responses as one response group ``{"prompt",
+"responses", "scores"}`` (in file order, ties kept: the group losses skip tied pairs); a prompt with
+fewer than 2 scored responses is dropped. ``strategy`` and ``margin`` choose pairs, so they are refused
+with groups.
+
 Everything left out is counted by reason; rows that cannot be read are counted as bad records with
 their ``file:line``. The output is what ``preftune train`` reads (``prompt`` / ``chosen`` /
-``rejected`` with ``score_chosen`` / ``score_rejected``, or ``prompt`` / ``completion`` / ``label``).
+``rejected`` with ``score_chosen`` / ``score_rejected``, ``prompt`` / ``completion`` / ``label``, or a
+response group ``prompt`` / ``responses`` / ``scores``).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from preftune.data.readers import read_rows
 from preftune.data.records import Location
 
 STRATEGIES = ("best-worst", "all", "best-random")
-TARGETS = ("pairs", "kto")
+TARGETS = ("pairs", "kto", "groups")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "query", "input")
 RESPONSE_FIELDS = ("response", "completion", "text", "output", "answer", "content")
 LIST_FIELDS = ("completions", "responses", "answers", "outputs", "candidates")
@@ -82,7 +88,7 @@ class PairsResult:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        what = "KTO rows" if self.target == "kto" else f"pairs ({self.strategy})"
+        what = {"kto": "KTO rows", "groups": "response groups"}.get(self.target, f"pairs ({self.strategy})")
         line = (f"{self.rows_read} rows, {self.responses} scored responses in {self.groups} groups -> "
                 f"{self.written} {what} written to {self.destination}; {self.bad_records} bad records")
         if self.dropped:
@@ -101,7 +107,7 @@ def score_pairs(src: str | os.PathLike, dst: str | os.PathLike, score_field: str
                 reject_below: float | None = None, group_by: str = "prompt", prompt_field: str | None = None,
                 responses_field: str | None = None, response_field: str | None = None,
                 seed: int = 0) -> PairsResult:
-    """Read ``src``, group its scored responses, and write pairs (or KTO rows) to ``dst``.
+    """Read ``src``, group its scored responses, and write pairs (KTO rows, response groups) to ``dst``.
 
     ``ValueError`` for a bad option (a ``margin`` that is negative or not finite, ...);
     ``CannotWriteError`` / ``DiskFullError`` (``ValueError``) naming ``dst`` when it cannot be written.
@@ -121,12 +127,18 @@ def score_pairs(src: str | os.PathLike, dst: str | os.PathLike, score_field: str
         reject_below = threshold if reject_below is None else reject_below
         if reject_below > threshold:
             raise ValueError(f"--reject-below ({reject_below}) must not be above --threshold ({threshold})")
+    if to == "groups" and (strategy != "best-worst" or margin):
+        flag = f"--strategy {strategy}" if strategy != "best-worst" else f"--margin {margin:g}"
+        raise ValueError(f"{flag} chooses pairs; --to groups writes every scored response of a prompt "
+                         "(ties kept)")
     check_output_path(dst, src)
     result = PairsResult(source=os.fspath(src), destination=os.fspath(dst), target=to, strategy=strategy)
     groups = read_groups(src, score_field, group_by, prompt_field, responses_field, response_field, result)
     result.groups = len(groups)
     if to == "kto":
         rows = [row for group in groups for row in kto_rows(group, threshold, reject_below, result)]
+    elif to == "groups":
+        rows = [row for group in groups for row in group_rows(group, result)]
     else:
         rows = [row for group in groups for row in pair_rows(group, strategy, margin, seed, result)]
     result.written = write_rows(dst, rows, keep_empty=False)
@@ -326,6 +338,16 @@ def kto_rows(group: Group, threshold: float, reject_below: float, result: PairsR
             continue
         rows.append({"prompt": group.prompt, "completion": scored.response, "label": label, "score": scored.score})
     return rows
+
+
+def group_rows(group: Group, result: PairsResult) -> list[dict]:
+    """One group's response group ``{"prompt", "responses", "scores"}`` (what ``preftune train`` reads as
+    kind "group"), or nothing when it has fewer than 2 scored responses."""
+    if len(group.responses) < 2:
+        result.drop("groups with fewer than 2 scored responses")
+        return []
+    return [{"prompt": group.prompt, "responses": [s.response for s in group.responses],
+             "scores": [s.score for s in group.responses]}]
 
 
 def _pair(group: Group, chosen: Scored, rejected: Scored) -> dict:
