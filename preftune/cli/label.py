@@ -21,7 +21,8 @@ saves every label in a SQLite database, and turns the labels into training data.
 SERVE_EPILOG = """\
 candidates file (JSONL, one record a line; the file is only read, never written):
   {"prompt": str | [messages], "responses": [str | [messages], ...], "meta": {...}}
-      what `preftune generate --keep-all` writes; 2 responses: pair task, 3-9: rank task, 1: thumbs
+      what `preftune generate --keep-all` writes (with --judge also "scores"; extra fields are ignored);
+      2 responses: pair task, 3-9: rank task, 1: thumbs
   a pair file ({"prompt", "chosen", "rejected"} or any pair format `preftune train` reads): audit labels
   {"prompt", "completion"} (KTO / SFT rows): one response, thumbs up / down
 
@@ -64,12 +65,14 @@ targets:
   pairs   {"prompt", "chosen", "rejected", "meta"}: what `preftune train` and `preftune data check` read;
           rank tasks give every response pair a majority ordered the same way
   kto     {"prompt", "completion", "label", "meta"}: thumbs tasks; pair tasks as chosen/true, rejected/false
-  ranked  {"prompt", "responses": [best ... worst], "meta"}: consensus order (mean rank)
+  ranked  {"prompt", "responses": [best ... worst], "ranks", "meta"}: consensus order, ranks the mean ranks
+          (1 = best, ties equal): response groups `preftune train` reads, and a candidates file again
 
 examples:
   preftune label export --db labels.sqlite --out pairs.jsonl
   preftune label export --db labels.sqlite --out pairs.jsonl --min-votes 2 --min-agreement 0.66
-  preftune label export --db labels.sqlite --out kto.jsonl --to kto"""
+  preftune label export --db labels.sqlite --out kto.jsonl --to kto
+  preftune label export --db labels.sqlite --out groups.jsonl --to ranked"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -11,8 +11,11 @@ pairs       ``{"prompt", "chosen", "rejected", "meta"}`` — what ``preftune tra
             (the InstructGPT recipe); those pairs are counted as *response pairs*.
 kto         ``{"prompt", "completion", "label", "meta"}``: thumbs tasks by their majority; a pair task's
             chosen (true) then rejected (false); a rank task's consensus best (true) and worst (false)
-ranked      ``{"prompt", "responses": [best ... worst], "meta"}`` (a candidates file again): pair tasks
-            as [chosen, rejected], rank tasks in consensus order (mean rank over the annotators)
+ranked      ``{"prompt", "responses": [best ... worst], "ranks", "meta"}``: a candidates file again
+            and a response-group file ``preftune train`` reads (kind "group"). Pair tasks as
+            [chosen, rejected] with ranks [1, 2]; rank tasks in consensus order, each response's rank
+            its mean rank over the annotators (1 = best; equal means are ties). Empty responses of a
+            rank task are left out (training refuses them); a task left with fewer than 2 is dropped
 ==========  =======================================================================================
 
 ``meta`` holds the task id, the candidates line, the votes, the agreement, the annotators, their
@@ -39,7 +42,7 @@ TARGETS = ("pairs", "kto", "ranked")
 @dataclass
 class ExportResult:
     """What :func:`export_labels` did. ``dropped`` counts tasks by reason, except keys starting
-    with "response pairs:" (pairs of a rank task's responses)."""
+    with "response pairs:" (pairs of a rank task's responses) or "ranked:" (responses of a rank task)."""
 
     destination: str
     target: str
@@ -212,7 +215,7 @@ def _rank(task: Task, votes: list[Label], to: str, min_votes: int, min_agreement
     meta = {**meta, "mean_rank": [round(mean_rank[r], 6) for r in order], "order": order,
             "agreement": round(agreement, 6)}
     if to == "ranked":
-        return [{"prompt": task.prompt, "responses": [task.responses[r] for r in order], "meta": meta}]
+        return _ranked(task, order, mean_rank, meta, result)
     best, worst = order[0], order[-1]
     if mean_rank[order[1]] == mean_rank[best] or mean_rank[order[-2]] == mean_rank[worst]:
         result.drop("majority tie")
@@ -229,7 +232,20 @@ def _rows(prompt, chosen, rejected, to: str, meta: dict) -> list[dict]:
     if to == "kto":  # chosen then rejected: labels alternate in file order
         return [{"prompt": prompt, "completion": chosen, "label": True, "meta": meta},
                 {"prompt": prompt, "completion": rejected, "label": False, "meta": meta}]
-    return [{"prompt": prompt, "responses": [chosen, rejected], "meta": meta}]
+    return [{"prompt": prompt, "responses": [chosen, rejected], "ranks": [1, 2], "meta": meta}]
+
+
+def _ranked(task: Task, order: list[int], mean_rank: list[float], meta: dict, result: ExportResult) -> list[dict]:
+    """A rank task's ranked row: its non-empty responses in consensus ``order``, ``ranks`` their 1-based
+    mean ranks (a response group; ``meta`` keeps every response's mean rank and the full order)."""
+    kept = [r for r in order if _text(task.responses[r]).strip()]
+    if len(kept) < len(order):
+        result.drop("ranked: empty responses left out", len(order) - len(kept))
+    if len(kept) < 2:
+        result.drop("unusable responses (empty or identical)")
+        return []
+    return [{"prompt": task.prompt, "responses": [task.responses[r] for r in kept],
+             "ranks": [round(mean_rank[r] + 1, 6) for r in kept], "meta": meta}]
 
 
 def _text(value) -> str:
