@@ -50,6 +50,8 @@ examples:
   preftune generate --model ./sft --prompts prompts.txt --n 4 --judge python:my_judges.py:score --out pairs.jsonl
   preftune generate --model runs/dpo1 --prompts held_out.jsonl --n 8 --judge reward-model:./rm \\
       --temperature 0.8 --top-p 0.95 --out round2.jsonl
+  preftune generate --model ./sft --prompts prompts.txt --n 4 --keep-all --judge python:my_judges.py:score \\
+      --out groups.jsonl
 
 prompts file (--prompts):
   prompts.txt     one prompt per line (blank lines skipped; use JSONL for prompts with newlines)
@@ -60,6 +62,11 @@ prompts file (--prompts):
 output: one {"prompt", "chosen", "rejected"} pair per prompt (best vs worst of the n samples by the judge),
 readable by `preftune train --data`. Prompts whose samples all tie, or whose best or worst sample is
 empty text (training refuses empty completions), are skipped and counted.
+
+--keep-all: every sample, {"prompt", "responses": [...], "meta"} per prompt, for `preftune label serve`.
+With --judge as well, each record also holds "scores" (a scoring judge's scores, or a pairwise judge's
+round-robin points): response groups `preftune train --data` reads (one forward per group, ties kept);
+empty samples are left out and prompts with fewer than 2 other samples skipped, both counted.
 """
 
 COMPARE_EPILOG = """\
@@ -108,11 +115,13 @@ def register(subparsers) -> None:
     gen.add_argument("--model", required=True, help="model to sample (folder, hub name or .gguf file)")
     gen.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or JSONL (see below)")
     gen.add_argument("--n", type=int, default=4, help="samples per prompt (>= 2; default: 4)")
-    gen.add_argument("--judge", help="judge spec ranking the samples (required unless --keep-all)")
+    gen.add_argument("--judge", help="judge spec ranking the samples (required unless --keep-all; with --keep-all "
+                                     "it scores every sample)")
     gen.add_argument("--out", required=True, metavar="PAIRS.jsonl", help="where to write the pairs")
     gen.add_argument("--keep-all", action="store_true",
                      help="write every sample: {\"prompt\", \"responses\": [...], \"meta\"} per prompt, a "
-                          "candidates file for `preftune label serve` (a scoring --judge adds meta.scores)")
+                          "candidates file for `preftune label serve`; with --judge also \"scores\" (empty "
+                          "samples left out): response groups `preftune train` reads")
     gen.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -236,8 +245,15 @@ def _write_candidates(args, prompts, options: dict) -> int:
     with open(args.out, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"{len(records)} prompts with {args.n} responses each written to {args.out} (candidates: "
-          f"preftune label serve {args.out} --db labels.sqlite)")
+    if not args.judge:
+        print(f"{len(records)} prompts with {args.n} responses each written to {args.out} (candidates: "
+              f"preftune label serve {args.out} --db labels.sqlite)")
+        return 0
+    empty = sum(args.n - len(record["responses"]) for record in records)
+    print(f"{len(records)} response groups from {len(prompts)} prompts ({args.n} samples each, scored by "
+          f"{args.judge}) written to {args.out}; left out: {len(prompts) - len(records)} prompts with fewer than 2 "
+          f"non-empty samples, {empty} empty samples of the others (train: preftune train --data {args.out}; "
+          f"label: preftune label serve {args.out} --db labels.sqlite)")
     return 0
 
 

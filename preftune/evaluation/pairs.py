@@ -4,7 +4,9 @@
   pairs ``preftune train`` reads; :func:`onpolicy_pairs` samples them from a model folder first
   (``preftune generate --n N``).
 * :func:`candidate_records` / :func:`onpolicy_candidates` — every sample per prompt kept, as a
-  candidates file for people to label (``preftune generate --keep-all``, ``preftune label serve``).
+  candidates file for people to label (``preftune generate --keep-all``, ``preftune label serve``);
+  with a judge each record also holds the judge's ``scores``: a response group ``preftune train``
+  reads (kind "group").
 """
 
 from __future__ import annotations
@@ -80,21 +82,29 @@ def candidate_records(prompts: Sequence[Prompt], samples_per_prompt: Sequence[Se
                       judge: Judge | None = None, meta: dict | None = None) -> list[dict]:
     """Every sample of every prompt: ``{"prompt", "responses": [...], "meta": {...}}`` per prompt.
 
-    ``meta`` (e.g. the model and sampling settings) is copied into each record with ``n``. A
-    scoring judge adds ``meta["scores"]`` (one per response, in order); a pairwise judge adds
-    nothing (its verdicts are what the people labelling replace). Empty samples are kept: every
-    sample is written, and the labelling app lets people mark both responses bad.
+    ``meta`` (e.g. the model and sampling settings) is copied into each record, with ``n`` the number
+    of responses unless ``meta`` gives it. With a judge each record is also a response group
+    (``preftune train`` reads it as kind "group"): ``"scores"``, one per response in order — a scoring
+    judge's scores (also in ``meta["scores"]``), or a pairwise judge's round-robin points
+    (:func:`round_robin_points`: every pair of the prompt's responses compared once). Empty samples
+    are kept: the labelling app lets people mark both responses bad (training refuses them:
+    :func:`onpolicy_candidates` leaves them out before judging).
     """
     check_lengths(prompts=prompts, samples_per_prompt=samples_per_prompt)
     scores: list[list[float]] | None = None
     if isinstance(judge, ScoringJudge):
         scores = [[float(x) for x in values] for values in scores_per_prompt(judge, prompts, samples_per_prompt)]
+    elif judge is not None:
+        scores = round_robin_points(prompts, samples_per_prompt, judge)
     records = []
     for i, (prompt, samples) in enumerate(zip(prompts, samples_per_prompt)):
-        record_meta = {**(meta or {}), "n": len(samples)}
+        record_meta = {"n": len(samples), **(meta or {})}
+        record = {"prompt": prompt, "responses": list(samples)}
         if scores is not None:
-            record_meta["scores"] = scores[i]
-        records.append({"prompt": prompt, "responses": list(samples), "meta": record_meta})
+            record["scores"] = scores[i]
+            if isinstance(judge, ScoringJudge):
+                record_meta["scores"] = scores[i]
+        records.append({**record, "meta": record_meta})
     return records
 
 
@@ -103,14 +113,24 @@ def onpolicy_candidates(model_path, prompts: Sequence[Prompt], n: int = 4, judge
                         batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False,
                         device: str | None = None, mixed_precision: str = "no") -> list[dict]:
     """Load ``model_path``, sample ``n`` responses per prompt, and return :func:`candidate_records`
-    (the meta records the model and the sampling settings)."""
+    (the meta records the model, the sampling settings and ``n``).
+
+    With ``judge`` the records are response groups for training: empty samples (which training
+    refuses) are left out before judging, and a prompt left with fewer than 2 samples is left out
+    (``meta["n"]`` minus the number of responses is how many were empty)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if judge is not None and n < 2:
+        raise ValueError(f"--n must be >= 2 for judged response groups (got {n})")
     judge = make_judge(judge) if isinstance(judge, str) else judge
     samples = sample_from_path(model_path, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, dtype,
                                trust_remote_code, device, mixed_precision)
     meta = {"model": str(model_path), "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-            "seed": seed}
+            "seed": seed, "n": n}
+    if judge is not None:
+        kept = [(prompt, [s for s in drawn if s.strip()]) for prompt, drawn in zip(prompts, samples)]
+        kept = [(prompt, drawn) for prompt, drawn in kept if len(drawn) >= 2]
+        prompts, samples = [p for p, _ in kept], [s for _, s in kept]
     return candidate_records(prompts, samples, judge, meta)
 
 
