@@ -255,6 +255,8 @@ class _Loop:
         train_cfg = TrainConfig(**options, model=self.policy_path(n - 1), data=str(self.folder(n) / "pairs.jsonl"),
                                 output_dir=str(self.folder(n) / "model"), seed=cfg.seed, progress=cfg.progress)
         train_cfg.given = frozenset(options) | {"model", "data", "output_dir", "seed", "progress"}
+        if train_cfg.lora_r:  # each round's model a plain folder the next round starts from (new adapters)
+            train_cfg.merge_lora = True
         if cfg.reference == "base" and n > 1 and train_cfg.needs_reference:
             train_cfg.ref_model = cfg.model
             train_cfg.given |= {"ref_model"}

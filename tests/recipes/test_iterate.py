@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from preftune.config.values import ConfigError
-from preftune.evaluation.judges.base import JudgeError
+from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError, compare_scores
 from preftune.evaluation.judges.python import PythonJudge
 from preftune.recipes import iterate as iterate_module
 from preftune.recipes.iterate import STAGES, run_iterate
@@ -335,3 +335,34 @@ def test_the_python_api(world, tmp_path):
     settings = json.loads((tmp_path / "c" / "settings.json").read_text())
     assert settings["train.learning_rate"] == 1e-3 and settings["judge"] == JUDGE_SPEC
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class PairwiseRule(Judge):
+    """A pairwise judge (as ``openai:`` is): the rule's verdict on a vs b, each comparison counted."""
+
+    spec = "pairwise:rule"
+
+    def __init__(self):
+        self.asked = 0
+
+    def compare(self, prompts, responses_a, responses_b) -> CompareResult:
+        self.asked += len(prompts)
+        return compare_scores([rule_score(p, a) for p, a in zip(prompts, responses_a)],
+                              [rule_score(p, b) for p, b in zip(prompts, responses_b)])
+
+
+def test_a_pairwise_judge_plays_round_robins_and_is_cached_too(world, tmp_path):
+    judge = PairwiseRule()
+    out = tmp_path / "run"
+    result = run_iterate(config(world, out, judge=judge, rounds=1, prompts_per_round=6), echo=quiet)
+    row = result.metrics["rounds"][0]
+    assert row["judge_score"] is None and row["win_vs_base"]["n"] == 8 and row["pairs"]["prompts"] == 6
+    scores = [json.loads(line) for line in (out / "round-1" / "scores.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in scores} == {"round-robin points"}
+    assert all(sum(s["scores"]) == 4 * 3 / 2 for s in scores)  # 6 games of a point each among 4 responses
+    assert "| 1 | n/a |" in (out / "report.md").read_text()
+    asked = judge.asked
+    assert 0 < asked <= 6 * 6 + 8  # 6 games per prompt, 8 held-out comparisons, each asked once
+    (out / "round-1" / "stages.json").write_text(json.dumps({"sample": 0.1}))  # as if killed after sampling
+    run_iterate(config(world, out, judge=judge, rounds=1, prompts_per_round=6, resume=True), echo=quiet)
+    assert judge.asked == asked  # every verdict from the cache
