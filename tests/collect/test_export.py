@@ -9,6 +9,7 @@ from common.write_failures import deny_writes, fill_disk, one_error_line
 
 from collect.test_store import FixedOrder, make_store
 from preftune.cli.main import main
+from preftune.collect.candidates import read_tasks
 from preftune.collect.export import export_labels, majority
 from preftune.data import load_dataset
 from preftune.data.doctor import check_data
@@ -184,3 +185,55 @@ def test_an_export_with_no_row_leaves_no_file(pair_db, tmp_path, capsys):
     out.write_text('{"old": 1}\n')
     assert export_labels(tmp_path / "labels.sqlite", out, min_votes=4).written == 0
     assert out.read_text() == '{"old": 1}\n'
+
+
+# ----------------------------------------------------------------------------- ranked rows are response groups
+
+
+def test_ranked_export_reads_as_response_groups(pair_db, tmp_path, tiny_tokenizer):
+    """Pair tasks as [chosen, rejected] with ranks [1, 2]: groups scored 1 and 0 (ranks -> max(ranks) - rank)."""
+    ranked = tmp_path / "ranked.jsonl"
+    export_labels(pair_db, ranked, to="ranked")
+    rows = read(ranked)
+    assert [(r["responses"], r["ranks"]) for r in rows] == [(["first answer 0", "second answer 0"], [1, 2]),
+                                                           (["second answer 3", "first answer 3"], [1, 2]),
+                                                           (["first answer 5", "second answer 5"], [1, 2])]
+    examples, report = load_dataset(ranked, tiny_tokenizer, "group")
+    assert report.bad_records == 0 and [ex.scores for ex in examples] == [[1.0, 0.0]] * 3
+    assert len(read_tasks(ranked)) == 3  # a candidates file again
+
+
+def test_ranked_rank_task_has_its_mean_ranks_and_ties_and_trains(tmp_path, tiny_tokenizer, tiny_model_dir, capsys):
+    """Mean ranks as in test_rank_tasks (x 1/3, y 1, z 5/3: ranks 4/3, 2, 8/3, scores 4/3, 2/3, 0); a task
+    whose two annotators rank u, v in opposite orders ties them; empty responses are left out."""
+    store = make_store(tmp_path, [{"prompt": "rank these", "responses": ["x is it", "y is it", "z is it"]},
+                                  {"prompt": "tied", "responses": ["u is it", "v is it", " ", "w is it"]},
+                                  {"prompt": "mostly empty", "responses": ["", "only", "  "]}])
+    rankings = {0: {"ann": [0, 1, 2], "bob": [0, 2, 1], "cat": [1, 0, 2]},  # best first, canonical indices
+                1: {"ann": [0, 1, 3, 2], "bob": [1, 0, 3, 2], "cat": None},
+                2: {"ann": [1, 0, 2], "bob": None, "cat": None}}
+    for name in ("ann", "bob", "cat"):
+        while True:
+            shown = store.next_task(name, 3, rng=FixedOrder())  # shown in canonical order
+            if shown is None:
+                break
+            best_first = rankings[shown.task_id][name]
+            if best_first is None:
+                store.submit(name, shown.task_id, shown.display_order, "skip")
+                continue
+            store.submit(name, shown.task_id, shown.display_order, "rank", ranking=best_first)
+    out = tmp_path / "ranked.jsonl"
+    result = export_labels(store, out, to="ranked")
+    rows = read(out)
+    assert [r["responses"] for r in rows] == [["x is it", "y is it", "z is it"], ["u is it", "v is it", "w is it"]]
+    assert rows[0]["ranks"] == pytest.approx([4 / 3, 2.0, 8 / 3], abs=1e-6)
+    assert rows[1]["ranks"] == [1.5, 1.5, 3.0]
+    assert result.dropped == {"ranked: empty responses left out": 3, "unusable responses (empty or identical)": 1}
+    examples, report = load_dataset(out, tiny_tokenizer, "group")
+    assert report.bad_records == 0
+    assert examples[0].scores == pytest.approx([4 / 3, 2 / 3, 0.0], abs=1e-5)
+    assert examples[1].scores == [1.5, 1.5, 0.0]
+    run = tmp_path / "run"  # preftune train reads the export directly, as groups
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(out), "--output-dir", str(run),
+                 "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--no-progress", "-q"]) == 0
+    assert (run / "model.safetensors").exists()
