@@ -41,8 +41,9 @@ class EvalConfig:
     ref_model: str | None = option(
         None, "The base / reference model (folder, hub name or .gguf); without it: raw log-prob preference, no NLL "
               "difference, no generation.", group="model")
-    data: str | None = option(None, "Held-out preference pairs (any `preftune train` format).", group="data")
-    nll_data: str | None = option(None, "SFT file for the NLL check. Default: the chosen responses of --data.",
+    data: str | None = option(None, "Held-out preference pairs or response groups (any `preftune train` format).",
+                              group="data")
+    nll_data: str | None = option(None, "SFT file for the NLL check. Default: the chosen (a group's best) responses of --data.",
                                   group="data")
     max_length: int = option(1024, "Max prompt + completion tokens.", group="data", domain=POSITIVE)
     max_prompt_length: int | None = option(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from preftune.data.errors import DataError
-from preftune.data.formats import is_pair_row, to_example
+from preftune.data.formats import is_group_row, is_pair_row, to_example
 from preftune.data.readers import read_rows
 from preftune.data.records import Location
 from preftune.evaluation.judges.base import Prompt
@@ -19,7 +19,8 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Pr
       use JSONL for multi-line prompts);
     * anything ``preftune train`` reads (JSONL, JSON, Parquet, ...): the ``prompt`` field of
       each record (a string or a list of chat messages); records without one give the prompt
-      of their pair (explicit or implicit, as in training) or of their SFT ``messages``.
+      of their pair (explicit or implicit, as in training), of their response group (UltraFeedback's
+      ``instruction``) or of their SFT ``messages``.
     """
     source = os.fspath(source)
     prompts: list[Prompt] = []
@@ -37,11 +38,13 @@ def read_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Pr
             prompts.append(prompt)
         elif is_pair_row(row):
             prompts.append(to_example(row, location, "pair").prompt)
+        elif is_group_row(row):  # e.g. UltraFeedback's raw rows: the prompt is their 'instruction'
+            prompts.append(to_example(row, location, "group").prompt)
         elif row.get("messages") is not None:
             prompts.append(to_example(row, location, "sft").prompt)
         else:
             raise DataError(location, "no prompt: a record needs a 'prompt' field, a chosen/rejected pair, "
-                                      "or 'messages'")
+                                      "a response group or 'messages'")
     if not prompts:
         raise DataError(Location(source), "no prompts")
     return prompts
