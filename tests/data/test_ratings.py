@@ -1,4 +1,4 @@
-"""``preftune data pairs``: scored responses -> pairs or KTO rows, counted by hand."""
+"""``preftune data pairs``: scored responses -> pairs, KTO rows or response groups, counted by hand."""
 
 from __future__ import annotations
 
@@ -222,3 +222,60 @@ def test_an_unwritable_folder_or_a_full_disk_is_one_line(uf, tmp_path, capsys, f
     line = one_error_line(capsys, out)
     assert "permission denied" in line if failure == "unwritable" else "no space left on device" in line
     assert list(folder.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- --to groups
+
+
+def test_ultrafeedback_to_groups_read_as_groups(uf, tmp_path, tiny_tokenizer):
+    """Every scored response of a prompt in one group, ties kept (Q1's 7.5s, Q2 all tied); Q3's "N/A"
+    and Q5's blank response left out (Q5 then has one: dropped); the broken Q4 line a bad record."""
+    out = tmp_path / "groups.jsonl"
+    result = score_pairs(uf, out, score_field="overall_score", to="groups")
+    assert read(out) == [{"prompt": "Q1", "responses": ["R1a", "R1b", "R1c", "R1d"], "scores": [7.5, 3.0, 7.5, 5.0]},
+                         {"prompt": "Q2", "responses": ["R2a", "R2b"], "scores": [4.0, 4.0]},
+                         {"prompt": "Q3", "responses": ["R3b", "R3c"], "scores": [2.0, 9.0]}]
+    assert (result.written, result.groups, result.bad_records) == (3, 4, 1)
+    assert result.dropped == {"responses without a numeric score": 1, "empty responses": 1,
+                              "groups with fewer than 2 scored responses": 1}
+    assert "-> 3 response groups written to" in result.summary()
+    examples, report = load_dataset(out, tiny_tokenizer, "group")
+    assert report.bad_records == 0
+    assert [ex.scores for ex in examples] == [[7.5, 3.0, 7.5, 5.0], [4.0, 4.0], [2.0, 9.0]]
+    assert [len(ex.completions) for ex in examples] == [4, 2, 2]
+    pair_read, _ = load_dataset(out, tiny_tokenizer, "pair")  # a pair loss reads it as groups too
+    assert [ex.scores for ex in pair_read] == [ex.scores for ex in examples]
+
+
+def test_ultrafeedback_raw_file_reads_as_groups_and_bad_rows_name_file_and_line(uf, tiny_tokenizer):
+    """The raw UltraFeedback file itself is a group file: its good rows are groups with their overall_score;
+    its bad rows are one line each naming file:line (a non-numeric score, a broken line, an empty response)."""
+    examples, report = load_dataset(uf, tiny_tokenizer, "group", skip_bad_records=True)
+    assert [ex.scores for ex in examples] == [[7.5, 3.0, 7.5, 5.0], [4.0, 4.0]]
+    assert report.bad_records == 3
+    assert report.bad_record_samples[0] == (f"{uf}:3: field 'completions[0].overall_score' must be a finite "
+                                            "number, got 'N/A'")
+    assert report.bad_record_samples[1].startswith(f"{uf}:4: ")
+    assert report.bad_record_samples[2] == f"{uf}:5: field 'responses[0]' is empty or whitespace only"
+
+
+def test_csat_to_groups_by_conversation_and_the_cli(tmp_path, tiny_tokenizer, capsys):
+    src = write(tmp_path / "csat.jsonl", CSAT)
+    out = tmp_path / "groups.jsonl"
+    assert main(["data", "pairs", str(src), str(out), "--score-field", "csat", "--group-by", "conversation_id",
+                 "--to", "groups"]) == 0
+    printed = capsys.readouterr().out
+    assert "9 rows, 8 scored responses in 4 groups -> 3 response groups written to" in printed
+    assert "1 groups with fewer than 2 scored responses" in printed and "1 bad records" in printed
+    assert [(r["prompt"], r["scores"]) for r in read(out)] == [("My order is late", [5.0, 1.0]),
+                                                              ("Reset password?", [4.0, 2.0, 4.0]),
+                                                              ("Refund?", [3.0, 3.0])]
+    examples, _ = load_dataset(out, tiny_tokenizer, "group")
+    assert [len(ex.completions) for ex in examples] == [2, 3, 2]
+    for flags, refused in ((["--strategy", "all"], "--strategy all chooses pairs"),
+                           (["--margin", "1"], "--margin 1 chooses pairs")):
+        assert main(["data", "pairs", str(src), str(tmp_path / "x.jsonl"), "--score-field", "csat", "--to", "groups",
+                     *flags]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("preftune: error: ") and refused in err and "\n" not in err
+    assert not (tmp_path / "x.jsonl").exists()
