@@ -313,3 +313,64 @@ def test_a_split_whose_eval_file_cannot_be_written_writes_neither(tmp_path, caps
     with fill_disk(folder, only="train"):
         assert main(argv) == 1
     assert one_error_line(capsys, train).startswith(f"preftune: error: no space left on device writing {train} (")
+
+
+# ------------------------------------------------------------------------------- response groups
+
+
+GROUPS = [{"prompt": "Name a colour.", "responses": ["blue", "black", "a colour"], "scores": [4, 1, 2.5]},
+          {"prompt": [user("Name a fruit.")], "responses": ["apple", [assistant("pear")]], "ranks": [2, 1]},
+          {"instruction": "Say hi.", "completions": [{"response": "hi", "overall_score": 5},
+                                                     {"response": "go", "fine-grained_score": 2}]}]
+
+
+def test_groups_convert_to_messages_and_standard_and_read_back_as_the_same_groups(tmp_path, tiny_tokenizer):
+    """A group's prompt and each response are converted, its scores kept (ranks as the scores they read as);
+    the output reads as groups with the input's scores, and messages -> standard -> messages is stable."""
+    src = write_jsonl(tmp_path / "groups.jsonl", GROUPS)
+    result = convert(src, tmp_path / "m.jsonl", to="messages")
+    assert (result.rows_read, result.converted, result.written, result.bad_records) == (3, 3, 3, 0)
+    assert rows_of(tmp_path / "m.jsonl") == [
+        {"prompt": [user("Name a colour.")], "responses": [[assistant("blue")], [assistant("black")],
+                                                          [assistant("a colour")]], "scores": [4.0, 1.0, 2.5]},
+        {"prompt": [user("Name a fruit.")], "responses": [[assistant("apple")], [assistant("pear")]],
+         "scores": [0.0, 1.0]},
+        {"prompt": [user("Say hi.")], "responses": [[assistant("hi")], [assistant("go")]], "scores": [5.0, 2.0]}]
+    convert(tmp_path / "m.jsonl", tmp_path / "s.jsonl", to="standard")
+    standard = rows_of(tmp_path / "s.jsonl")
+    assert standard[1] == {"prompt": "\n\nHuman: Name a fruit.\n\nAssistant:", "responses": [" apple", " pear"],
+                           "scores": [0.0, 1.0]}
+    convert(tmp_path / "s.jsonl", tmp_path / "m2.jsonl", to="messages")
+    assert rows_of(tmp_path / "m2.jsonl") == rows_of(tmp_path / "m.jsonl")
+    for path in (src, tmp_path / "m.jsonl", tmp_path / "s.jsonl"):
+        examples, report = load_dataset(path, tiny_tokenizer, "group")
+        assert report.bad_records == 0
+        assert [ex.scores for ex in examples] == [[4.0, 1.0, 2.5], [0.0, 1.0], [5.0, 2.0]]
+
+
+def test_groups_to_sft_keep_the_best_response_and_to_kto_are_bad_records(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "groups.jsonl", GROUPS)
+    convert(src, tmp_path / "sft.jsonl", to="sft")
+    assert rows_of(tmp_path / "sft.jsonl") == [{"prompt": "Name a colour.", "completion": "blue"},
+                                               {"messages": [user("Name a fruit."), assistant("pear")]},
+                                               {"prompt": "Say hi.", "completion": "hi"}]
+    assert run_cli(["data", "convert", str(src), str(tmp_path / "kto.jsonl"), "--to", "kto"]) == 1
+    printed = capsys.readouterr().out
+    assert f"first bad: {src}:1: a response group has no desirable / undesirable label" in printed
+    assert not (tmp_path / "kto.jsonl").exists()
+
+
+def test_bad_groups_are_counted_with_file_and_line_and_the_rest_converted(tmp_path):
+    """k < 2, a scores list of the wrong length and a non-numeric score: one line each naming file:line."""
+    src = write_jsonl(tmp_path / "groups.jsonl", [
+        GROUPS[0],
+        {"prompt": "q", "responses": ["only"], "scores": [1]},
+        {"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 2]},
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1, "high"]},
+        GROUPS[2]])
+    result = convert(src, tmp_path / "out.jsonl", to="messages")
+    assert (result.rows_read, result.converted, result.bad_records) == (5, 2, 3)
+    assert result.bad_record_samples == [
+        f"{src}:2: field 'responses' holds 1 response(s); a group needs at least 2",
+        f"{src}:3: field 'scores' has 2 value(s) for 3 responses",
+        f"{src}:4: field 'scores[1]' must be a finite number, got 'high'"]
