@@ -126,3 +126,47 @@ def test_compare_exits_1_naming_the_failed_variants_and_still_writes_the_report(
     assert f"report: {out / 'report.md'}" in captured.out and (out / "report.md").exists()
     rows = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert rows == {"ok": "done", "no-ref": "failed"}
+
+
+def test_generate_keep_all_with_a_judge_writes_response_groups_train_reads(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                           capsys):
+    """Every non-empty sample with its judge score: read_examples reads the file as groups with those scores,
+    and the labelling app still reads it as a candidates file."""
+    import torch
+
+    from preftune.collect.candidates import read_tasks
+    from preftune.data.load import read_examples
+
+    torch.set_num_threads(1)  # generation is many tiny matmuls
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompt, response):\n    return len(response)\n")
+    (tmp_path / "prompts.txt").write_text("The river is\nThe garden is\nA cat\n")
+    out = tmp_path / "groups.jsonl"
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--n", "4",
+                 "--keep-all", "--judge", f"python:{judge}:length", "--out", str(out), "--max-new-tokens", "6",
+                 "--seed", "1"])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    empty = sum(4 - len(r["responses"]) for r in records)
+    assert (f"{len(records)} response groups from 3 prompts (4 samples each, scored by python:{judge}:length) "
+            f"written to {out}; left out: {3 - len(records)} prompts with fewer than 2 non-empty samples, "
+            f"{empty} empty samples of the others") in capsys.readouterr().out
+    assert records, "every prompt's samples were empty"
+    for record in records:
+        assert 2 <= len(record["responses"]) <= 4 and all(r.strip() for r in record["responses"])
+        assert record["scores"] == record["meta"]["scores"] == [float(len(r)) for r in record["responses"]]
+        assert record["meta"]["n"] == 4
+    examples, report = read_examples(tiny_tokenizer, str(out), main=False, kind="group")
+    assert report.bad_records == 0 and [ex.scores for ex in examples] == [r["scores"] for r in records]
+    assert [len(ex.completions) for ex in examples] == [len(r["responses"]) for r in records]
+    assert [t.responses for t in read_tasks(out)] == [r["responses"] for r in records]
+
+
+def test_generate_keep_all_with_a_judge_needs_two_samples(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "prompts.txt").write_text("The river is\n")
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--n", "1",
+                 "--keep-all", "--judge", "python:os:getcwd", "--out", str(tmp_path / "groups.jsonl")])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "preftune: error: --n must be >= 2 for judged response groups (got 1)"]
+    assert not (tmp_path / "groups.jsonl").exists()
