@@ -249,6 +249,7 @@ class _Loop:
     def train(self, n: int) -> None:
         from preftune.config.train_config import TrainConfig
         from preftune.training.loop import train
+        from preftune.training.signals import TrainingInterrupted
 
         cfg = self.cfg
         options = {"loss": "dpo", **cfg.train}
@@ -261,7 +262,12 @@ class _Loop:
             train_cfg.ref_model = cfg.model
             train_cfg.given |= {"ref_model"}
         self.models.pop(self.policy_path(n), None)
-        result = train(train_cfg)
+        try:
+            result = train(train_cfg)
+        except TrainingInterrupted:  # Ctrl-C / SIGTERM: its checkpoint is not what the loop resumes from
+            self.echo(f"  round {n}: training interrupted; the same command with --resume (not --resume-from) "
+                      "goes on from this round's training, started over")
+            raise
         summary = {"steps": result.steps, "final": {k: v for k, v in result.final_metrics.items()
                                                     if isinstance(v, (int, float))}}
         write_atomic(self.folder(n) / "train.json", json.dumps(summary))
