@@ -213,12 +213,15 @@ def cmd_eval(args) -> int:
     result = evaluate_model(eval_config_from_args(args))
     text = to_json(result)
     if args.output:
-        Path(args.output).write_text(text)
+        from preftune.common.files import write_atomic
+
+        write_atomic(Path(args.output), text)
     print(text if args.json else format_table(result))
     return 0
 
 
 def cmd_generate(args) -> int:
+    from preftune.data.convert import write_rows
     from preftune.evaluation.pairs import onpolicy_pairs
     from preftune.evaluation.prompts import read_prompts
 
@@ -229,9 +232,7 @@ def cmd_generate(args) -> int:
     if args.keep_all:
         return _write_candidates(args, prompts, options)
     pairs, counts = onpolicy_pairs(args.model, prompts, args.judge, n=args.n, **options)
-    with open(args.out, "w") as fh:
-        for pair in pairs:
-            fh.write(json.dumps(pair) + "\n")
+    write_rows(args.out, pairs)  # atomic; an unwritable or full disk is one line naming --out
     print(f"{len(pairs)} pairs from {len(prompts)} prompts written to {args.out}; skipped: "
           f"{counts['skipped_ties']} prompts whose {args.n} samples all tied, "
           f"{counts['skipped_empty']} whose best or worst sample was empty")
@@ -239,12 +240,11 @@ def cmd_generate(args) -> int:
 
 
 def _write_candidates(args, prompts, options: dict) -> int:
+    from preftune.data.convert import write_rows
     from preftune.evaluation.pairs import onpolicy_candidates
 
     records = onpolicy_candidates(args.model, prompts, n=args.n, judge=args.judge, **options)
-    with open(args.out, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_rows(args.out, records)
     if not args.judge:
         print(f"{len(records)} prompts with {args.n} responses each written to {args.out} (candidates: "
               f"preftune label serve {args.out} --db labels.sqlite)")

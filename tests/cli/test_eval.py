@@ -170,3 +170,21 @@ def test_generate_keep_all_with_a_judge_needs_two_samples(tmp_path, capsys, tiny
     assert capsys.readouterr().err.strip().splitlines() == [
         "preftune: error: --n must be >= 2 for judged response groups (got 1)"]
     assert not (tmp_path / "groups.jsonl").exists()
+
+
+def test_generate_onto_a_full_disk_is_one_line_and_leaves_no_file(tiny_model_dir, tmp_path, capsys):
+    """--out is written atomically: a full disk is one error line naming it, and no partial file is left."""
+    import torch
+
+    from common.write_failures import fill_disk, one_error_line
+
+    torch.set_num_threads(1)
+    (tmp_path / "prompts.txt").write_text("The river is\nA cat\n")
+    out = tmp_path / "outs" / "candidates.jsonl"
+    out.parent.mkdir()
+    with fill_disk(out.parent):
+        code = main(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"),
+                     "--n", "2", "--keep-all", "--out", str(out), "--max-new-tokens", "4"])
+    assert code == 1
+    assert "no space left on device" in one_error_line(capsys, out)
+    assert list(out.parent.iterdir()) == []
