@@ -161,6 +161,10 @@ class TrainConfig:
                                          "free the reference model.", group="method")
     ref_cache_dir: str | None = option(None, "Where reference caches live. Default: OUTPUT_DIR/ref_cache.",
                                        group="method")
+    share_ref_cache: bool = option(False, "Read reference log-probs from a cache in --ref-cache-dir shared by runs on "
+                                          "the same data and reference, computing (and storing) only the rows it "
+                                          "lacks, batch by batch; one process only. compare turns it on.",
+                                   group="method")
     # --- LoRA --------------------------------------------------------------------------------
     lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning. With LoRA the reference is the model with adapters "
                             "disabled (no second copy).", group="lora", domain=NON_NEGATIVE)
@@ -309,6 +313,11 @@ class TrainConfig:
                               "hold in another dtype); pass --ref-model too for a separate reference")
         if self.precompute_ref and not self.needs_reference:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} uses no reference model")
+        if self.share_ref_cache and not self.needs_reference:
+            raise ConfigError(f"--share-ref-cache: --loss {self.loss} uses no reference model")
+        if self.share_ref_cache and self.precompute_ref:
+            raise ConfigError("--share-ref-cache with --precompute-ref: choose one (the precomputed table holds "
+                              "every row already)")
         if self.ref_model and not self.needs_reference:
             raise ConfigError(f"--ref-model: --loss {self.loss} uses no reference model")
         if self.resume_from and self.resume_from != "latest":
@@ -335,6 +344,9 @@ class TrainConfig:
         if self.precompute_ref:
             raise ConfigError("--sync-ref-model with --precompute-ref: " + why.format(
                 "reference log-probs computed once before training would be stale after the first update"))
+        if self.share_ref_cache:
+            raise ConfigError("--sync-ref-model with --share-ref-cache: " + why.format(
+                "reference log-probs stored by any run would be stale after the first update"))
         if self.lora_r:
             raise ConfigError("--sync-ref-model with LoRA (--lora-r): " + why.format(
                 "it needs a separate full copy of the same weights; LoRA's reference is the policy with adapters "

@@ -33,6 +33,11 @@ settings changed, it is evaluated again without retraining. The base's share of 
 (its log-probs of the held-out pairs, its NLL, its samples) is the same for every variant: the first
 variant computes it into ``output_dir/base_cache.json`` and the others read it back
 (:class:`preftune.evaluation.base_cache.BaseCache`; ``eval: {base_cache: false}`` turns that off).
+Training shares the reference the same way: every variant with a fixed reference (not reference-free, not
+TR-DPO, not ``precompute_ref``, one process) trains with ``share_ref_cache`` into ``output_dir/ref_cache``
+(:class:`preftune.training.reference.SharedReference`), so a variant on the same pairs and reference as an
+earlier one reads its reference log-probs instead of computing them; a ``share_ref_cache`` or
+``ref_cache_dir`` the sweep file sets (in ``common`` or a variant) is kept (:func:`shares_reference`).
 
 This module is the sweep's bookkeeping: the sweep file, which variants run again, the best variant
 and the report's summary. Running one variant (in a child process by default) is
@@ -169,11 +174,23 @@ def variant_spec(sweep: Sweep, variant: dict) -> dict:
               "overwrite_output_dir": True}
     try:
         cfg = TrainConfig.from_dict(values, source=where).validate()
+        explicit = {k.replace("-", "_") for k in {**sweep.common, **options}}
+        if "share_ref_cache" not in explicit and shares_reference(cfg):
+            values["share_ref_cache"] = True
+            if "ref_cache_dir" not in explicit:
+                values["ref_cache_dir"] = str(sweep.output_dir / "ref_cache")
+            cfg = TrainConfig.from_dict(values, source=where).validate()
     except ConfigError as exc:
         text = str(exc)
         raise ConfigError(text if text.startswith(where) else f"{where}: {text}") from None
     return {"name": name, "options": options, "train": cfg.to_dict(), "eval": dict(sweep.eval),
             "eval_data": sweep.eval_data}
+
+
+def shares_reference(cfg: TrainConfig) -> bool:
+    """Whether a variant reads its reference log-probs from the sweep's shared cache: it has a reference, one
+    that stays fixed (not TR-DPO's), not precomputed whole, in one process."""
+    return cfg.needs_reference and not cfg.sync_ref_model and not cfg.precompute_ref and cfg.num_processes <= 1
 
 
 # ----------------------------------------------------------------------------- the sweep

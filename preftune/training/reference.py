@@ -4,6 +4,9 @@
 * :class:`AdapterOffReference` — the LoRA policy itself with its adapters disabled (no copy).
 * :class:`CachedReference` — log-probs computed once before training (``--precompute-ref``),
   stored in a safetensors file keyed by a fingerprint of everything that changes them.
+* :class:`SharedReference` — a live reference behind a table filled lazily (``--share-ref-cache``): a row
+  computed by any run on the same data and reference is stored, so a later run (a sweep's next variant)
+  computes only the rows it lacks.
 * ``None`` — reference-free methods (ORPO, SimPO, SFT) load no reference at all.
 
 Every reference answers ``logps(batch) -> (S,)`` summed log-probs (S = K * G, sequence s = k * G + g), without
@@ -142,6 +145,87 @@ class CachedReference:
         return rows[:, :batch.num_completions].t().reshape(-1)  # (K * G,): sequence s = k * G + g
 
 
+class SharedReference:
+    """A live reference behind a (num_examples, K_max) table shared through ``path`` by every run on the same
+    examples and reference (the file's ``key``, :func:`cache_key`), filled lazily.
+
+    A batch whose rows are all in the table runs no forward; otherwise the missing rows are computed by
+    ``live`` (the whole batch when none of its rows is known, as a live reference would, else a batch of the
+    missing examples made by ``make_batch(list_of_examples) -> Batch``), stored in the table and written to
+    ``path`` merged with what other runs wrote there meanwhile (:func:`save_rows`: atomic, so a reader sees a
+    whole file; two writers at worst lose each other's newest rows, recomputed later). ``examples[i].index``
+    must be ``i``. ``computed`` / ``reused``: rows this run computed / found stored. One process only: the
+    rows of other ranks' batches would be missing from each rank's table.
+    """
+
+    def __init__(self, live, examples, make_batch, path: Path, key: str):
+        self.live = live
+        self.model = live.model
+        self.examples = examples
+        self.make_batch = make_batch
+        self.path = Path(path)
+        self.key = key
+        num_k = max(len(ex.completions) for ex in examples)
+        self.table = torch.zeros(len(examples), num_k, dtype=torch.float32)
+        self.known = torch.zeros(len(examples), dtype=torch.bool)
+        self.computed = 0
+        self.reused = 0
+        self.writable = True
+        self.seen = None  # the stored file's (mtime, size) when last read or written
+        self.refresh()
+        self.description = f"shared cache {self.path} over the {live.description}"
+
+    def refresh(self) -> None:
+        """Take the rows stored at ``path`` that this table lacks (read only when the file changed)."""
+        stamp = file_stamp(self.path)
+        if stamp is None or stamp == self.seen:
+            return
+        self.seen = stamp
+        stored = load_rows(self.path, self.key, tuple(self.table.shape))
+        if stored is None:
+            return
+        table, known = stored
+        new = known & ~self.known
+        self.table[new] = table[new]
+        self.known |= new
+
+    @torch.no_grad()
+    def logps(self, batch: Batch) -> torch.Tensor:
+        index = batch.example_index.cpu()
+        missing = ~self.known[index]
+        if missing.any():
+            self.refresh()  # another run may have stored them meanwhile
+            missing = ~self.known[index]
+        if missing.any():
+            self._compute(batch, index, missing)
+        self.reused += int((~missing).sum())
+        rows = self.table[index][:, :batch.num_completions]  # (G, K)
+        return rows.t().reshape(-1).to(batch.example_index.device)  # (K * G,): sequence s = k * G + g
+
+    def _compute(self, batch: Batch, index: torch.Tensor, missing: torch.Tensor) -> None:
+        """Compute the rows of ``index[missing]`` with the live reference, store them in the table and on disk."""
+        if not missing.all():
+            ids = index[missing].tolist()
+            batch = self.make_batch([self.examples[i] for i in ids]).to(batch.example_index.device)
+            index = torch.tensor(ids)
+        rows = self.live.logps(batch).view(batch.num_completions, batch.num_groups).t().float().cpu()  # (G, K)
+        self.table[index, :batch.num_completions] = rows
+        self.known[index] = True
+        self.computed += len(index)
+        if self.writable:
+            self.writable = save_rows(self.path, self.table, self.known, self.key)
+            self.seen = file_stamp(self.path)
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path``; None when it does not exist."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 def check_separate(policy, reference) -> None:
     """Refuse a reference that *is* the policy or shares its parameters (PITFALLS: loss stuck at 0.6931)."""
     if policy is reference:
@@ -262,3 +346,45 @@ def load_cache(path: Path, key: str) -> torch.Tensor | None:
     except Exception as exc:  # a torn or foreign file is recomputed, never trusted
         log.warning("reference cache %s unreadable (%s); recomputing", path, exc)
         return None
+
+
+def save_rows(path: Path, table: torch.Tensor, known: torch.Tensor, key: str) -> bool:
+    """Write a :class:`SharedReference`'s table and its known rows atomically, merged with the rows another
+    run stored at ``path`` since (``table`` and ``known`` take them too, in place); whether it was written. A failed write
+    is one warning, never an error: the run goes on with the table in memory."""
+    from safetensors.torch import save_file
+
+    stored = load_rows(path, key, tuple(table.shape))
+    if stored is not None:
+        theirs = stored[1] & ~known
+        table[theirs] = stored[0][theirs]
+        known |= theirs
+    needed = table.numel() * table.element_size() + known.numel()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, needed) as tmp:
+            save_file({"logps": table.contiguous(), "known": known.to(torch.uint8)}, str(tmp),
+                      metadata={"key": key, "version": str(CACHE_FORMAT_VERSION)})
+    except Exception as exc:  # DiskFullError, CannotWriteError, other OS errors
+        log.warning("shared reference cache not written: %s; this run goes on computing its reference "
+                    "log-probs in memory", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+        return False
+    return True
+
+
+def load_rows(path: Path, key: str, shape: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A shared table at ``path`` as (logps (N, K_max), known (N,) bool); None when absent, unreadable or
+    of another key or shape (never trusted: its rows are computed again)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            table, known = f.get_tensor("logps"), f.get_tensor("known").bool()
+    except Exception as exc:  # a foreign or damaged file
+        log.warning("shared reference cache %s unreadable (%s); its rows are computed again", path, exc)
+        return None
+    return (table, known) if tuple(table.shape) == tuple(shape) and known.shape == table.shape[:1] else None

@@ -36,6 +36,7 @@ from preftune.training.reference import (
     AdapterOffReference,
     CachedReference,
     ModelReference,
+    SharedReference,
     cache_key,
     compute_reference_table,
     examples_fingerprint,
@@ -112,8 +113,9 @@ def build_run(cfg: TrainConfig, folder: RunFolder) -> Run:
     micro_per_epoch = len(epoch_batches(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, micro_per_epoch // cfg.grad_accum)))
     model, optimizer, scheduler, trainable = prepare_training(cfg, model, accelerator, total_steps, precision, plan)
-    if isinstance(reference, AdapterOffReference):
-        reference.forward = model  # through the wrapper, whose forward gathers FSDP shards
+    live = reference.live if isinstance(reference, SharedReference) else reference
+    if isinstance(live, AdapterOffReference):
+        live.forward = model  # through the wrapper, whose forward gathers FSDP shards
     sharded = accelerator.distributed_type == "FSDP"
     run = Run(folder, accelerator, precision, metrics_log, tokenizer, train_examples, train_report, eval_examples,
               model, reference, collate, packing, plan.checkpointing, epoch_batches, micro_per_epoch,
@@ -250,6 +252,8 @@ def make_reference(cfg: TrainConfig, model, reference_model, train_examples, eva
     if cfg.precompute_ref:
         reference = precompute(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
         reference_model = None
+    elif cfg.share_ref_cache:
+        reference = share(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
     if accelerator.is_main_process:
         log.info("reference: %s", reference.description)
     return reference, reference_model
@@ -314,15 +318,8 @@ def restore_checkpoint(cfg: TrainConfig, run: Run) -> None:
 def precompute(cfg, reference, train_examples, eval_examples, collate, accelerator,
                precision: str = "no") -> CachedReference:
     """Compute (or load) the reference log-prob table for train + eval examples."""
-    everything = train_examples + eval_examples
-    offset = len(train_examples)
-    for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
-        ex.index = offset + i
-    key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype,
-                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
-                     "mixed_precision": precision, "ld_alpha": cfg.ld_alpha})
-    cache_dir = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
-    path = cache_dir / f"ref-{key}.safetensors"
+    everything, key = reference_rows(cfg, reference, train_examples, eval_examples, precision)
+    path = reference_cache_dir(cfg) / f"ref-{key}.safetensors"
     table = load_cache(path, key)
     if table is None or table.shape[0] != len(everything):
         table = compute_reference_table(reference, everything, collate, cfg.batch_size, accelerator,
@@ -333,6 +330,42 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
     elif accelerator.is_main_process:
         log.info("reference log-probs loaded from %s", path)
     return CachedReference(table, path)
+
+
+def share(cfg, reference, train_examples, eval_examples, collate, accelerator, precision: str = "no"):
+    """``--share-ref-cache``: ``reference`` behind the lazily filled table shared by every run on the same
+    train + eval examples and reference (:class:`SharedReference`, ``ref_cache_dir/shared-KEY.safetensors``);
+    under several processes the live ``reference`` itself (each rank's batches hold other rows), said once."""
+    if accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            log.warning("--share-ref-cache: off under %d processes (each rank computes its own batches' rows); "
+                        "reference log-probs are computed live", accelerator.num_processes)
+        return reference
+    everything, key = reference_rows(cfg, reference, train_examples, eval_examples, precision)
+    shared = SharedReference(reference, everything, collate, reference_cache_dir(cfg) / f"shared-{key}.safetensors",
+                             key)
+    log.info("reference log-probs: %d of %d rows already in the shared cache %s; the rest are computed when a "
+             "batch first needs them", int(shared.known.sum()), len(everything), shared.path)
+    return shared
+
+
+def reference_rows(cfg, reference, train_examples, eval_examples, precision: str):
+    """Train + eval examples as one table's rows (eval rows follow the train rows: their ``index`` is
+    renumbered) and the table's key: data, reference weights, dtype, kind, reference, attention, precision,
+    ld_alpha (:func:`preftune.training.reference.cache_key`)."""
+    everything = train_examples + eval_examples
+    offset = len(train_examples)
+    for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
+        ex.index = offset + i
+    key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype,
+                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
+                     "mixed_precision": precision, "ld_alpha": cfg.ld_alpha})
+    return everything, key
+
+
+def reference_cache_dir(cfg) -> Path:
+    """``--ref-cache-dir``, by default OUTPUT_DIR/ref_cache."""
+    return Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
 
 
 def _forget_other_precision(precision: str) -> None:

@@ -232,6 +232,63 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
         fourth["ipo"]["status"] == "done (earlier run)"
 
 
+def test_variants_share_one_reference_cache_and_the_second_computes_no_reference_row(tiny_model_dir, rule_data,
+                                                                                      tmp_path, monkeypatch):
+    """In one process (isolate: false): a reference-free variant makes no cache; of two variants on the same pairs
+    and reference, the first computes the reference rows (training batches and the in-loop held-out passes) and
+    the second computes none; their losses equal an unshared sweep's (share_ref_cache: false, kept as set)."""
+    import preftune.evaluation.sweep_variant as sweep_variant
+    from preftune.training.reference import ModelReference
+
+    rows: dict[str, int] = {}
+    current = []
+    real_train, real_logps = sweep_variant.train, ModelReference.logps
+
+    def counting_train(cfg):
+        current.append(Path(cfg.output_dir).parent.name + "/" + Path(cfg.output_dir).name)
+        rows.setdefault(current[-1], 0)
+        return real_train(cfg)
+
+    def counting_logps(self, batch):
+        rows[current[-1]] += batch.num_groups
+        return real_logps(self, batch)
+
+    monkeypatch.setattr(sweep_variant, "train", counting_train)
+    monkeypatch.setattr(ModelReference, "logps", counting_logps)
+    common = {"max_steps": 3, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, "max_prompt_length": 32,
+              "logging_steps": 1, "eval_steps": 2, "warmup_ratio": 0.0, "lr_scheduler": "constant", "seed": 0,
+              "max_examples": 64}
+    variants = [{"name": "simpo", "loss": "simpo"}, {"name": "dpo", "loss": "dpo", "beta": 0.1},
+                {"name": "ipo", "loss": "ipo", "beta": 0.5}]
+    sweep = dict(base=str(tiny_model_dir), data=str(rule_data["train"]), eval_data=str(rule_data["eval"]),
+                 isolate=False, eval={"max_examples": 8})
+
+    shared = tmp_path / "shared"
+    run_compare(write_sweep(tmp_path / "a.yaml", **sweep, output_dir=str(shared), common=common,
+                            variants=variants[:1]))
+    assert rows == {"shared/simpo": 0} and not (shared / "ref_cache").exists()  # reference-free: no cache
+    run_compare(write_sweep(tmp_path / "a.yaml", **sweep, output_dir=str(shared), common=common, variants=variants))
+    # each distinct row once: 3 steps of 8 training pairs and the 64 held-out pairs (first in-loop pass only)
+    assert rows["shared/dpo"] == 3 * 8 + 64 and rows["shared/ipo"] == 0, rows
+    assert [p.name.startswith("shared-") for p in (shared / "ref_cache").iterdir()] == [True]
+    specs = {v: json.loads((shared / v / "done.json").read_text())["spec"]["train"] for v in ("simpo", "dpo", "ipo")}
+    assert not specs["simpo"]["share_ref_cache"] and specs["dpo"]["share_ref_cache"]
+    assert specs["ipo"]["ref_cache_dir"] == str(shared / "ref_cache")
+
+    unshared = tmp_path / "unshared"
+    run_compare(write_sweep(tmp_path / "b.yaml", **sweep, output_dir=str(unshared),
+                            common={**common, "share_ref_cache": False}, variants=variants[1:]))
+    assert rows["unshared/dpo"] == rows["unshared/ipo"] == 3 * 8 + 3 * 64  # held-out pairs: steps 0, 2 and 3
+    assert not (unshared / "ref_cache").exists()
+    for name in ("dpo", "ipo"):
+        with_cache, without = (read_metrics(out / name / "metrics.jsonl") for out in (shared, unshared))
+        assert len(with_cache) == len(without) and sum("loss" in row for row in without) == 3
+        for a, b in zip(with_cache, without):
+            for key, value in b.items():
+                if isinstance(value, float) and not key.endswith(("seconds", "time", "_s")) and "per_s" not in key:
+                    assert abs(a[key] - value) <= 1e-6, (name, key, a[key], value)
+
+
 def test_train_eval_false_keeps_the_held_out_data_out_of_training(tmp_path):
     """The held-out pairs are evaluated once per variant, after its training, not also inside the loop."""
     from preftune.evaluation.sweep import variant_spec
@@ -243,6 +300,34 @@ def test_train_eval_false_keeps_the_held_out_data_out_of_training(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path / "b.yaml", **common, train_eval=False))
     spec = variant_spec(sweep, sweep.variants[0])
     assert spec["train"]["eval_data"] is None and spec["eval_data"] == "e.jsonl"
+
+
+def test_the_sweep_shares_the_reference_only_where_it_can_and_keeps_what_the_file_sets(tmp_path):
+    """share_ref_cache into OUTPUT/ref_cache for fixed-reference variants; not for reference-free ones, TR-DPO,
+    precompute_ref or several processes; a share_ref_cache or ref_cache_dir the file sets is kept."""
+    from preftune.evaluation.sweep import variant_spec
+
+    out = tmp_path / "out"
+    sweep = load_sweep(write_sweep(
+        tmp_path / "s.yaml", base="m", data="d.jsonl", eval_data="e.jsonl", output_dir=str(out),
+        variants=[{"name": "dpo", "loss": "dpo"}, {"name": "orpo", "loss": "orpo"},
+                  {"name": "tr-dpo", "loss": "dpo", "sync_ref_model": True},
+                  {"name": "pre", "loss": "dpo", "precompute_ref": True},
+                  {"name": "two", "loss": "dpo", "num_processes": 2},
+                  {"name": "off", "loss": "ipo", "share-ref-cache": False},
+                  {"name": "mine", "loss": "dpo", "ref_cache_dir": str(tmp_path / "mine")}]))
+    train = {v["name"]: variant_spec(sweep, v)["train"] for v in sweep.variants}
+    assert {n for n, t in train.items() if t["share_ref_cache"]} == {"dpo", "mine"}
+    assert train["dpo"]["ref_cache_dir"] == str(out / "ref_cache")
+    assert train["mine"]["ref_cache_dir"] == str(tmp_path / "mine")
+    assert train["off"]["ref_cache_dir"] is None and train["orpo"]["ref_cache_dir"] is None
+    for bad, message in (({"loss": "simpo"}, "--share-ref-cache: --loss simpo uses no reference model"),
+                         ({"loss": "dpo", "precompute_ref": True}, "--share-ref-cache with --precompute-ref"),
+                         ({"loss": "dpo", "sync_ref_model": True}, "--sync-ref-model with --share-ref-cache")):
+        wrong = write_sweep(tmp_path / "w.yaml", base="m", data="d.jsonl", eval_data="e.jsonl", output_dir=str(out),
+                            variants=[{"name": "v", "share_ref_cache": True, **bad}])
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(wrong)
 
 
 def test_variant_records_are_written_atomically_and_errors_read_in_one_line(tmp_path):

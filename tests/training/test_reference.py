@@ -17,6 +17,7 @@ from preftune.training.reference import (
     AdapterOffReference,
     CachedReference,
     ModelReference,
+    SharedReference,
     cache_key,
     check_separate,
     compute_reference_table,
@@ -131,3 +132,49 @@ def test_every_reference_gives_group_logps():
     assert (adapters_off.logps - expected.logps).abs().max() < 1e-4
     with torch.no_grad():
         assert (batch_group_logps(policy, batch).logps - expected.logps).abs().max() > 1e-2
+
+
+class CountingReference(ModelReference):
+    """A live reference that counts the rows it computes."""
+
+    rows = 0
+
+    def logps(self, batch):
+        self.rows += batch.num_groups
+        return super().logps(batch)
+
+
+def test_a_shared_cache_computes_each_row_once_across_runs(tiny_model_dir, examples, tmp_path):
+    """The first run over some batches computes their rows (whole batches, as the live reference does: equal
+    numbers); a second run on the same path computes none of them, only the rows it lacks (a batch of just
+    those); a file under another key, torn or foreign is never read; every number equals the live reference's."""
+    base = load_model(str(tiny_model_dir)).eval()
+    make_batch = lambda exs: collate_packed(exs, pad_id=0)  # noqa: E731
+    path = tmp_path / "cache" / "shared-k.safetensors"
+    live = ModelReference(copy.deepcopy(base))
+    first = SharedReference(CountingReference(copy.deepcopy(base)), examples, make_batch, path, "k")
+    for part in (examples[:8], examples[8:16]):
+        batch = make_batch(part)
+        assert (first.logps(batch) - live.logps(batch)).abs().max() <= 1e-6
+    assert first.live.rows == first.computed == 16 and first.reused == 0 and path.exists()
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left
+
+    second = SharedReference(CountingReference(copy.deepcopy(base)), examples, make_batch, path, "k")
+    assert int(second.known.sum()) == 16
+    batch = make_batch(examples[4:20])  # 12 rows stored, 4 not
+    assert (second.logps(batch) - live.logps(batch)).abs().max() <= 1e-5
+    assert second.live.rows == second.computed == 4 and second.reused == 12
+    for part in (examples[:8], examples[8:16], examples[4:20]):
+        second.logps(make_batch(part))
+    assert second.live.rows == 4  # nothing computed twice
+
+    first.logps(make_batch(examples[16:24]))  # the first run learns the second's rows from the file
+    assert first.live.rows == 16 + 4 and int(first.known.sum()) == 24
+
+    other = SharedReference(CountingReference(copy.deepcopy(base)), examples, make_batch, path, "other-key")
+    assert int(other.known.sum()) == 0
+    path.write_bytes(b"torn")
+    torn = SharedReference(CountingReference(copy.deepcopy(base)), examples, make_batch, path, "k")
+    assert int(torn.known.sum()) == 0
+    torn.logps(make_batch(examples[:8]))
+    assert torn.live.rows == 8
