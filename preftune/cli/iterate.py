@@ -57,6 +57,9 @@ def register(subparsers, add_config_flags, config_from_args) -> argparse.Argumen
     loop.add_argument("--sample-batch-size", type=positive_int, default=32, help="(default: 32)")
     loop.add_argument("--kl-samples", type=positive_int, default=2,
                       help="KL to the start: samples per held-out prompt (default: 2)")
+    loop.add_argument("--eval-pairs", metavar="FILE",
+                      help="held-out preference pairs: each round's preference accuracy and NLL regression against "
+                           "the start, as preftune eval measures them (optional)")
     loop.add_argument("--stop-when-no-gain", action="store_true",
                       help="end the loop when the win rate over the previous round's 95%% interval includes 0.5")
     loop.add_argument("--resume", action="store_true",
@@ -81,8 +84,8 @@ def iterate_config(args, config_from_args):
                          prompts_per_round=args.prompts_per_round, reuse_prompts=args.reuse_prompts,
                          reference=args.reference, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, sample_batch_size=args.sample_batch_size,
-                         kl_samples=args.kl_samples, seed=train_cfg.seed, stop_when_no_gain=args.stop_when_no_gain,
-                         resume=args.resume, progress=train_cfg.progress, train=train)
+                         kl_samples=args.kl_samples, eval_pairs=args.eval_pairs, seed=train_cfg.seed,
+                         stop_when_no_gain=args.stop_when_no_gain, resume=args.resume, progress=train_cfg.progress, train=train)
 
 
 def cmd_iterate(args, config_from_args) -> int:

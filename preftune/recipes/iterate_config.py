@@ -45,6 +45,7 @@ class IterateConfig:
     top_p: float = 1.0
     sample_batch_size: int = 32
     kl_samples: int = 2  # KL(round || base): samples per held-out prompt
+    eval_pairs: str | None = None  # held-out pairs: preference accuracy and NLL regression of each round vs the start
     seed: int = 0
     stop_when_no_gain: bool = False  # end when the win rate over the previous round's 95% CI includes 0.5
     resume: bool = False
@@ -104,7 +105,8 @@ def settings(cfg: IterateConfig, count: int) -> dict:
     values.update({f"train.{k}": v for k, v in values.pop("train").items()})
     values["judge"] = cfg.judge if isinstance(cfg.judge, str) else (getattr(cfg.judge, "spec", "") or repr(cfg.judge))
     values.update(prompts_per_round=count, prompts_digest=file_digest(cfg.prompts),
-                  eval_prompts_digest=file_digest(cfg.eval_prompts))
+                  eval_prompts_digest=file_digest(cfg.eval_prompts),
+                  eval_pairs_digest=file_digest(cfg.eval_pairs) if cfg.eval_pairs else "")
     return json.loads(json.dumps(values, default=str))
 
 

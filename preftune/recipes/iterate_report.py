@@ -1,7 +1,8 @@
 """``preftune iterate``'s measurements and report.
 
 * :func:`measure_round` — a round's held-out numbers: judge score, win rate over the base and over the
-  previous round (95% Wilson intervals), KL(round || base) -> ``round-n/round.json`` and ``eval_samples.jsonl``.
+  previous round (95% Wilson intervals), KL(round || base), and with ``eval_pairs`` the held-out preference
+  accuracy and NLL regression (:func:`held_out_pairs`) -> ``round-n/round.json`` and ``eval_samples.jsonl``.
 * :func:`write_outputs` — ``OUT/metrics.json``, ``OUT/report.md`` (one row per round) and ``OUT/iterate.svg``
   (judge score and win rates per round, drawn by hand: no plotting library needed).
 """
@@ -66,6 +67,8 @@ def measure_round(loop, n: int) -> int:
         kl, stderr = estimate_kl(model, base_model, tokenizer, prompts, n_samples=cfg.kl_samples,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + EVAL_SEED_OFFSET + 1,
                                  batch_size=cfg.sample_batch_size)
+        if cfg.eval_pairs:
+            row["held_out_pairs"] = held_out_pairs(cfg, loop.policy_path(n))
         row.update(win_vs_base=win(0), win_vs_previous=win(n - 1),
                    kl={"mean": kl, "stderr": stderr, "samples": len(prompts) * cfg.kl_samples},
                    pairs=read_json(folder / "pairs.json", {}), train=training_numbers(folder))
@@ -102,20 +105,40 @@ def training_numbers(folder: Path) -> dict:
     return {"steps": summary.get("steps"), "final": final}
 
 
+def held_out_pairs(cfg, model: str) -> dict:
+    """``preftune eval``'s preference accuracy and NLL regression of ``model`` against the start on
+    ``cfg.eval_pairs`` (the training's beta and lengths) -> ``{"preference", "nll"}``."""
+    from preftune.config.eval_config import EvalConfig
+    from preftune.evaluation.evaluate import evaluate_model
+
+    train = cfg.train
+    options = {"model": model, "ref_model": cfg.model, "data": cfg.eval_pairs, "beta": train.get("beta") or 0.1,
+               "max_length": train.get("max_length", 1024), "max_prompt_length": train.get("max_prompt_length"),
+               "batch_size": train.get("batch_size", 8), "seed": cfg.seed}
+    result = evaluate_model(EvalConfig.from_options(options, "preftune iterate --eval-pairs"))
+    return {"preference": result["preference"], "nll": result["nll"]}
+
+
 def _number(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def round_rows(base: dict, rounds: list[dict]) -> list[tuple[str, ...]]:
-    """The report table's rows: the starting model, then one per round."""
-    rows = [("0 (start)", _number(base.get("judge_score")), "", "", "", "", "")]
+def round_rows(base: dict, rounds: list[dict], held_out: bool) -> list[tuple[str, ...]]:
+    """The report table's rows: the starting model, then one per round (``held_out``: with the held-out pairs'
+    accuracy and NLL regression columns)."""
+    rows = [("0 (start)", _number(base.get("judge_score")), "", "", "", "", "") + (("", "") if held_out else ())]
     for r in rounds:
         pairs, seconds = r.get("pairs", {}), r.get("stage_seconds", {})
         kl = r["kl"]
-        rows.append((str(r["round"]), _number(r.get("judge_score")), rate_text(r["win_vs_base"]),
-                     rate_text(r["win_vs_previous"]), f"{_number(kl['mean'])} ± {_number(kl['stderr'])}",
-                     f"{pairs.get('pairs', '?')} / {pairs.get('skipped_ties', '?')}",
-                     " / ".join(_number(seconds.get(s), 1) for s in STAGE_COLUMNS)))
+        row = (str(r["round"]), _number(r.get("judge_score")), rate_text(r["win_vs_base"]),
+               rate_text(r["win_vs_previous"]), f"{_number(kl['mean'])} ± {_number(kl['stderr'])}",
+               f"{pairs.get('pairs', '?')} / {pairs.get('skipped_ties', '?')}",
+               " / ".join(_number(seconds.get(s), 1) for s in STAGE_COLUMNS))
+        if held_out:
+            pair_numbers = r.get("held_out_pairs") or {"preference": {}, "nll": {}}
+            row = row[:5] + (_number(pair_numbers["preference"].get("accuracy")),
+                             _number(pair_numbers["nll"].get("difference"), 4)) + row[5:]
+        rows.append(row)
     return rows
 
 
@@ -123,16 +146,18 @@ def report_text(metrics: dict) -> str:
     """``report.md``: the settings, one row per round, what stopped the loop."""
     s, rounds = metrics["settings"], metrics["rounds"]
     train = {k.removeprefix("train."): v for k, v in s.items() if k.startswith("train.")}
+    held_out = bool(s.get("eval_pairs"))
+    header = ("round", "judge score", "win rate vs start [95% CI] (n)", "win rate vs previous round",
+              "KL to start (nats) ± se", *(("held-out pair accuracy", "held-out NLL - start's (nats/token)")
+                                           if held_out else ()),
+              "pairs kept / prompts tied", "seconds: sample / judge / pairs / train / measure")
     lines = [
         "# preftune iterate", "",
         f"Start `{s['model']}`, judge `{s['judge']}`; {len(rounds)} round(s) of {s['samples']} samples on each of "
         f"{s['prompts_per_round']} {'reused' if s['reuse_prompts'] else 'fresh'} prompts, reference "
         f"{s['reference']}, train options {json.dumps(train) if train else '(defaults: dpo)'}; measured on the "
         f"held-out prompts of `{s['eval_prompts']}` (one sample each, the same seed every round).", "",
-        *markdown_table(("round", "judge score", "win rate vs start [95% CI] (n)", "win rate vs previous round",
-                         "KL to start (nats) ± se", "pairs kept / prompts tied",
-                         "seconds: sample / judge / pairs / train / measure"),
-                        round_rows(metrics["base"], rounds)), "",
+        *markdown_table(header, round_rows(metrics["base"], rounds, held_out)), "",
         f"Total {metrics['seconds']:.1f} s. ![judge score and win rates per round](iterate.svg)", ""]
     if metrics["stopped"]:
         last = rounds[-1]["win_vs_previous"]

@@ -25,7 +25,7 @@ from preftune.evaluation.judges.python import PythonJudge
 from preftune.recipes import iterate as iterate_module
 from preftune.recipes.iterate import STAGES, run_iterate
 from preftune.recipes.iterate_config import IterateConfig, round_prompts
-from tests.conftest import BAD, GOOD, TOPICS
+from tests.conftest import BAD, GOOD, TOPICS, rule_pairs, write_jsonl
 
 CALLS: list[tuple[str, str]] = []  # every (prompt, response) the rule judge was asked
 FAIL_ON: dict[str, str] = {}  # {"prompt": p}: the judge raises on that prompt
@@ -330,9 +330,14 @@ def test_the_python_api(world, tmp_path):
         preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "a", learning_rat=1)
     with pytest.raises(ConfigError, match="beta"):
         preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "b", beta="high")
+    pairs = write_jsonl(tmp_path / "held_out_pairs.jsonl", rule_pairs(8, seed=2))
     result = preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "c", rounds=1,
-                              samples=4, max_new_tokens=12, kl_samples=1, progress=False, **TRAIN)
+                              samples=4, max_new_tokens=12, kl_samples=1, progress=False, eval_pairs=pairs, **TRAIN)
     assert result.rounds == 1 and [r["round"] for r in result.metrics["rounds"]] == [1]
+    held_out = result.metrics["rounds"][0]["held_out_pairs"]  # --eval-pairs: preftune eval's numbers vs the start
+    assert held_out["preference"]["pairs"] == 8 and 0 <= held_out["preference"]["accuracy"] <= 1
+    assert held_out["nll"]["difference"] == pytest.approx(held_out["nll"]["model"] - held_out["nll"]["base"])
+    assert "held-out NLL - start's" in (tmp_path / "c" / "report.md").read_text()
     settings = json.loads((tmp_path / "c" / "settings.json").read_text())
     assert settings["train.learning_rate"] == 1e-3 and settings["judge"] == JUDGE_SPEC
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
