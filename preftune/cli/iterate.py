@@ -48,6 +48,10 @@ def register(subparsers, add_config_flags, config_from_args) -> argparse.Argumen
     loop.add_argument("--prompts-per-round", type=positive_int, metavar="N",
                       help="prompts each round samples (default: --prompts split evenly over the rounds)")
     loop.add_argument("--reuse-prompts", action="store_true", help="every round samples the same prompts")
+    loop.add_argument("--groups", action="store_true",
+                      help="train on response groups (every response with its judge score; a pair loss on their "
+                           "ordered pairs, see --group-pairs) instead of best-vs-worst pairs; a group loss "
+                           "(plackett_luce, lipo_lambda) always does")
     loop.add_argument("--reference", choices=("previous", "base"), default="previous",
                       help="each round's reference: the previous round's policy (default) or the start "
                            "(docs/iterate.md says which measured better)")
@@ -81,11 +85,12 @@ def iterate_config(args, config_from_args):
                                                                               "progress")}
     return IterateConfig(model=train_cfg.model, prompts=args.prompts, eval_prompts=args.eval_prompts,
                          judge=args.judge, output_dir=train_cfg.output_dir, rounds=args.rounds, samples=args.samples,
-                         prompts_per_round=args.prompts_per_round, reuse_prompts=args.reuse_prompts,
+                         prompts_per_round=args.prompts_per_round, reuse_prompts=args.reuse_prompts, groups=args.groups,
                          reference=args.reference, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, sample_batch_size=args.sample_batch_size,
                          kl_samples=args.kl_samples, eval_pairs=args.eval_pairs, seed=train_cfg.seed,
-                         stop_when_no_gain=args.stop_when_no_gain, resume=args.resume, progress=train_cfg.progress, train=train)
+                         stop_when_no_gain=args.stop_when_no_gain, resume=args.resume, progress=train_cfg.progress,
+                         train=train)
 
 
 def cmd_iterate(args, config_from_args) -> int:

@@ -9,10 +9,11 @@ Each round n (1..R) runs five stages under :class:`preftune.recipes.stages.Stage
    (judge spec, prompt, response) in ``judge_cache.jsonl`` (:mod:`preftune.recipes.iterate_judge`) ->
    ``scores.jsonl``;
 3. **pairs** — best vs worst per prompt (:func:`preftune.evaluation.pairs.best_vs_worst_pairs`, from the cache:
-   no new judge call) -> ``pairs.jsonl`` and ``pairs.json`` (kept / tied / empty);
-4. **train** — :func:`preftune.training.loop.train` from the current policy on those pairs with the given
-   train options (any method) -> ``model/`` (a plain model folder) and ``train.json``; the reference is the
-   previous round's policy or the base (``--reference``);
+   no new judge call) -> ``pairs.jsonl``, and every response with its score -> ``groups.jsonl`` (response
+   groups: what a group loss, or ``--groups``, trains on), ``pairs.json`` (kept / tied / empty);
+4. **train** — :func:`preftune.training.loop.train` from the current policy on those pairs (or groups) with
+   the given train options (any method) -> ``model/`` (a plain model folder) and ``train.json``; the reference
+   is the previous round's policy or the base (``--reference``);
 5. **measure** — on the held-out ``--eval-prompts`` (never trained on): one response per prompt (the same
    seed every round: common random numbers), its judge score, the win rate over the base and over the
    previous round with 95% Wilson intervals, KL(round || base) -> ``eval_samples.jsonl``, ``round.json``.
@@ -40,7 +41,7 @@ from preftune.recipes.stages import StageRunner, check_run_folder, clear_entries
 STAGES = ("sample", "judge", "pairs", "train", "measure")
 # Each stage's files in its round folder (cleared before it runs again; the judge cache never is).
 STAGE_FILES = {"base": ("eval_samples.jsonl", "round.json"), "sample": ("samples.jsonl",),
-               "judge": ("scores.jsonl",), "pairs": ("pairs.jsonl", "pairs.json"),
+               "judge": ("scores.jsonl",), "pairs": ("pairs.jsonl", "groups.jsonl", "pairs.json"),
                "train": ("model", "train.json"), "measure": ("eval_samples.jsonl", "round.json")}
 TOP_FILES = ("settings.json", "metrics.json", "report.md", "iterate.svg")
 
@@ -89,6 +90,21 @@ def prepare_output_dir(out: Path, resume: bool, now: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "settings.json", json.dumps(now, indent=1))
     return out
+
+
+def response_groups(samples: list[dict], scores: list[dict]) -> list[dict]:
+    """Response groups (``{"prompt", "responses", "scores"}``, as ``preftune train`` reads them) of each prompt's
+    non-empty responses, each text once with its judge score (or round-robin points); prompts with fewer than
+    two such responses or all of them tied are left out."""
+    groups = []
+    for row, scored in zip(samples, scores):
+        kept: dict[str, float] = {}
+        for text, score in zip(row["samples"], scored["scores"]):
+            if text.strip():
+                kept.setdefault(text, score)
+        if len(kept) >= 2 and len(set(kept.values())) > 1:
+            groups.append({"prompt": row["prompt"], "responses": list(kept), "scores": list(kept.values())})
+    return groups
 
 
 def stage_name(n: int, stage: str) -> str:
@@ -237,14 +253,25 @@ class _Loop:
         pairs, ties = best_vs_worst_pairs([r["prompt"] for r in rows], [r["samples"] for r in rows], judge)
         self.judge_calls += judge.calls
         kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+        groups = response_groups(rows, read_jsonl(self.folder(n) / "scores.jsonl"))
         counts = {"prompts": len(rows), "pairs": len(kept), "skipped_ties": ties,
-                  "skipped_empty": len(pairs) - len(kept)}
-        self.echo(f"  {len(kept)} pairs kept ({ties} prompts tied, {counts['skipped_empty']} with an empty response)")
-        if not kept:
-            raise ValueError(f"round {n}: no preference pairs (every prompt's {self.cfg.samples} responses tied or "
-                             "were empty); more --samples, a higher --temperature or a finer judge")
+                  "skipped_empty": len(pairs) - len(kept), "groups": len(groups),
+                  "trained_on": "groups" if self.on_groups() else "pairs"}
+        self.echo(f"  {len(kept)} pairs kept ({ties} prompts tied, {counts['skipped_empty']} with an empty response)"
+                  f"; {len(groups)} response groups")
+        if not (groups if self.on_groups() else kept):
+            raise ValueError(f"round {n}: no preference {counts['trained_on']} (every prompt's {self.cfg.samples} "
+                             "responses tied or were empty); more --samples, a higher --temperature or a finer judge")
         write_jsonl(self.folder(n) / "pairs.jsonl", kept)
+        write_jsonl(self.folder(n) / "groups.jsonl", groups)
         write_atomic(self.folder(n) / "pairs.json", json.dumps(counts))
+
+    def on_groups(self) -> bool:
+        """Whether the rounds train on response groups (``--groups``, or a group loss) instead of pairs."""
+        from preftune.config.train_config import TrainConfig
+
+        return self.cfg.groups or TrainConfig(loss=self.cfg.train.get("loss", "dpo"),
+                                              loss_weights=self.cfg.train.get("loss_weights")).kind == "group"
 
     def train(self, n: int) -> None:
         from preftune.config.train_config import TrainConfig
@@ -253,7 +280,8 @@ class _Loop:
 
         cfg = self.cfg
         options = {"loss": "dpo", **cfg.train}
-        train_cfg = TrainConfig(**options, model=self.policy_path(n - 1), data=str(self.folder(n) / "pairs.jsonl"),
+        data = self.folder(n) / ("groups.jsonl" if self.on_groups() else "pairs.jsonl")
+        train_cfg = TrainConfig(**options, model=self.policy_path(n - 1), data=str(data),
                                 output_dir=str(self.folder(n) / "model"), seed=cfg.seed, progress=cfg.progress)
         train_cfg.given = frozenset(options) | {"model", "data", "output_dir", "seed", "progress"}
         if train_cfg.lora_r:  # each round's model a plain folder the next round starts from (new adapters)

@@ -39,6 +39,7 @@ class IterateConfig:
     samples: int = 4  # responses per prompt per round (best vs worst makes a pair)
     prompts_per_round: int | None = None  # None: all prompts split evenly over the rounds (or all, reused)
     reuse_prompts: bool = False  # every round samples the same prompts
+    groups: bool = False  # train on response groups (every response, its score) instead of best-vs-worst pairs
     reference: str = "previous"  # the reference of each round's training: the previous round's policy, or the base
     max_new_tokens: int = 64
     temperature: float = 1.0

@@ -372,3 +372,18 @@ def test_a_pairwise_judge_plays_round_robins_and_is_cached_too(world, tmp_path):
     (out / "round-1" / "stages.json").write_text(json.dumps({"sample": 0.1}))  # as if killed after sampling
     run_iterate(config(world, out, judge=judge, rounds=1, prompts_per_round=6, resume=True), echo=quiet)
     assert judge.asked == asked  # every verdict from the cache
+
+
+@pytest.mark.parametrize("options", [{"loss": "plackett_luce"}, {"groups": True, "group_pairs": "best-vs-rest"}],
+                         ids=["group-loss", "pair-loss-on-groups"])
+def test_training_on_response_groups(options, world, tmp_path):
+    """A group loss trains on every response with its score (groups.jsonl); so does a pair loss with --groups."""
+    groups = options.pop("groups", False)
+    result = run_iterate(config(world, tmp_path / "run", rounds=1, prompts_per_round=6, groups=groups,
+                                train={**TRAIN, **options}), echo=quiet)
+    counts = result.metrics["rounds"][0]["pairs"]
+    assert counts["trained_on"] == "groups" and counts["groups"] >= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "groups.jsonl").read_text().splitlines()]
+    assert all(len(r["responses"]) == len(r["scores"]) >= 2 and len(set(r["scores"])) > 1 for r in rows)
+    config_yaml = (tmp_path / "run" / "round-1" / "model" / "config.yaml").read_text()
+    assert "groups.jsonl" in config_yaml
