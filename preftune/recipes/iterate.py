@@ -72,20 +72,34 @@ def run_iterate(cfg: IterateConfig, echo=print) -> IterateResult:
         raise ValueError(f"--eval-prompts: {shared} of its {len(eval_prompts)} prompts are also in --prompts; the "
                          "held-out prompts must be ones no round trains on")
     count = per_round(cfg, len(prompts))
-    out = prepare_output_dir(Path(cfg.output_dir), cfg.resume, settings(cfg, count))
+    out = prepare_output_dir(Path(cfg.output_dir), cfg.resume, settings(cfg, count), judge_entry(cfg, judge))
     return _Loop(cfg, out, judge, prompts, eval_prompts, count, echo).run()
 
 
-def prepare_output_dir(out: Path, resume: bool, now: dict) -> Path:
+def judge_entry(cfg: IterateConfig, judge) -> str | None:
+    """The entry of ``cfg.output_dir`` that holds the judge's reward model (trained into the run folder, e.g.
+    ``preftune train --loss reward --output-dir OUT/rm``), or None."""
+    spec = getattr(judge, "spec", "") or ""
+    if not spec.startswith("reward-model:"):
+        return None
+    try:
+        return Path(spec.removeprefix("reward-model:")).resolve().relative_to(Path(cfg.output_dir).resolve()).parts[0]
+    except (ValueError, IndexError):
+        return None
+
+
+def prepare_output_dir(out: Path, resume: bool, now: dict, judge_entry: str | None = None) -> Path:
     """``out`` ready for the run: a new folder gets ``settings.json``; an earlier run's is refused without
-    ``--resume`` and with other settings (ConfigError naming them); foreign files are refused."""
-    check_run_folder(out, [*TOP_FILES, *(f"round-{n}" for n in range(1000))], "preftune iterate")
+    ``--resume`` and with other settings (ConfigError naming them); foreign files are refused (but
+    ``judge_entry``, the judge's reward model inside ``out``)."""
+    entries = [*TOP_FILES, *(f"round-{n}" for n in range(1000)), *([judge_entry] if judge_entry else [])]
+    check_run_folder(out, entries, "preftune iterate")
     if (out / "settings.json").is_file():
         if not resume:
             raise ValueError(f"--output-dir {out} holds an earlier preftune iterate run; add --resume to go on with "
                              "it, or choose a new folder")
         check_resume(out, now)
-    elif any(out.glob("round-*")):
+    elif any(out.glob("round-*")) or (out / "metrics.json").exists():
         raise ValueError(f"--output-dir {out} holds round folders but no settings.json; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "settings.json", json.dumps(now, indent=1))

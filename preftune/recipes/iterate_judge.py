@@ -4,8 +4,10 @@ pays for a judge call twice (paid endpoints), and a judge that fails says which 
 :func:`cached_judge` wraps a judge in :class:`CachedScoringJudge` (``python:``, ``reward-model:``: a score per
 ``(judge spec, prompt, response)``) or :class:`CachedPairwiseJudge` (``openai:``: an outcome per
 ``(judge spec, prompt, response a, response b)``). The cache is a JSONL file in the round's folder, one
-``{"key", "value"}`` line per verdict, appended and fsync'ed after each prompt's verdicts: a run killed
-mid-judging keeps every prompt judged before; a torn last line is ignored. The wrapped judge is asked one
+``{"key", "value"}`` line per verdict (the key also covers what the judge's verdicts depend on besides its
+spec: a reward model's weights, :meth:`~preftune.evaluation.judges.base.ScoringJudge.cache_parts`), appended
+and fsync'ed after each prompt's verdicts: a run killed mid-judging keeps every prompt judged before; a torn
+last line is ignored. The wrapped judge is asked one
 prompt at a time, so a failure (an exception of any kind from the judge) becomes one
 :class:`~preftune.evaluation.judges.base.JudgeError` line naming the prompt, and the round stays resumable.
 """
@@ -29,6 +31,7 @@ class _Cache:
         self.judge, self.path, self.where = judge, Path(path), where
         self.values: dict[str, float] = {}
         self.calls = 0
+        self.identity: list | None = None  # the judge: its spec and what its verdicts depend on
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
@@ -38,7 +41,10 @@ class _Cache:
                     continue  # a torn last line (killed mid-write): the verdicts before it stand
 
     def key(self, *parts) -> str:
-        text = json.dumps([self.judge.spec or repr(self.judge), *parts], ensure_ascii=False)
+        if self.identity is None:  # a reward model's weights fingerprint, computed on the first key
+            parts_of = getattr(self.judge, "cache_parts", None)
+            self.identity = [self.judge.spec or repr(self.judge), (parts_of() if parts_of else None)]
+        text = json.dumps([*self.identity, *parts], ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def add(self, pairs: list[tuple[str, float]]) -> None:

@@ -387,3 +387,18 @@ def test_training_on_response_groups(options, world, tmp_path):
     assert all(len(r["responses"]) == len(r["scores"]) >= 2 and len(set(r["scores"])) > 1 for r in rows)
     config_yaml = (tmp_path / "run" / "round-1" / "model" / "config.yaml").read_text()
     assert "groups.jsonl" in config_yaml
+
+
+def test_a_reward_model_trained_into_the_run_folder_judges(world, tmp_path, rule_data):
+    """``preftune train --loss reward --output-dir OUT/rm``, then ``--judge reward-model:OUT/rm``: the folder is
+    not refused as foreign, and the reward model scores every round."""
+    from preftune.api import train
+
+    out = tmp_path / "run"
+    train(model=world["model"], data=rule_data["train"], output_dir=out / "rm", loss="reward", max_steps=2,
+          batch_size=8, max_length=48, progress=False, mixed_precision="no")
+    result = run_iterate(config(world, out, judge=f"reward-model:{out / 'rm'}", rounds=1, prompts_per_round=6),
+                         echo=quiet)
+    assert result.metrics["rounds"][0]["judge_score"] is not None
+    assert len((out / "round-1" / "judge_cache.jsonl").read_text().splitlines()) >= 6
+    assert (out / "rm" / "config.json").is_file()
