@@ -48,7 +48,7 @@ CRASH_STAGES = ("after_model", "after_optimizer", "before_rename", "after_rename
 # holds the data's fingerprint (the content is compared instead).
 RESUME_SAFE_OPTIONS = {"resume_from", "progress", "max_steps", "save_steps", "save_total_limit", "logging_steps",
                        "eval_steps", "tensorboard", "report_to", "run_name", "output_dir", "ref_cache_dir",
-                       "overwrite_output_dir", "learning_rate"}
+                       "share_ref_cache", "overwrite_output_dir", "learning_rate"}
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

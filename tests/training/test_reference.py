@@ -178,3 +178,36 @@ def test_a_shared_cache_computes_each_row_once_across_runs(tiny_model_dir, examp
     assert int(torn.known.sum()) == 0
     torn.logps(make_batch(examples[:8]))
     assert torn.live.rows == 8
+
+
+def test_lora_runs_sharing_the_reference_train_as_a_live_reference_does(tiny_model_dir, rule_data, tmp_path,
+                                                                         monkeypatch):
+    """Two LoRA runs with --share-ref-cache (the adapters-off reference behind the table; a frozen copy is
+    tested by the sweep's test): the first computes each row once (its held-out rows at the first in-loop pass
+    only), the second none, and both log the losses of a run without it (within 1e-6, fp32)."""
+    import json
+
+    from preftune.config.train_config import TrainConfig
+    from preftune.training.loop import train
+
+    computed = []
+    real = AdapterOffReference.logps
+    monkeypatch.setattr(AdapterOffReference, "logps", lambda self, batch: computed.append(batch.num_groups) or real(self, batch))
+
+    def run(name, **options):
+        computed.clear()
+        train(TrainConfig(model=str(tiny_model_dir), data=str(rule_data["train"]), eval_data=str(rule_data["eval"]),
+                          output_dir=str(tmp_path / name), loss="dpo", learning_rate=3e-3, batch_size=8,
+                          max_steps=3, max_length=64, max_prompt_length=32, logging_steps=1, eval_steps=2,
+                          seed=0, progress=False, lora_r=4, ref_cache_dir=str(tmp_path / "cache"), **options))
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return sum(computed), [value for row in rows for key, value in sorted(row.items()) if "loss" in key]
+
+    plain_rows, plain = run("plain")
+    first_rows, first = run("first", share_ref_cache=True)
+    second_rows, second = run("second", share_ref_cache=True)
+    assert plain_rows == 3 * 8 + 3 * 64 and first_rows == 3 * 8 + 64 and second_rows == 0
+    assert len(plain) == len(first) == len(second) == 6  # 3 training rows and 3 held-out passes
+    assert max(abs(a - b) for a, b in zip(plain, first)) <= 1e-6
+    assert max(abs(a - b) for a, b in zip(plain, second)) <= 1e-6
+    assert [p.name.startswith("shared-") for p in (tmp_path / "cache").iterdir()] == [True]
