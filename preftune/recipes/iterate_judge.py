@@ -7,9 +7,11 @@ pays for a judge call twice (paid endpoints), and a judge that fails says which 
 ``{"key", "value"}`` line per verdict (the key also covers what the judge's verdicts depend on besides its
 spec: a reward model's weights, :meth:`~preftune.evaluation.judges.base.ScoringJudge.cache_parts`), appended
 and fsync'ed after each prompt's verdicts: a run killed mid-judging keeps every prompt judged before; a torn
-last line is ignored. The wrapped judge is asked one
-prompt at a time, so a failure (an exception of any kind from the judge) becomes one
+last line is ignored. The judge is asked one prompt's verdicts at a time (all its responses, or all its
+round-robin games), so a failure (an exception of any kind, or an ``openai:`` comparison whose requests failed
+after their retries: a tie to that judge, not a verdict to keep) becomes one
 :class:`~preftune.evaluation.judges.base.JudgeError` line naming the prompt, and the round stays resumable.
+The price: a reward model scores one prompt's responses per batch.
 """
 
 from __future__ import annotations
@@ -57,20 +59,25 @@ class _Cache:
             os.fsync(fh.fileno())
 
     def ask(self, groups: dict[int, list[int]], prompts: Sequence, keys: list[str], call) -> None:
-        """For each prompt index of ``groups`` (-> the item indices not cached), ``call(items)`` -> one value
-        per item; kept per prompt. A failure raises JudgeError naming the prompt."""
-        for number, items in enumerate(groups.values()):
-            prompt = prompts[items[0]]
+        """For each prompt's list of item indices in ``groups`` (the items not cached), ``call(items)`` -> one
+        value per item, kept (appended to the file) after each prompt. One call per prompt, so a failure names
+        its prompt (a JudgeError) and no verdict is ever asked twice."""
+        kept_before = len(self.values)
+        for group in groups.values():
             try:
-                values = [float(v) for v in call(items)]
-            except Exception as err:  # noqa: BLE001 - any judge failure becomes one line naming the prompt
-                done = sum(len(v) for v in list(groups.values())[:number])
+                values = call(group)
+            except Exception as err:  # noqa: BLE001 - any judge failure: one line naming the prompt
                 raise JudgeError(
                     f"{self.where}: judge {self.judge.spec or self.judge!r} failed on prompt "
-                    f"{prompt_text(prompt).splitlines()[0]!r:.80} ({type(err).__name__}: {err}); the {done} verdicts "
-                    f"before it are kept in {self.path}: rerun the same command with --resume to go on") from err
-            self.calls += len(items)
-            self.add([(keys[i], v) for i, v in zip(items, values)])
+                    f"{prompt_text(prompts[group[0]]).splitlines()[0]!r:.80} ({type(err).__name__}: {err}); "
+                    f"the {len(self.values) - kept_before} verdicts asked before it are kept in {self.path}: "
+                    "rerun the same command with --resume to go on") from err
+            self.keep(keys, group, values)
+
+    def keep(self, keys: list[str], items: list[int], values) -> None:
+        values = [float(v) for v in values]
+        self.calls += len(items)
+        self.add([(keys[i], v) for i, v in zip(items, values)])
 
 
 def _groups(prompts: Sequence, keys: list[str], cached: dict) -> dict[int, list[int]]:
@@ -120,8 +127,11 @@ class CachedPairwiseJudge(Judge):
         inner = self.cache.judge
 
         def call(items: list[int]) -> list[float]:
-            return inner.compare([prompts[i] for i in items], [responses_a[i] for i in items],
-                                 [responses_b[i] for i in items]).outcomes
+            result = inner.compare([prompts[i] for i in items], [responses_a[i] for i in items],
+                                   [responses_b[i] for i in items])
+            if result.errors:  # a failed request is a tie to the judge; not a verdict to keep
+                raise JudgeError(f"{result.errors} of its {len(items)} comparisons failed after the judge's retries")
+            return result.outcomes
 
         self.cache.ask(_groups(prompts, keys, self.cache.values), prompts, keys, call)
         outcomes = [self.cache.values[k] for k in keys]

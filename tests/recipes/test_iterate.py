@@ -402,3 +402,33 @@ def test_a_reward_model_trained_into_the_run_folder_judges(world, tmp_path, rule
     assert result.metrics["rounds"][0]["judge_score"] is not None
     assert len((out / "round-1" / "judge_cache.jsonl").read_text().splitlines()) >= 6
     assert (out / "rm" / "config.json").is_file()
+
+
+def test_the_judge_cache_keeps_verdicts_and_never_keeps_a_failed_request(tmp_path):
+    """An ``openai:``-style comparison whose request failed is a tie with ``errors`` to that judge: the cache
+    refuses it (one line naming the prompt), keeps the prompts before it, and asks only the rest next time."""
+    from preftune.recipes.iterate_judge import cached_judge
+
+    class Flaky(Judge):
+        spec = "openai:http://127.0.0.1:9/v1#judge"
+
+        def __init__(self, fail_on: str | None):
+            self.fail_on, self.asked = fail_on, []
+
+        def compare(self, prompts, responses_a, responses_b) -> CompareResult:
+            self.asked += list(prompts)
+            failed = sum(p == self.fail_on for p in prompts)
+            outcomes = [0.5 if p == self.fail_on else float(len(a) > len(b))
+                        for p, a, b in zip(prompts, responses_a, responses_b)]
+            return CompareResult(outcomes=outcomes, ties=failed, errors=failed)
+
+    prompts, a, b = ["p1", "p1", "p2", "p3"], ["long answer", "x", "yy", "zzz"], ["short", "longer", "y", "z"]
+    flaky = Flaky(fail_on="p2")
+    with pytest.raises(JudgeError) as failed:
+        cached_judge(flaky, tmp_path / "cache.jsonl", "round 1").compare(prompts, a, b)
+    message = str(failed.value)
+    assert "\n" not in message and "prompt 'p2'" in message and "1 of its 1 comparisons failed" in message
+    assert "the 2 verdicts asked before it are kept" in message and flaky.asked == ["p1", "p1", "p2"]
+    working = Flaky(fail_on=None)
+    result = cached_judge(working, tmp_path / "cache.jsonl", "round 1").compare(prompts, a, b)
+    assert working.asked == ["p2", "p3"] and result.outcomes == [1.0, 0.0, 1.0, 1.0]
