@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from preftune.config.values import ConfigError
-from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError, compare_scores
+from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError
 from preftune.evaluation.judges.python import PythonJudge
 from preftune.recipes import iterate as iterate_module
 from preftune.recipes.iterate import STAGES, run_iterate
@@ -343,37 +343,6 @@ def test_the_python_api(world, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-class PairwiseRule(Judge):
-    """A pairwise judge (as ``openai:`` is): the rule's verdict on a vs b, each comparison counted."""
-
-    spec = "pairwise:rule"
-
-    def __init__(self):
-        self.asked = 0
-
-    def compare(self, prompts, responses_a, responses_b) -> CompareResult:
-        self.asked += len(prompts)
-        return compare_scores([rule_score(p, a) for p, a in zip(prompts, responses_a)],
-                              [rule_score(p, b) for p, b in zip(prompts, responses_b)])
-
-
-def test_a_pairwise_judge_plays_round_robins_and_is_cached_too(world, tmp_path):
-    judge = PairwiseRule()
-    out = tmp_path / "run"
-    result = run_iterate(config(world, out, judge=judge, rounds=1, prompts_per_round=6), echo=quiet)
-    row = result.metrics["rounds"][0]
-    assert row["judge_score"] is None and row["win_vs_base"]["n"] == 8 and row["pairs"]["prompts"] == 6
-    scores = [json.loads(line) for line in (out / "round-1" / "scores.jsonl").read_text().splitlines()]
-    assert {s["kind"] for s in scores} == {"round-robin points"}
-    assert all(sum(s["scores"]) == 4 * 3 / 2 for s in scores)  # 6 games of a point each among 4 responses
-    assert "| 1 | n/a |" in (out / "report.md").read_text()
-    asked = judge.asked
-    assert 0 < asked <= 6 * 6 + 8  # 6 games per prompt, 8 held-out comparisons, each asked once
-    (out / "round-1" / "stages.json").write_text(json.dumps({"sample": 0.1}))  # as if killed after sampling
-    run_iterate(config(world, out, judge=judge, rounds=1, prompts_per_round=6, resume=True), echo=quiet)
-    assert judge.asked == asked  # every verdict from the cache
-
-
 @pytest.mark.parametrize("options", [{"loss": "plackett_luce"}, {"groups": True, "group_pairs": "best-vs-rest"}],
                          ids=["group-loss", "pair-loss-on-groups"])
 def test_training_on_response_groups(options, world, tmp_path):
@@ -432,3 +401,34 @@ def test_the_judge_cache_keeps_verdicts_and_never_keeps_a_failed_request(tmp_pat
     working = Flaky(fail_on=None)
     result = cached_judge(working, tmp_path / "cache.jsonl", "round 1").compare(prompts, a, b)
     assert working.asked == ["p2", "p3"] and result.outcomes == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_an_openai_judge_served_locally(world, tmp_path):
+    """``--judge openai:URL#MODEL`` (a local llama.cpp / Ollama / vLLM server; here a fake one that prefers the
+    longer response), a pairwise judge: round robins and held-out comparisons over HTTP, each verdict asked once
+    (a resume asks nothing again); no judge score, win rates only."""
+    import threading
+
+    from tests.evaluation.test_judges import FAST, FakeJudgeServer
+
+    server = FakeJudgeServer("longer")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        spec = f"openai:{server.url}#judge?{FAST}"
+        result = run_iterate(config(world, tmp_path / "run", judge=spec, rounds=1, prompts_per_round=6), echo=quiet)
+        asked = len(server.requests)
+        (tmp_path / "run" / "round-1" / "stages.json").write_text(json.dumps({"sample": 0.1}))
+        run_iterate(config(world, tmp_path / "run", judge=spec, rounds=1, prompts_per_round=6, resume=True),
+                    echo=quiet)
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = result.metrics["rounds"][0]
+    assert row["judge_score"] is None and row["win_vs_base"]["n"] == 8 and row["pairs"]["prompts"] == 6
+    scores = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "scores.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in scores} == {"round-robin points"}
+    assert all(sum(s["scores"]) == 4 * 3 / 2 for s in scores)  # 6 games of a point each among 4 responses
+    assert "| 1 | n/a |" in (tmp_path / "run" / "report.md").read_text()
+    assert 0 < asked <= 2 * (6 * 6 + 2 * 8)  # both orders of each round-robin game and held-out comparison
+    assert len(server.requests) == asked  # the resume asked the server nothing
