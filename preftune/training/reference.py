@@ -165,6 +165,8 @@ class SharedReference:
         self.make_batch = make_batch
         self.path = Path(path)
         self.key = key
+        if any(ex.index != i for i, ex in enumerate(examples)):
+            raise ValueError("SharedReference: examples[i].index must be i (the table's row)")
         num_k = max(len(ex.completions) for ex in examples)
         self.table = torch.zeros(len(examples), num_k, dtype=torch.float32)
         self.known = torch.zeros(len(examples), dtype=torch.bool)
@@ -265,10 +267,11 @@ def examples_fingerprint(examples) -> str:
     return digest.hexdigest()
 
 
-def cache_key(examples, model, dtype: str, extra: dict | None = None) -> str:
-    """The cache file's key: data + reference weights + dtype + anything in ``extra``."""
+def cache_key(examples, model, dtype: str, extra: dict | None = None, weights: str | None = None) -> str:
+    """The cache file's key: data + reference weights + dtype + anything in ``extra``; ``weights``: the
+    model's :func:`weights_fingerprint` when already known (not hashed again)."""
     parts = {"version": CACHE_FORMAT_VERSION, "data": examples_fingerprint(examples),
-             "weights": weights_fingerprint(model), "dtype": dtype, **(extra or {})}
+             "weights": weights or weights_fingerprint(model), "dtype": dtype, **(extra or {})}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

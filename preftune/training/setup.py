@@ -42,6 +42,7 @@ from preftune.training.reference import (
     examples_fingerprint,
     load_cache,
     save_cache,
+    weights_fingerprint,
 )
 from preftune.training.resume import resume
 from preftune.training.run_folder import RunFolder
@@ -103,8 +104,8 @@ def build_run(cfg: TrainConfig, folder: RunFolder) -> Run:
     model.to(accelerator.device)
     packing = decide_packing(cfg, model, reference_model)
     collate = make_collate(tokenizer.pad_token_id, packing, cfg.pack_tokens, cfg.train_on_prompt, model_row_cost(model))
-    reference, reference_model = make_reference(cfg, model, reference_model, train_examples, eval_examples, collate,
-                                                accelerator, precision)
+    reference, eval_reference, reference_model = make_reference(cfg, model, reference_model, train_examples,
+                                                                eval_examples, collate, accelerator, precision)
     if reference_model is None and cfg.needs_reference and cfg.precompute_ref:
         gc.collect()  # the frozen copy is gone: the table replaces it
     epoch_batches = make_epoch_batches(cfg, train_examples, cfg.batch_size * accelerator.num_processes)
@@ -115,7 +116,7 @@ def build_run(cfg: TrainConfig, folder: RunFolder) -> Run:
     model, optimizer, scheduler, trainable = prepare_training(cfg, model, accelerator, total_steps, precision, plan)
     live = reference.live if isinstance(reference, SharedReference) else reference
     if isinstance(live, AdapterOffReference):
-        live.forward = model  # through the wrapper, whose forward gathers FSDP shards
+        live.forward = model  # through the wrapper, whose forward gathers FSDP shards (eval_reference shares it)
     sharded = accelerator.distributed_type == "FSDP"
     run = Run(folder, accelerator, precision, metrics_log, tokenizer, train_examples, train_report, eval_examples,
               model, reference, collate, packing, plan.checkpointing, epoch_batches, micro_per_epoch,
@@ -123,8 +124,8 @@ def build_run(cfg: TrainConfig, folder: RunFolder) -> Run:
               guard=StepGuard(cfg.max_bad_steps, initial_norm=weights_norm(trainable, sharded, accelerator.reduce)))
     if folder.resume_path:
         restore_checkpoint(cfg, run)
-    run.evaluate = partial(evaluate_examples, cfg=cfg, reference=reference, collate=collate, accelerator=accelerator,
-                           state=run.method_state)
+    run.evaluate = partial(evaluate_examples, cfg=cfg, reference=eval_reference, collate=collate,
+                           accelerator=accelerator, state=run.method_state)
     return run
 
 
@@ -235,10 +236,11 @@ def decide_packing(cfg: TrainConfig, model, reference_model=None) -> bool:
 
 def make_reference(cfg: TrainConfig, model, reference_model, train_examples, eval_examples, collate, accelerator,
                    precision: str):
-    """The reference the method compares against (None when it needs none) and the reference's weights
-    still held (None after ``--precompute-ref``: the table replaces them)."""
+    """The reference the method compares against on the training batches (None when it needs none), the
+    one for the held-out passes (the same, except with ``--share-ref-cache``: a table per data file), and the
+    reference's weights still held (None after ``--precompute-ref``: the table replaces them)."""
     if not cfg.needs_reference:
-        return None, reference_model
+        return None, None, reference_model
     compute = compute_dtype(precision)
     if reference_model is not None:
         reference_model.to(accelerator.device)
@@ -249,14 +251,16 @@ def make_reference(cfg: TrainConfig, model, reference_model, train_examples, eva
     else:
         reference = AdapterOffReference(model, chunk_size=cfg.logit_chunk_size, compute_dtype=compute,
                                         ld_alpha=cfg.ld_alpha)
+    eval_reference = None
     if cfg.precompute_ref:
         reference = precompute(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
         reference_model = None
     elif cfg.share_ref_cache:
-        reference = share(cfg, reference, train_examples, eval_examples, collate, accelerator, precision)
+        reference, eval_reference = share(cfg, reference, train_examples, eval_examples, collate, accelerator,
+                                          precision)
     if accelerator.is_main_process:
         log.info("reference: %s", reference.description)
-    return reference, reference_model
+    return reference, eval_reference or reference, reference_model
 
 
 def make_epoch_batches(cfg: TrainConfig, train_examples, global_batch: int) -> Callable[[int], list[list[int]]]:
@@ -318,7 +322,11 @@ def restore_checkpoint(cfg: TrainConfig, run: Run) -> None:
 def precompute(cfg, reference, train_examples, eval_examples, collate, accelerator,
                precision: str = "no") -> CachedReference:
     """Compute (or load) the reference log-prob table for train + eval examples."""
-    everything, key = reference_rows(cfg, reference, train_examples, eval_examples, precision)
+    everything = train_examples + eval_examples
+    offset = len(train_examples)
+    for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
+        ex.index = offset + i
+    key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype, key_settings(cfg, reference, precision))
     path = reference_cache_dir(cfg) / f"ref-{key}.safetensors"
     table = load_cache(path, key)
     if table is None or table.shape[0] != len(everything):
@@ -333,34 +341,36 @@ def precompute(cfg, reference, train_examples, eval_examples, collate, accelerat
 
 
 def share(cfg, reference, train_examples, eval_examples, collate, accelerator, precision: str = "no"):
-    """``--share-ref-cache``: ``reference`` behind the lazily filled table shared by every run on the same
-    train + eval examples and reference (:class:`SharedReference`, ``ref_cache_dir/shared-KEY.safetensors``);
-    under several processes the live ``reference`` itself (each rank's batches hold other rows), said once."""
+    """``--share-ref-cache``: ``reference`` behind lazily filled tables shared by every run on the same examples
+    and reference (:class:`SharedReference`, ``ref_cache_dir/shared-KEY.safetensors``), one for the training
+    examples and one for the held-out ones (a run without or with other held-out data still shares the
+    training rows) -> (training reference, held-out reference or None). Under several processes the live
+    ``reference`` for both (each rank's batches hold other rows), said once."""
     if accelerator.num_processes > 1:
         if accelerator.is_main_process:
             log.warning("--share-ref-cache: off under %d processes (each rank computes its own batches' rows); "
                         "reference log-probs are computed live", accelerator.num_processes)
-        return reference
-    everything, key = reference_rows(cfg, reference, train_examples, eval_examples, precision)
-    shared = SharedReference(reference, everything, collate, reference_cache_dir(cfg) / f"shared-{key}.safetensors",
-                             key)
-    log.info("reference log-probs: %d of %d rows already in the shared cache %s; the rest are computed when a "
-             "batch first needs them", int(shared.known.sum()), len(everything), shared.path)
-    return shared
+        return reference, None
+    settings = key_settings(cfg, reference, precision)
+    weights = weights_fingerprint(reference.model)
+    tables = []
+    for examples in (train_examples, eval_examples):
+        if not examples:
+            tables.append(None)
+            continue
+        key = cache_key(examples, reference.model, cfg.ref_dtype or cfg.dtype, settings, weights=weights)
+        tables.append(SharedReference(reference, examples, collate,
+                                      reference_cache_dir(cfg) / f"shared-{key}.safetensors", key))
+        log.info("reference log-probs: %d of %d rows already in the shared cache %s; the rest are computed "
+                 "when a batch first needs them", int(tables[-1].known.sum()), len(examples), tables[-1].path)
+    return tables[0], tables[1]
 
 
-def reference_rows(cfg, reference, train_examples, eval_examples, precision: str):
-    """Train + eval examples as one table's rows (eval rows follow the train rows: their ``index`` is
-    renumbered) and the table's key: data, reference weights, dtype, kind, reference, attention, precision,
-    ld_alpha (:func:`preftune.training.reference.cache_key`)."""
-    everything = train_examples + eval_examples
-    offset = len(train_examples)
-    for i, ex in enumerate(eval_examples):  # eval rows follow the train rows in the table
-        ex.index = offset + i
-    key = cache_key(everything, reference.model, cfg.ref_dtype or cfg.dtype,
-                    {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
-                     "mixed_precision": precision, "ld_alpha": cfg.ld_alpha})
-    return everything, key
+def key_settings(cfg, reference, precision: str) -> dict:
+    """What the reference's log-probs depend on besides the examples, its weights and dtype (the cache key's
+    ``extra``, :func:`preftune.training.reference.cache_key`): kind, reference, attention, precision, ld_alpha."""
+    return {"kind": cfg.kind, "reference": reference.description, "attn": cfg.attn_implementation or "sdpa",
+            "mixed_precision": precision, "ld_alpha": cfg.ld_alpha}
 
 
 def reference_cache_dir(cfg) -> Path:

@@ -270,7 +270,8 @@ def test_variants_share_one_reference_cache_and_the_second_computes_no_reference
     run_compare(write_sweep(tmp_path / "a.yaml", **sweep, output_dir=str(shared), common=common, variants=variants))
     # each distinct row once: 3 steps of 8 training pairs and the 64 held-out pairs (first in-loop pass only)
     assert rows["shared/dpo"] == 3 * 8 + 64 and rows["shared/ipo"] == 0, rows
-    assert [p.name.startswith("shared-") for p in (shared / "ref_cache").iterdir()] == [True]
+    # one table for the training pairs, one for the held-out pairs
+    assert [p.name.startswith("shared-") for p in (shared / "ref_cache").iterdir()] == [True, True]
     specs = {v: json.loads((shared / v / "done.json").read_text())["spec"]["train"] for v in ("simpo", "dpo", "ipo")}
     assert not specs["simpo"]["share_ref_cache"] and specs["dpo"]["share_ref_cache"]
     assert specs["ipo"]["ref_cache_dir"] == str(shared / "ref_cache")

@@ -184,7 +184,8 @@ def test_lora_runs_sharing_the_reference_train_as_a_live_reference_does(tiny_mod
                                                                          monkeypatch):
     """Two LoRA runs with --share-ref-cache (the adapters-off reference behind the table; a frozen copy is
     tested by the sweep's test): the first computes each row once (its held-out rows at the first in-loop pass
-    only), the second none, and both log the losses of a run without it (within 1e-6, fp32)."""
+    only), the second none, and both log the losses of a run without it (within 1e-6, fp32); the training rows
+    have their own table, so a run without held-out data reads them too."""
     import json
 
     from preftune.config.train_config import TrainConfig
@@ -194,9 +195,9 @@ def test_lora_runs_sharing_the_reference_train_as_a_live_reference_does(tiny_mod
     real = AdapterOffReference.logps
     monkeypatch.setattr(AdapterOffReference, "logps", lambda self, batch: computed.append(batch.num_groups) or real(self, batch))
 
-    def run(name, **options):
+    def run(name, eval_data=str(rule_data["eval"]), **options):
         computed.clear()
-        train(TrainConfig(model=str(tiny_model_dir), data=str(rule_data["train"]), eval_data=str(rule_data["eval"]),
+        train(TrainConfig(model=str(tiny_model_dir), data=str(rule_data["train"]), eval_data=eval_data,
                           output_dir=str(tmp_path / name), loss="dpo", learning_rate=3e-3, batch_size=8,
                           max_steps=3, max_length=64, max_prompt_length=32, logging_steps=1, eval_steps=2,
                           seed=0, progress=False, lora_r=4, ref_cache_dir=str(tmp_path / "cache"), **options))
@@ -210,4 +211,5 @@ def test_lora_runs_sharing_the_reference_train_as_a_live_reference_does(tiny_mod
     assert len(plain) == len(first) == len(second) == 6  # 3 training rows and 3 held-out passes
     assert max(abs(a - b) for a, b in zip(plain, first)) <= 1e-6
     assert max(abs(a - b) for a, b in zip(plain, second)) <= 1e-6
-    assert [p.name.startswith("shared-") for p in (tmp_path / "cache").iterdir()] == [True]
+    assert [p.name.startswith("shared-") for p in (tmp_path / "cache").iterdir()] == [True, True]
+    assert run("no-held-out", eval_data=None, share_ref_cache=True)[0] == 0
