@@ -191,10 +191,10 @@ def plot_svg(base: dict, rounds: list[dict], width: int = 640, height: int = 260
                     for i, v in zip(xs, scores) if v is not None)]
     parts.append('<text x="40" y="16">held-out judge score per round</text>')
     left = width / 2 + 30
-    parts.append(f'<text x="{left}" y="16">win rate over start (blue) / previous (orange), 95% CI</text>')
+    parts.append(f'<text x="{left}" y="16">win rate vs start (blue), vs previous (orange)</text>')
     half = y_at(0.5, 0, 1)
-    parts.append(f'<line x1="{left}" x2="{left + panel_w}" y1="{half:.1f}" y2="{half:.1f}" stroke="#999" '
-                 'stroke-dasharray="4 3"/>')
+    parts += [f'<line x1="{left}" x2="{left + panel_w}" y1="{half:.1f}" y2="{half:.1f}" stroke="#999" '
+              'stroke-dasharray="4 3"/>', f'<text x="{left - 4}" y="{half + 4:.1f}" text-anchor="end">0.5</text>']
     for key, colour, shift in (("win_vs_base", "#1f77b4", -4), ("win_vs_previous", "#ff7f0e", 4)):
         for i, r in enumerate(rounds, start=1):
             w, x = r[key], x_at(i, left) + shift
