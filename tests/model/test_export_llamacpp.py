@@ -12,12 +12,14 @@
   weight by up to half of its block's step (max |w| / 254) and llama.cpp also rounds the activations to
   8 bits in its q8_0 matmuls, measured ~8e-2 (bound 0.15; weights alone, in transformers: ~4.5e-2).
 
-Skipped where llama-cpp-python is not installed (it is in the ``dev`` extra, built from source).
+Skipped where llama-cpp-python is not installed (the ``llamacpp`` extra, built from source; ``make test``
+installs it); with ``CI`` set, a missing llama-cpp-python or SmolLM2 fails instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,9 @@ import torch
 from preftune.model.export_gguf import export_gguf
 from preftune.model.tiny import tiny_model
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+if importlib.util.find_spec("llama_cpp") is None and os.environ.get("CI"):  # CI never skips it silently
+    raise ImportError("llama-cpp-python is not installed: `make test` installs it (the llamacpp extra)")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
 
 TEXTS = ["The river is calm and kind.", "\n\nHuman: Tell me about the city.\n\nAssistant: The city is warm.",
          "two words, <|im_start|>user\nhi<|im_end|> and digits 0 1 2 345", "é ü 日本 – tabs\tand\nlines"]
@@ -113,6 +117,8 @@ def measured(tmp_path_factory):
     try:
         base = bench.smollm2_folder()
     except ValueError as exc:  # no network and no cached copy
+        if os.environ.get("CI"):
+            pytest.fail(f"SmolLM2 not available: {exc}")
         pytest.skip(f"SmolLM2 not available: {exc}")
     work = tmp_path_factory.mktemp("gguf-llamacpp")
     tuned = bench.tune(base, work / "tuned", steps=2)
