@@ -309,6 +309,9 @@ KINDS = {
                    "reference.", gpu_checks_tables),
     "gguf-export": ("GGUF export checked by llama.cpp", "`benchmarks/gguf_export.py`: SmolLM2-135M-Instruct tuned by "
                     "preftune, exported per quantization, run by llama.cpp against transformers.", generic_tables),
+    "groups": ("Response groups vs expanded pairs", "`benchmarks/bench_groups.py`: SmolLM2-135M-Instruct's own groups "
+               "of 4 sampled responses, DPO in one forward per group against the same groups expanded into their 6 "
+               "pairs (preftune and TRL 1.16); ratios are group / expanded.", generic_tables),
 }
 
 
