@@ -10,7 +10,8 @@ Same model, prompts, batches and settings for every contender, in one process, o
   every contender; batches of similar prompt length (longest first), left padded;
 * sampling at temperature 1, top-p 1, top-k off, up to ``--max-new-tokens``, stop at EOS;
 * ``hf-generate-bf16``: ``model.generate`` on bf16 weights (its fastest CPU setting);
-  ``preftune-bf16``: :func:`preftune.evaluation.decoding.decode` on the same bf16 weights;
+  ``preftune-bf16``: :func:`preftune.evaluation.decoding.decode` on the same bf16 weights, linears prepacked
+  (what ``sample`` runs); ``preftune-bf16-unpacked``: the same loop on the model's own linears;
   ``preftune-autocast``: fp32 weights under bf16 autocast (what ``preftune eval --mixed-precision auto``
   runs on a model loaded in fp32); ``llama.cpp-<quant>`` (batch 1 only; needs ``llama-cpp-python`` and a
   GGUF from ``preftune export``): ``Llama.generate`` with the same ids and settings (min-p off).
@@ -105,6 +106,14 @@ def preftune_decode(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, s
                                           batch_size=batch))
 
 
+def preftune_decode_unpacked(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed) -> int:
+    """The same decode loop with the model's own ``nn.Linear`` layers (no prepacked weights): what packing adds."""
+    from preftune.evaluation.decoding import decode
+
+    return sum(len(c) for c in decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
+                                      batch_size=batch))
+
+
 def llama_cpp_generate(llm, prompt_ids, max_new_tokens, eos_ids) -> int:
     """Batch 1: each prompt through ``Llama.generate`` at temperature 1, top-k/top-p/min-p off."""
     total = 0
@@ -176,6 +185,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             contenders["hf-generate-bf16"] = timed(hf_generate, bf16, *common)
             contenders["preftune-bf16"] = timed(preftune_decode, bf16, *common)
+            contenders["preftune-bf16-unpacked"] = timed(preftune_decode_unpacked, bf16, *common)
             with torch.autocast("cpu", torch.bfloat16):
                 contenders["preftune-autocast"] = timed(preftune_decode, fp32, *common)
         if batch == 1:
