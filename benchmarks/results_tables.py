@@ -282,6 +282,23 @@ def generic_tables(result: dict) -> list[str]:
     return [with_hardware(["metric", "value"], rows, result["hardware"])] if rows else []
 
 
+def sampler_tables(result: dict) -> list[str]:
+    """The sampling benchmark: tokens/s per batch size and contender, the ratio to ``generate`` and the share
+    of the measured roofline."""
+    m = result["metrics"]
+    rows = []
+    for row in m["rows"]:
+        for name, c in row["contenders"].items():
+            rows.append([str(row["batch"]), name, f"{c['tokens_per_s']:.1f}", f"{row['speedup_vs_generate'][name]:.2f}x",
+                         f"{c['share_of_roofline']:.0%}", f"{row['roofline_tokens_per_s']:.0f}"])
+    roof = m["roofline"]
+    lines = [with_hardware(["batch", "sampler", "tokens/s", "vs generate", "of roofline", "roofline tokens/s"], rows,
+                           result["hardware"]),
+             f"Roofline: bf16 matmul {roof['bf16_matmul_flops']:.0f} GFLOP/s, memory {roof['memory_bytes_per_s']:.1f} "
+             f"GB/s ({m['threads']} threads); {m['parameters']:,} parameters, up to {m['max_new_tokens']} new tokens."]
+    return lines
+
+
 def throughput_kind(title: str) -> tuple[str, str, object]:
     return (title, "`benchmarks/dpo_throughput.py`: DPO training throughput, preftune against TRL 1.16 "
                    "(see [benchmarks/README.md](../benchmarks/README.md) for the method and fairness notes).",
@@ -309,6 +326,9 @@ KINDS = {
                    "reference.", gpu_checks_tables),
     "gguf-export": ("GGUF export checked by llama.cpp", "`benchmarks/gguf_export.py`: SmolLM2-135M-Instruct tuned by "
                     "preftune, exported per quantization, run by llama.cpp against transformers.", generic_tables),
+    "sampling": ("Sampling speed", "`benchmarks/bench_sampler.py`: SmolLM2-135M-Instruct, chat prompts, temperature 1; "
+                 "preftune's sampler against Hugging Face `generate` (bf16 weights) and llama.cpp, same prompts and "
+                 "batches in one process.", sampler_tables),
     "groups": ("Response groups vs expanded pairs", "`benchmarks/bench_groups.py`: SmolLM2-135M-Instruct's own groups "
                "of 4 sampled responses, DPO in one forward per group against the same groups expanded into their 6 "
                "pairs (preftune and TRL 1.16); ratios are group / expanded.", generic_tables),
