@@ -289,7 +289,8 @@ def sampler_tables(result: dict) -> list[str]:
     rows = []
     for row in m["rows"]:
         for name, c in row["contenders"].items():
-            rows.append([str(row["batch"]), name, f"{c['tokens_per_s']:.1f}", f"{row['speedup_vs_generate'][name]:.2f}x",
+            ratio = row["speedup_vs_generate"][name]
+            rows.append([str(row["batch"]), name, f"{c['tokens_per_s']:.1f}", f"{ratio:.2f}x",
                          f"{c['share_of_roofline']:.0%}", f"{row['roofline_tokens_per_s']:.0f}"])
     roof = m["roofline"]
     lines = [with_hardware(["batch", "sampler", "tokens/s", "vs generate", "of roofline", "roofline tokens/s"], rows,
@@ -297,6 +298,27 @@ def sampler_tables(result: dict) -> list[str]:
              f"Roofline: bf16 matmul {roof['bf16_matmul_flops']:.0f} GFLOP/s, memory {roof['memory_bytes_per_s']:.1f} "
              f"GB/s ({m['threads']} threads); {m['parameters']:,} parameters, up to {m['max_new_tokens']} new tokens."]
     return lines
+
+
+def task_a_groups_tables(result: dict) -> list[str]:
+    """Task A of the real recipe: DPO on best-vs-worst pairs against DPO on whole response groups."""
+    a = result["metrics"]["task_a"]
+    runs = (a["best_vs_worst"], a["groups"])
+
+    def wr(r):
+        w = r["win_rate"]
+        return f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] ({w['wins']} / {w['losses']} / {w['ties']})"
+
+    rows = [["training data", f"{a['train_pairs']} pairs", f"{a['train_groups']} groups ({a['group_ordered_pairs']} "
+                                                           "ordered pairs)"],
+            ["steps", str(a["steps"]), str(a["steps"])],
+            [f"judge score (base {a['base']['judge_score_mean']:+.3f})",
+             *(f"{r['judge_score_mean']:+.3f}" for r in runs)],
+            ["positive / negative", *(f"{r['positive']:.0%} / {r['negative']:.0%}" for r in runs)],
+            ["win rate vs base [95% CI]", *(wr(r) for r in runs)],
+            ["KL to base, nats/review", *(f"{r['kl']:.1f} ± {r['kl_stderr']:.1f}" for r in runs)],
+            ["held-out preference accuracy", *(f"{r['preference_accuracy']:.3f}" for r in runs)]]
+    return [with_hardware(["", "DPO, best vs worst", "DPO, whole groups"], rows, result["hardware"])]
 
 
 def throughput_kind(title: str) -> tuple[str, str, object]:
@@ -326,6 +348,10 @@ KINDS = {
                    "reference.", gpu_checks_tables),
     "gguf-export": ("GGUF export checked by llama.cpp", "`benchmarks/gguf_export.py`: SmolLM2-135M-Instruct tuned by "
                     "preftune, exported per quantization, run by llama.cpp against transformers.", generic_tables),
+    "task-a-groups": ("Task A: best-vs-worst pairs against whole response groups", "`preftune quickstart --real`'s "
+                      "Task A (SmolLM2-135M-Instruct, controlled sentiment): the same samples trained as best-vs-worst "
+                      "pairs and as groups of 4, same steps, judged against the same base samples.",
+                      task_a_groups_tables),
     "sampling": ("Sampling speed", "`benchmarks/bench_sampler.py`: SmolLM2-135M-Instruct, chat prompts, temperature 1; "
                  "preftune's sampler against Hugging Face `generate` (bf16 weights) and llama.cpp, same prompts and "
                  "batches in one process.", sampler_tables),
