@@ -37,7 +37,7 @@ from pathlib import Path
 
 from preftune.data.convert import detect_kind
 from preftune.data.doctor_groups import GroupChecks
-from preftune.data.doctor_report import NOUNS, DoctorReport, Finding, LengthStats
+from preftune.data.doctor_report import NOUNS, DoctorReport, Finding, LengthStats, length_bias_finding
 from preftune.data.errors import DataError
 from preftune.data.formats import ASSISTANT_MARKER, is_group_row, to_example
 from preftune.data.messages import messages_text
@@ -48,7 +48,6 @@ from preftune.data.split import normalize_text, prompt_key
 from preftune.data.tokenize import tokenize_examples
 
 MIN_PAIRS = 1000  # fewer gives noisy, easily overfitted preference runs (practical minimum 1K-5K)
-LENGTH_BIAS_BAND = (0.40, 0.60)
 CHARS_PER_TOKEN = 4
 MAX_LOCATIONS = 5
 CHUNK = 512  # examples tokenized at a time
@@ -344,14 +343,8 @@ def _bias_finding(chosen: array, rejected: array, unit: str) -> Finding:
     if longer + shorter == 0:
         return Finding(BIAS, "ok", "no pairs differ in length", 0)
     share = longer / (longer + shorter)
-    message = (f"chosen longer in {share:.1%} of pairs that differ in length ({longer} longer, {shorter} shorter, "
-               f"{ties} equal, in {unit})")
-    low, high = LENGTH_BIAS_BAND
-    if not low <= share <= high:
-        side = "longer" if share > high else "shorter"
-        return Finding(BIAS, "warning", f"{message}: a model can win by writing {side}; consider a "
-                                        "length-normalised loss (simpo, ipo) or rebalancing", longer)
-    return Finding(BIAS, "ok", message, longer)
+    return length_bias_finding(BIAS, longer, shorter, f"chosen longer in {share:.1%} of pairs that differ in length "
+                                                      f"({longer} longer, {shorter} shorter, {ties} equal, in {unit})")
 
 
 def _labels_finding(labels: dict[bool, int]) -> Finding:

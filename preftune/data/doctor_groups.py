@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from array import array
 
-from preftune.data.doctor_report import Finding
+from preftune.data.doctor_report import Finding, length_bias_finding
 from preftune.data.records import Example
 
 GROUP_SIZES, TIED, DUPLICATE_RESPONSES = "group sizes", "all-tied groups", "duplicate responses"
 BEST_LENGTH_BIAS = "length bias"
-LENGTH_BIAS_BAND = (0.40, 0.60)
 MAX_LOCATIONS = 5
 
 
@@ -96,14 +95,9 @@ def _bias(longer: int, shorter: int, unit: str) -> Finding:
     if longer + shorter == 0:
         return Finding(BEST_LENGTH_BIAS, "ok", "no best response differs in length from a lower-scored one", 0)
     share = longer / (longer + shorter)
-    message = (f"best response longer in {share:.1%} of its comparisons with a lower-scored response that differ "
-               f"in length ({longer} longer, {shorter} shorter, in {unit})")
-    low, high = LENGTH_BIAS_BAND
-    if not low <= share <= high:
-        side = "longer" if share > high else "shorter"
-        return Finding(BEST_LENGTH_BIAS, "warning", f"{message}: a model can win by writing {side}; consider a "
-                                                    "length-normalised loss (simpo, ipo) or rebalancing", longer)
-    return Finding(BEST_LENGTH_BIAS, "ok", message, longer)
+    return length_bias_finding(BEST_LENGTH_BIAS, longer, shorter,
+                               f"best response longer in {share:.1%} of its comparisons with a lower-scored response "
+                               f"that differ in length ({longer} longer, {shorter} shorter, in {unit})")
 
 
 def _note(finding: Finding, where: str) -> None:

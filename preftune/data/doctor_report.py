@@ -21,6 +21,22 @@ class Finding:
     locations: list[str] = field(default_factory=list)
 
 
+LENGTH_BIAS_BAND = (0.40, 0.60)  # share of "the preferred response is the longer one" that is not warned about
+
+
+def length_bias_finding(check: str, longer: int, shorter: int, message: str) -> Finding:
+    """The length-bias finding of pairs or groups: ``message`` (what was counted), a warning naming the
+    remedies when the preferred response is the longer one in a share of its comparisons outside
+    :data:`LENGTH_BIAS_BAND`. Needs ``longer + shorter > 0``."""
+    share = longer / (longer + shorter)
+    low, high = LENGTH_BIAS_BAND
+    if not low <= share <= high:
+        side = "longer" if share > high else "shorter"
+        return Finding(check, "warning", f"{message}: a model can win by writing {side}; consider a "
+                                         "length-normalised loss (simpo, ipo) or rebalancing", longer)
+    return Finding(check, "ok", message, longer)
+
+
 @dataclass
 class LengthStats:
     """Mean, nearest-rank median and 95th percentile, and maximum of some lengths."""
