@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +54,31 @@ CONTENDERS = {
     "preftune-bf16-ref": dict(kind="preftune", packing=True, mixed_precision="bf16", ref_dtype="bfloat16"),
 }
 DEFAULT_CONTENDERS = ["trl-default", "trl-fast", "preftune", "preftune-padded"]
+
+
+RESULT_MARK = "@@BENCH-RESULT@@ "  # prefixes the one stdout line a worker process returns its result on
+QUIET_ENV = dict(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                 TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+
+
+def run_worker_process(script: str | Path, spec: dict, log_path: Path, env: dict) -> dict:
+    """``python SCRIPT --worker SPEC`` in a fresh process (its own peak RSS) with ``env`` added to
+    :data:`QUIET_ENV` and this environment; its stderr goes to ``log_path``; the dict it printed after
+    :data:`RESULT_MARK` (:func:`print_result`). A failed worker raises with the log's last lines."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **QUIET_ENV, **env})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = log_path.read_text().splitlines()[-25:]
+        raise RuntimeError(f"{spec['name']} failed (exit {proc.returncode}); last lines of {log_path}:\n" +
+                           "\n".join(tail))
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def print_result(result: dict) -> None:
+    """A worker's answer to :func:`run_worker_process`."""
+    print(RESULT_MARK + json.dumps(result), flush=True)
 
 
 def describe(name: str) -> str:

@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -48,7 +47,6 @@ import bench_assets  # noqa: E402
 import bench_contenders  # noqa: E402
 import bench_report  # noqa: E402
 
-RESULT_MARK = "@@BENCH-RESULT@@ "
 CACHE = bench_assets.CACHE / "groups"
 K = 4  # responses per prompt
 FP32_NO_CKPT = dict(packing=True, mixed_precision="no", gradient_checkpointing="off")
@@ -229,18 +227,9 @@ def loss_check(model_dir: Path, groups_file: Path, pairs_file: Path, n_groups: i
 
 def run_worker(spec: dict, log_path: Path) -> dict:
     """One contender in a fresh Python process (this script with ``--worker``); its stderr goes to ``log_path``."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                              stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text().splitlines()[-25:]
-        raise RuntimeError(f"{spec['name']} failed (exit {proc.returncode}); last lines of {log_path}:\n" +
-                           "\n".join(tail))
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    threads = str(spec["threads"])
+    return bench_contenders.run_worker_process(__file__, spec, log_path, dict(
+        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads))
 
 
 def worker(spec: dict) -> dict:
@@ -328,7 +317,7 @@ def metrics_record(args, data: dict, check: dict, summaries: list[dict], failed:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        bench_contenders.print_result(worker(json.loads(args.worker)))
         return 0
     import torch
     from transformers import AutoConfig

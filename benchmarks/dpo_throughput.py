@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,8 +28,6 @@ for path in (str(HERE), str(REPO)):  # the sibling bench_* modules, and this che
 import bench_assets  # noqa: E402
 import bench_contenders  # noqa: E402
 import bench_report  # noqa: E402
-
-RESULT_MARK = "@@BENCH-RESULT@@ "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,23 +99,14 @@ def wait_for_idle(limit: float, threshold: float = 0.85) -> None:
 
 def run_worker(spec: dict, log_path: Path) -> dict:
     """Run one contender in a fresh Python process; its stderr goes to ``log_path``."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+    env = {}
     if spec["threads"]:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(bench_contenders.CONTENDERS.get(spec.get("name"), {}).get("env", {}))  # e.g. allocator settings
     before = _machine_cpu()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                              stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text().splitlines()[-25:]
-        raise RuntimeError(f"{spec['name']} failed (exit {proc.returncode}); last lines of {log_path}:\n" +
-                           "\n".join(tail))
-    result = json.loads(lines[-1][len(RESULT_MARK):])
+    result = bench_contenders.run_worker_process(__file__, spec, log_path, env)
     after = _machine_cpu()
     if before and after:
         wall = after["wall"] - before["wall"]
@@ -215,8 +203,7 @@ def run_contenders(args, names: list[str], base: dict, assets, counts: dict, log
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        result = bench_contenders.run(json.loads(args.worker))
-        print(RESULT_MARK + json.dumps(result), flush=True)
+        bench_contenders.print_result(bench_contenders.run(json.loads(args.worker)))
         return 0
 
     from transformers import AutoConfig
