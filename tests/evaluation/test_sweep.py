@@ -368,6 +368,23 @@ def wait_for(condition, seconds: float, what: str):
     return value
 
 
+def check_child_ends_with_parent(parent: subprocess.Popen, ready: Path, started: str) -> None:
+    """Once the child has written its pid to ``ready`` (``started``: what that waits for), SIGKILL of
+    ``parent`` must end the child within a second. Neither process is left running, pass or fail."""
+    try:
+        child = int(wait_for(lambda: ready.exists() and ready.read_text(), 60, started))
+        assert not gone(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        wait_for(lambda: gone(child), 1.0, f"process {child} ends with its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if ready.exists() and ready.read_text() and not gone(int(ready.read_text())):  # failed: leave nothing
+            os.kill(int(ready.read_text()), signal.SIGKILL)
+
+
 def lock_pid(path: Path) -> int | None:
     """The pid a run lock names (None before it is written)."""
     try:
@@ -462,18 +479,7 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
 pathlib.Path({str(ready)!r}).write_text(str(child.pid))
 time.sleep(120)
 """])
-    try:
-        child = int(wait_for(lambda: ready.exists() and ready.read_text(), 60, "the parent starts its variant"))
-        assert not gone(child)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        wait_for(lambda: gone(child), 1.0, f"process {child} ends with its parent")
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if ready.exists() and ready.read_text() and not gone(int(ready.read_text())):  # failed: leave nothing
-            os.kill(int(ready.read_text()), signal.SIGKILL)
+    check_child_ends_with_parent(parent, ready, "the parent starts its variant")
 
 
 def test_a_variant_process_ends_when_its_parent_dies_where_no_death_signal_is_set(tmp_path):
@@ -493,14 +499,4 @@ import os, subprocess, sys, time
 subprocess.Popen([sys.executable, {str(variant)!r}, str(os.getpid())])
 time.sleep(120)
 """])
-    try:
-        child = int(wait_for(lambda: ready.exists() and ready.read_text(), 60, "the variant watches its parent"))
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        wait_for(lambda: gone(child), 1.0, f"process {child} ends with its parent")
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if ready.exists() and ready.read_text() and not gone(int(ready.read_text())):  # failed: leave nothing
-            os.kill(int(ready.read_text()), signal.SIGKILL)
+    check_child_ends_with_parent(parent, ready, "the variant watches its parent")
