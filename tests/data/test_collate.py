@@ -138,6 +138,19 @@ def _random_examples(n, seed, k=2, max_prompt=12, max_completion=9):
             for _ in range(k)]) for i in range(n)]
 
 
+def assert_each_target_sees_its_sequence(b, exs) -> None:
+    """For every target token of batch ``b``: the positions its predictor attends to, in order, hold its
+    example's prompt + completion[:j] at positions 0..P+j-1, and the target is the next token of that text."""
+    for i in range(len(b.token_seq)):
+        k, g = divmod(int(b.token_seq[i]), len(exs))
+        r, c = int(b.token_rows[i]), int(b.token_cols[i])
+        visible = b.attention_mask[r, 0, c].nonzero().flatten()
+        text = exs[g].prompt_ids + exs[g].completions[k]
+        assert b.input_ids[r, visible].tolist() == text[:len(visible)]
+        assert b.position_ids[r, visible].tolist() == list(range(len(visible)))
+        assert text[len(visible)] == int(b.token_targets[i])
+
+
 @pytest.mark.parametrize("pack_tokens", [None, 16, 40, 1000])
 def test_packed_each_target_sees_exactly_its_sequence(pack_tokens):
     """For every target token, the positions its predictor attends to, in order, are exactly
@@ -147,17 +160,7 @@ def test_packed_each_target_sees_exactly_its_sequence(pack_tokens):
     padded = collate_padded(exs, 0)
     assert torch.equal(b.token_targets, padded.token_targets)
     assert torch.equal(b.token_seq, padded.token_seq)
-    g_count = len(exs)
-    seen = torch.zeros(len(b.token_seq), dtype=torch.long)
-    for i in range(len(b.token_seq)):
-        k, g = divmod(int(b.token_seq[i]), g_count)
-        r, c = int(b.token_rows[i]), int(b.token_cols[i])
-        visible = b.attention_mask[r, 0, c].nonzero().flatten()
-        text = exs[g].prompt_ids + exs[g].completions[k]
-        assert b.input_ids[r, visible].tolist() == text[:len(visible)]
-        assert b.position_ids[r, visible].tolist() == list(range(len(visible)))
-        assert text[len(visible)] == int(b.token_targets[i])
-        seen[i] = len(visible)
+    assert_each_target_sees_its_sequence(b, exs)
     if pack_tokens:
         fill = (b.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) & (b.input_ids != 0)).sum(-1)
         assert (fill <= max(pack_tokens, max(e.num_tokens for e in exs))).all()
@@ -268,15 +271,7 @@ def test_packed_groups_each_target_sees_exactly_its_sequence(pack_tokens):
     b = collate_packed(exs, 0, pack_tokens=pack_tokens)
     padded = collate_padded(exs, 0)
     assert torch.equal(b.token_targets, padded.token_targets) and torch.equal(b.token_seq, padded.token_seq)
-    g_count = len(exs)
-    for i in range(len(b.token_seq)):
-        k, g = divmod(int(b.token_seq[i]), g_count)
-        r, c = int(b.token_rows[i]), int(b.token_cols[i])
-        visible = b.attention_mask[r, 0, c].nonzero().flatten()
-        text = exs[g].prompt_ids + exs[g].completions[k]
-        assert b.input_ids[r, visible].tolist() == text[:len(visible)]
-        assert b.position_ids[r, visible].tolist() == list(range(len(visible)))
-        assert text[len(visible)] == int(b.token_targets[i])
+    assert_each_target_sees_its_sequence(b, exs)
 
 
 def test_group_errors():
