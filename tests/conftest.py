@@ -40,6 +40,25 @@ def rule_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def ranked_rule_groups(n: int, seed: int, bad_counts=(0, 1, 2, 3)) -> list[dict]:
+    """The rule task ranked: per prompt one reply per entry of ``bad_counts``, in random order, with that many
+    of its 3-5 words breaking the rule and scored minus that number (equal counts are tied responses)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        responses, scores = [], []
+        for bad in rng.sample(list(bad_counts), len(bad_counts)):
+            words = [rng.choice(GOOD) for _ in range(rng.randint(3, 5))]
+            for i in rng.sample(range(len(words)), bad):
+                words[i] = rng.choice(BAD)
+            responses.append(f" The {topic} is {' '.join(words)}.")
+            scores.append(-bad)
+        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:", "responses": responses,
+                     "scores": scores})
+    return rows
+
+
 def train_argv(options: dict) -> list[str]:
     """``preftune train`` arguments for TrainConfig field values: booleans as --flag / --no-flag,
     None left out."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
-from conftest import BAD, GOOD, TOPICS, rule_pairs, write_jsonl
+from conftest import ranked_rule_groups, rule_pairs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from preftune.config.train_config import TrainConfig
@@ -478,31 +477,14 @@ def test_discopop_at_tau_005_moves_margins_down(tiny_model_dir, rule_data, tmp_p
     assert result.eval_after["loss"] < 0.8466
 
 
-def rule_groups(n: int, seed: int) -> list[dict]:
-    """The rule task ranked: per prompt four replies with 0, 1, 1 and 2 bad words, in random order, each
-    scored minus its number of bad words (the two middle ones tied)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topic = rng.choice(TOPICS)
-        replies = []
-        for bad in rng.sample([0, 1, 1, 2], 4):
-            words = [rng.choice(GOOD) for _ in range(rng.randint(3, 5))]
-            for position in rng.sample(range(len(words)), bad):
-                words[position] = rng.choice(BAD)
-            replies.append((f" The {topic} is {' '.join(words)}.", -bad))
-        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:",
-                     "responses": [text for text, _ in replies], "scores": [score for _, score in replies]})
-    return rows
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, extra", [("plackett_luce", {}), ("lipo_lambda", {}), ("dpop", {}),
                                          ("dpo", {"group_pairs": "best-vs-worst"})])
 def test_group_methods_learn_the_ranked_rule(tiny_model_dir, rule_data, tmp_path, loss, extra):
     """256 ranked groups of four (one forward per group), 32 steps of 8 groups: held-out pair accuracy of the
     implicit reward on the unranked task >= 0.9, listwise and through the pairs of each group."""
-    data = write_jsonl(tmp_path / "groups.jsonl", rule_groups(256, seed=1))
+    # four replies per prompt with 0, 1, 1 and 2 bad words (the two middle ones tied)
+    data = write_jsonl(tmp_path / "groups.jsonl", ranked_rule_groups(256, seed=1, bad_counts=(0, 1, 1, 2)))
     out = tmp_path / "run"
     result = train(cfg_for(tiny_model_dir, rule_data, out, loss=loss, data=str(data), eval_data=None, **extra))
     assert result.steps == 32

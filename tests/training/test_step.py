@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 
 import pytest
 import torch
-from conftest import BAD, GOOD, TOPICS, write_jsonl
+from conftest import ranked_rule_groups, write_jsonl
 
 from preftune.config.train_config import TrainConfig
 from preftune.data.collate import collate_packed, collate_padded
@@ -70,25 +69,6 @@ def test_group_objective_equals_the_expanded_pairs(loss, collate):
     assert (group_grads - pair_grads).norm() <= 1e-4 * pair_grads.norm()
     for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert float(group_metrics[key]) == pytest.approx(float(pair_metrics[key]), abs=1e-4), key
-
-
-def ranked_rule_groups(n: int, seed: int) -> list[dict]:
-    """The synthetic rule task as groups of 4: responses with 0-3 words that break the rule, scored by
-    minus that number."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topic = rng.choice(TOPICS)
-        responses, scores = [], []
-        for bad in rng.sample(range(4), 4):
-            words = [rng.choice(GOOD) for _ in range(rng.randint(3, 5))]
-            for i in rng.sample(range(len(words)), bad):
-                words[i] = rng.choice(BAD)
-            responses.append(f" The {topic} is {' '.join(words)}.")
-            scores.append(-bad)
-        rows.append({"prompt": f"\n\nHuman: Tell me about the {topic}.\n\nAssistant:", "responses": responses,
-                     "scores": scores})
-    return rows
 
 
 def test_train_on_a_group_file_with_a_pair_loss(tiny_model_dir, tmp_path):
