@@ -1,12 +1,14 @@
 """The sampler: token-by-token decoding with a KV cache, behind every ``generate`` / ``eval`` / recipe sample.
 
-* :func:`decode` — prompts (token ids) -> completions (token ids), in batches, one forward per new token.
+* :func:`decode` — prompts (token ids) -> completions (token ids), in batches, one forward per new token:
+  the lean forward of :mod:`preftune.model.fast_decode` for the Llama family (:func:`decode_batch_lean`),
+  the model's Hugging Face forward for anything else (:func:`decode_batch`).
 * :func:`choose_tokens` — one decoding step's choice from the last logits: greedy, or temperature,
   top-k and top-p sampling driven by given uniform numbers (a pure function, tested on hand-set logits).
 * :func:`sample_uniforms` — the uniform numbers of every sample: sample ``s`` draws from its own
   generator seeded by ``(seed, s)``.
 
-What it does differently from Hugging Face ``generate`` (same model forward, same distribution):
+What it does differently from Hugging Face ``generate`` (same arithmetic, same distribution):
 
 * **No per-token machinery**: no logits-processor list, stopping-criteria objects or output
   dataclasses per step; one forward, one :func:`choose_tokens`, one append.
@@ -31,6 +33,9 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as nn_functional
 
+from preftune.model.fast_decode import LeanDecoder, lean_decoder
+
+COMPACT_SHARE = 0.25  # the lean path drops finished rows from its cache once they are this share of the batch
 TOP_P_CANDIDATES = 256  # top-p first looks among this many most likely tokens; the full sort only if they fall short
 PICK_BLOCK = 256  # columns per block of the two-level inverse-CDF draw
 
@@ -156,6 +161,44 @@ def decode_batch(model, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor, 
     return completions
 
 
+def _compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` (None when autocast is off there)."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def decode_batch_lean(lean: LeanDecoder, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor,
+                      max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
+    """:func:`decode_batch` on a :class:`preftune.model.fast_decode.LeanDecoder` (same inputs, same completions).
+
+    A finished row stays in the batch (its tokens ignored, no draw made for it) until the finished rows are
+    ``COMPACT_SHARE`` of the batch; then they leave the cache together (one copy of the filled cache instead
+    of one per finishing step)."""
+    input_ids, mask = (t.to(lean.device) for t in _left_pad(chunk, pad_id))
+    logits = lean.prefill(input_ids, mask, max_new_tokens)  # (B, V)
+    rows = torch.arange(len(chunk))  # (b,) which prompt each batch row is
+    done = torch.zeros(len(chunk), dtype=torch.bool)  # (b,)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+    completions: list[list[int]] = [[] for _ in chunk]
+    for step in range(max_new_tokens):
+        going = (~done).nonzero().squeeze(-1)  # (g,) batch rows still generating
+        chosen = choose_tokens(logits[going.to(lean.device)], uniforms[rows[going], step], temperature, top_k,
+                               top_p).cpu()  # (g,)
+        for row, token in zip(rows[going].tolist(), chosen.tolist()):
+            completions[row].append(token)
+        tokens = torch.full((len(rows),), int(eos[0]), dtype=torch.long)
+        tokens[going] = chosen
+        done[going] = torch.isin(chosen, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if int(done.sum()) >= max(1.0, COMPACT_SHARE * len(rows)):
+            keep = (~done).nonzero().squeeze(-1)  # (b',)
+            lean.keep_rows(keep.to(lean.device))
+            rows, tokens, done = rows[keep], tokens[keep], done[keep]
+        logits = lean.step(tokens.to(lean.device))
+    return completions
+
+
 def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
            first_sample: int = 0) -> list[list[int]]:
@@ -165,15 +208,24 @@ def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_
     shows at the first batch; a batch is padded to its longest prompt). Sample ``s`` draws from
     :func:`sample_uniforms` row ``first_sample + s`` (a shard of a larger sampling job passes its
     offset and gets the samples the whole job would). The caller sets eval mode, ``no_grad`` and
-    autocast.
+    autocast. A Llama-family model runs on the lean forward of :mod:`preftune.model.fast_decode` (in
+    autocast's dtype when autocast is on); any other model on its Hugging Face forward.
     """
     uniforms = sample_uniforms(len(prompt_ids), max_new_tokens, seed, first_sample)  # (S, T)
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    lean = lean_decoder(model, _compute_dtype(next(model.parameters()).device), batch_size,
+                        longest + max_new_tokens) if prompt_ids else None
     order = sorted(range(len(prompt_ids)), key=lambda s: -len(prompt_ids[s]))
     completions: list[list[int]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        done = decode_batch(model, [prompt_ids[s] for s in rows], uniforms[rows], max_new_tokens, eos_ids, pad_id,
-                            temperature, top_k, top_p)
+        chunk = [prompt_ids[s] for s in rows]
+        if lean is not None:
+            done = decode_batch_lean(lean, chunk, uniforms[rows], max_new_tokens, eos_ids, pad_id, temperature,
+                                     top_k, top_p)
+        else:
+            done = decode_batch(model, chunk, uniforms[rows], max_new_tokens, eos_ids, pad_id, temperature, top_k,
+                                top_p)
         for s, ids in zip(rows, done):
             completions[s] = ids
     return completions

@@ -15,6 +15,7 @@ in eval mode for each call and given back in the mode it came in.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from preftune.evaluation.decoding import decode, decode_on_ranks
 from preftune.evaluation.judges.base import Prompt
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.scoring import completion_logps, eval_mode, model_device, pad_token_id
+from preftune.model.fast_decode import unsupported_reason
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.packed_linear import packed_linears
 from preftune.model.precision import autocast, resolve_compute_dtype
@@ -83,9 +85,12 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     prefix = special_prefix_ids(tokenizer)
     prompt_ids = [ids for ids in (prompt_token_ids(tokenizer, p, prefix) for p in prompts) for _ in range(n)]
     # decode() batches prompts of similar length (longest first): a batch is left padded to its longest
-    # prompt, and real prompts vary 10x in length (HH-RLHF: 30 to 500+ tokens).
-    with (eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype),
-          packed_linears(model, compute_dtype, batch_size)):
+    # prompt, and real prompts vary 10x in length (HH-RLHF: 30 to 500+ tokens). The lean forward
+    # (preftune.model.fast_decode) packs its own weights; the Hugging Face forward gets packed linears.
+    longest = max(len(ids) for ids in prompt_ids) + max_new_tokens if prompt_ids else 0
+    lean = unsupported_reason(model, longest) is None
+    packing = contextlib.nullcontext() if lean else packed_linears(model, compute_dtype, batch_size)
+    with eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype), packing:
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
         ends = (max_new_tokens, _eos_ids(model, tokenizer), pad_token_id(tokenizer))
         if state is not None and state.num_processes > 1:

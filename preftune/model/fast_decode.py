@@ -1,0 +1,272 @@
+"""A lean decode forward for Llama-family models: prefill, then one token per step, without Hugging Face's
+per-call machinery.
+
+:func:`lean_decoder` builds a :class:`LeanDecoder` from a ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+``MistralForCausalLM`` (or returns None, and :func:`unsupported_reason` says why, for anything it cannot
+compute exactly: another architecture, a PEFT wrapper or injected adapter layers, a rope scaling other than
+the default one, an activation other than SiLU, offloaded or meta weights, a sequence that may outgrow a
+sliding window). What a decode step does differently from the Hugging Face forward (same arithmetic):
+
+* **Weights read once**: q/k/v fused into one matrix and gate/up into one, in the compute dtype; on a CPU
+  computing in bf16 they are reordered once for oneDNN (:mod:`preftune.model.packed_linear`). Where the
+  compute dtype is the weights' own, the model's tensors are used as they are (no fused copy).
+* **A static KV cache** ``(layers, batch, kv-heads, max-length, head-dim)`` in the compute dtype,
+  allocated once per batch; a step writes one column and attends over the filled part.
+* **Rotary cos/sin computed once** for every position of the batch.
+* **Grouped-query attention without repeating K/V**: the query heads sharing a KV head are folded into
+  the query-length axis of one SDPA call.
+* ``torch.rms_norm``; the LM head on the last position only.
+
+The residual stream keeps the dtype of the model's weights (as the Hugging Face forward under autocast
+does); the linears, the cache and attention run in the compute dtype. Rows are left padded: a row's
+positions are counted from its first real token, and no query attends to a padding key (a padding query
+attends to itself only, so no row of the softmax is empty).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as nn_functional
+
+from preftune.model.packed_linear import packing_works
+
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _rope_type(config) -> str:
+    """The rope scaling's type (``default`` when there is none)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict) and params:
+            return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the config's sliding layers, None when no layer slides."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def _layer_reason(model) -> str | None:
+    """Why the decoder layers cannot be read (a projection that is not a plain ``nn.Linear``), or None."""
+    for index, layer in enumerate(model.model.layers):
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            if type(module) is not nn.Linear:
+                return f"layer {index} {name} is a {type(module).__name__}, not nn.Linear (adapter or packed)"
+    return None
+
+
+def unsupported_reason(model, max_length: int = 0) -> str | None:
+    """Why :func:`lean_decoder` falls back to the Hugging Face forward for this model (None: it does not).
+
+    ``max_length``: the longest sequence (padded prompt + new tokens) a batch may reach; a sliding
+    window shorter than that is not reproduced, so such a model falls back."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    if _rope_type(config) != "default":
+        return f"rope scaling {_rope_type(config)!r} is not the default rope"
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        return "partial rotary embedding"
+    window = sliding_window(config)
+    if window is not None and max_length > window:
+        return f"sequences up to {max_length} tokens exceed the sliding window of {window}"
+    for module in model.modules():
+        if hasattr(module, "_hf_hook"):
+            return "the model is dispatched with accelerate hooks (offloaded or sharded)"
+    if any(type(p) is not nn.Parameter or p.device.type == "meta" for p in model.parameters()):
+        return "parameters are not plain tensors (meta, sharded or wrapped)"
+    return _layer_reason(model)
+
+
+class FusedLinear:
+    """Several ``nn.Linear`` layers that read the same input, as one product: (..., in) -> tuple of
+    (..., out_i) in the compute dtype, one per layer.
+
+    When the compute dtype is not the weights' (or the weights are prepacked for oneDNN), the weights
+    are fused into one matrix in the compute dtype (the copy that dtype needs anyway); otherwise the
+    layers' own tensors are multiplied one by one (no fused fp32 copy)."""
+
+    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch_hint: int):
+        self.dtype, self.pack = dtype, pack
+        self.sizes = [linear.out_features for linear in linears]
+        weights = [linear.weight.detach() for linear in linears]
+        biases = [None if linear.bias is None else linear.bias.detach() for linear in linears]
+        self.fused = pack or weights[0].dtype != dtype
+        if not self.fused:
+            self.parts = list(zip(weights, biases))
+            return
+        self.weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.to(dtype) if b is not None else w.new_zeros(w.shape[0], dtype=dtype)
+                                   for w, b in zip(weights, biases)])
+        if pack:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, max(1, batch_hint))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = x.to(self.dtype)
+        if not self.fused:
+            return tuple(nn_functional.linear(x, w, b) for w, b in self.parts)
+        if self.pack:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            out = nn_functional.linear(x, self.weight, self.bias)
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+
+
+class LeanLayer:
+    """One decoder layer's tensors: norms (the model's own) and fused projections."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, pack: bool, batch_hint: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight.detach()
+        self.post_norm = layer.post_attention_layernorm.weight.detach()
+        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, pack, batch_hint)
+        self.out = FusedLinear([attn.o_proj], dtype, pack, batch_hint)
+        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, pack, batch_hint)
+        self.down = FusedLinear([mlp.down_proj], dtype, pack, batch_hint)
+
+
+class LeanDecoder:
+    """Prefill and decode steps of a supported model (:func:`unsupported_reason` is None for it).
+
+    ``compute_dtype``: the dtype of the linears, the KV cache and attention (None: the weights' dtype).
+    Use: :meth:`prefill` one left-padded batch, then :meth:`step` once per new token, :meth:`keep_rows`
+    to drop finished rows from the cache. Call under ``torch.no_grad()``; autocast is switched off inside
+    (the dtypes are set here)."""
+
+    def __init__(self, model, compute_dtype: torch.dtype | None = None, batch_hint: int = 16):
+        config = model.config
+        self.embed = model.model.embed_tokens.weight.detach()  # (V, D): the residual stream's dtype
+        self.device = self.embed.device
+        self.dtype = compute_dtype or self.embed.dtype
+        pack = self.device.type == "cpu" and self.dtype == torch.bfloat16 and packing_works()
+        self.layers = [LeanLayer(layer, self.dtype, pack, batch_hint) for layer in model.model.layers]
+        self.final_norm = model.model.norm.weight.detach()
+        self.head = FusedLinear([model.lm_head], self.dtype, pack, batch_hint)
+        self.eps = float(config.rms_norm_eps)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.inv_freq = 1.0 / (_rope_theta(config) ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(self.device, torch.float) / self.head_dim))
+        self.k_cache = self.v_cache = None
+
+    def _rotary_table(self, length: int) -> None:
+        """cos and sin of every position below ``length``: (length, head_dim) float32 each."""
+        positions = torch.arange(length, device=self.device, dtype=torch.float)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding: (B, H, T, hd) by (B, 1, T, hd) float32 cos/sin -> (B, H, T, hd) compute dtype."""
+        x = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos + rotated * sin).to(self.dtype)
+
+    def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int) -> torch.Tensor:
+        """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T``
+        -> (B, T, D) after o_proj. ``mask``: (B, 1, T, start + T) bool, True where a query may look."""
+        batch, length, _ = h.shape
+        q, k, v = layer.qkv(h)
+        q = self._rotate(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = self._rotate(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        end = start + length
+        self.k_cache[index, :, :, start:end] = k
+        self.v_cache[index, :, :, start:end] = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        groups = self.heads // self.kv_heads
+        # heads kv*groups .. kv*groups + groups - 1 share KV head kv: fold them into the query axis
+        q = q.reshape(batch, self.kv_heads, groups * length, self.head_dim)
+        if groups > 1 and length > 1:
+            mask = mask.repeat(1, 1, groups, 1)
+        out = nn_functional.scaled_dot_product_attention(q, self.k_cache[index, :, :, :end],
+                                                         self.v_cache[index, :, :, :end], attn_mask=mask)
+        out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        return layer.out(out)[0]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, T) ids at (B, T) positions, written at cache columns from ``start`` -> (B, V) float32 logits of
+        the last column."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        x = nn_functional.embedding(ids, self.embed)  # (B, T, D)
+        shape = (self.hidden,)
+        for index, layer in enumerate(self.layers):
+            h = torch.rms_norm(x, shape, layer.input_norm, self.eps)
+            x = x + self._attention(index, layer, h, cos, sin, mask, start)
+            gate, up = layer.gate_up(torch.rms_norm(x, shape, layer.post_norm, self.eps))
+            x = x + layer.down(nn_functional.silu(gate) * up)[0]
+        last = torch.rms_norm(x[:, -1], shape, self.final_norm, self.eps)
+        return self.head(last)[0].float()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Left-padded (B, P) prompts and their (B, P) 0/1 mask -> (B, V) float32 logits of the next token.
+
+        Allocates the cache for ``P + max_new_tokens`` columns (the last generated token is never fed)."""
+        batch, width = input_ids.shape
+        total = width + max_new_tokens
+        self._rotary_table(total)
+        shape = (len(self.layers), batch, self.kv_heads, total, self.head_dim)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.valid = torch.ones(batch, total, dtype=torch.bool, device=self.device)  # (B, total) real keys
+        self.valid[:, :width] = attention_mask.bool()
+        self.next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1)
+        self.filled = width
+        positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, P)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        mask = (causal & self.valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            return self._forward(input_ids, positions, mask.unsqueeze(1), 0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the tokens just chosen, one per remaining row -> (B, V) float32 logits of the next ones."""
+        start = self.filled
+        mask = self.valid[:, None, None, :start + 1]  # (B, 1, 1, start + 1)
+        with torch.autocast(self.device.type, enabled=False):
+            logits = self._forward(tokens.view(-1, 1), self.next_position, mask, start)
+        self.filled += 1
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ((b,) long, on the decoder's device) in the cache; the filled
+        columns are copied into a smaller cache."""
+        end = self.filled
+        shape = list(self.k_cache.shape)
+        shape[1] = rows.numel()
+        for name in ("k_cache", "v_cache"):
+            old = getattr(self, name)
+            new = torch.empty(shape, dtype=old.dtype, device=old.device)
+            new[:, :, :, :end] = old[:, rows, :, :end]
+            setattr(self, name, new)
+        self.valid, self.next_position = self.valid[rows], self.next_position[rows]
+
+
+def lean_decoder(model, compute_dtype: torch.dtype | None = None, batch_hint: int = 16,
+                 max_length: int = 0) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` of ``model``, or None where :func:`unsupported_reason` gives a reason."""
+    if unsupported_reason(model, max_length) is not None:
+        return None
+    return LeanDecoder(model, compute_dtype, batch_hint)
