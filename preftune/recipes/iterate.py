@@ -192,6 +192,14 @@ class _Loop:
             self.models[path] = (load_model(path).to(device).eval(), load_tokenizer(path))
         return self.models[path]
 
+    def compute_dtype(self, path: str):
+        """The sampling / scoring precision: the training's ``mixed_precision`` (default ``auto``: bf16 where the
+        CPU or GPU runs it fast, else the weights' dtype), resolved for the device ``path``'s model is on."""
+        from preftune.model.precision import resolve_compute_dtype
+
+        model, _ = self.load(path)
+        return resolve_compute_dtype(self.cfg.train.get("mixed_precision", "auto"), next(model.parameters()).device)
+
     def cached(self, n: int):
         return cached_judge(self.judge, self.folder(n) / "judge_cache.jsonl", f"round {n}")
 
@@ -240,7 +248,7 @@ class _Loop:
         model, tokenizer = self.load(self.policy_path(n - 1))
         texts = sample(model, tokenizer, prompts, n=cfg.samples, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1000 + n,
-                       batch_size=cfg.sample_batch_size)
+                       batch_size=cfg.sample_batch_size, compute_dtype=self.compute_dtype(self.policy_path(n - 1)))
         write_jsonl(self.folder(n) / "samples.jsonl", [{"prompt": p, "samples": s} for p, s in zip(prompts, texts)])
 
     def score(self, n: int) -> None:

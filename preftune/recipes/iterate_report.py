@@ -46,9 +46,11 @@ def measure_round(loop, n: int) -> int:
 
     cfg, prompts, folder = loop.cfg, loop.eval_prompts, loop.folder(n)
     model, tokenizer = loop.load(loop.policy_path(n))
+    compute = loop.compute_dtype(loop.policy_path(n))
     texts = [row[0] for row in sample(model, tokenizer, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p,
-                                      seed=cfg.seed * 1000 + EVAL_SEED_OFFSET, batch_size=cfg.sample_batch_size)]
+                                      seed=cfg.seed * 1000 + EVAL_SEED_OFFSET, batch_size=cfg.sample_batch_size,
+                                      compute_dtype=compute)]
     judge = loop.cached(n)
     scores = judge.score(prompts, texts) if isinstance(judge, ScoringJudge) else None
     row: dict = {"round": n, "prompts": len(prompts),
@@ -66,7 +68,7 @@ def measure_round(loop, n: int) -> int:
         base_model, _ = loop.load(cfg.model)
         kl, stderr = estimate_kl(model, base_model, tokenizer, prompts, n_samples=cfg.kl_samples,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + EVAL_SEED_OFFSET + 1,
-                                 batch_size=cfg.sample_batch_size)
+                                 batch_size=cfg.sample_batch_size, compute_dtype=compute)
         if cfg.eval_pairs:
             row["held_out_pairs"] = held_out_pairs(cfg, loop.policy_path(n))
         row.update(win_vs_base=win(0), win_vs_previous=win(n - 1),
@@ -114,7 +116,8 @@ def held_out_pairs(cfg, model: str) -> dict:
     train = cfg.train
     options = {"model": model, "ref_model": cfg.model, "data": cfg.eval_pairs, "beta": train.get("beta") or 0.1,
                "max_length": train.get("max_length", 1024), "max_prompt_length": train.get("max_prompt_length"),
-               "batch_size": train.get("batch_size", 8), "seed": cfg.seed}
+               "batch_size": train.get("batch_size", 8), "seed": cfg.seed,
+               "mixed_precision": train.get("mixed_precision", "auto")}
     result = evaluate_model(EvalConfig.from_options(options, "preftune iterate --eval-pairs"))
     return {"preference": result["preference"], "nll": result["nll"]}
 

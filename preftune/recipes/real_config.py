@@ -59,6 +59,10 @@ class RealRecipeConfig:
     a_beta: float = 0.1
     a_epochs: float = 1.0
     a_max_steps: int | None = None  # caps the DPO run (overrides a_epochs)
+    # Task A on-policy rounds (preftune iterate) on the offline run's budget: the training films split over the
+    # rounds, a_samples_per_prompt samples each from the current policy, one epoch of DPO per round
+    a_iter_rounds: int = 3
+    a_iter_reference: str = "previous"  # each round's reference: the previous round's policy, or "base"
     # Task B: HH-RLHF harmless, split by prompt
     b_held_out: int = 240
     b_rm_pairs: int = 600
@@ -100,7 +104,8 @@ class RealRecipeConfig:
         values: dict = {}
         if name == "reduced":
             values = dict(max_length=256, max_prompt_length=160, a_train_films=32, a_max_new_tokens=32,
-                          a_held_out_films=16, b_held_out=64, b_rm_pairs=64, b_dpo_pairs=64, b_eval_prompts=16,
+                          a_held_out_films=16, a_iter_rounds=2, b_held_out=64, b_rm_pairs=64, b_dpo_pairs=64,
+                          b_eval_prompts=16,
                           b_max_new_tokens=32, b_variants=[v for v in default_variants() if v["name"] in
                                                            ("dpo", "orpo")],
                           b_max_steps=None, b_isolate=False, target_b_accuracy_pairs=64, smoke=True)
@@ -127,6 +132,11 @@ def help_text(cfg: RealRecipeConfig | None = None) -> str:
     The comparison: DPO on all {cfg.a_samples_per_prompt} reviews of each film as a response group (their judge \
 scores, all
     ordered pairs, one forward per group), same steps and settings, judged the same way.
+    On-policy rounds (preftune iterate) on the same budget: {cfg.a_iter_rounds} rounds, each sampling \
+{cfg.a_samples_per_prompt} reviews of
+    {cfg.a_train_films // max(cfg.a_iter_rounds, 1)} fresh films from the current policy, judged, DPO from it \
+(reference: {cfg.a_iter_reference}); the last
+    round against the offline DPO model on the held-out films.
   Task B, Anthropic HH-RLHF harmless (shipped with preftune, MIT license, or --hh-data):
     split by prompt into held-out ({cfg.b_held_out}), reward-model ({cfg.b_rm_pairs}) and DPO ({dpo_part}) pairs; \
 a reward
@@ -178,6 +188,7 @@ def check_targets(cfg: RealRecipeConfig, metrics: dict) -> list[dict]:
 
 # what every stage leaves in the run folder (report.md and metrics.json are written after the checks)
 SMOKE_FILES = ("a_samples.jsonl", "a_dpo/model.safetensors", "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl",
+               "a_iterate/report.md", "a_iterate/metrics.json",
                "data/a_train_groups.jsonl", "a_group_dpo/model.safetensors", "a_group_samples.jsonl",
                "data/hh_held_out.jsonl", "data/hh_rm.jsonl", "data/hh_dpo.jsonl", "b_rm/config.json", "b_sweep.yaml",
                "b_sweep/report.md", "b_sweep/summary.json", "b_sweep/frontier.png", "b_dpo/model.safetensors")
@@ -203,7 +214,7 @@ def smoke_checks(out: Path, metrics: dict) -> list[dict]:
     """What a smoke run (the reduced preset) can check at its size: every stage's files written, every
     number finite and in range. Each check: ``{"name", "ok", "detail"}``."""
     a, b = metrics["task_a"], metrics["task_b"]
-    group = a.get("group") or {}
+    group, iterative = a.get("group") or {}, a.get("iterative") or {}
     missing = [name for name in SMOKE_FILES if not (Path(out) / name).is_file()]
     variants = b.get("variants") or []
     checks = [
@@ -216,6 +227,11 @@ def smoke_checks(out: Path, metrics: dict) -> list[dict]:
          group.get("steps") is not None and group.get("steps") == a.get("steps") and _interval(group.get("win_rate"))
          and is_finite_number((group.get("kl") or {}).get("mean")) and _fraction(group.get("preference_accuracy")),
          f"{group.get('steps')} vs {a.get('steps')} steps, " + rate_text(group.get("win_rate") or {})),
+        ("task A iterative: every round measured, the last round compared with the offline DPO model",
+         bool(iterative.get("rounds")) and len(iterative["rounds"]) == iterative.get("rounds_asked")
+         and all(_interval(r.get("win_vs_base")) and is_finite_number(r.get("kl")) for r in iterative["rounds"])
+         and _interval(iterative.get("win_vs_offline")),
+         rate_text(iterative.get("win_vs_offline") or {})),
         ("task B: reward model and base accuracies in [0, 1]",
          all(_fraction((b.get(part) or {}).get("accuracy")) for part in ("reward_model", "base_raw")), ""),
         ("task B: every sweep variant evaluated, numbers finite and in range",

@@ -39,6 +39,37 @@ def task_a_rows(a: dict) -> list[tuple[str, ...]]:
             row("held-out preference accuracy", "", lambda run: number(run["preference_accuracy"], ".3f"))]
 
 
+ITERATIVE_HEADER = ("round", "judge score", "win rate vs base [95% CI]", "vs previous round", "KL to base",
+                    "held-out accuracy", "pairs", "steps")
+
+
+def iterative_rows(it: dict) -> list[tuple[str, ...]]:
+    """:data:`ITERATIVE_HEADER` rows of Task A's on-policy rounds (round 0: the base)."""
+    rows = [("0 (base)", number(it.get("base_judge_score"), "+.3f"), "", "", "", "", "", "")]
+    for r in it["rounds"]:
+        kl = number(r.get("kl"), ".2f") + (f" +- {r['kl_stderr']:.2f}" if r.get("kl_stderr") is not None else "")
+        rows.append((str(r["round"]), number(r.get("judge_score"), "+.3f"), rate_text(r.get("win_vs_base") or {}),
+                     rate_text(r.get("win_vs_previous") or {}), kl, number(r.get("preference_accuracy"), ".3f"),
+                     number(r.get("pairs"), "d"), number(r.get("steps"), "d")))
+    return rows
+
+
+def iterative_lines(it: dict) -> list[str]:
+    """The report's part on Task A's on-policy rounds: what ran, the rounds' table, the comparison."""
+    lines = ["### On-policy rounds on the same budget", "",
+             f"`preftune iterate`: {len(it['rounds'])} rounds, each sampling {it['prompts_per_round']} fresh training "
+             f"films from the current policy (round 1: the base), judged, best vs worst, DPO from the current policy "
+             f"(reference: {it['reference']}); {it['judged_samples']} judged samples and {it['steps']} steps in all, "
+             f"as the offline best-vs-worst run ({it['offline_judged_samples']} samples of the base, "
+             f"{number(it.get('offline_steps'), 'd')} steps). Measured on {it['eval_prompts']} held-out prompts each "
+             f"round (the run's own report: `{it['report']}`).", ""]
+    lines += markdown_table(ITERATIVE_HEADER, iterative_rows(it))
+    scores = f"{number(it.get('score_last'), '+.3f')} vs {number(it.get('score_offline'), '+.3f')}"
+    lines += ["", f"The last round against the offline DPO model, one sample each on {it['versus_prompts']} held-out "
+              f"prompts: win rate **{rate_text(it['win_vs_offline'])}** (judge score {scores}).", ""]
+    return lines
+
+
 def task_a_header(a: dict) -> tuple[str, ...]:
     """The columns of :func:`task_a_rows`."""
     return ("metric", "base", "DPO, best vs worst") + (("DPO, whole groups",) if a.get("group") else ())
@@ -88,6 +119,8 @@ def write_report(out: Path, metrics: dict) -> None:
     if a.get("group"):
         lines += ["DPO on whole groups, the same prompts:", ""]
         lines += sample_lines(a["group"]["examples"], [("DPO, groups", "dpo")], markdown=True)
+    if a.get("iterative"):
+        lines += iterative_lines(a["iterative"])
     sizes = b["data"]["rows"]
     lines += ["## Task B: HH-RLHF harmless", "",
               f"`{b['data']['source']}` as chat messages, split by prompt: held-out {sizes['held_out']}, reward-model "
@@ -125,6 +158,10 @@ def summary_text(out: Path, metrics: dict) -> str:
     a = metrics["task_a"]
     lines += aligned_rows([(name, base, " | ".join(runs)) for name, base, *runs in
                            [task_a_header(a)] + task_a_rows(a)], name_width=37, value_width=18, indent="  ")
+    if a.get("iterative"):
+        lines += ["task A on-policy rounds: " + ", ".join(ITERATIVE_HEADER)]
+        lines += ["  " + " | ".join(row) for row in iterative_rows(a["iterative"])]
+        lines += [f"  last round vs offline DPO: {rate_text(a['iterative']['win_vs_offline'])}"]
     lines += ["task B (HH-RLHF harmless): " + ", ".join(TASK_B_HEADER)]
     lines += ["  " + " | ".join(row) for row in task_b_rows(metrics["task_b"])]
     lines += [f"{'reached' if t['reached'] else 'NOT reached'}: {t['name']}: {t['value']} (target {t['target']})"

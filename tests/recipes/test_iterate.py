@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune.config.values import ConfigError
 from preftune.evaluation.judges.base import CompareResult, Judge, JudgeError
@@ -432,3 +433,24 @@ def test_an_openai_judge_served_locally(world, tmp_path):
     assert "| 1 | n/a |" in (tmp_path / "run" / "report.md").read_text()
     assert 0 < asked <= 2 * (6 * 6 + 2 * 8)  # both orders of each round-robin game and held-out comparison
     assert len(server.requests) == asked  # the resume asked the server nothing
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("no", None)])
+def test_sampling_and_measuring_run_in_the_trainings_precision(precision, expected, world, tmp_path, monkeypatch):
+    """Every round's sampling, its held-out samples and the KL estimate use the training's --mixed-precision
+    (bf16 decoding is the fast path on CPUs that have it), not the weights' fp32."""
+    import preftune.evaluation.sampling as sampling
+
+    seen: list = []
+
+    def recorded(function):
+        def call(*args, **options):
+            seen.append((function.__name__, options.get("compute_dtype")))
+            return function(*args, **options)
+        return call
+
+    monkeypatch.setattr(sampling, "sample", recorded(sampling.sample))
+    monkeypatch.setattr(sampling, "estimate_kl", recorded(sampling.estimate_kl))
+    run_iterate(config(world, tmp_path / "run", rounds=1, train={**TRAIN, "mixed_precision": precision}), echo=quiet)
+    assert sorted(name for name, _ in seen) == ["estimate_kl", "sample", "sample", "sample"]  # base, round 1 x2
+    assert all(dtype == expected for _, dtype in seen), seen

@@ -49,7 +49,7 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None) -> list[t
     raises there, as a run stopped mid-stage); report.md lists the stage seconds; the targets and the
     summary are the real ones. Returns the list the stub of ``train_stage`` appends its calls to."""
     def writes(name, result=None):
-        def work(cfg, out, *args):
+        def work(cfg, out, *args, **options):
             calls.append(name)
             if name == fail_in:
                 raise KeyboardInterrupt(name)
@@ -79,6 +79,11 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None) -> list[t
         "win_rate": {"rate": 0.89, "low": 0.82, "high": 0.94, "n": 102}}))
     monkeypatch.setattr(recipe, "task_a_group_evaluation", writes("task A group DPO", {
         "win_rate": {"rate": 0.91, "low": 0.84, "high": 0.95, "n": 102}}))
+    monkeypatch.setattr(recipe, "task_a_iterative", writes("task A iterative", {
+        "rounds": [{"round": 1, "judge_score": 0.5, "win_vs_base": {"rate": 0.7, "low": 0.6, "high": 0.8, "n": 128},
+                    "win_vs_previous": {"rate": 0.7, "low": 0.6, "high": 0.8, "n": 128}, "kl": 3.0}],
+        "judged_samples": 768, "offline_judged_samples": 768, "steps": 24, "offline_steps": 24,
+        "win_vs_offline": {"rate": 0.62, "low": 0.53, "high": 0.7, "n": 128}}))
     monkeypatch.setattr(recipe, "task_b_data", writes("task B data", {"rows": {"held_out": 240, "rm": 600, "dpo": 9}}))
     monkeypatch.setattr(recipe, "task_b_reward_model", writes("task B reward model", lambda: {
         "reward_model": dict(row, name="reward model"), "base_raw": dict(row, accuracy=0.55)}))
@@ -92,15 +97,15 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None) -> list[t
 
 
 def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatch):
-    """A run stopped in stage 9 (the whole-part DPO): ``resume`` keeps stages 2-8 (their metrics, entries and
-    measured seconds), runs the model stage, stage 9 and the report, and the total adds the kept seconds."""
+    """A run stopped in stage 10 (the whole-part DPO): ``resume`` keeps stages 2-9 (their metrics, entries and
+    measured seconds), runs the model stage, stage 10 and the report, and the total adds the kept seconds."""
     out, calls = tmp_path / "run", []
     cfg = RealRecipeConfig.preset("full", output_dir=str(out), progress=False)
     _fake_stages(monkeypatch, calls, fail_in="task B DPO")
     with pytest.raises(KeyboardInterrupt):
         recipe.run_real_recipe(cfg, echo=lambda line: None)
     earlier = json.loads((out / "metrics.json").read_text())
-    assert list(earlier["stage_seconds"]) == list(recipe.STAGE_ENTRIES)[:8] and "dpo" not in earlier["task_b"]
+    assert list(earlier["stage_seconds"]) == list(recipe.STAGE_ENTRIES)[:9] and "dpo" not in earlier["task_b"]
     earlier["stage_seconds"] = {name: 100.0 for name in earlier["stage_seconds"]}  # as if each took 100 s
     (out / "metrics.json").write_text(json.dumps(earlier))
 
@@ -110,13 +115,13 @@ def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatc
     resumed = RealRecipeConfig.preset("full", output_dir=str(out), progress=False, resume=True, threads=1)
     result = recipe.run_real_recipe(resumed, echo=lines.append)
     assert calls == ["model", "task B DPO"]
-    kept = list(recipe.STAGE_ENTRIES)[1:8]
+    kept = list(recipe.STAGE_ENTRIES)[1:9]
     assert result.metrics["resumed"] == kept
-    assert sum("kept from the earlier run (1m40s; --resume)" in line for line in lines) == 7
+    assert sum("kept from the earlier run (1m40s; --resume)" in line for line in lines) == 8
     seconds = result.metrics["stage_seconds"]
     assert list(seconds) == list(recipe.STAGE_ENTRIES)  # stage order, the kept ones included
-    assert [seconds[name] for name in kept] == [100.0] * 7 and seconds["task B DPO"] < 10
-    assert 700 <= result.metrics["seconds"] < 710 and result.passed  # the fakes reach every target
+    assert [seconds[name] for name in kept] == [100.0] * 8 and seconds["task B DPO"] < 10
+    assert 800 <= result.metrics["seconds"] < 810 and result.passed  # the fakes reach every target
     assert result.metrics["task_b"]["variants"][0]["steps"] == 48  # the sweep's results read back
     assert result.metrics["task_b"]["dpo"]["name"] == "dpo (whole part)"
     assert json.loads((out / "metrics.json").read_text())["seconds"] == result.metrics["seconds"]
@@ -133,7 +138,7 @@ def test_resume_keeps_the_finished_stages_and_runs_the_rest(tmp_path, monkeypatc
     calls.clear()
     recipe.run_real_recipe(RealRecipeConfig.preset("full", output_dir=str(tmp_path / "new"), resume=True,
                                                           progress=False), echo=lambda line: None)
-    assert calls == ["model", *list(recipe.STAGE_ENTRIES)[1:9]]
+    assert calls == ["model", *list(recipe.STAGE_ENTRIES)[1:10]]
 
 
 def test_group_run_trains_on_the_groups_with_the_best_vs_worst_runs_steps_and_settings(tmp_path, monkeypatch):
@@ -151,7 +156,7 @@ def test_group_run_trains_on_the_groups_with_the_best_vs_worst_runs_steps_and_se
     task_a = result.metrics["task_a"]
     assert task_a["steps"] == task_a["group"]["steps"] == 2 and task_a["group"]["win_rate"]["rate"] == 0.91
     assert calls.index("task A evaluation") < calls.index("task A group DPO") < calls.index("task B data")
-    assert any("[5/10] task A group DPO: DPO on 10 groups of up to 4 (all pairs, 2 steps as best vs worst)" in line
+    assert any("[5/11] task A group DPO: DPO on 10 groups of up to 4 (all pairs, 2 steps as best vs worst)" in line
                for line in lines)
     assert any("2 steps: win rate 0.910 [0.840, 0.950] (n=102) (best vs worst: 0.890" in line for line in lines)
     assert recipe.STAGE_ENTRIES["task A group DPO"] == ("a_group_dpo", "a_group_samples.jsonl")
@@ -242,7 +247,8 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
     for name in ("report.md", "metrics.json", "a_samples.jsonl", "b_sweep.yaml", "b_sweep/report.md",
                  "b_sweep/summary.json", "b_sweep/frontier.png", "a_dpo/model.safetensors", "b_rm/config.json",
                  "b_dpo/model.safetensors", "a_group_dpo/model.safetensors", "a_group_samples.jsonl",
-                 "data/a_train_groups.jsonl", "a_base_cache.json",
+                 "data/a_train_groups.jsonl", "a_base_cache.json", "a_iterate/report.md", "a_iterate/metrics.json",
+                 "a_iterate/round-2/model/model.safetensors", "data/a_iter_prompts.jsonl",
                  "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl", "data/hh_held_out.jsonl",
                  "data/hh_rm.jsonl", "data/hh_dpo.jsonl"):
         assert (out / name).is_file(), name
@@ -251,10 +257,12 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
         assert all(isinstance(json.loads(line), dict) for line in (out / name).read_text().splitlines())
     report = (out / "report.md").read_text()
     for text in ("## Task A", "## Task B", "## Targets", "## Wall time", "b_sweep/frontier.png", "win rate vs base",
-                 "| DPO, best vs worst | DPO, whole groups |", "DPO on whole groups, the same prompts"):
+                 "| DPO, best vs worst | DPO, whole groups |", "DPO on whole groups, the same prompts",
+                 "### On-policy rounds on the same budget", "The last round against the offline DPO model"):
         assert text in report
     assert report.count("reached") >= 3
-    for line in ("[1/10] model", "[5/10] task A group DPO", "[9/10] task B DPO", "[10/10] report",
+    for line in ("[1/11] model", "[5/11] task A group DPO", "[6/11] task A iterative", "[10/11] task B DPO",
+                 "[11/11] report", "last round vs offline DPO",
                  "variant 1/2: dpo", "variant 2/2: orpo", "ETA"):
         assert line in reduced_run["stdout"], line
     assert list(metrics["stage_seconds"]) == list(recipe.STAGE_ENTRIES)
@@ -278,9 +286,19 @@ def test_reduced_recipe_metrics_are_finite_and_in_range(reduced_run):
     groups = [row for _, row in read_rows(reduced_run["out"] / "data" / "a_train_groups.jsonl")]
     assert len(groups) == a["train_groups"] and all(2 <= len(g["responses"]) == len(g["scores"]) <= 4
                                                      and len(set(g["scores"])) > 1 for g in groups)
+    it, cfg = a["iterative"], RealRecipeConfig.preset("reduced")  # the rounds on the offline run's budget
+    assert [r["round"] for r in it["rounds"]] == [1, 2] and it["judged_samples"] == it["offline_judged_samples"]
+    assert it["steps"] == sum(r["steps"] for r in it["rounds"]) and it["offline_steps"] == a["steps"]
+    assert all(0 <= r["win_vs_base"]["low"] <= r["win_vs_base"]["high"] <= 1 and _finite(r["kl"])
+               for r in it["rounds"])
+    assert it["win_vs_offline"]["n"] == a["eval_prompts"] and it["eval_prompts"] == 2 * cfg.a_held_out_films
+    iter_films = {row["prompt"][0]["content"] for _, row in read_rows(reduced_run["out"] / "data" /
+                                                                      "a_iter_prompts.jsonl")}
+    eval_films = {row["prompt"][0]["content"] for _, row in read_rows(reduced_run["out"] / "data" /
+                                                                      "a_eval_pairs.jsonl")}
+    assert iter_films and not iter_films & eval_films
     for part in ("reward_model", "base_raw"):
         assert 0 <= b[part]["accuracy"] <= 1 and b[part]["pairs"] > 0
-    cfg = RealRecipeConfig.preset("reduced")
     assert [v["name"] for v in b["variants"]] == [v["name"] for v in cfg.b_variants]
     for variant in b["variants"]:
         assert variant["error"] is None, variant
@@ -321,9 +339,9 @@ def test_reduced_recipe_exit_code_follows_its_smoke_checks(reduced_run):
     """A smoke run passes on what it can check at its size; the full run's targets are reported, not judged."""
     metrics = json.loads((reduced_run["out"] / "metrics.json").read_text())
     checks = metrics["smoke_checks"]
-    assert [c["ok"] for c in checks] == [True] * 6, checks
+    assert [c["ok"] for c in checks] == [True] * 7, checks
     assert metrics["passed"] is True and reduced_run["returncode"] == 0
     reached = sum(t["reached"] for t in metrics["targets"])
-    assert f"PASS: smoke run, 6/6 checks (the targets apply to the full run: {reached}/3 targets reached" \
+    assert f"PASS: smoke run, 7/7 checks (the targets apply to the full run: {reached}/3 targets reached" \
         in reduced_run["stdout"]
     assert "A smoke run (`--reduced`)" in (reduced_run["out"] / "report.md").read_text()

@@ -58,3 +58,33 @@ def test_report_and_summary_carry_the_group_run(tmp_path):
     summary = report.summary_text(tmp_path, values)
     assert "0.800 [0.700, 0.850] (n=32) | 0.900 [0.800, 0.950] (n=32)" in summary
     assert "DPO, best vs worst | DPO, whole groups" in summary
+
+
+def _rate(rate: float, n: int = 32) -> dict:
+    return {"rate": rate, "low": rate - 0.1, "high": rate + 0.05, "n": n}
+
+
+def test_report_and_summary_carry_the_on_policy_rounds(tmp_path):
+    values = metrics()
+    values["task_a"]["iterative"] = {
+        "rounds": [{"round": 1, "judge_score": 0.3, "win_vs_base": _rate(0.7), "win_vs_previous": _rate(0.7),
+                    "kl": 2.0, "kl_stderr": 0.25, "preference_accuracy": 0.7, "pairs": 10, "steps": 2},
+                   {"round": 2, "judge_score": 0.55, "win_vs_base": _rate(0.85), "win_vs_previous": _rate(0.65),
+                    "kl": 4.5, "kl_stderr": None, "preference_accuracy": None, "pairs": 9, "steps": 2}],
+        "rounds_asked": 2, "reference": "previous", "prompts_per_round": 16, "base_judge_score": 0.1,
+        "eval_prompts": 32, "judged_samples": 128, "offline_judged_samples": 128, "steps": 4, "offline_steps": 4,
+        "win_vs_offline": _rate(0.62), "score_last": 0.55, "score_offline": 0.4, "versus_prompts": 32,
+        "report": "a_iterate/report.md"}
+    report.write_report(tmp_path, values)
+    text = (tmp_path / "report.md").read_text()
+    assert "### On-policy rounds on the same budget" in text
+    assert "2 rounds, each sampling 16 fresh training films" in text
+    assert ("128 judged samples and 4 steps in all, as the offline best-vs-worst run (128 samples of the base, "
+            "4 steps)") in text
+    assert "| 0 (base) | +0.100 |" in text
+    assert ("| 1 | +0.300 | 0.700 [0.600, 0.750] (n=32) | 0.700 [0.600, 0.750] (n=32) | 2.00 +- 0.25 | 0.700 | 10 "
+            "| 2 |") in text
+    assert "| 2 | +0.550 | 0.850 [0.750, 0.900] (n=32) | 0.650 [0.550, 0.700] (n=32) | 4.50 | n/a | 9 | 2 |" in text
+    assert "win rate **0.620 [0.520, 0.670] (n=32)** (judge score +0.550 vs +0.400)" in text
+    summary = report.summary_text(tmp_path, values)
+    assert "last round vs offline DPO: 0.620 [0.520, 0.670] (n=32)" in summary
