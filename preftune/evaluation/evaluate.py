@@ -41,7 +41,6 @@ from preftune.evaluation.judges.registry import make_judge
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.prompts import read_prompts
 from preftune.evaluation.ranking import (
-    best_responses,
     group_preference_metrics,
     group_table,
     preference_summary,
@@ -103,14 +102,14 @@ def evaluate_model(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     groups = held_out[0].scores is not None
     collate = make_collate(tokenizer.pad_token_id, packing, row_cost=row_cost)
     score = group_preference_metrics if groups else preference_metrics
-    result["preference"] = score(model, base, held_out, collate, cfg, device, compute, cache, layout)
+    result["preference"], best = score(model, base, held_out, collate, cfg, device, compute, cache, layout)
 
-    if cfg.nll_data is None and groups:
-        sft_examples = best_responses(held_out)
+    if cfg.nll_data is None:  # the chosen (a group's best) responses: read from the preference pass's log-probs
+        result["nll"] = nll_from_logps(*best)
     else:
-        sft_examples = read_held_out(cfg, tokenizer, cfg.nll_data or cfg.data, "sft")
-    result["nll"] = nll_metrics(model, base, sft_examples, make_collate(tokenizer.pad_token_id, packing),
-                                cfg, device, compute, cache, layout)
+        sft_examples = read_held_out(cfg, tokenizer, cfg.nll_data, "sft")
+        result["nll"] = nll_metrics(model, base, sft_examples, make_collate(tokenizer.pad_token_id, packing),
+                                    cfg, device, compute, cache, layout)
     result["nll"]["data"] = (cfg.nll_data if cfg.nll_data else
                              f"{'best' if groups else 'chosen'} responses of {cfg.data}")
 
@@ -194,7 +193,9 @@ def pair_logps(model, examples, collate, cfg: EvalConfig, device, compute=None) 
 def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute=None,
                        cache: BaseCache | None = None, layout: dict | None = None) -> dict:
     """DPO metrics over all held-out pairs at once (exact means, not means of batch means), with the
-    ranking metrics of :func:`preference_summary` (a pair is a group of two scored 1 and 0)."""
+    ranking metrics of :func:`preference_summary` (a pair is a group of two scored 1 and 0) -> ``(metrics,
+    (chosen log-probs (N,), the base's (N,) or None, chosen token counts (N,)))``: the chosen side's numbers
+    serve :func:`nll_from_logps`."""
     logps, counts = pair_logps(model, examples, collate, cfg, device, compute)
     n = len(examples)
     if base is None:
@@ -214,7 +215,7 @@ def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, 
                                                            scores, None, cfg, base is not None)}
     out["accuracy_definition"] = ("beta * (logp_model - logp_ref): chosen > rejected" if base is not None else
                                   "raw log-prob preference: logp(chosen) > logp(rejected) (no reference model given)")
-    return out
+    return out, (logps[:n], ref_logps[:n] if base is not None else None, counts[:n])
 
 
 @torch.no_grad()
@@ -227,6 +228,18 @@ def total_nll(model, examples, collate, cfg: EvalConfig, device, compute=None) -
         total -= float(out.logps.sum())
         tokens += int(out.counts.sum())
     return total, tokens
+
+
+def nll_from_logps(logps: torch.Tensor, base_logps: torch.Tensor | None, counts: torch.Tensor) -> dict:
+    """:func:`nll_metrics` of held-out responses whose summed log-probs under the model (and the base, or None)
+    and token counts (each (N,)) are known: the preference pass's chosen responses (a group's best), so the NLL
+    costs no forward of its own. A response is scored the same inside its pair's packed forward as alone (the
+    packing tests' equality)."""
+    tokens = int(counts.sum())
+    model_nll = -float(logps.double().sum()) / tokens
+    base_nll = None if base_logps is None else -float(base_logps.double().sum()) / tokens
+    return {"tokens": tokens, "sequences": len(counts), "model": model_nll, "base": base_nll,
+            "difference": model_nll - base_nll if base_nll is not None else None}
 
 
 @torch.no_grad()

@@ -64,7 +64,9 @@ def group_preference_metrics(model, base, examples, collate, cfg: EvalConfig, de
     scores differ, the better one as chosen: what ``--loss dpo`` trains on for a group), exact means
     over the whole file, with :func:`preference_summary`'s ranking metrics. Without a base the
     reference log-probs are 0 (the raw log-prob preference). The base's (G, K) log-probs are kept in
-    ``cache`` as "held-out group log-probs". ``pairs`` counts the ordered pairs, ``groups`` the groups."""
+    ``cache`` as "held-out group log-probs". ``pairs`` counts the ordered pairs, ``groups`` the groups.
+    -> ``(metrics, (the best responses' log-probs (G,), the base's (G,) or None, their token counts (G,)))``,
+    the best response being the first of those holding the top score (the NLL's responses)."""
     logps, counts = group_table(model, examples, collate, cfg, device, compute)
     if base is None:
         ref_logps = torch.zeros_like(logps)
@@ -84,7 +86,13 @@ def group_preference_metrics(model, base, examples, collate, cfg: EvalConfig, de
     definition = ("beta * (logp_model - logp_ref): better > worse response of each ordered pair" if base is not None
                   else "raw log-prob preference: logp(better) > logp(worse) response of each ordered pair "
                        "(no reference model given)")
-    return {"pairs": summary["ordered_pairs"], "groups": len(examples), **summary, "accuracy_definition": definition}
+    best = best_index(examples)
+
+    def at_best(table: torch.Tensor) -> torch.Tensor:  # (G, K) -> (G,)
+        return table.gather(1, best.unsqueeze(1)).squeeze(1)
+
+    return ({"pairs": summary["ordered_pairs"], "groups": len(examples), **summary, "accuracy_definition": definition},
+            (at_best(logps), at_best(ref_logps) if base is not None else None, at_best(counts)))
 
 
 def preference_summary(metrics: dict, logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor,
@@ -132,12 +140,8 @@ def reward_model_preference(rewards: torch.Tensor, examples: list[TokenizedExamp
             **ranking_metrics(rewards, scores, mask), "chosen_logp_change": None}
 
 
-def best_responses(groups: list[TokenizedExample]) -> list[TokenizedExample]:
-    """SFT-kind examples of response groups for the NLL: each group's prompt with its best response
-    (the first of those holding the top score), the tokens the group was read with."""
-    out = []
-    for ex in groups:
-        best = max(range(len(ex.scores)), key=lambda k: (ex.scores[k], -k))
-        out.append(TokenizedExample(index=ex.index, prompt_ids=list(ex.prompt_ids), completions=[ex.completions[best]],
-                                    location=ex.location, truncated=ex.truncated))
-    return out
+def best_index(groups: list[TokenizedExample]) -> torch.Tensor:
+    """(G,) long: each group's best response, the first of those holding the top score (the response the
+    NLL is measured on)."""
+    return torch.tensor([max(range(len(ex.scores)), key=lambda k: (ex.scores[k], -k)) for ex in groups],
+                        dtype=torch.long)

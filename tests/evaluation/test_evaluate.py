@@ -224,9 +224,9 @@ def test_group_file_metrics_match_a_hand_computation(trained_dir, tiny_model_dir
 
     cache = tmp_path / "base_cache.json"
     first = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, base_cache=cache, **LENGTHS)
-    assert first.pop("base_cache")["stored"] == ["held-out group log-probs", "NLL"]
+    assert first.pop("base_cache")["stored"] == ["held-out group log-probs"]  # the NLL read from them
     again = run_eval(trained_dir, data, ref_model=tiny_model_dir, beta=0.1, batch_size=5, base_cache=cache, **LENGTHS)
-    assert again.pop("base_cache")["reused"] == ["held-out group log-probs", "NLL"]
+    assert again.pop("base_cache")["reused"] == ["held-out group log-probs"]
     assert first == again == result
 
     raw = run_eval(trained_dir, data, beta=0.1, **LENGTHS)["preference"]  # no base: beta * log p ranks
@@ -328,7 +328,7 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
              for name, path in (("trained", trained_dir), ("base", tiny_model_dir))}
     first = run_eval(trained_dir, rule_data["eval"], base_cache=cache, **opts)
     assert first.pop("base_cache") == {"path": str(cache), "reused": [],
-                                       "stored": ["held-out pair log-probs", "NLL", "samples"]}
+                                       "stored": ["held-out pair log-probs", "samples"]}
     assert first == plain["trained"]
     # a moved model, really judged (its 8-sample KL estimate may fall either side of 0; it is not 0)
     assert first["preference"]["accuracy"] != 0.5 and first["generation"]["kl"] != 0
@@ -346,17 +346,18 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
     for name in calls:
         monkeypatch.setattr(ev, name, counting(name))
     second = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
-    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples"]
+    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "samples"]
     assert second == plain["base"]
-    assert calls == {"pair_logps": 1, "total_nll": 1, "sample": 0}  # the model's own forwards only
+    assert calls == {"pair_logps": 1, "total_nll": 0, "sample": 0}  # the model's own forwards only (the NLL is
+    # read from the preference pass's chosen log-probs)
 
     reseeded = run_eval(trained_dir, rule_data["eval"], base_cache=cache, **{**opts, "seed": 1})
-    assert reseeded["base_cache"]["reused"] == ["held-out pair log-probs", "NLL"]  # samples depend on the seed
+    assert reseeded["base_cache"]["reused"] == ["held-out pair log-probs"]  # samples depend on the seed
     assert reseeded["base_cache"]["stored"] == ["samples"]
     other_base = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache,
                                 **{**opts, "ref_model": trained_dir})
     assert other_base["base_cache"]["reused"] == []
-    assert len(json.loads(cache.read_text())["entries"]) == 3 + 1 + 3
+    assert len(json.loads(cache.read_text())["entries"]) == 2 + 1 + 2
     with pytest.raises(ValueError, match="--base-cache .* needs --ref-model"):
         run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache)
 

@@ -13,7 +13,7 @@ from preftune.config.eval_config import EvalConfig
 from preftune.data import load_dataset
 from preftune.data.records import TokenizedExample
 from preftune.evaluation.evaluate import evaluate_model
-from preftune.evaluation.ranking import best_responses, label_scores, reward_model_preference
+from preftune.evaluation.ranking import best_index, label_scores, reward_model_preference
 from preftune.evaluation.report_table import format_table
 from preftune.model.loading import load_model, load_tokenizer
 
@@ -33,11 +33,9 @@ def test_label_scores_of_pairs_and_groups():
     assert mask.tolist() == [[True, True, False], [True, True, True]]
 
 
-def test_best_responses_take_the_first_top_scored_response():
+def test_the_best_response_is_the_first_top_scored_one():
     groups = [example(0, [[5], [6, 6], [7]], [0.0, 3.0, 3.0]), example(1, [[8], [9]], [1.0, 2.0])]
-    best = best_responses(groups)
-    assert [b.completions for b in best] == [[[6, 6]], [[9]]]
-    assert [b.index for b in best] == [0, 1] and all(b.scores is None and b.prompt_ids == [1, 2] for b in best)
+    assert best_index(groups).tolist() == [1, 1]
 
 
 def test_reward_model_preference_by_hand():

@@ -184,10 +184,10 @@ def test_sweep_trains_reports_and_skips_finished_variants(tiny_model_dir, rule_d
         assert row["evaluation"]["generation"]["win_rate"]["n"] == 4
         assert f"| {name} | " in text
     # the base's share of the evaluation: computed by the first variant, read back by the others
-    assert by_name["dpo"]["evaluation"]["base_cache"]["stored"] == ["held-out pair log-probs", "NLL", "samples"]
+    assert by_name["dpo"]["evaluation"]["base_cache"]["stored"] == ["held-out pair log-probs", "samples"]
     for name in ("ipo", "simpo"):
         assert by_name[name]["evaluation"]["base_cache"] == {
-            "path": str(out / "base_cache.json"), "reused": ["held-out pair log-probs", "NLL", "samples"],
+            "path": str(out / "base_cache.json"), "reused": ["held-out pair log-probs", "samples"],
             "stored": []}
     assert "model folder not found" in by_name["no-ref"]["error"] and (out / "no-ref" / "run.log").exists()
     assert not (out / "no-ref" / "done.json").exists()

@@ -243,7 +243,7 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
     cache = tmp_path / "base_cache.json"
     plain = evaluate(tiny_model_dir, data, **opts)
     first = evaluate(tiny_model_dir, data, base_cache=cache, **opts)
-    assert first.pop("base_cache")["stored"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
+    assert first.pop("base_cache")["stored"] == ["held-out pair log-probs", "samples", "judge scores"]
     assert first == plain
     assert plain["generation"]["win_rate"]["ties"] == 6  # the base against itself: equal samples, equal scores
 
@@ -252,7 +252,7 @@ def test_base_cache_keeps_the_reward_models_scores_of_the_base(trained_reward_mo
     monkeypatch.setattr(judges.RewardModelJudge, "score",
                         lambda self, p, r: scored.append(len(r)) or original(self, p, r))
     second = evaluate(tiny_model_dir, data, base_cache=cache, **opts)
-    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "NLL", "samples", "judge scores"]
+    assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "samples", "judge scores"]
     assert second == plain and scored == [6]  # the model's six samples only
     # another judge (other weights) is another key: its scores of the base are computed, not reused
     other = tmp_path / "other-rm"
