@@ -104,10 +104,13 @@ def task_b_sweep(cfg: RealRecipeConfig, out: Path, base: Path, echo=print) -> li
 
 def task_b_dpo(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """DPO on the whole DPO part, evaluated against the base as a sweep variant is (same data, judge and
-    settings, so the base's share is read back from the sweep's base cache when it is there)."""
+    settings, so the base's share is read back from the sweep's base cache when it is there). Its reference
+    log-probs come from the sweep's shared reference cache (``b_sweep/ref_cache``): the rows the sweep's
+    variants computed are read, the rest computed and added."""
     started = time.perf_counter()
     result = train_stage(cfg, out / "b_dpo", base, out / "data" / "hh_dpo.jsonl", "dpo", cfg.b_learning_rate,
-                         cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta)
+                         cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta, share_ref_cache=True,
+                         ref_cache_dir=str(out / "b_sweep" / "ref_cache"))
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(cfg, out / "b_dpo", out / "data" / "hh_held_out.jsonl", ref_model=base,
                           generate=cfg.b_eval_prompts, judge=b_judge(out),

@@ -39,8 +39,9 @@ def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
 
 
 def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path, loss: str, learning_rate: float,
-                epochs: float, max_steps: int | None = None, beta: float | None = None):
-    """One :func:`preftune.training.loop.train` call with the recipe's shared settings -> its TrainResult."""
+                epochs: float, max_steps: int | None = None, beta: float | None = None, **options):
+    """One :func:`preftune.training.loop.train` call with the recipe's shared settings (and ``options``, more
+    :class:`TrainConfig` fields) -> its TrainResult."""
     from preftune.config.train_config import TrainConfig
     from preftune.training.loop import train
 
@@ -50,7 +51,7 @@ def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path
         batch_size=cfg.batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         warmup_ratio=cfg.warmup_ratio, lr_scheduler="cosine", logging_steps=5, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-        progress=cfg.progress))
+        progress=cfg.progress, **options))
 
 
 def evaluate(cfg: RealRecipeConfig, model: Path, data: Path, **options) -> dict:

@@ -252,6 +252,9 @@ def test_reduced_recipe_writes_every_report_file(reduced_run):
                  "data/a_train_pairs.jsonl", "data/a_eval_pairs.jsonl", "data/hh_held_out.jsonl",
                  "data/hh_rm.jsonl", "data/hh_dpo.jsonl"):
         assert (out / name).is_file(), name
+    # the sweep's variants and the whole-part DPO read one shared reference cache of the DPO part
+    assert list((out / "b_sweep" / "ref_cache").glob("shared-*.safetensors"))
+    assert not (out / "b_dpo" / "ref_cache").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("a_samples.jsonl", "data/a_train_pairs.jsonl", "data/hh_dpo.jsonl"):
         assert all(isinstance(json.loads(line), dict) for line in (out / name).read_text().splitlines())

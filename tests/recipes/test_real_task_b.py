@@ -30,6 +30,8 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
     (config,) = trained
     assert (config.loss, config.beta, config.max_steps, config.epochs) == ("dpo", cfg.b_dpo_beta, None, cfg.b_epochs)
     assert config.data == str(tmp_path / "data" / "hh_dpo.jsonl") and config.output_dir == str(tmp_path / "b_dpo")
+    # its reference log-probs: the sweep's shared cache (rows its variants computed are read, not recomputed)
+    assert config.share_ref_cache and config.ref_cache_dir == str(tmp_path / "b_sweep" / "ref_cache")
     sweep = yaml.safe_load(recipe.sweep_file(cfg, tmp_path, tmp_path / "base").read_text())
     assert sweep["common"]["max_steps"] == cfg.b_max_steps == 48
     (model, data, options), = evaluated
