@@ -99,15 +99,17 @@ def unsupported_reason(model, max_length: int = 0) -> str | None:
 
 class FusedLinear:
     """Several ``nn.Linear`` layers that read the same input, as one product: (..., in) -> tuple of
-    (..., out_i) in the compute dtype, one per layer.
+    (..., out_i) in the compute dtype, one per layer (or one per entry of ``split``, sizes summing to the
+    layers' outputs).
 
     When the compute dtype is not the weights' (or the weights are prepacked for oneDNN), the weights
     are fused into one matrix in the compute dtype (the copy that dtype needs anyway); otherwise the
     layers' own tensors are multiplied one by one (no fused fp32 copy)."""
 
-    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch_hint: int):
+    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch_hint: int,
+                 split: list[int] | None = None):
         self.dtype, self.pack = dtype, pack
-        self.sizes = [linear.out_features for linear in linears]
+        self.sizes = split or [linear.out_features for linear in linears]
         weights = [linear.weight.detach() for linear in linears]
         biases = [None if linear.bias is None else linear.bias.detach() for linear in linears]
         self.fused = pack or weights[0].dtype != dtype
@@ -125,7 +127,8 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x.to(self.dtype)
         if not self.fused:
-            return tuple(nn_functional.linear(x, w, b) for w, b in self.parts)
+            outs = tuple(nn_functional.linear(x, w, b) for w, b in self.parts)
+            return outs if len(outs) == len(self.sizes) else torch.cat(outs, dim=-1).split(self.sizes, dim=-1)
         if self.pack:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         else:
@@ -140,7 +143,9 @@ class LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight.detach()
         self.post_norm = layer.post_attention_layernorm.weight.detach()
-        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, pack, batch_hint)
+        q_k = attn.q_proj.out_features + attn.k_proj.out_features
+        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, pack, batch_hint,
+                               split=[q_k, attn.v_proj.out_features])  # -> (queries and keys, values)
         self.out = FusedLinear([attn.o_proj], dtype, pack, batch_hint)
         self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, pack, batch_hint)
         self.down = FusedLinear([mlp.down_proj], dtype, pack, batch_hint)
@@ -173,26 +178,27 @@ class LeanDecoder:
         self.k_cache = self.v_cache = None
 
     def _rotary_table(self, length: int) -> None:
-        """cos and sin of every position below ``length``: (length, head_dim) float32 each."""
+        """cos and sin of every position below ``length``: (length, head_dim) each, computed in float32 and
+        kept in the compute dtype (the Hugging Face forward casts them to its activations' dtype)."""
         positions = torch.arange(length, device=self.device, dtype=torch.float)
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding: (B, H, T, hd) by (B, 1, T, hd) float32 cos/sin -> (B, H, T, hd) compute dtype."""
-        x = x.float()
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding: (B, T, heads, hd) by (B, T, 1, hd) cos/sin -> (B, T, heads, hd), in their dtype."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos + rotated * sin).to(self.dtype)
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int) -> torch.Tensor:
         """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T``
         -> (B, T, D) after o_proj. ``mask``: (B, 1, T, start + T) bool, True where a query may look."""
         batch, length, _ = h.shape
-        q, k, v = layer.qkv(h)
-        q = self._rotate(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = self._rotate(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q_k, v = layer.qkv(h)
+        # one rotation for the query and key heads together: (B, T, H + KV, hd)
+        q_k = self._rotate(q_k.view(batch, length, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        q, k = q_k.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)  # (B, H, T, hd), (B, KV, T, hd)
         end = start + length
         self.k_cache[index, :, :, start:end] = k
         self.v_cache[index, :, :, start:end] = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -209,7 +215,7 @@ class LeanDecoder:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         """(B, T) ids at (B, T) positions, written at cache columns from ``start`` -> (B, V) float32 logits of
         the last column."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, hd)
         x = nn_functional.embedding(ids, self.embed)  # (B, T, D)
         shape = (self.hidden,)
         for index, layer in enumerate(self.layers):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from preftune.evaluation import decoding
 from preftune.evaluation.decoding import choose_tokens, decode, sample_uniforms
 from preftune.model.tiny import tiny_model
 
@@ -97,7 +98,7 @@ def prompts_for(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 1)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_greedy_equals_generate_token_for_token(arch):
     """fp32 greedy decoding of left-padded batches equals ``generate`` row by row (EOS off: 12 tokens each)."""
     model = tiny_model(arch, vocab_size=128, seed=1).eval()
@@ -154,3 +155,72 @@ def test_two_level_draw_equals_one_running_sum_over_the_vocabulary():
     cdf = probs.double().cumsum(-1)
     expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     assert torch.equal(_pick(probs, uniforms), expected)
+
+
+# ----------------------------------------------------------------------------- the lean forward and the fallback
+
+
+def paths_taken(monkeypatch) -> list[str]:
+    """Records which batch decoder :func:`decode` calls: ``lean`` or ``hf``, once per batch."""
+    taken: list[str] = []
+    lean, hf = decoding.decode_batch_lean, decoding.decode_batch
+    monkeypatch.setattr(decoding, "decode_batch_lean", lambda *a, **k: taken.append("lean") or lean(*a, **k))
+    monkeypatch.setattr(decoding, "decode_batch", lambda *a, **k: taken.append("hf") or hf(*a, **k))
+    return taken
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_seeded_sampling_is_the_same_on_the_lean_and_the_hugging_face_path(arch, monkeypatch):
+    """fp32, temperature 1 with top-k and top-p: the lean forward draws the tokens the Hugging Face forward
+    draws, at batch sizes 2 and 5 (a finished row leaves the batch on both paths)."""
+    model = tiny_model(arch, vocab_size=96, seed=3).eval()
+    prompts = prompts_for(96)
+    options = dict(max_new_tokens=10, eos_ids=list(range(3, 12)), pad_id=0, seed=11, top_k=40, top_p=0.95)
+    taken = paths_taken(monkeypatch)
+    with torch.no_grad():
+        lean = [decode(model, prompts, batch_size=b, **options) for b in (2, 5)]
+        assert set(taken) == {"lean"}
+        monkeypatch.setattr(decoding, "lean_decoder", lambda *a, **k: None)
+        hf = [decode(model, prompts, batch_size=b, **options) for b in (2, 5)]
+        assert taken[-1] == "hf"
+    assert lean[0] == lean[1] == hf[0] == hf[1]
+    assert any(len(c) < 10 for c in lean[0]) and any(len(c) == 10 for c in lean[0])  # rows stop at different steps
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_when_finished_rows_leave_the_cache_does_not_change_the_samples(share, monkeypatch):
+    model = tiny_model("llama", vocab_size=64, seed=5).eval()
+    options = dict(max_new_tokens=8, eos_ids=list(range(3, 10)), pad_id=0, seed=2, batch_size=5)
+    with torch.no_grad():
+        default = decode(model, prompts_for(64), **options)
+        monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
+        assert decode(model, prompts_for(64), **options) == default
+    assert any(len(c) < 8 for c in default) and any(len(c) == 8 for c in default)
+
+
+def test_gpt2_and_a_peft_model_take_the_hugging_face_path(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    taken = paths_taken(monkeypatch)
+    peft = get_peft_model(tiny_model("llama", vocab_size=64), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    with torch.no_grad():
+        for model in (tiny_model("gpt2", vocab_size=64).eval(), peft):
+            decode(model, prompts_for(64)[:2], max_new_tokens=3, eos_ids=[2], pad_id=0, batch_size=2)
+            assert taken == ["hf"]
+            taken.clear()
+        decode(tiny_model("llama", vocab_size=64).eval(), prompts_for(64)[:2], max_new_tokens=3, eos_ids=[2],
+               pad_id=0, batch_size=2)
+    assert taken == ["lean"]
+
+
+def test_bf16_autocast_runs_the_lean_forward_in_bf16(monkeypatch):
+    """Under bf16 autocast the lean decoder is built for bf16 (its cache in bf16) and the samples are valid
+    token ids of the requested lengths."""
+    built = []
+    make = decoding.lean_decoder
+    monkeypatch.setattr(decoding, "lean_decoder", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
+    model = tiny_model("llama", vocab_size=64, seed=1).eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = decode(model, prompts_for(64), max_new_tokens=5, eos_ids=[2], pad_id=0, temperature=0, batch_size=5)
+    assert built[0].dtype == torch.bfloat16 and built[0].k_cache.dtype == torch.bfloat16
+    assert all(1 <= len(c) <= 5 and all(0 <= t < 64 for t in c) for c in out)

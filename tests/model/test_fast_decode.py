@@ -1,0 +1,90 @@
+"""The lean decode forward: the Hugging Face forward's logits over a left-padded prefill and decode steps
+(rows leaving the batch on the way), for Llama, Qwen2 (q/k/v bias) and Mistral; what falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preftune.model.fast_decode import LeanDecoder, lean_decoder, unsupported_reason
+from preftune.model.tiny import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    torch.set_num_threads(1)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits of the last column from the Hugging Face forward over the whole left-padded sequence."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_lean_logits_equal_the_hugging_face_forward(arch):
+    """Prefill of four left-padded prompts (lengths 1 to 9), then six decode steps; after the third
+    step rows 1 and 3 leave the batch. Every step's logits within 1e-4 of the Hugging Face forward."""
+    model = tiny_model(arch, vocab_size=96, seed=4, heads=4, layers=3).eval()  # 4 query heads, 2 KV heads
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None  # the bias path is exercised
+    g = torch.Generator().manual_seed(0)
+    ids, mask = left_padded([torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 9, 5, 1)])
+    with torch.no_grad():
+        lean = lean_decoder(model)
+        assert isinstance(lean, LeanDecoder)
+        logits = lean.prefill(ids, mask, max_new_tokens=7)
+        for step in range(6):
+            expected = hf_last_logits(model, ids, mask)
+            assert (logits - expected).abs().max().item() < 1e-4, f"step {step}"
+            tokens = torch.randint(3, 96, (ids.shape[0],), generator=g)
+            ids = torch.cat([ids, tokens[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if step == 2:
+                keep = torch.tensor([0, 2])
+                lean.keep_rows(keep)
+                ids, mask, tokens = ids[keep], mask[keep], tokens[keep]
+            logits = lean.step(tokens)
+
+
+def test_gpt2_a_peft_model_and_other_rope_scalings_fall_back():
+    from peft import LoraConfig, get_peft_model
+
+    assert "GPT2LMHeadModel" in unsupported_reason(tiny_model("gpt2", vocab_size=64))
+    llama = tiny_model("llama", vocab_size=64)
+    assert unsupported_reason(llama) is None
+    peft = get_peft_model(tiny_model("llama", vocab_size=64), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert unsupported_reason(peft) is not None and lean_decoder(peft) is None
+    assert "not nn.Linear" in unsupported_reason(peft.get_base_model())  # the injected adapter layers
+    scaled = tiny_model("llama", vocab_size=64)
+    scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert "linear" in unsupported_reason(scaled)
+
+
+def test_a_sliding_window_falls_back_only_when_a_sequence_can_outgrow_it():
+    model = tiny_model("mistral", vocab_size=64, sliding_window=16)
+    assert unsupported_reason(model, max_length=16) is None
+    assert "sliding window" in unsupported_reason(model, max_length=17)
+    assert lean_decoder(model, max_length=17) is None
+
+
+def test_fp32_weights_are_used_in_place_and_bf16_gets_one_fused_copy():
+    model = tiny_model("llama", vocab_size=64).eval()
+    lean = LeanDecoder(model)
+    attn = model.model.layers[0].self_attn
+    assert not lean.layers[0].qkv.fused and lean.layers[0].qkv.parts[0][0].data_ptr() == attn.q_proj.weight.data_ptr()
+    bf16 = LeanDecoder(model, torch.bfloat16)
+    assert bf16.layers[0].qkv.fused and bf16.k_cache is None
+    with torch.no_grad():
+        bf16.prefill(*left_padded([[5, 6, 7], [8]]), max_new_tokens=2)
+    assert bf16.k_cache.dtype == torch.bfloat16 and bf16.k_cache.shape == (2, 2, 2, 5, 16)
