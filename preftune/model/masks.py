@@ -3,7 +3,9 @@
 Packed batches carry a (R, 1, L, L) bool mask; it reaches the attention layers unchanged
 because ``transformers.masking_utils`` returns a 4D mask as-is (so its "position ids
 restart => new sequence" detection never runs). It is converted per attention
-implementation: ``sdpa`` bool, ``eager`` additive float (0 / dtype min),
+implementation: ``sdpa`` additive float (0 / -inf: the mask ``scaled_dot_product_attention`` would
+build from a bool mask in every layer's call, built once per batch here), ``eager`` additive float
+(0 / dtype min),
 ``flex_attention`` a ``BlockMask``. Flash attention cannot take it. Sliding-window layers get
 the window folded into the mask, measured in position ids (= distance within the unpacked
 sequence).
@@ -76,9 +78,15 @@ def build_packed_mask(model: nn.Module, batch: Batch, layer_dict: bool = False):
 
 
 def _convert_mask(mask: torch.Tensor, impl: str, dtype: torch.dtype):
-    """(R, 1, L, L) bool (True = attend) -> what ``impl`` takes."""
+    """(R, 1, L, L) bool (True = attend) -> what ``impl`` takes.
+
+    ``sdpa``: exactly the float mask ``scaled_dot_product_attention`` makes of a bool one (0 where
+    attended, -inf elsewhere, in the query dtype), so the outputs are the same bit for bit; made
+    once here instead of in each layer's attention call (forward and backward of every layer).
+    """
     if impl == "sdpa":
-        return mask
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.full((), float("-inf"), dtype=dtype, device=mask.device))
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     if impl == "flex_attention":
