@@ -10,11 +10,15 @@ Same model, prompts, batches and settings for every contender, in one process, o
   every contender; batches of similar prompt length (longest first), left padded;
 * sampling at temperature 1, top-p 1, top-k off, up to ``--max-new-tokens``, stop at EOS;
 * ``hf-generate-bf16``: ``model.generate`` on bf16 weights (its fastest CPU setting);
-  ``preftune-bf16``: :func:`preftune.evaluation.decoding.decode` on the same bf16 weights, linears prepacked
-  (what ``sample`` runs); ``preftune-bf16-unpacked``: the same loop on the model's own linears;
-  ``preftune-autocast``: fp32 weights under bf16 autocast (what ``preftune eval --mixed-precision auto``
-  runs on a model loaded in fp32); ``llama.cpp-<quant>`` (batch 1 only; needs ``llama-cpp-python`` and a
-  GGUF from ``preftune export``): ``Llama.generate`` with the same ids and settings (min-p off).
+  ``preftune-bf16``: :func:`preftune.evaluation.decoding.decode` on the same bf16 weights (what ``sample``
+  runs: the lean forward of :mod:`preftune.model.fast_decode`); ``preftune-bf16-hf``: the same loop on the
+  model's Hugging Face forward with prepacked linears (the fallback path, and what ``sample`` ran before the
+  lean forward); ``preftune-autocast``: fp32 weights under bf16 autocast (what ``preftune eval
+  --mixed-precision auto`` runs on a model loaded in fp32); ``llama.cpp-<quant>`` (batch 1 only; needs
+  ``llama-cpp-python`` and a GGUF from ``preftune export``): ``Llama.generate`` with the same ids and
+  settings (min-p off).
+* ``--repeats N`` runs the contenders N times in turn (A, B, A, B, ...) and reports each one's median
+  tokens/s (every repeat's figure is kept): the fair comparison on a machine other work shares.
 
 Reported per contender and batch size: generated tokens (EOS included) per second of wall time, and the
 share of a roofline measured on the same machine: a decode step must read every weight once (bytes /
@@ -97,21 +101,32 @@ def hf_generate(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed)
 
 
 def preftune_decode(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed) -> int:
-    """What :func:`preftune.evaluation.sampling.sample_token_ids` runs: bf16 linears prepacked, then decode."""
-    from preftune.evaluation.decoding import decode
-    from preftune.model.packed_linear import packed_linears
-
-    with packed_linears(model, torch.bfloat16, batch):
-        return sum(len(c) for c in decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
-                                          batch_size=batch))
-
-
-def preftune_decode_unpacked(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed) -> int:
-    """The same decode loop with the model's own ``nn.Linear`` layers (no prepacked weights): what packing adds."""
+    """What :func:`preftune.evaluation.sampling.sample_token_ids` runs on a Llama-family model: ``decode`` on
+    the lean forward (it prepacks its own weights)."""
     from preftune.evaluation.decoding import decode
 
     return sum(len(c) for c in decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
                                       batch_size=batch))
+
+
+def preftune_decode_hf(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id, seed) -> int:
+    """The same ``decode`` on the model's Hugging Face forward with prepacked linears (the lean forward
+    switched off): the fallback path for other architectures."""
+    from unittest import mock
+
+    from preftune.evaluation import decoding
+    from preftune.model.packed_linear import packed_linears
+
+    with packed_linears(model, torch.bfloat16, batch), mock.patch.object(decoding, "lean_decoder",
+                                                                         lambda *args, **kwargs: None):
+        return sum(len(c) for c in decoding.decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
+                                                   batch_size=batch))
+
+
+def autocast_decode(model, *args) -> int:
+    """:func:`preftune_decode` on fp32 weights under bf16 autocast."""
+    with torch.autocast("cpu", torch.bfloat16):
+        return preftune_decode(model, *args)
 
 
 def llama_cpp_generate(llm, prompt_ids, max_new_tokens, eos_ids) -> int:
@@ -134,6 +149,20 @@ def timed(fn, *args) -> dict:
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def run_contenders(runs: dict, repeats: int) -> dict:
+    """``{name: (fn, args)}`` run ``repeats`` times in turn -> ``{name: result}``: the median repeat's
+    :func:`timed` result by tokens/s, with every repeat's tokens/s under ``repeats_tokens_per_s``."""
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (fn, args) in runs.items():
+            results[name].append(timed(fn, *args))
+    out = {}
+    for name, tries in results.items():
+        ranked = sorted(tries, key=lambda r: r["tokens_per_s"])
+        out[name] = dict(ranked[len(ranked) // 2], repeats_tokens_per_s=[r["tokens_per_s"] for r in tries])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,16,64", help="batch sizes, comma separated")
@@ -144,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
                         help="a GGUF of the same model for llama.cpp at batch 1 (repeatable: F16, Q8_0, ...)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every contender, in turn (median kept)")
+    parser.add_argument("--contenders", default="", help="comma-separated names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 4 prompts, 16 tokens")
     parser.add_argument("--out", help="folder for results.json")
     args = parser.parse_args(argv)
@@ -176,18 +207,20 @@ def main(argv=None) -> int:
         count = args.prompts or (8 if batch == 1 else 2 * batch)
         prompt_ids = [prompt_token_ids(tokenizer, p, prefix) for p in chat_prompts(count)]
         common = (prompt_ids, batch, args.max_new_tokens, eos_ids, pad_id, args.seed)
-        contenders = {}
         with torch.no_grad():  # warm-up: one short call each (first-call allocations, oneDNN kernel choice)
             hf_generate(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
             preftune_decode(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
+            preftune_decode_hf(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
             with torch.autocast("cpu", torch.bfloat16):
                 preftune_decode(fp32, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
+        runs = {"hf-generate-bf16": (hf_generate, (bf16, *common)),
+                "preftune-bf16": (preftune_decode, (bf16, *common)),
+                "preftune-bf16-hf": (preftune_decode_hf, (bf16, *common)),
+                "preftune-autocast": (autocast_decode, (fp32, *common))}
+        wanted = set(args.contenders.split(",")) if args.contenders else set(runs)
+        runs = {name: run for name, run in runs.items() if name in wanted or name == "hf-generate-bf16"}
         with torch.no_grad():
-            contenders["hf-generate-bf16"] = timed(hf_generate, bf16, *common)
-            contenders["preftune-bf16"] = timed(preftune_decode, bf16, *common)
-            contenders["preftune-bf16-unpacked"] = timed(preftune_decode_unpacked, bf16, *common)
-            with torch.autocast("cpu", torch.bfloat16):
-                contenders["preftune-autocast"] = timed(preftune_decode, fp32, *common)
+            contenders = run_contenders(runs, args.repeats)
         if batch == 1:
             for name, llm in llms.items():
                 contenders[f"llama.cpp-{name}"] = timed(llama_cpp_generate, llm, prompt_ids, args.max_new_tokens,

@@ -193,7 +193,8 @@ class LeanDecoder:
 
     def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int) -> torch.Tensor:
         """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T``
-        -> (B, T, D) after o_proj. ``mask``: (B, 1, T, start + T) bool, True where a query may look."""
+        -> (B, T, D) after o_proj. ``mask``: (B, 1, T, start + T), bool (True where a query may look) or
+        additive (0 or -inf)."""
         batch, length, _ = h.shape
         q_k, v = layer.qkv(h)
         # one rotation for the query and key heads together: (B, T, H + KV, hd)
@@ -249,7 +250,9 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the tokens just chosen, one per remaining row -> (B, V) float32 logits of the next ones."""
         start = self.filled
-        mask = self.valid[:, None, None, :start + 1]  # (B, 1, 1, start + 1)
+        # (B, 1, 1, start + 1) additive mask, built once for every layer (SDPA would convert a bool mask per call)
+        mask = torch.zeros(self.valid.shape[0], 1, 1, start + 1, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~self.valid[:, None, None, :start + 1], float("-inf"))
         with torch.autocast(self.device.type, enabled=False):
             logits = self._forward(tokens.view(-1, 1), self.next_position, mask, start)
         self.filled += 1
