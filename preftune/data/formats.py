@@ -168,11 +168,7 @@ def _pair(row: dict, location: Location | None) -> Example:
 def _margin(row: dict, location: Location | None) -> float | None:
     """A pair's optional ``margin`` (how much better chosen is; reward-model training, as TRL's)."""
     value = row.get("margin")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise DataError(location, f"field 'margin' must be a finite number, got {value!r}")
-    return float(value)
+    return None if value is None else _finite(value, "margin", location)
 
 
 def _unpaired(row: dict, location: Location | None) -> Example:

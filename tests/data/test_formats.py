@@ -373,6 +373,32 @@ def test_bad_groups_are_one_line_naming_the_place_and_field(row, message):
     assert message in text
 
 
+@pytest.mark.parametrize("margin, shown", [(10**400, "1" + "0" * 59), (-(10**400), "-1" + "0" * 58),
+                                           (float("inf"), "inf"), (float("nan"), "nan"), ("2", "'2'"),
+                                           (True, "True")])
+def test_a_bad_pair_margin_is_one_line_naming_the_place_and_field(margin, shown):
+    """A margin beyond float range (an integer like 10**400) raised OverflowError; now the same one line as
+    any bad field: file:line, the field, and the value (cut to 60 characters)."""
+    row = {"prompt": "Q", "chosen": " a", "rejected": " b", "margin": margin}
+    with pytest.raises(DataError) as err:
+        to_example(row, LOC, "pair")
+    text = str(err.value)
+    assert text == f"pairs.jsonl:3: field 'margin' must be a finite number, got {shown}"
+
+
+def test_data_check_reports_a_huge_margin_as_a_bad_record(tmp_path, capsys):
+    """``data check`` on a file whose margin is 10**400: the bad record's line names file:line and the field
+    (it stopped with an OverflowError traceback)."""
+    from preftune.cli.main import main
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": " a", "rejected": " b"}) + "\n"
+                    + '{"prompt": "Q", "chosen": " a", "rejected": " b", "margin": 1' + "0" * 400 + "}\n")
+    assert main(["data", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: field 'margin' must be a finite number, got 1{'0' * 59}\n" in out
+
+
 def test_bad_group_in_a_file_names_file_and_line(tmp_path):
     from preftune.data.load import load_dataset
     from preftune.model.tiny import train_tokenizer
