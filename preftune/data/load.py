@@ -64,6 +64,7 @@ def load_dataset(source: str | os.PathLike, tokenizer, kind: str = "pair", max_l
     tokenized = tokenize_examples(tokenizer, examples, max_length, max_prompt_length, report=report, on_bad=on_bad,
                                   progress=len(examples) > PROGRESS_BAR_MIN_EXAMPLES)
     report.examples_kept = len(tokenized)
+    report.groups_kept = sum(1 for example in tokenized if example.scores is not None)
     if report.template_mismatches:
         warnings.warn(f"{report.source}: for {report.template_mismatches} examples the chat template renders "
                       "the prompt differently inside the full conversation; their completions were cut after "

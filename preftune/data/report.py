@@ -15,6 +15,7 @@ class DataReport:
     kind: str
     rows_read: int = 0  # records met in the source, bad ones included (up to ``limit``)
     examples_kept: int = 0  # tokenized examples returned
+    groups_kept: int = 0  # of them, response groups (a pair-kind read of a groups file gives groups)
     bad_records: int = 0  # skipped with skip_bad_records=True
     bad_record_samples: list[str] = field(default_factory=list)  # the first 5, "file:line: message"
     truncated: int = 0  # kept examples with some tokens cut
@@ -28,7 +29,7 @@ class DataReport:
         (implicit prompt 2308); 4 bad, 3 truncated, 0 dropped (...); first bad: hh.jsonl.gz:87: ...``.
         """
         sources = ", ".join(f"{name} prompt {count}" for name, count in sorted(self.prompt_sources.items()))
-        line = (f"{self.rows_read} rows -> {self.examples_kept} {self.kind} examples"
+        line = (f"{self.rows_read} rows -> {self._kept()}"
                 f"{f' ({sources})' if sources else ''}; {self.bad_records} bad, {self.truncated} truncated, "
                 f"{self.dropped} dropped (no room for a completion under max_length)")
         if self.template_mismatches:
@@ -36,3 +37,14 @@ class DataReport:
         if self.bad_record_samples:
             line += f"; first bad: {self.bad_record_samples[0]}"
         return line
+
+    def _kept(self) -> str:
+        """The kept examples in words: ``"8 groups"`` for response groups (a groups file, whether read as
+        "group" or as "pair"), ``"5 pair examples and 3 groups"`` for a file mixing both, else
+        ``"N <kind> examples"``."""
+        others = self.examples_kept - self.groups_kept
+        if self.kind == "group" or (self.groups_kept and not others):
+            return f"{self.examples_kept} groups"
+        if self.groups_kept:
+            return f"{others} {self.kind} examples and {self.groups_kept} groups"
+        return f"{self.examples_kept} {self.kind} examples"

@@ -278,6 +278,23 @@ def test_load_dataset_bad_records_raise_or_are_counted(tmp_path, tok):
                                 f"{path}:2: invalid JSON: Expecting ',' delimiter (column 37)")
 
 
+def test_load_summary_names_groups_pairs_and_unpaired_examples(tmp_path, tok):
+    """The load log said "pair examples" for a groups file: it says "groups" (read as "pair", the kind every
+    pairwise loss reads, or as "group"), both for a file mixing pair and group rows, and "unpaired examples"
+    for KTO's reading of a pairs file (two per row)."""
+    pair = {"prompt": "Q:", "chosen": " A cat.", "rejected": " A mat."}
+    group = {"prompt": "Q:", "responses": [" A cat.", " A mat.", " A hat."], "scores": [3, 1, 2]}
+    groups = write_jsonl(tmp_path / "g.jsonl", [group, group])
+    mixed = write_jsonl(tmp_path / "m.jsonl", [pair, group, pair])
+    pairs = write_jsonl(tmp_path / "p.jsonl", [pair, pair])
+    assert load_dataset(groups, tok, kind="pair")[1].summary().startswith("2 rows -> 2 groups (")
+    assert load_dataset(groups, tok, kind="group")[1].summary().startswith("2 rows -> 2 groups (")
+    assert load_dataset(mixed, tok, kind="pair")[1].summary().startswith("3 rows -> 2 pair examples and 1 groups (")
+    assert load_dataset(pairs, tok, kind="pair")[1].summary().startswith("2 rows -> 2 pair examples (")
+    assert load_dataset(pairs, tok, kind="unpaired")[1].summary().startswith("2 rows -> 4 unpaired examples (")
+    assert load_dataset(pairs, tok, kind="sft")[1].summary().startswith("2 rows -> 2 sft examples (")
+
+
 def test_load_dataset_paired_file_as_unpaired_and_sft_and_limit(tmp_path, tok):
     rows = [{"prompt": "Q:", "chosen": " A cat.", "rejected": " A mat."},
             {"prompt": "Q:", "chosen": " A mat.", "rejected": " A cat."}]
