@@ -163,7 +163,9 @@ def read_data(cfg: TrainConfig, tokenizer, folder: RunFolder, main: bool):
     train_examples, train_report = read_examples(tokenizer, cfg.data, main, **reading)
     fingerprint = examples_fingerprint(train_examples)
     folder.set_data(fingerprint, cfg.data)
+    refuse_pair_only_options(cfg, train_examples, cfg.data)
     eval_examples = read_examples(tokenizer, cfg.eval_data, main, **reading)[0] if cfg.eval_data else []
+    refuse_pair_only_options(cfg, eval_examples, cfg.eval_data)
     if eval_examples and main:
         same = same_data(cfg.data, cfg.eval_data, fingerprint, examples_fingerprint(eval_examples))
         if same:
@@ -176,6 +178,21 @@ def read_data(cfg: TrainConfig, tokenizer, folder: RunFolder, main: bool):
         if warning:
             log.warning(warning)
     return train_examples, train_report, eval_examples
+
+
+def refuse_pair_only_options(cfg: TrainConfig, examples, source: str | None) -> None:
+    """ValueError when ``examples`` (read from ``source``) hold response groups and an option that only
+    pairs have meaning for is on: LD-DPO's ``--ld-alpha`` (a pair's shared length and the longer
+    completion's excess) and WPO's ``--use-weighting`` (one weight per pair record). Refused once the data
+    is read, before the models load, instead of at the first step."""
+    options = [(cfg.ld_alpha is not None, "--ld-alpha (LD-DPO) splits each pair's log-probs at the shorter "
+                "completion's length"),
+               (cfg.use_weighting, "--use-weighting (WPO) weights each pair record by its two completions")]
+    chosen = [why for on, why in options if on]
+    groups = sum(1 for example in examples if example.scores is not None)
+    if chosen and groups:
+        raise ValueError(f"{chosen[0]}; {source} holds {groups} response groups (k responses to one prompt), "
+                         f"which have no such pair: drop the option, or train on pair records")
 
 
 def same_data(data: str, eval_data: str, train_fingerprint: str, eval_fingerprint: str) -> str | None:

@@ -91,3 +91,28 @@ def test_train_on_a_group_file_with_a_pair_loss(tiny_model_dir, tmp_path):
     live_losses = [r["loss"] for r in live_rows if "loss" in r][:1]
     cached_losses = [r["loss"] for r in cached_rows if "loss" in r][:1]
     assert cached_losses == pytest.approx(live_losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--ld-alpha", "0.5"], "--ld-alpha (LD-DPO) splits each pair's log-probs at the shorter completion's length"),
+    (["--use-weighting"], "--use-weighting (WPO) weights each pair record by its two completions"),
+])
+@pytest.mark.parametrize("where", ["--data", "--eval-data"])
+def test_pair_only_options_on_a_group_file_are_one_error_line(tiny_model_dir, tmp_path, capsys, flags, why, where):
+    """``--ld-alpha`` / ``--use-weighting`` with a groups file (as training or held-out data): one
+    ``preftune: error:`` line naming the option, why it needs pairs, and the file, once the data is read;
+    exit 1 (bad data for the options)."""
+    from preftune.cli.main import main
+
+    groups = write_jsonl(tmp_path / "groups.jsonl", ranked_rule_groups(8, seed=1))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": g["prompt"], "chosen": g["responses"][0],
+                                                    "rejected": g["responses"][1]} for g in ranked_rule_groups(8, seed=3)])
+    data, eval_data = (groups, pairs) if where == "--data" else (pairs, groups)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(eval_data),
+            "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--no-progress", *flags]
+    code = main([*args, "--output-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1  # the data and the option together: a data error
+    assert lines[-1] == (f"preftune: error: {why}; {groups} holds 8 response groups (k responses to one prompt), "
+                         "which have no such pair: drop the option, or train on pair records")
+    assert not any("Traceback" in line for line in lines)
