@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from preftune.data.order import balanced_split
+from preftune.methods.losses.groups import ordered_pairs
 from preftune.methods.objective import compute_objective
 from preftune.training.divergence import weights_norm
 from preftune.training.hooks import StepStats, TrainHooks
@@ -67,10 +68,10 @@ def train_step(cfg, run, step: int, micro: int, window: MetricsWindow, hooks: Tr
     for _ in range(cfg.grad_accum):
         epoch, pos = divmod(micro, run.micro_per_epoch)
         global_ids = run.epoch_batches(epoch)[pos]
-        # Equal example counts per rank, balanced in tokens; weight = this rank's share, so that
-        # DDP's gradient average is the mean over the whole global batch.
+        # Equal example counts per rank, balanced in tokens; weight = this rank's share of the loss's
+        # terms, so that DDP's gradient average is the mean over the whole global batch.
         ids = balanced_split(global_ids, lambda i: examples[i].num_tokens, world)[accelerator.process_index]
-        weight = len(ids) * world / len(global_ids)
+        weight = rank_weight(cfg, examples, ids, global_ids, world)
         if not ids:  # fewer examples than ranks: run a zero-weight batch so every collective runs
             ids, weight = global_ids[:1], 0.0
         step_rows.extend(ids)
@@ -93,6 +94,30 @@ def train_step(cfg, run, step: int, micro: int, window: MetricsWindow, hooks: Tr
     grad_norm = float(accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf")))
     bad = skip_or_update(cfg, run, step, grad_norm, step_losses, step_rows, window)
     return StepOutcome(micro, grad_norm, bad, sorted(metrics), pairs, tokens, step_losses)
+
+
+def loss_terms(cfg, example) -> int:
+    """How many terms ``example`` adds to the mean its batch's loss is: 1 for a pair, unpaired or SFT
+    example; for a response group under a pair loss (every row of ``cfg.method`` pairwise on groups), its
+    ordered pairs under ``--group-pairs`` (ties skipped; 0 for an all-tied group), since the batch loss is
+    the mean over all the batch's ordered pairs; 1 under a listwise loss (a mean over groups)."""
+    if example.scores is None or not all(row.pairwise_on_groups for row in cfg.method.methods):
+        return 1
+    scores = torch.tensor([example.scores], dtype=torch.float32)  # [1, K]
+    return len(ordered_pairs(scores, torch.ones_like(scores, dtype=torch.bool), cfg.group_pairs or "all"))
+
+
+def rank_weight(cfg, examples, ids: list[int], global_ids: list[int], world: int) -> float:
+    """This rank's loss weight: ``world`` x its share of the global batch's loss terms (:func:`loss_terms`),
+    so that DDP's gradient average of the weighted rank losses (each a mean over the rank's terms) is the
+    mean over every term of the global batch, as one process on the whole batch computes it. For pairs
+    that is the share of examples; for groups under a pair loss the share of ordered pairs, which differs
+    when groups hold unequal numbers of pairs (k = 4 gives 6, k = 2 one, ties fewer). A combination of a
+    pair loss and a listwise loss on groups is weighted by groups (its rows average over different terms)."""
+    total = sum(loss_terms(cfg, examples[i]) for i in global_ids)
+    if total == 0:  # no ordered pair anywhere: every rank's loss is 0; the share of examples
+        return len(ids) * world / len(global_ids)
+    return sum(loss_terms(cfg, examples[i]) for i in ids) * world / total
 
 
 def skip_or_update(cfg, run, step: int, grad_norm: float, step_losses: list[float], step_rows: list[int],

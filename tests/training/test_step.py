@@ -13,7 +13,8 @@ from conftest import ranked_rule_groups, write_jsonl
 from preftune.config.train_config import TrainConfig
 from preftune.data.collate import collate_packed, collate_padded
 from preftune.data.records import TokenizedExample
-from preftune.model.logprobs import LogProbModel
+from preftune.methods.objective import compute_objective
+from preftune.model.logprobs import LogpOutput, LogProbModel
 from preftune.model.tiny import tiny_model
 from preftune.training.loop import train
 from preftune.training.reference import ModelReference
@@ -116,3 +117,60 @@ def test_pair_only_options_on_a_group_file_are_one_error_line(tiny_model_dir, tm
     assert lines[-1] == (f"preftune: error: {why}; {groups} holds 8 response groups (k responses to one prompt), "
                          "which have no such pair: drop the option, or train on pair records")
     assert not any("Traceback" in line for line in lines)
+
+
+def _rank_objective(loss, examples, ids, values, ref, **options):
+    """compute_objective on the groups ``ids`` of ``examples``: (G, K) log-probs ``values`` / ``ref`` rows."""
+    k = max(len(examples[i].scores) for i in ids)
+    scores = torch.zeros(len(ids), k)
+    mask = torch.zeros(len(ids), k, dtype=torch.bool)
+    for row, i in enumerate(ids):
+        scores[row, :len(examples[i].scores)] = torch.tensor(examples[i].scores)
+        mask[row, :len(examples[i].scores)] = True
+    policy_gk, ref_gk = values[ids, :k] * mask, ref[ids, :k] * mask
+    policy = LogpOutput(logps=policy_gk.t().reshape(-1), counts=mask.t().reshape(-1).long() * 3,
+                        token_logps=torch.zeros(0))
+    return compute_objective(loss, policy, len(ids), ref_logps=ref_gk.t().reshape(-1), beta=0.1, scores=scores,
+                             completion_mask=mask, **options)[0]
+
+
+@pytest.mark.parametrize("loss, group_pairs", [("dpo", "all"), ("dpo", "best-vs-worst"), ("ipo", "all"),
+                                               ("plackett_luce", "all"), ("lipo_lambda", "all")])
+def test_rank_weights_make_the_ddp_average_the_global_batch_loss(loss, group_pairs):
+    """Two ranks of two groups each, the groups holding 6, 1, 2 and 0 ordered pairs (k = 4, k = 2, a tie in a
+    k = 3 group, an all-tied pair): the ranks' losses weighted by :func:`rank_weight` and averaged as DDP
+    averages gradients equal the loss of the whole global batch in one process (the mean over its ordered
+    pairs for a pair loss, over its groups for a listwise one); weighting by group counts would not."""
+    from preftune.training.step import loss_terms, rank_weight
+
+    examples = [TokenizedExample(index=0, prompt_ids=[1], completions=[[2]] * 4, scores=[3.0, 1.0, 2.0, 0.0]),
+                TokenizedExample(index=1, prompt_ids=[1], completions=[[2]] * 2, scores=[1.0, 0.0]),
+                TokenizedExample(index=2, prompt_ids=[1], completions=[[2]] * 3, scores=[1.0, 1.0, 0.0]),
+                TokenizedExample(index=3, prompt_ids=[1], completions=[[2]] * 2, scores=[2.0, 2.0])]
+    if loss == "plackett_luce" or loss == "lipo_lambda":
+        examples[3].scores = [2.0, 1.0]  # a listwise loss takes every group
+    cfg = TrainConfig(model="tiny", data="groups.jsonl", loss=loss, group_pairs=group_pairs)
+    gen = torch.Generator().manual_seed(0)
+    values, ref = -torch.rand(4, 4, generator=gen) * 10, -torch.rand(4, 4, generator=gen) * 10
+    everything = _rank_objective(loss, examples, [0, 1, 2, 3], values, ref, group_pairs=group_pairs)
+    ranks = [[0, 1], [2, 3]]
+    weights = [rank_weight(cfg, examples, ids, [0, 1, 2, 3], 2) for ids in ranks]
+    averaged = sum(w * _rank_objective(loss, examples, ids, values, ref, group_pairs=group_pairs)
+                   for w, ids in zip(weights, ranks)) / 2
+    assert float(averaged) == pytest.approx(float(everything), abs=1e-6)
+    terms = [loss_terms(cfg, example) for example in examples]
+    if loss in ("dpo", "ipo") and group_pairs == "all":
+        assert terms == [6, 1, 2, 0] and weights == [pytest.approx(2 * 7 / 9), pytest.approx(2 * 2 / 9)]
+        by_groups = sum(_rank_objective(loss, examples, ids, values, ref) for ids in ranks) / 2
+        assert float(by_groups) != pytest.approx(float(everything), abs=1e-3)
+    if loss in ("plackett_luce", "lipo_lambda"):
+        assert terms == [1, 1, 1, 1] and weights == [1.0, 1.0]
+
+
+def test_rank_weight_of_pairs_is_the_share_of_examples():
+    from preftune.training.step import rank_weight
+
+    cfg = TrainConfig(model="tiny", data="pairs.jsonl", loss="dpo")
+    pairs = [TokenizedExample(index=i, prompt_ids=[1], completions=[[2], [3]]) for i in range(5)]
+    assert rank_weight(cfg, pairs, [0, 1, 2], list(range(5)), 2) == pytest.approx(3 * 2 / 5)
+    assert rank_weight(cfg, pairs, list(range(5)), list(range(5)), 1) == 1.0
