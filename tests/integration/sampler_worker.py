@@ -29,6 +29,9 @@ if __name__ == "__main__":
     original = decoding.decode_batch
     decoding.decode_batch = lambda model, chunk, *args, **kw: decoded.extend(chunk) or original(model, chunk, *args,
                                                                                                  **kw)
+    original_lean = decoding.decode_batch_lean  # the tiny Llama decodes on the lean forward
+    decoding.decode_batch_lean = lambda lean, chunk, *args, **kw: decoded.extend(chunk) or original_lean(lean, chunk,
+                                                                                                         *args, **kw)
     state = PartialState(cpu=True)
     result = completions(state)
     with open(f"{sys.argv[1]}-{state.process_index}.json", "w") as fh:
