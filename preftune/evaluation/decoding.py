@@ -228,6 +228,8 @@ def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_
                                 top_p)
         for s, ids in zip(rows, done):
             completions[s] = ids
+    if lean is not None:
+        lean.release()
     return completions
 
 

@@ -31,6 +31,8 @@ no compiled variant could win there.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn import functional as nn_functional
@@ -278,10 +280,33 @@ class LeanDecoder:
             setattr(self, name, new)
         self.valid, self.next_position = self.valid[rows], self.next_position[rows]
 
+    def release(self) -> None:
+        """Free the KV cache (a kept decoder holds only its weights between sampling jobs)."""
+        self.k_cache = self.v_cache = None
+
+
+# model -> (weights state, dtype, batch hint) and its decoder: sampling called again on the same weights (a
+# recipe sampling in chunks, an evaluation after another) reuses the fused / prepacked copies (~1-3 s to
+# build for a 135M model on 2 CPU cores) instead of building them per call
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, LeanDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def weights_state(model) -> tuple:
+    """Where every parameter lives and its in-place version counter: changes when training (an optimizer's
+    in-place update), ``load_state_dict`` or a swapped tensor changes any weight."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
 
 def lean_decoder(model, compute_dtype: torch.dtype | None = None, batch_hint: int = 16,
                  max_length: int = 0) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` of ``model``, or None where :func:`unsupported_reason` gives a reason."""
+    """A :class:`LeanDecoder` of ``model``, or None where :func:`unsupported_reason` gives a reason. The
+    decoder is kept for the next call on the same model with the same weights, dtype and batch hint."""
     if unsupported_reason(model, max_length) is not None:
         return None
-    return LeanDecoder(model, compute_dtype, batch_hint)
+    key = (weights_state(model), compute_dtype, batch_hint)
+    kept = _DECODERS.get(model)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    decoder = LeanDecoder(model, compute_dtype, batch_hint)
+    _DECODERS[model] = (key, decoder)
+    return decoder

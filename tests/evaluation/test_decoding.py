@@ -214,7 +214,7 @@ def test_gpt2_and_a_peft_model_take_the_hugging_face_path(monkeypatch):
 
 
 def test_bf16_autocast_runs_the_lean_forward_in_bf16(monkeypatch):
-    """Under bf16 autocast the lean decoder is built for bf16 (its cache in bf16) and the samples are valid
+    """Under bf16 autocast the lean decoder is built for bf16 (its projections in bf16) and the samples are valid
     token ids of the requested lengths."""
     built = []
     make = decoding.lean_decoder
@@ -222,5 +222,7 @@ def test_bf16_autocast_runs_the_lean_forward_in_bf16(monkeypatch):
     model = tiny_model("llama", vocab_size=64, seed=1).eval()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         out = decode(model, prompts_for(64), max_new_tokens=5, eos_ids=[2], pad_id=0, temperature=0, batch_size=5)
-    assert built[0].dtype == torch.bfloat16 and built[0].k_cache.dtype == torch.bfloat16
+    assert built[0].dtype == torch.bfloat16 and built[0].embed.dtype == torch.float32
+    assert built[0].layers[0].qkv.weight.dtype == torch.bfloat16  # the fused projections in bf16
+    assert built[0].k_cache is None  # the KV cache is freed when decode() returns (the decoder is kept)
     assert all(1 <= len(c) <= 5 and all(0 <= t < 64 for t in c) for c in out)

@@ -88,3 +88,29 @@ def test_fp32_weights_are_used_in_place_and_bf16_gets_one_fused_copy():
     with torch.no_grad():
         bf16.prefill(*left_padded([[5, 6, 7], [8]]), max_new_tokens=2)
     assert bf16.k_cache.dtype == torch.bfloat16 and bf16.k_cache.shape == (2, 2, 2, 5, 16)
+
+
+def test_the_decoder_is_kept_for_the_same_weights_and_rebuilt_when_they_change():
+    """Sampling again on unchanged weights reuses the decoder (its fused / prepacked copies); an optimizer
+    step, a loaded state dict or another dtype builds a new one, whose logits follow the new weights."""
+    model = tiny_model("llama", vocab_size=96, seed=4, heads=4, layers=2).eval()
+    ids, mask = left_padded([[5, 6, 7], [8, 9]])
+    with torch.no_grad():
+        first = lean_decoder(model, torch.bfloat16)
+        assert lean_decoder(model, torch.bfloat16) is first
+        assert lean_decoder(model, None) is not first and lean_decoder(model, torch.bfloat16, batch_hint=4) is not first
+        before = lean_decoder(model).prefill(ids, mask, max_new_tokens=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    optimizer.step()  # in place: the parameters' version counters move
+    model.eval()
+    with torch.no_grad():
+        after_step = lean_decoder(model)
+        logits = after_step.prefill(ids, mask, max_new_tokens=2)
+        assert (logits - hf_last_logits(model, ids, mask)).abs().max().item() < 1e-4
+        assert (logits - before).abs().max().item() > 1e-3  # the new weights, not the kept copies
+        kept = lean_decoder(model)
+        assert kept is after_step
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        assert lean_decoder(model) is not kept
