@@ -160,6 +160,8 @@ def _batch_metrics(kind: str, policy: LogpOutput, num_groups: int, labels, tenso
         metrics = pair_metrics(rewards[0], rewards[1], chosen_logps, rejected_logps)
     else:  # only methods without rewards (sft on pairs): the log-probs still say what moved
         metrics = {"logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+    if tensors.ref is not None:  # the chosen log-prob's change against the reference, on the batch's own rows
+        metrics["logps/chosen_vs_ref"] = (chosen_logps.float() - tensors.ref[:G].float()).mean()
     metrics["nll"] = tensors.get("chosen_nll").detach().mean()
     return metrics
 

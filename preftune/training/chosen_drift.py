@@ -4,7 +4,8 @@ still "learns" by its accuracy, but the model writes its preferred answers less 
 
 :func:`chosen_drift` is the pure test on a metric history; :class:`ChosenDriftWatch` feeds it the logged
 rows (held-out ``eval/logps/chosen`` and ``eval/rewards/margins`` where the run evaluates, else the running
-``logps/chosen`` and ``rewards/margins`` of the training rows) and logs one warning, with the numbers and
+``logps/chosen_vs_ref``, the chosen log-prob minus the reference's on each batch, and ``rewards/margins`` of the
+training rows; a run without a reference is watched on its held-out rows only) and logs one warning, with the numbers and
 the remedies (``--sft-weight``, ``--loss dpop``), the first time it fires.
 """
 
@@ -18,7 +19,11 @@ from dataclasses import dataclass, field
 log = logging.getLogger("preftune")
 
 THRESHOLD = 5.0  # nats: a fall of the mean chosen log-prob (summed over a response) worth a warning
-SOURCES = (("held-out", "eval/logps/chosen", "eval/rewards/margins"), ("running", "logps/chosen", "rewards/margins"))
+# held-out: the same examples at every evaluation, so their mean chosen log-prob is comparable over time; running:
+# each row is another batch, so the chosen log-prob is read against the reference on the batch's own rows (a
+# batch of longer responses has a lower summed log-prob without anything having moved)
+SOURCES = (("held-out", "eval/logps/chosen", "eval/rewards/margins"),
+           ("running", "logps/chosen_vs_ref", "rewards/margins"))
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class Drift:
 
     def message(self) -> str:
         at = f" by step {self.step:g}" if self.step is not None else ""
-        return (f"the {self.source} chosen log-prob fell from {self.chosen_before:.2f} to {self.chosen_now:.2f} "
+        what = "chosen log-prob" if self.source == "held-out" else "chosen log-prob (vs the reference)"
+        return (f"the {self.source} {what} fell from {self.chosen_before:.2f} to {self.chosen_now:.2f} "
                 f"({self.chosen_now - self.chosen_before:+.2f} nats){at} while the reward margin grew from "
                 f"{self.margin_before:.3f} to {self.margin_now:.3f}: the preferred responses are becoming less "
                 f"likely, the rejected ones faster. Remedies: --sft-weight 1.0 (an NLL term on the chosen "

@@ -19,7 +19,8 @@ TOKEN_SEQ = torch.tensor([0, 1, 0, 1])  # the tokens above, chosen and rejected 
 def test_one_method_gives_its_mean_loss_and_the_pair_metrics():
     loss, metrics = compute_objective("dpo", POLICY, 1, ref_logps=REF, beta=0.1)
     assert loss.item() == pytest.approx(0.598139, abs=1e-6)
-    assert list(metrics) == ["loss", *PAIR_METRICS, "nll"]
+    assert list(metrics) == ["loss", *PAIR_METRICS, "logps/chosen_vs_ref", "nll"]
+    assert metrics["logps/chosen_vs_ref"].item() == pytest.approx(2.0)  # -1 - (-3): the chosen side vs the ref
     assert metrics["rewards/chosen"].item() == pytest.approx(0.2)
     assert metrics["rewards/margins"].item() == pytest.approx(0.2)
     assert metrics["logps/chosen"].item() == -1.0 and metrics["nll"].item() == pytest.approx(0.5)

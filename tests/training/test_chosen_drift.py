@@ -38,10 +38,10 @@ def test_nan_rows_are_left_out_and_lengths_must_match():
 
 def test_the_watch_warns_once_with_the_numbers_and_the_remedies(caplog):
     watch = ChosenDriftWatch()
-    rows = [{"step": 8, "loss": 0.6, "logps/chosen": -40.0, "rewards/margins": 0.1},
-            {"step": 16, "loss": 0.5, "logps/chosen": -43.0, "rewards/margins": 0.4},
-            {"step": 24, "loss": 0.4, "logps/chosen": -47.25, "rewards/margins": 1.2},
-            {"step": 32, "loss": 0.3, "logps/chosen": -60.0, "rewards/margins": 2.0}]
+    rows = [{"step": 8, "loss": 0.6, "logps/chosen_vs_ref": -40.0, "rewards/margins": 0.1},
+            {"step": 16, "loss": 0.5, "logps/chosen_vs_ref": -43.0, "rewards/margins": 0.4},
+            {"step": 24, "loss": 0.4, "logps/chosen_vs_ref": -47.25, "rewards/margins": 1.2},
+            {"step": 32, "loss": 0.3, "logps/chosen_vs_ref": -60.0, "rewards/margins": 2.0}]
     with caplog.at_level(logging.WARNING, logger="preftune"):
         drifts = [watch.see(row) for row in rows]
     assert drifts[:2] == [None, None] and drifts[3] is None
@@ -49,8 +49,21 @@ def test_the_watch_warns_once_with_the_numbers_and_the_remedies(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     message = warnings[0]
-    assert "running chosen log-prob fell from -40.00 to -47.25 (-7.25 nats) by step 24" in message
+    assert "running chosen log-prob (vs the reference) fell from -40.00 to -47.25 (-7.25 nats) by step 24" in message
     assert "margin grew from 0.100 to 1.200" in message and "--sft-weight" in message and "--loss dpop" in message
+
+
+def test_running_rows_are_read_against_the_reference_not_as_absolute_log_probs(caplog):
+    """Each running row is another batch: a batch of longer responses has a far lower summed chosen log-prob
+    with nothing moved. The watch reads the chosen log-prob minus the reference's on the batch's own rows, so
+    such rows (chosen vs reference near 0) stay silent, and a run without a reference is not watched on them."""
+    watch = ChosenDriftWatch()
+    rows = [{"step": 1, "logps/chosen": -325.0, "logps/chosen_vs_ref": 0.0, "rewards/margins": 0.0},
+            {"step": 2, "logps/chosen": -433.0, "logps/chosen_vs_ref": -0.4, "rewards/margins": 0.3},
+            {"step": 3, "logps/chosen": -512.0, "rewards/margins": 0.6}]  # a row without a reference metric
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        assert [watch.see(row) for row in rows] == [None, None, None]
+    assert not caplog.records
 
 
 def test_the_watch_prefers_the_held_out_history(caplog):
@@ -58,9 +71,9 @@ def test_the_watch_prefers_the_held_out_history(caplog):
     has two rows."""
     watch = ChosenDriftWatch()
     rows = [{"step": 0, "eval/logps/chosen": -40.0, "eval/rewards/margins": 0.0},
-            {"step": 8, "logps/chosen": -40.0, "rewards/margins": 0.1},
+            {"step": 8, "logps/chosen_vs_ref": -0.5, "rewards/margins": 0.1},
             {"step": 16, "eval/logps/chosen": -39.0, "eval/rewards/margins": 0.5},
-            {"step": 16, "logps/chosen": -50.0, "rewards/margins": 0.9},
+            {"step": 16, "logps/chosen_vs_ref": -10.0, "rewards/margins": 0.9},
             {"step": 24, "eval/logps/chosen": -46.0, "eval/rewards/margins": 0.8}]
     with caplog.at_level(logging.WARNING, logger="preftune"):
         drifts = [watch.see(row) for row in rows]
@@ -72,11 +85,11 @@ def test_the_watch_prefers_the_held_out_history(caplog):
 def test_the_metrics_log_shows_each_row_to_the_watch(tmp_path, caplog):
     metrics = MetricsLog(tmp_path)
     with caplog.at_level(logging.WARNING, logger="preftune"):
-        metrics.write({"step": 1, "logps/chosen": -10.0, "rewards/margins": 0.0})
-        metrics.write({"step": 2, "logps/chosen": -20.0, "rewards/margins": 1.0})
+        metrics.write({"step": 1, "logps/chosen_vs_ref": -0.1, "rewards/margins": 0.0})
+        metrics.write({"step": 2, "logps/chosen_vs_ref": -10.0, "rewards/margins": 1.0})
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert metrics.chosen_drift.warned
-    assert [r.getMessage() for r in caplog.records if "chosen log-prob fell" in r.getMessage()]
+    assert [r.getMessage() for r in caplog.records if "chosen log-prob (vs the reference) fell" in r.getMessage()]
 
 
 def run_config(tiny_model_dir, rule_data, out, **overrides):
@@ -90,7 +103,8 @@ def run_config(tiny_model_dir, rule_data, out, **overrides):
 
 
 def drift_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "log-prob fell" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "log-prob (vs the reference) fell"
+            in r.getMessage()]
 
 
 def test_a_planted_run_warns_once_and_a_dpo_run_stays_silent(tiny_model_dir, rule_data, tmp_path, caplog):
