@@ -321,6 +321,30 @@ def task_a_groups_tables(result: dict) -> list[str]:
     return [with_hardware(["", "DPO, best vs worst", "DPO, whole groups"], rows, result["hardware"])]
 
 
+def task_a_iterative_tables(result: dict) -> list[str]:
+    """Task A of the real recipe: on-policy rounds (``preftune iterate``) against offline DPO on the same
+    number of judged samples and steps."""
+    m = result["metrics"]
+    offline, it = m["offline"], m["iterative"]
+
+    def wr(w):
+        return f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]" if w else ""
+
+    rows = [["0 (base)", f"{it['base_judge_score']:+.3f}", "", "", "", "", "", ""],
+            [f"offline DPO ({offline['judged_samples']} base samples, {offline['steps']} steps)",
+             f"{offline['judge_score']:+.3f}", wr(offline["win_rate"]), "",
+             f"{offline['kl']:.1f}", f"{offline['preference_accuracy']:.3f}", "", ""]]
+    for r in it["rounds"]:
+        rows.append([f"round {r['round']} ({r['pairs']} pairs, {r['steps']} steps)", f"{r['judge_score']:+.3f}",
+                     wr(r["win_vs_base"]), wr(r["win_vs_previous"]), f"{r['kl']:.1f}",
+                     f"{r['preference_accuracy']:.3f}", f"{r['nll_difference']:+.3f}", f"{r['seconds']:.0f}"])
+    rows.append([f"last round vs offline DPO (n = {it['win_vs_offline']['n']})", "", wr(it["win_vs_offline"]), "",
+                 "", "", "", ""])
+    return [with_hardware(["model", "judge score", "win rate vs base [95% CI]", "vs previous round",
+                           "KL to base (nats)", "held-out pair accuracy", "NLL - base's (nats/token)",
+                           "seconds"], rows, result["hardware"])]
+
+
 def throughput_kind(title: str) -> tuple[str, str, object]:
     return (title, "`benchmarks/dpo_throughput.py`: DPO training throughput, preftune against TRL 1.16 "
                    "(see [benchmarks/README.md](../benchmarks/README.md) for the method and fairness notes).",
@@ -352,6 +376,11 @@ KINDS = {
                       "Task A (SmolLM2-135M-Instruct, controlled sentiment): the same samples trained as best-vs-worst "
                       "pairs and as groups of 4, same steps, judged against the same base samples.",
                       task_a_groups_tables),
+    "task-a-iterative": ("Task A: on-policy rounds against offline DPO", "`preftune quickstart --real`'s iterative "
+                         "stage (SmolLM2-135M-Instruct, controlled sentiment): `preftune iterate`, 3 rounds of 64 "
+                         "fresh films x 4 samples from the current policy, DPO from it (reference: the previous "
+                         "round), against the offline best-vs-worst DPO on 192 films x 4 base samples: the same "
+                         "768 judged samples and 24 steps; held-out films only.", task_a_iterative_tables),
     "sampling": ("Sampling speed", "`benchmarks/bench_sampler.py`: SmolLM2-135M-Instruct, chat prompts, temperature 1; "
                  "preftune's sampler against Hugging Face `generate` (bf16 weights) and llama.cpp, same prompts and "
                  "batches in one process.", sampler_tables),
