@@ -330,8 +330,10 @@ def task_a_iterative_tables(result: dict) -> list[str]:
     def wr(w):
         return f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]" if w else ""
 
-    rows = [["0 (base)", f"{it['base_judge_score']:+.3f}", "", "", "", "", "", ""],
-            [f"offline DPO ({offline['judged_samples']} base samples, {offline['steps']} steps)",
+    rows = [[f"0 (base, the rounds' {it['eval_prompts']} prompts)", f"{it['base_judge_score']:+.3f}", "", "", "", "",
+             "", ""],
+            [f"offline DPO ({offline['judged_samples']} base samples, {offline['steps']} steps; its "
+             f"{offline['eval_prompts']} evaluation prompts, base {offline['base_judge_score']:+.3f} there)",
              f"{offline['judge_score']:+.3f}", wr(offline["win_rate"]), "",
              f"{offline['kl']:.1f}", f"{offline['preference_accuracy']:.3f}", "", ""]]
     for r in it["rounds"]:
