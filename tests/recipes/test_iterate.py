@@ -454,3 +454,22 @@ def test_sampling_and_measuring_run_in_the_trainings_precision(precision, expect
     run_iterate(config(world, tmp_path / "run", rounds=1, train={**TRAIN, "mixed_precision": precision}), echo=quiet)
     assert sorted(name for name, _ in seen) == ["estimate_kl", "sample", "sample", "sample"]  # base, round 1 x2
     assert all(dtype == expected for _, dtype in seen), seen
+
+
+def test_lora_rounds_are_merged_into_plain_model_folders(world, tmp_path):
+    """With --lora-r every round trains new adapters on the current policy and merges them: each round's model is
+    a plain folder (no adapter files) whose weights moved from the previous round's, and the next round starts
+    from it."""
+    from safetensors.torch import load_file
+
+    result = run_iterate(config(world, tmp_path / "run", train={**TRAIN, "lora_r": 4, "learning_rate": 1e-2}),
+                         echo=quiet)
+    assert result.rounds == 2 and all(r["win_vs_base"]["n"] == 8 for r in result.metrics["rounds"])
+    weights = [load_file(str(Path(world["model"]) / "model.safetensors"))]
+    for n in (1, 2):
+        folder = tmp_path / "run" / f"round-{n}" / "model"
+        assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+        weights.append(load_file(str(folder / "model.safetensors")))
+    name = next(k for k in weights[0] if k.endswith("q_proj.weight"))
+    assert all(set(w) == set(weights[0]) for w in weights)  # the same plain tensors, no lora_A / lora_B
+    assert not torch.equal(weights[1][name], weights[0][name]) and not torch.equal(weights[2][name], weights[1][name])
