@@ -200,8 +200,13 @@ def recipe_tables(result: dict) -> list[str]:
     if m.get("seconds"):
         summary += f"; stage times summed: {m['seconds'] / 60:.0f} min"
     summary += "."
-    return [summary, "Task A (controlled sentiment):", with_hardware(["", "base", "DPO"], task_a, hw),
-            "Task B (HH-RLHF harmless, reward-model judge):", with_hardware(header, rows, hw)]
+    out = [summary, "Task A (controlled sentiment):", with_hardware(["", "base", "DPO"], task_a, hw),
+           "Task B (HH-RLHF harmless, reward-model judge):", with_hardware(header, rows, hw)]
+    if m.get("stage_seconds"):
+        stages = [[name, f"{seconds / 60:.1f}"] for name, seconds in m["stage_seconds"].items()]
+        out += ["Stage times:", with_hardware(["stage", "minutes"], stages + [["total", f"{m['seconds'] / 60:.1f}"]],
+                                              hw)]
+    return out
 
 
 def precision_tables(result: dict) -> list[str]:
