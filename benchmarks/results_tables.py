@@ -202,7 +202,7 @@ def recipe_tables(result: dict) -> list[str]:
     summary += "."
     out = [summary, "Task A (controlled sentiment):", with_hardware(["", "base", "DPO"], task_a, hw),
            "Task B (HH-RLHF harmless, reward-model judge):", with_hardware(header, rows, hw)]
-    if m.get("stage_seconds"):
+    if m.get("stage_seconds") and m.get("seconds") and all(v is not None for v in m["stage_seconds"].values()):
         stages = [[name, f"{seconds / 60:.1f}"] for name, seconds in m["stage_seconds"].items()]
         out += ["Stage times:", with_hardware(["stage", "minutes"], stages + [["total", f"{m['seconds'] / 60:.1f}"]],
                                               hw)]
