@@ -235,10 +235,15 @@ def nll_from_logps(logps: torch.Tensor, base_logps: torch.Tensor | None, counts:
     and token counts (each (N,)) are known: the preference pass's chosen responses (a group's best), so the NLL
     costs no forward of its own. A response is scored the same inside its pair's packed forward as alone (the
     packing tests' equality)."""
-    tokens = int(counts.sum())
-    model_nll = -float(logps.double().sum()) / tokens
-    base_nll = None if base_logps is None else -float(base_logps.double().sum()) / tokens
-    return {"tokens": tokens, "sequences": len(counts), "model": model_nll, "base": base_nll,
+    base_total = None if base_logps is None else -float(base_logps.double().sum())
+    return nll_result(-float(logps.double().sum()), base_total, int(counts.sum()), len(counts))
+
+
+def nll_result(model_total: float, base_total: float | None, tokens: int, sequences: int) -> dict:
+    """The NLL dict from summed NLLs over ``tokens`` completion tokens: per-token means and their difference."""
+    model_nll = model_total / tokens
+    base_nll = None if base_total is None else base_total / tokens
+    return {"tokens": tokens, "sequences": sequences, "model": model_nll, "base": base_nll,
             "difference": model_nll - base_nll if base_nll is not None else None}
 
 
@@ -247,17 +252,14 @@ def nll_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute
                 cache: BaseCache | None = None, layout: dict | None = None) -> dict:
     """Mean NLL per completion token (token-weighted over the file) under model and base."""
     model_total, tokens = total_nll(model, examples, collate, cfg, device, compute)
-    model_nll = model_total / tokens
-    base_nll = None
+    total = None
     if base is not None:
         def base_total() -> float:
             return total_nll(base, examples, collate, cfg, device, compute)[0]
 
         total = (base_total() if cache is None else cache.get_or_compute(
             "NLL", {"examples": examples_fingerprint(examples), **(layout or {})}, base_total))
-        base_nll = total / tokens
-    return {"tokens": tokens, "sequences": len(examples), "model": model_nll, "base": base_nll,
-            "difference": model_nll - base_nll if base is not None else None}
+    return nll_result(model_total, total, tokens, len(examples))
 
 
 # ----------------------------------------------------------------------------- generation

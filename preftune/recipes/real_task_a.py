@@ -18,6 +18,15 @@ def film_prompt(title: str) -> list[dict]:
     return [{"role": "user", "content": A_PROMPT.format(title=title)}]
 
 
+def task_a_films(cfg: RealRecipeConfig) -> tuple[list[str], list[str]]:
+    """Task A's film titles: ``a_train_films`` training films (the generated titles repeated when there are
+    fewer) and ``a_held_out_films`` held-out ones, disjoint; the same for every Task A stage of a seed."""
+    from preftune.recipes.quickstart_world import film_titles
+
+    train_films, held_out_films = film_titles(cfg.a_held_out_films, seed=cfg.seed)
+    return [train_films[i % len(train_films)] for i in range(cfg.a_train_films)], held_out_films
+
+
 def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """Training pairs (best vs worst of each film's samples), training groups (all of each film's samples
     with their judge scores, :func:`score_groups`) and held-out pairs, from the base's samples."""
@@ -25,12 +34,10 @@ def task_a_pairs(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     from preftune.evaluation.judges.registry import make_judge
     from preftune.evaluation.pairs import best_vs_worst_pairs, scores_per_prompt
     from preftune.model.loading import load_model, load_tokenizer
-    from preftune.recipes.quickstart_world import film_titles
 
     if cfg.a_samples_per_prompt < 2:
         raise ValueError(f"a_samples_per_prompt must be >= 2 (a best and a worst), got {cfg.a_samples_per_prompt}")
-    train_films, held_out_films = film_titles(cfg.a_held_out_films, seed=cfg.seed)
-    train_films = [train_films[i % len(train_films)] for i in range(cfg.a_train_films)]
+    train_films, held_out_films = task_a_films(cfg)
     judge = make_judge(JUDGE_A)
     tokenizer, model = load_tokenizer(str(base)), load_model(str(base)).eval()
     prompts = [film_prompt(t) for t in train_films]

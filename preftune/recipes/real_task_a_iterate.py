@@ -26,14 +26,12 @@ def iterate_settings(cfg: RealRecipeConfig, out: Path, base: Path):
     times, as the offline evaluation samples them)."""
     from preftune.data.convert import write_rows
     from preftune.recipes.iterate_config import IterateConfig
-    from preftune.recipes.quickstart_world import film_titles
-    from preftune.recipes.real_task_a import film_prompt
+    from preftune.recipes.real_task_a import film_prompt, task_a_films
 
     if cfg.a_iter_rounds < 1 or cfg.a_train_films < cfg.a_iter_rounds:
         raise ValueError(f"a_iter_rounds must be between 1 and a_train_films ({cfg.a_train_films}), "
                          f"got {cfg.a_iter_rounds}")
-    train_films, held_out_films = film_titles(cfg.a_held_out_films, seed=cfg.seed)
-    train_films = [train_films[i % len(train_films)] for i in range(cfg.a_train_films)]
+    train_films, held_out_films = task_a_films(cfg)
     data = out / "data"
     write_rows(data / "a_iter_prompts.jsonl", [{"prompt": film_prompt(t)} for t in train_films])
     write_rows(data / "a_iter_eval_prompts.jsonl", [{"prompt": film_prompt(t)} for t in held_out_films

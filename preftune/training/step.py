@@ -114,6 +114,8 @@ def rank_weight(cfg, examples, ids: list[int], global_ids: list[int], world: int
     that is the share of examples; for groups under a pair loss the share of ordered pairs, which differs
     when groups hold unequal numbers of pairs (k = 4 gives 6, k = 2 one, ties fewer). A combination of a
     pair loss and a listwise loss on groups is weighted by groups (its rows average over different terms)."""
+    if world == 1:  # the whole global batch: its own mean
+        return 1.0
     total = sum(loss_terms(cfg, examples[i]) for i in global_ids)
     if total == 0:  # no ordered pair anywhere: every rank's loss is 0; the share of examples
         return len(ids) * world / len(global_ids)
