@@ -25,11 +25,13 @@ preftune's own pieces, written to one run folder:
    split by prompt (:func:`preftune.data.split.split`) into held-out, reward-model and DPO parts;
 8. **Task B reward model** — ``train(loss="reward")`` on its part; its held-out accuracy, and the base's
    raw log-prob preference accuracy on the same pairs;
-9. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part, every variant with the same
-   budget (``b_max_steps``): each one's held-out preference accuracy, win rate over the base judged by
-   the reward model, KL and NLL regression;
-10. **Task B DPO** — the task's DPO result: DPO on the whole DPO part (``b_dpo_max_steps`` None: one
-    epoch), evaluated as the sweep's variants are (the base's share read from the sweep's base cache);
+9. **Task B sweep** — :func:`preftune.evaluation.sweep.run_compare` on the DPO part's first ``b_sweep_pairs``
+   rows (None: the whole part), every variant with the same budget (``b_max_steps``): each one's held-out
+   preference accuracy, win rate over the base judged by the reward model, KL and NLL regression;
+10. **Task B DPO** — the task's DPO result: DPO on the whole DPO part — the sweep's dpo continued on the
+    rest of it (``b_dpo_max_steps`` None: one epoch of the rest; reference still the base), or with
+    ``b_sweep_pairs`` None one epoch from the base —, evaluated as the sweep's variants are (the base's
+    share read from the sweep's base cache);
 11. **report** — ``report.md`` and ``metrics.json`` with the targets, each reached or not.
 
 Every size and hyper-parameter is a field of :class:`~preftune.recipes.real_config.RealRecipeConfig` (presets
@@ -63,7 +65,7 @@ STAGE_ENTRIES = {
     "task A group DPO": ("a_group_dpo", "a_group_samples.jsonl"),
     "task A iterative": ("a_iterate", "data/a_iter_prompts.jsonl", "data/a_iter_eval_prompts.jsonl"),
     "task B data": ("data/hh_messages.jsonl", "data/hh_rest.jsonl", "data/hh_held_out.jsonl", "data/hh_rm.jsonl",
-                    "data/hh_dpo.jsonl"),
+                    "data/hh_dpo.jsonl", "data/hh_dpo_sweep.jsonl", "data/hh_dpo_rest.jsonl"),
     "task B reward model": ("b_rm",),
     "task B sweep": ("b_sweep", "b_sweep.yaml"),
     "task B DPO": ("b_dpo",),
@@ -162,7 +164,8 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
     def b_data() -> None:
         metrics["task_b"] = {"data": task_b_data(cfg, out)}
         sizes = metrics["task_b"]["data"]["rows"]
-        echo(f"  held-out {sizes['held_out']}, reward-model part {sizes['rm']}, DPO part {sizes['dpo']} pairs")
+        echo(f"  held-out {sizes['held_out']}, reward-model part {sizes['rm']}, DPO part {sizes['dpo']} pairs"
+             + (f" (the sweep's {sizes['sweep']}, then {sizes['dpo_rest']})" if sizes.get("sweep") else ""))
 
     def b_reward_model() -> None:
         metrics["task_b"].update(task_b_reward_model(cfg, out, base()))
@@ -174,7 +177,9 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
 
     def b_dpo() -> None:
         metrics["task_b"]["dpo"] = main = task_b_dpo(cfg, out, base())
-        echo(f"  {main['steps']} steps: held-out accuracy {main['accuracy']:.3f}, win rate "
+        steps = (f"{main['steps']} steps ({main['steps_before']} in the sweep + {main['steps_continued']})"
+                 if main.get("continued_from") else f"{main['steps']} steps")
+        echo(f"  {steps}: held-out accuracy {main['accuracy']:.3f}, win rate "
              f"{main['win_rate']['rate']:.3f} [{main['win_rate']['low']:.3f}, {main['win_rate']['high']:.3f}]")
 
     def report() -> None:

@@ -128,9 +128,11 @@ def write_report(out: Path, metrics: dict) -> None:
               "pair gets the higher reward (the variants' implicit reward beta * (logp - logp_base)). Win rate: "
               f"each variant's sample vs the base's for {cfg['b_eval_prompts']} held-out prompts, judged by the "
               "reward model. NLL difference: per token on the held-out chosen replies, variant - base. "
-              "`dpo (whole part)` is the task's DPO result, trained on the whole DPO part; the sweep's variants "
-              "below it share one shorter budget" + (f" ({cfg['b_max_steps']} steps)" if cfg.get("b_max_steps")
-                                                    else "") + ", to compare methods.", ""]
+              "`dpo (whole part)` is the task's DPO result, trained on the whole DPO part" + (
+                  f" (the sweep's dpo, trained on the part's first {sizes['sweep']} pairs, continued on the other "
+                  f"{sizes['dpo_rest']})" if sizes.get("sweep") and (b.get("dpo") or {}).get("continued_from") else "")
+              + "; the sweep's variants below it share one shorter budget" + (
+                  f" ({cfg['b_max_steps']} steps)" if cfg.get("b_max_steps") else "") + ", to compare methods.", ""]
     lines += markdown_table(TASK_B_HEADER, task_b_rows(b))
     lines += ["", "![reward vs KL](b_sweep/frontier.png)", "", "The sweep's own report: `b_sweep/report.md`.", "",
               "## Targets", ""]

@@ -42,9 +42,18 @@ def task_b_data(cfg: RealRecipeConfig, out: Path) -> dict:
     if cfg.b_dpo_pairs is not None and dpo_rows > cfg.b_dpo_pairs:
         rows = [row for _, row in read_rows(data / "hh_dpo.jsonl")][:cfg.b_dpo_pairs]
         dpo_rows = write_rows(data / "hh_dpo.jsonl", rows)
+    rows = {"held_out": held.eval_rows, "rm": rm.eval_rows, "dpo": dpo_rows}
+    files = {"held_out": "data/hh_held_out.jsonl", "rm": "data/hh_rm.jsonl", "dpo": "data/hh_dpo.jsonl"}
+    if cfg.b_sweep_pairs:  # the DPO part in two: the sweep's rows, then the rest (the task's DPO continues on it)
+        if not 0 < cfg.b_sweep_pairs < dpo_rows:
+            raise ValueError(f"b_sweep_pairs {cfg.b_sweep_pairs}: the DPO part has {dpo_rows} pairs; the sweep's "
+                             "share must leave some for the task's DPO to continue on")
+        dpo = [row for _, row in read_rows(data / "hh_dpo.jsonl")]
+        rows["sweep"] = write_rows(data / "hh_dpo_sweep.jsonl", dpo[:cfg.b_sweep_pairs])
+        rows["dpo_rest"] = write_rows(data / "hh_dpo_rest.jsonl", dpo[cfg.b_sweep_pairs:])
+        files.update(sweep="data/hh_dpo_sweep.jsonl", dpo_rest="data/hh_dpo_rest.jsonl")
     return {"source": str(source), "converted": converted.written, "bad_records": converted.bad_records,
-            "rows": {"held_out": held.eval_rows, "rm": rm.eval_rows, "dpo": dpo_rows},
-            "files": {"held_out": "data/hh_held_out.jsonl", "rm": "data/hh_rm.jsonl", "dpo": "data/hh_dpo.jsonl"}}
+            "rows": rows, "files": files}
 
 
 def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
@@ -71,7 +80,8 @@ def b_judge(out: Path) -> str:
 def sweep_file(cfg: RealRecipeConfig, out: Path, base: Path) -> Path:
     """Write the compare sweep (``b_sweep.yaml``): every variant from the base on the DPO part."""
     data = out / "data"
-    sweep = {"base": str(base.resolve()), "data": str((data / "hh_dpo.jsonl").resolve()),
+    part = "hh_dpo_sweep.jsonl" if cfg.b_sweep_pairs else "hh_dpo.jsonl"
+    sweep = {"base": str(base.resolve()), "data": str((data / part).resolve()),
              "eval_data": str((data / "hh_held_out.jsonl").resolve()), "output_dir": str((out / "b_sweep").resolve()),
              "common": {"learning_rate": cfg.b_learning_rate, "epochs": cfg.b_epochs,
                         **({"max_steps": cfg.b_max_steps} if cfg.b_max_steps else {}), "batch_size": cfg.batch_size,
@@ -102,22 +112,49 @@ def task_b_sweep(cfg: RealRecipeConfig, out: Path, base: Path, echo=print) -> li
             for row in summary["rows"]]
 
 
+def sweep_dpo(cfg: RealRecipeConfig, out: Path) -> tuple[Path, int] | None:
+    """The sweep's finished plain DPO variant the task's DPO continues -> (its model folder, its steps), or
+    None: with ``b_sweep_pairs`` unset, or no variant trained DPO at ``b_dpo_beta`` with the common settings,
+    or that variant did not finish."""
+    if not cfg.b_sweep_pairs:
+        return None
+    for variant in cfg.b_variants:
+        if variant.get("loss") == "dpo" and set(variant) <= {"name", "loss", "beta"} and \
+                variant.get("beta", 0.1) == cfg.b_dpo_beta:
+            folder = out / "b_sweep" / variant["name"]
+            summary = folder / "summary.json"
+            if (folder / "config.json").is_file() and summary.is_file():
+                return folder, int(json.loads(summary.read_text())["steps"])
+    return None
+
+
 def task_b_dpo(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """DPO on the whole DPO part, evaluated against the base as a sweep variant is (same data, judge and
-    settings, so the base's share is read back from the sweep's base cache when it is there). Its reference
-    log-probs come from the sweep's shared reference cache (``b_sweep/ref_cache``): the rows the sweep's
-    variants computed are read, the rest computed and added."""
+    settings, so the base's share is read back from the sweep's base cache when it is there).
+
+    With ``b_sweep_pairs``, the sweep's dpo variant has trained on the DPO part's first rows: the run continues
+    from it on the rest (reference: still the base), so the model has seen every DPO pair once and its steps
+    are the sweep's plus these. Otherwise (or when the sweep has no finished dpo variant) it trains from the
+    base on the whole part. Reference log-probs go through the sweep's shared reference cache
+    (``b_sweep/ref_cache``): rows already there are read, the rest computed and added."""
     started = time.perf_counter()
-    result = train_stage(cfg, out / "b_dpo", base, out / "data" / "hh_dpo.jsonl", "dpo", cfg.b_learning_rate,
+    start = sweep_dpo(cfg, out)
+    model, data, steps_before = base, out / "data" / "hh_dpo.jsonl", 0
+    if start is not None:
+        (model, steps_before), data = start, out / "data" / "hh_dpo_rest.jsonl"
+    result = train_stage(cfg, out / "b_dpo", model, data, "dpo", cfg.b_learning_rate,
                          cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta, share_ref_cache=True,
-                         ref_cache_dir=str(out / "b_sweep" / "ref_cache"))
+                         ref_cache_dir=str(out / "b_sweep" / "ref_cache"),
+                         **({"ref_model": str(base)} if start is not None else {}))
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(cfg, out / "b_dpo", out / "data" / "hh_held_out.jsonl", ref_model=base,
                           generate=cfg.b_eval_prompts, judge=b_judge(out),
                           max_new_tokens=cfg.b_max_new_tokens, base_cache=out / "b_sweep" / "base_cache.json")
+    extra = {"continued_from": f"b_sweep/{start[0].name}", "steps_before": steps_before,
+             "steps_continued": result.steps} if start is not None else {}
     return result_row("dpo (whole part)", evaluation, options={"loss": "dpo", "beta": cfg.b_dpo_beta},
-                      status="done", error=None, steps=result.steps, train_seconds=round(train_seconds, 1),
-                      base_cache=evaluation.get("base_cache"))
+                      status="done", error=None, steps=steps_before + result.steps,
+                      train_seconds=round(train_seconds, 1), base_cache=evaluation.get("base_cache"), **extra)
 
 
 def result_row(name: str, evaluation: dict | None, **fields) -> dict:

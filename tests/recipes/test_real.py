@@ -313,6 +313,14 @@ def test_reduced_recipe_metrics_are_finite_and_in_range(reduced_run):
     assert main["error"] is None and 0 <= main["accuracy"] <= 1 and main["pairs"] == cfg.b_held_out
     assert main["win_rate"]["n"] == cfg.b_eval_prompts and _finite(main["kl"]) and _finite(main["nll_difference"])
     assert main["steps"] == math.ceil(cfg.b_dpo_pairs / cfg.batch_size)
+    # the sweep's dpo trained on the part's first rows; the task's DPO continued it on the rest
+    assert main["continued_from"] == "b_sweep/dpo"
+    assert main["steps_before"] == math.ceil(cfg.b_sweep_pairs / cfg.batch_size) == b["variants"][0]["steps"]
+    assert main["steps_continued"] == math.ceil((cfg.b_dpo_pairs - cfg.b_sweep_pairs) / cfg.batch_size)
+    data = reduced_run["out"] / "data"
+    dpo, sweep_part, rest = ([row for _, row in read_rows(data / name)] for name in
+                             ("hh_dpo.jsonl", "hh_dpo_sweep.jsonl", "hh_dpo_rest.jsonl"))
+    assert sweep_part + rest == dpo and len(sweep_part) == cfg.b_sweep_pairs
     assert sorted(main["base_cache"]["reused"]) == ["held-out pair log-probs", "judge scores", "samples"]
     assert [t["reached"] for t in metrics["targets"]] == [t["reached"] for t in check_targets(cfg, metrics)]
 
@@ -331,7 +339,8 @@ def test_reduced_recipe_splits_are_disjoint_by_prompt(reduced_run):
     assert not held & rm and not held & dpo and not rm & dpo
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task_b"]["data"]["rows"] == {"held_out": cfg.b_held_out, "rm": cfg.b_rm_pairs,
-                                                 "dpo": cfg.b_dpo_pairs}
+                                                 "dpo": cfg.b_dpo_pairs, "sweep": cfg.b_sweep_pairs,
+                                                 "dpo_rest": cfg.b_dpo_pairs - cfg.b_sweep_pairs}
     train_films = {row["prompt"][0]["content"] for _, row in read_rows(out / "data" / "a_train_pairs.jsonl")}
     eval_films = {row["prompt"][0]["content"] for _, row in read_rows(out / "data" / "a_eval_pairs.jsonl")}
     assert train_films and eval_films and not train_films & eval_films

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
+import yaml
 
 from preftune.recipes import real_task_b as recipe
 from preftune.recipes.real_config import RealRecipeConfig
@@ -53,3 +57,73 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
                                              ("base (raw log-prob preference)", ""), ("dpo (whole part)", "184"),
                                              ("dpo", "48")]
     assert rows[2][3].startswith("0.690 [0.630, 0.740]") and rows[2][4] == "5.40 +- 0.30"
+
+
+def test_task_b_dpo_continues_the_sweeps_dpo_on_the_rest_of_the_part(tmp_path, monkeypatch):
+    """With the sweep's share set (the full preset), the task's DPO starts from the sweep's finished dpo variant,
+    trains on the rest of the DPO part against the base, and counts the sweep's steps with its own."""
+    import preftune.evaluation.evaluate as evaluate_module
+    import preftune.training.loop as train_module
+
+    cfg = RealRecipeConfig.preset("full")
+    assert cfg.b_sweep_pairs == cfg.b_max_steps * cfg.batch_size == 384  # one epoch of the sweep's part
+    sweep_dpo = tmp_path / "b_sweep" / "dpo"
+    sweep_dpo.mkdir(parents=True)
+    (sweep_dpo / "config.json").write_text("{}")
+    (sweep_dpo / "summary.json").write_text(json.dumps({"steps": 48}))
+    trained = []
+    monkeypatch.setattr(train_module, "train", lambda config: trained.append(config) or
+                        train_module.TrainResult(Path(config.output_dir), steps=136))
+    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda cfg: {
+        "preference": {"accuracy": 0.65, "pairs": 240}, "generation": {"win_rate": {"rate": 0.7}}})
+    row = recipe.task_b_dpo(cfg, tmp_path, tmp_path / "base")
+    (config,) = trained
+    assert (config.model, config.ref_model) == (str(sweep_dpo), str(tmp_path / "base"))
+    assert config.data == str(tmp_path / "data" / "hh_dpo_rest.jsonl") and config.max_steps is None
+    assert (row["steps"], row["steps_before"], row["steps_continued"]) == (184, 48, 136)
+    assert row["continued_from"] == "b_sweep/dpo"
+    # the sweep trains on the part's first rows
+    sweep = yaml.safe_load(recipe.sweep_file(cfg, tmp_path, tmp_path / "base").read_text())
+    assert sweep["data"] == str((tmp_path / "data" / "hh_dpo_sweep.jsonl").resolve())
+
+
+def test_sweep_dpo_is_only_a_finished_plain_dpo_variant_at_the_tasks_beta(tmp_path):
+    """What the task's DPO may continue: a finished variant with loss dpo at b_dpo_beta and no other option."""
+    def finished(name: str) -> None:
+        (tmp_path / "b_sweep" / name).mkdir(parents=True)
+        (tmp_path / "b_sweep" / name / "config.json").write_text("{}")
+        (tmp_path / "b_sweep" / name / "summary.json").write_text(json.dumps({"steps": 7}))
+
+    def cfg(*variants, **overrides):
+        return RealRecipeConfig.preset("full", b_variants=list(variants), **overrides)
+
+    plain = {"name": "dpo", "loss": "dpo", "beta": 0.1}
+    assert recipe.sweep_dpo(cfg(plain), tmp_path) is None  # not trained (no model folder)
+    finished("dpo")
+    finished("dpo-lr")
+    finished("dpo-b0.3")
+    assert recipe.sweep_dpo(cfg(plain), tmp_path) == (tmp_path / "b_sweep" / "dpo", 7)
+    assert recipe.sweep_dpo(cfg(plain, b_sweep_pairs=None), tmp_path) is None  # the sweep had the whole part
+    assert recipe.sweep_dpo(cfg({"name": "dpo-b0.3", "loss": "dpo", "beta": 0.3}), tmp_path) is None
+    assert recipe.sweep_dpo(cfg({"name": "dpo-lr", "loss": "dpo", "beta": 0.1, "learning_rate": 1e-4}),
+                            tmp_path) is None
+    assert recipe.sweep_dpo(cfg({"name": "ipo", "loss": "ipo", "beta": 0.1}), tmp_path) is None
+
+
+def test_task_b_data_splits_the_dpo_part_for_the_sweep_and_the_rest(tmp_path):
+    """The sweep's share is the DPO part's first rows, the rest the task's DPO continues on; together the part."""
+    from preftune.data.readers import read_rows
+
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps({"chosen": f"\n\nHuman: question {i}?\n\nAssistant: no {i}",
+                                      "rejected": f"\n\nHuman: question {i}?\n\nAssistant: yes {i}"}) + "\n"
+                          for i in range(60)))
+    cfg = RealRecipeConfig.preset("full", hh_data=str(hh), b_held_out=10, b_rm_pairs=10, b_sweep_pairs=16)
+    data = recipe.task_b_data(cfg, tmp_path)
+    assert (data["rows"]["dpo"], data["rows"]["sweep"], data["rows"]["dpo_rest"]) == (40, 16, 24)
+    dpo, sweep_part, rest = ([row for _, row in read_rows(tmp_path / "data" / name)] for name in
+                             ("hh_dpo.jsonl", "hh_dpo_sweep.jsonl", "hh_dpo_rest.jsonl"))
+    assert sweep_part == dpo[:16] and rest == dpo[16:]
+    with pytest.raises(ValueError, match="b_sweep_pairs 40: the DPO part has 40 pairs"):
+        recipe.task_b_data(RealRecipeConfig.preset("full", hh_data=str(hh), b_held_out=10, b_rm_pairs=10,
+                                                   b_sweep_pairs=40), tmp_path / "again")
