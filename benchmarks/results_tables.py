@@ -168,7 +168,17 @@ def throughput_tables(result: dict) -> list[str]:
     return out
 
 
+def recipe_accuracy(row: dict | None) -> dict | None:
+    """A recipe row's accuracy as ``{value, low, high, pairs}``: stored so in older results, or as the recipe's
+    metrics.json writes it (``accuracy`` a number beside ``accuracy_low`` / ``accuracy_high`` / ``pairs``)."""
+    if not row or isinstance(row.get("accuracy"), dict) or row.get("accuracy") is None:
+        return None if not row else row.get("accuracy")
+    return {"value": row["accuracy"], "low": row.get("accuracy_low"), "high": row.get("accuracy_high"),
+            "pairs": row.get("pairs")}
+
+
 def recipe_variant_row(v: dict, label: str | None = None) -> list[str]:
+    v = {**v, "accuracy": recipe_accuracy(v)}
     minutes = None if v.get("train_seconds") is None else v["train_seconds"] / 60
     kl = "-" if v.get("kl") is None else f"{v['kl']:.2f} ± {v['kl_stderr']:.2f}"
     return [label or v["name"], str(v.get("steps") or "-"), interval(v.get("accuracy")), win_text(v.get("win_rate")),
@@ -178,6 +188,11 @@ def recipe_variant_row(v: dict, label: str | None = None) -> list[str]:
 def recipe_tables(result: dict) -> list[str]:
     m, hw = result["metrics"], result["hardware"]
     a, b = m["task_a"], m["task_b"]
+    if isinstance(a.get("kl"), dict):  # the recipe's metrics.json: {"mean", "stderr", "samples"}
+        a = {**a, "kl": a["kl"]["mean"], "kl_stderr": a["kl"]["stderr"]}
+    b = {"reward_model_accuracy": recipe_accuracy(b.get("reward_model")),
+         "base_raw_accuracy": recipe_accuracy(b.get("base_raw")),
+         **({"dpo_whole_part": b["dpo"]} if b.get("dpo") else {}), **b}  # older results: the keys below
     task_a = [["judge score, mean (-1..1)", num(a["base"]["mean_score"]), num(a["dpo"]["mean_score"])],
               ["positive / negative replies", f"{pct(a['base']['positive'])} / {pct(a['base']['negative'])}",
                f"{pct(a['dpo']['positive'])} / {pct(a['dpo']['negative'])}"],

@@ -199,3 +199,18 @@ def test_memory_and_eval_stage_scripts_write_records_their_tables_read(tmp_path)
     data = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert tables.problems(data) == [] and data["kind"] == "eval-stages"
     assert "| NLL | 1.5 |" in tables.eval_stages_tables(data)[0]
+
+
+def test_recipe_tables_read_the_recipes_own_metrics_as_the_stored_form():
+    """The real recipe's metrics.json (task A's KL as {mean, stderr}, accuracies beside their intervals, the task's
+    DPO under "dpo") renders the same tables as the flattened form older results.json files hold."""
+    folder = RESULTS / "2026-12-05-real-recipe-full-continued"
+    stored = json.loads((folder / "results.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    native = copy.deepcopy(stored)
+    native["metrics"].update(task_a=metrics["task_a"], task_b=metrics["task_b"])
+    assert isinstance(native["metrics"]["task_a"]["kl"], dict) and "dpo_whole_part" not in native["metrics"]["task_b"]
+    assert tables.recipe_tables(native) == tables.recipe_tables(stored)
+    rows = "\n".join(tables.recipe_tables(native))
+    assert "| **dpo (whole part)**, the task's result | 184 | 0.629 [0.566, 0.688] |" in rows
+    assert "| reward model |  | 0.633 [0.571, 0.692] |" in rows
