@@ -38,17 +38,18 @@ def task_b_data(cfg: RealRecipeConfig, out: Path) -> dict:
     rm = split(data / "hh_rest.jsonl", data / "hh_dpo.jsonl", data / "hh_rm.jsonl", eval_size=cfg.b_rm_pairs,
                seed=cfg.seed + 1)
     (data / "hh_rest.jsonl").unlink()
-    dpo_rows = rm.train_rows
+    dpo_rows, dpo = rm.train_rows, None  # dpo: the DPO part's rows, once read
     if cfg.b_dpo_pairs is not None and dpo_rows > cfg.b_dpo_pairs:
-        rows = [row for _, row in read_rows(data / "hh_dpo.jsonl")][:cfg.b_dpo_pairs]
-        dpo_rows = write_rows(data / "hh_dpo.jsonl", rows)
+        dpo = [row for _, row in read_rows(data / "hh_dpo.jsonl")][:cfg.b_dpo_pairs]
+        dpo_rows = write_rows(data / "hh_dpo.jsonl", dpo)
     rows = {"held_out": held.eval_rows, "rm": rm.eval_rows, "dpo": dpo_rows}
     files = {"held_out": "data/hh_held_out.jsonl", "rm": "data/hh_rm.jsonl", "dpo": "data/hh_dpo.jsonl"}
     if cfg.b_sweep_pairs:  # the DPO part in two: the sweep's rows, then the rest (the task's DPO continues on it)
         if not 0 < cfg.b_sweep_pairs < dpo_rows:
             raise ValueError(f"b_sweep_pairs {cfg.b_sweep_pairs}: the DPO part has {dpo_rows} pairs; the sweep's "
                              "share must leave some for the task's DPO to continue on")
-        dpo = [row for _, row in read_rows(data / "hh_dpo.jsonl")]
+        if dpo is None:
+            dpo = [row for _, row in read_rows(data / "hh_dpo.jsonl")]
         rows["sweep"] = write_rows(data / "hh_dpo_sweep.jsonl", dpo[:cfg.b_sweep_pairs])
         rows["dpo_rest"] = write_rows(data / "hh_dpo_rest.jsonl", dpo[cfg.b_sweep_pairs:])
         files.update(sweep="data/hh_dpo_sweep.jsonl", dpo_rest="data/hh_dpo_rest.jsonl")
@@ -116,11 +117,14 @@ def sweep_dpo(cfg: RealRecipeConfig, out: Path) -> tuple[Path, int] | None:
     """The sweep's finished plain DPO variant the task's DPO continues -> (its model folder, its steps), or
     None: with ``b_sweep_pairs`` unset, or no variant trained DPO at ``b_dpo_beta`` with the common settings,
     or that variant did not finish."""
+    from preftune.methods.table import parse
+
     if not cfg.b_sweep_pairs:
         return None
+    dpo_beta = parse("dpo").default("beta", 0.1)  # a variant's beta when it names none (as TrainConfig sets it)
     for variant in cfg.b_variants:
         if variant.get("loss") == "dpo" and set(variant) <= {"name", "loss", "beta"} and \
-                variant.get("beta", 0.1) == cfg.b_dpo_beta:
+                variant.get("beta", dpo_beta) == cfg.b_dpo_beta:
             folder = out / "b_sweep" / variant["name"]
             summary = folder / "summary.json"
             if (folder / "config.json").is_file() and summary.is_file():
