@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from preftune.common.allocator import settings_env
+
 # Contender name -> what it runs. "trl-fast" is the quickest TRL 1.16 setting we found on a
 # 2-core CPU that keeps a live reference model: TRL's default bf16 autocast (faster than fp32
 # on CPUs with AVX512-BF16), no gradient checkpointing, length-grouped sampling (less padding).
@@ -52,6 +54,8 @@ CONTENDERS = {
     # glibc's mmap threshold fixed at 128 KiB: freed tensors go back to the OS instead of the heap
     "preftune-mmap": dict(kind="preftune", packing=True, env={"MALLOC_MMAP_THRESHOLD_": "131072"}),
     "preftune-bf16-ref": dict(kind="preftune", packing=True, mixed_precision="bf16", ref_dtype="bfloat16"),
+    # the allocator settings the preftune command runs with (preftune.common.allocator), from the process's start
+    "preftune-heap": dict(kind="preftune", packing=True, gradient_checkpointing="off", env=settings_env()),
 }
 DEFAULT_CONTENDERS = ["trl-default", "trl-fast", "preftune", "preftune-padded"]
 
@@ -98,6 +102,8 @@ def describe(name: str) -> str:
         "preftune-fp32": "preftune train(), --mixed-precision no (fp32 compute; checkpointing auto)",
         "preftune-mmap": "preftune train(), defaults, with MALLOC_MMAP_THRESHOLD_=131072 (glibc allocator)",
         "preftune-bf16-ref": "preftune train(), --mixed-precision bf16 --ref-dtype bfloat16",
+        "preftune-heap": "preftune train(), --gradient-checkpointing off, with the preftune command's allocator "
+                         "settings (every block from glibc's heap, no trimming)",
     }[name]
 
 

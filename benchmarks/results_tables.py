@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -320,6 +321,23 @@ def sampler_tables(result: dict) -> list[str]:
     return lines
 
 
+def allocator_tables(result: dict) -> list[str]:
+    """The allocator benchmark: seconds per training step per mode (each run and the mean, the ratio to
+    glibc's defaults), and the evaluation's stage seconds per mode."""
+    m = result["metrics"]
+    rows = [[mode, " / ".join(f"{r['s_per_step']:.3f}" for r in runs), f"{m['train_s_per_step'][mode]:.3f}",
+             f"{m['train_vs_system'][mode]:.2f}x"] for mode, runs in m["train_runs"].items()]
+    lines = [with_hardware(["allocator", f"s/step, each run ({m['steps']} steps, first left out)", "mean",
+                            "speed vs system"], rows, result["hardware"])]
+    evals = {mode: runs for mode, runs in m.get("eval_runs", {}).items() if runs}
+    if evals:
+        stages = list(next(iter(evals.values()))[0]["seconds"])
+        rows = [[stage, *(f"{statistics.mean(r['seconds'][stage] for r in runs):.1f}" for runs in evals.values())]
+                for stage in stages]
+        lines.append(with_hardware(["evaluation stage (s)", *evals], rows, result["hardware"]))
+    return lines
+
+
 def task_a_groups_tables(result: dict) -> list[str]:
     """Task A of the real recipe: DPO on best-vs-worst pairs against DPO on whole response groups."""
     a = result["metrics"]["task_a"]
@@ -406,6 +424,11 @@ KINDS = {
     "sampling": ("Sampling speed", "`benchmarks/bench_sampler.py`: SmolLM2-135M-Instruct, chat prompts, temperature 1; "
                  "preftune's sampler against Hugging Face `generate` (bf16 weights) and llama.cpp, same prompts and "
                  "batches in one process.", sampler_tables),
+    "allocator": ("The command's allocator settings", "`benchmarks/bench_allocator.py`: `preftune train` steps "
+                  "(SmolLM2-135M-Instruct, the real recipe's sweep dpo settings) and one sweep variant's evaluation "
+                  "with glibc's defaults (`system`), with the settings the `preftune` command applies at start "
+                  "(`command`), and with them in the environment from the process's start (`environment`).",
+                  allocator_tables),
     "groups": ("Response groups vs expanded pairs", "`benchmarks/bench_groups.py`: SmolLM2-135M-Instruct's own groups "
                "of 4 sampled responses, DPO in one forward per group against the same groups expanded into their 6 "
                "pairs (preftune and TRL 1.16); ratios are group / expanded.", generic_tables),

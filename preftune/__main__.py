@@ -2,6 +2,6 @@
 
 import sys
 
-from preftune.cli.main import main
+from preftune.cli.launch import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -44,6 +44,11 @@ data formats (one JSON object per line, or Parquet / datasets folders with the s
 every flag is also accepted with underscores, as TRL spells it (--learning_rate = --learning-rate); --config
 also reads a YAML of TRL's DPOConfig names (per_device_train_batch_size, loss_type, bf16 ...), logs what it
 mapped and refuses what it cannot honour (docs/configuration.md: Bring your TRL config).
+
+allocator: on Linux the command keeps large freed buffers in glibc's heap for the next step instead of
+unmapping them (~10% faster steps; memory freed after a peak stays with the process until it exits);
+PREFTUNE_ALLOCATOR=system keeps glibc's defaults, and MALLOC_* variables you set are left alone
+(docs/performance.md: The allocator).
 """
 
 
