@@ -15,14 +15,13 @@ the process until it exits (a sweep variant's peak RSS 9.0-9.9 GB instead of 8.6
 the same settings as ``MALLOC_*`` environment variables, which glibc reads when a process starts, for
 the processes it starts (sweep variants, ``accelerate launch`` workers) and for itself, started again
 with them. Left alone: when ``PREFTUNE_ALLOCATOR=system``,
-when any ``MALLOC_*`` allocator variable or ``GLIBC_TUNABLES`` is already set (the user's choice
-wins), and on systems without glibc's ``mallopt``.
+when any ``MALLOC_*`` allocator variable, ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` (another allocator) is
+already set (the user's choice wins), and on systems without glibc's ``mallopt``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -32,19 +31,20 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 SETTINGS = {M_MMAP_THRESHOLD: 2**31 - 1, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 2**30}
 ENV_NAMES = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_", M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
              M_TOP_PAD: "MALLOC_TOP_PAD_"}
-USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                  "MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "LD_PRELOAD")
+# a user's own allocator choice: any of these set leaves everything alone
+USER_VARIABLES = (*ENV_NAMES.values(), "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "LD_PRELOAD")
 OPT_OUT = "PREFTUNE_ALLOCATOR"
 APPLIED = "heap for every block, no trimming"
 
 
 def _libc_mallopt():
-    """glibc's ``mallopt``, or None (not Linux, or a C library without it, e.g. musl)."""
+    """glibc's ``mallopt``, or None (not Linux, or a C library without it). Looked up among the symbols
+    already loaded into this process (the C library is), not by ``ctypes.util.find_library``, which runs
+    ``ldconfig`` or a compiler in a subprocess on every command's start."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from preftune.cli import launch
-from preftune.common.allocator import settings_env
+from preftune.common.allocator import OPT_OUT, USER_VARIABLES, settings_env
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in list(os.environ):
-        if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD", "PREFTUNE_ALLOCATOR"):
+        if name.startswith("MALLOC_") or name in (*USER_VARIABLES, OPT_OUT):
             monkeypatch.delenv(name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,7 +68,7 @@ def test_a_freed_large_buffer_is_reused_without_page_faults():
     (16,384 pages faulted in per allocation); with the settings the second and later allocations reuse it."""
     def run(mode: str) -> dict:
         out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                             env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")})
+                             env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
         return json.loads(out.stdout)
 
     default, tuned = run("default"), run("tuned")
