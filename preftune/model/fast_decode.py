@@ -12,6 +12,10 @@ sliding window). What a decode step does differently from the Hugging Face forwa
   compute dtype is the weights' own, the model's tensors are used as they are (no fused copy).
 * **A static KV cache** ``(layers, batch, kv-heads, max-length, head-dim)`` in the compute dtype,
   allocated once per batch; a step writes one column and attends over the filled part.
+* **Prefill in groups of similar length** (:func:`prefill_groups`): each group runs over its own longest
+  prompt's columns only, so one 800-token prompt does not make every row of its batch 800 columns wide
+  (HH-RLHF prompts at batch 32 on 2 Xeon cores with AMX: the longest batch's prefill 16.5 -> 6.5 s); a group without
+  padding takes SDPA's causal path with no mask, the others one additive mask built once per forward.
 * **Rotary cos/sin computed once** for every position of the batch.
 * **Grouped-query attention without repeating K/V**: the query heads sharing a KV head are folded into
   the query-length axis of one SDPA call.
@@ -159,6 +163,27 @@ class LeanLayer:
         self.down = FusedLinear([mlp.down_proj], dtype, pack, batch_hint)
 
 
+PREFILL_WASTE = 1.25  # a prefill group computes at most this many padded cells per real prompt token
+
+
+def prefill_groups(lengths: list[int], waste: float = PREFILL_WASTE) -> list[list[int]]:
+    """Rows of a batch (prompt lengths ``lengths``) in groups for the prefill, longest first: a group takes
+    the next rows by length while ``rows x its longest length <= waste x its real tokens`` (so its padding
+    stays under ``waste - 1`` of its work). One group for prompts of similar length. Each group lists its
+    rows in batch order (a group of every row is the batch itself)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    groups: list[list[int]] = []
+    real = 0
+    for r in order:
+        if groups and (len(groups[-1]) + 1) * max(lengths[groups[-1][0]], 1) <= waste * (real + lengths[r]):
+            groups[-1].append(r)
+            real += lengths[r]
+        else:
+            groups.append([r])
+            real = lengths[r]
+    return [sorted(group) for group in groups]
+
+
 class LeanDecoder:
     """Prefill and decode steps of a supported model (:func:`unsupported_reason` is None for it).
 
@@ -199,37 +224,54 @@ class LeanDecoder:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int) -> torch.Tensor:
-        """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T``
-        -> (B, T, D) after o_proj. ``mask``: (B, 1, T, start + T), bool (True where a query may look) or
-        additive (0 or -inf)."""
+    def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+        """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T`` of the
+        cache rows ``rows`` (None: every row) -> (B, T, D) after o_proj. ``mask``: None (a prefill without
+        padding: causal), or additive (0 / -inf) in the compute dtype, (B, 1, T, start + T), its query axis
+        already repeated for the query heads sharing a KV head when T > 1 (:meth:`_forward`)."""
         batch, length, _ = h.shape
         q_k, v = layer.qkv(h)
         # one rotation for the query and key heads together: (B, T, H + KV, hd)
         q_k = self._rotate(q_k.view(batch, length, self.heads + self.kv_heads, self.head_dim), cos, sin)
         q, k = q_k.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)  # (B, H, T, hd), (B, KV, T, hd)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         end = start + length
-        self.k_cache[index, :, :, start:end] = k
-        self.v_cache[index, :, :, start:end] = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rows is None:
+            self.k_cache[index, :, :, start:end] = k
+            self.v_cache[index, :, :, start:end] = v
+        else:
+            self.k_cache[index, rows, :, start:end] = k
+            self.v_cache[index, rows, :, start:end] = v
         groups = self.heads // self.kv_heads
-        # heads kv*groups .. kv*groups + groups - 1 share KV head kv: fold them into the query axis
-        q = q.reshape(batch, self.kv_heads, groups * length, self.head_dim)
-        if groups > 1 and length > 1:
-            mask = mask.repeat(1, 1, groups, 1)
-        out = nn_functional.scaled_dot_product_attention(q, self.k_cache[index, :, :, :end],
-                                                         self.v_cache[index, :, :, :end], attn_mask=mask)
-        out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        if start == 0 or rows is not None:  # a prefill: its keys are the ones just computed
+            keys, values = k, v
+        else:
+            keys, values = self.k_cache[index, :, :, :end], self.v_cache[index, :, :, :end]
+        if mask is None:  # causal without padding: SDPA's own causal path, K/V repeated per query head
+            out = nn_functional.scaled_dot_product_attention(
+                q, keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), is_causal=True)
+        else:
+            # heads kv*groups .. kv*groups + groups - 1 share KV head kv: fold them into the query axis
+            q = q.reshape(batch, self.kv_heads, groups * length, self.head_dim)
+            out = nn_functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         return layer.out(out)[0]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-        """(B, T) ids at (B, T) positions, written at cache columns from ``start`` -> (B, V) float32 logits of
-        the last column."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, start: int,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids at (B, T) positions, written at cache columns from ``start`` of cache rows ``rows``
+        (None: all) -> (B, V) float32 logits of the last column. ``mask``: see :meth:`_attention` (its
+        query axis is repeated here, once for every layer)."""
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, hd)
+        groups, length = self.heads // self.kv_heads, ids.shape[1]
+        if mask is not None and groups > 1 and length > 1:
+            mask = mask.repeat(1, 1, groups, 1)  # (B, 1, groups * T, keys): the folded query axis
         x = nn_functional.embedding(ids, self.embed)  # (B, T, D)
         shape = (self.hidden,)
         for index, layer in enumerate(self.layers):
             h = torch.rms_norm(x, shape, layer.input_norm, self.eps)
-            x = x + self._attention(index, layer, h, cos, sin, mask, start)
+            x = x + self._attention(index, layer, h, cos, sin, mask, start, rows)
             gate, up = layer.gate_up(torch.rms_norm(x, shape, layer.post_norm, self.eps))
             x = x + layer.down(nn_functional.silu(gate) * up)[0]
         last = torch.rms_norm(x[:, -1], shape, self.final_norm, self.eps)
@@ -238,7 +280,11 @@ class LeanDecoder:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Left-padded (B, P) prompts and their (B, P) 0/1 mask -> (B, V) float32 logits of the next token.
 
-        Allocates the cache for ``P + max_new_tokens`` columns (the last generated token is never fed)."""
+        Allocates the cache for ``P + max_new_tokens`` columns (the last generated token is never fed).
+        Rows are run in groups of similar length (:func:`prefill_groups`), each group only over its own
+        longest prompt's columns (the last ones: rows are left padded), so a batch mixing an 800-token
+        prompt with 300-token ones does not compute 800 columns for every row; a group without padding
+        takes SDPA's causal path with no mask."""
         batch, width = input_ids.shape
         total = width + max_new_tokens
         self._rotary_table(total)
@@ -250,10 +296,26 @@ class LeanDecoder:
         self.next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1)
         self.filled = width
         positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, P)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        mask = (causal & self.valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        logits = torch.empty(batch, self.head.sizes[0], dtype=torch.float, device=self.device)
+        lengths = self.next_position.squeeze(-1).tolist()
         with torch.autocast(self.device.type, enabled=False):
-            return self._forward(input_ids, positions, mask.unsqueeze(1), 0)
+            for group in prefill_groups(lengths):
+                rows = torch.tensor(group, device=self.device)
+                start = width - max(max(lengths[r] for r in group), 1)
+                if start:  # columns left of the group's span: padding, never attended, but finite (0 x -inf)
+                    self.k_cache[:, rows, :, :start] = 0
+                    self.v_cache[:, rows, :, :start] = 0
+                valid = self.valid[rows, start:width]  # (b, w)
+                mask = None
+                if not bool(valid.all()):
+                    w = width - start
+                    causal = torch.ones(w, w, dtype=torch.bool, device=self.device).tril()
+                    allowed = (causal & valid[:, None, :]) | torch.eye(w, dtype=torch.bool, device=self.device)
+                    mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+                    mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)  # (b, 1, w, w) additive
+                logits[rows] = self._forward(input_ids[rows, start:], positions[rows, start:], mask, start,
+                                             None if len(group) == batch else rows)
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) the tokens just chosen, one per remaining row -> (B, V) float32 logits of the next ones."""

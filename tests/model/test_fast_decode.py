@@ -114,3 +114,34 @@ def test_the_decoder_is_kept_for_the_same_weights_and_rebuilt_when_they_change()
         assert kept is after_step
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
         assert lean_decoder(model) is not kept
+
+
+def test_prefill_groups_rows_of_similar_length_longest_first():
+    """Lengths 9, 5, 3, 1 with at most 1.25 padded cells per real token: 9 alone (2 x 9 = 18 > 1.25 x 14),
+    5 and 3 together (2 x 5 = 10 <= 1.25 x 8), 1 alone (3 x 5 = 15 > 1.25 x 9); row indices in batch order."""
+    from preftune.model.fast_decode import prefill_groups
+
+    assert prefill_groups([3, 9, 5, 1]) == [[1], [0, 2], [3]]
+    assert prefill_groups([40, 38, 39, 40]) == [[0, 1, 2, 3]]  # similar lengths: one group, one forward
+    assert prefill_groups([3, 9, 5, 1], waste=float("inf")) == [[0, 1, 2, 3]]
+
+
+def test_grouped_prefill_equals_one_padded_prefill(monkeypatch):
+    """A batch of a long prompt and short ones, prefilled in groups (each over its own columns, a group without
+    padding on SDPA's causal path) and as one padded group: the same logits, then the same decode steps."""
+    from preftune.model import fast_decode
+
+    model = tiny_model("llama", vocab_size=96, seed=2, heads=4, layers=2).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = left_padded([torch.randint(3, 96, (n,), generator=g).tolist() for n in (30, 4, 5, 4, 12)])
+    tokens = torch.randint(3, 96, (5,), generator=g)
+    assert fast_decode.prefill_groups(mask.sum(-1).tolist()) == [[0], [4], [1, 2, 3]]  # 30 | 12 | 5, 4, 4
+    runs = []
+    with torch.no_grad():
+        for waste in (fast_decode.PREFILL_WASTE, float("inf")):
+            monkeypatch.setattr(fast_decode, "PREFILL_WASTE", waste)
+            monkeypatch.setattr(fast_decode.prefill_groups, "__defaults__", (waste,))
+            lean = LeanDecoder(model)
+            runs.append((lean.prefill(ids, mask, max_new_tokens=3), lean.step(tokens), lean.step(tokens.flip(0))))
+    for grouped, padded in zip(*runs):
+        assert torch.allclose(grouped, padded, atol=1e-5)
