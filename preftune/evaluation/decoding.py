@@ -3,6 +3,8 @@
 * :func:`decode` — prompts (token ids) -> completions (token ids), in batches, one forward per new token:
   the lean forward of :mod:`preftune.model.fast_decode` for the Llama family (:func:`decode_batch_lean`),
   the model's Hugging Face forward for anything else (:func:`decode_batch`).
+* :func:`decode_scored` — the same, and each completion's log-prob under the model from the logits it was
+  sampled with (:func:`token_logps`): the KL estimates need no second forward of the sampled model.
 * :func:`choose_tokens` — one decoding step's choice from the last logits: greedy, or temperature,
   top-k and top-p sampling driven by given uniform numbers (a pure function, tested on hand-set logits).
 * :func:`sample_uniforms` — the uniform numbers of every sample: sample ``s`` draws from its own
@@ -105,6 +107,18 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
     return index.gather(-1, _pick(kept, uniforms).unsqueeze(-1)).squeeze(-1)
 
 
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits, (B,) chosen token ids -> (B,) float32 log-probs of the tokens under the logits as
+    they are (no temperature, top-k or top-p: the model's own distribution); log-softmax in float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.view(-1, 1)).squeeze(-1)
+
+
+def _add_scores(scores: list[float], rows: torch.Tensor, logps: torch.Tensor) -> None:
+    """Add each (b,) log-prob to its batch row's running sum (a Python float: double precision)."""
+    for row, value in zip(rows.tolist(), logps.tolist()):
+        scores[row] += value
+
+
 def _forward_names(model) -> tuple[str, bool]:
     """The model forward's cache keyword (``cache`` in newer transformers, ``past_key_values`` before)
     and whether it takes ``logits_to_keep``; read once from the forward's signature."""
@@ -126,9 +140,11 @@ def _left_pad(chunk: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
 
 def decode_batch(model, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0) -> list[list[int]]:
+                 top_p: float = 1.0, scores: list[float] | None = None) -> list[list[int]]:
     """One batch of prompts -> their completions' token ids (each ends at its first EOS, kept, or after
-    ``max_new_tokens``). ``uniforms``: (B, max_new_tokens), row b's draws for prompt b."""
+    ``max_new_tokens``). ``uniforms``: (B, max_new_tokens), row b's draws for prompt b. ``scores`` (a list
+    of B zeros, or None): each completion's summed log-prob under the model is added to its entry
+    (:func:`token_logps`)."""
     cache_name, keeps_logits = _forward_names(model)
     device = next(model.parameters()).device
     input_ids, mask = (t.to(device) for t in _left_pad(chunk, pad_id))
@@ -141,9 +157,12 @@ def decode_batch(model, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor, 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
     completions: list[list[int]] = [[] for _ in chunk]
     for step in range(max_new_tokens):
-        tokens = choose_tokens(out.logits[:, -1, :], uniforms[live, step], temperature, top_k, top_p).cpu()  # (b,)
+        last = out.logits[:, -1, :]  # (b, V)
+        tokens = choose_tokens(last, uniforms[live, step], temperature, top_k, top_p).cpu()  # (b,)
         for row, token in zip(live.tolist(), tokens.tolist()):
             completions[row].append(token)
+        if scores is not None:
+            _add_scores(scores, live, token_logps(last, tokens.to(last.device)))
         going = ~torch.isin(tokens, eos)  # (b,)
         if step == max_new_tokens - 1 or not bool(going.any()):
             break
@@ -168,7 +187,7 @@ def _compute_dtype(device: torch.device) -> torch.dtype | None:
 
 def decode_batch_lean(lean: LeanDecoder, chunk: Sequence[Sequence[int]], uniforms: torch.Tensor,
                       max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
+                      top_k: int = 0, top_p: float = 1.0, scores: list[float] | None = None) -> list[list[int]]:
     """:func:`decode_batch` on a :class:`preftune.model.fast_decode.LeanDecoder` (same inputs, same completions).
 
     A finished row stays in the batch (its tokens ignored, no draw made for it) until the finished rows are
@@ -182,10 +201,12 @@ def decode_batch_lean(lean: LeanDecoder, chunk: Sequence[Sequence[int]], uniform
     completions: list[list[int]] = [[] for _ in chunk]
     for step in range(max_new_tokens):
         going = (~done).nonzero().squeeze(-1)  # (g,) batch rows still generating
-        chosen = choose_tokens(logits[going.to(lean.device)], uniforms[rows[going], step], temperature, top_k,
-                               top_p).cpu()  # (g,)
+        live = logits if going.numel() == len(rows) else logits[going.to(lean.device)]  # (g, V)
+        chosen = choose_tokens(live, uniforms[rows[going], step], temperature, top_k, top_p).cpu()  # (g,)
         for row, token in zip(rows[going].tolist(), chosen.tolist()):
             completions[row].append(token)
+        if scores is not None:
+            _add_scores(scores, rows[going], token_logps(live, chosen.to(live.device)))
         tokens = torch.full((len(rows),), int(eos[0]), dtype=torch.long)
         tokens[going] = chosen
         done[going] = torch.isin(chosen, eos)
@@ -211,43 +232,58 @@ def decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_
     autocast. A Llama-family model runs on the lean forward of :mod:`preftune.model.fast_decode` (in
     autocast's dtype when autocast is on); any other model on its Hugging Face forward.
     """
+    return decode_scored(model, prompt_ids, max_new_tokens, eos_ids, pad_id, temperature, top_k, top_p, seed,
+                         batch_size, first_sample, score=False)[0]
+
+
+def decode_scored(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
+                  pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  batch_size: int = 8, first_sample: int = 0,
+                  score: bool = True) -> tuple[list[list[int]], list[float] | None]:
+    """:func:`decode`, and with ``score`` each completion's summed log-prob under the model: the
+    log-softmax (float32) of the very logits its tokens were drawn from, before temperature, top-k and
+    top-p (:func:`token_logps`) — the model's own log-prob of the completion, from the forward that
+    sampled it, so no second forward is needed to score it (None without ``score``)."""
     uniforms = sample_uniforms(len(prompt_ids), max_new_tokens, seed, first_sample)  # (S, T)
     longest = max((len(ids) for ids in prompt_ids), default=0)
     lean = lean_decoder(model, _compute_dtype(next(model.parameters()).device), batch_size,
                         longest + max_new_tokens) if prompt_ids else None
     order = sorted(range(len(prompt_ids)), key=lambda s: -len(prompt_ids[s]))
     completions: list[list[int]] = [[] for _ in prompt_ids]
+    scores: list[float] | None = [0.0] * len(prompt_ids) if score else None
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         chunk = [prompt_ids[s] for s in rows]
-        if lean is not None:
-            done = decode_batch_lean(lean, chunk, uniforms[rows], max_new_tokens, eos_ids, pad_id, temperature,
-                                     top_k, top_p)
-        else:
-            done = decode_batch(model, chunk, uniforms[rows], max_new_tokens, eos_ids, pad_id, temperature, top_k,
-                                top_p)
-        for s, ids in zip(rows, done):
+        chunk_scores = [0.0] * len(rows) if score else None
+        run = decode_batch_lean if lean is not None else decode_batch
+        done = run(lean if lean is not None else model, chunk, uniforms[rows], max_new_tokens, eos_ids, pad_id,
+                   temperature, top_k, top_p, chunk_scores)
+        for b, (s, ids) in enumerate(zip(rows, done)):
             completions[s] = ids
+            if scores is not None:
+                scores[s] = chunk_scores[b]
     if lean is not None:
         lean.release()
-    return completions
+    return completions, scores
 
 
 def decode_on_ranks(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
                     pad_id: int, state, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int = 8) -> list[list[int]]:
-    """:func:`decode` shared by the processes of a distributed run (``state``: accelerate's
+                    batch_size: int = 8, score: bool = False) -> tuple[list[list[int]], list[float] | None]:
+    """:func:`decode_scored` shared by the processes of a distributed run (``state``: accelerate's
     ``PartialState`` or ``Accelerator``): process r decodes the r-th contiguous share of the samples,
-    with the sample indices the whole job gives them, and every process gets every completion back
-    (``gather_object``) — the same completions one process would draw."""
+    with the sample indices the whole job gives them, and every process gets every completion (and its
+    score, with ``score``) back (``gather_object``) — the same completions one process would draw."""
     from accelerate.utils import gather_object
 
     world, rank = state.num_processes, state.process_index
     share = -(-len(prompt_ids) // world) if prompt_ids else 0
     start = min(rank * share, len(prompt_ids))
-    mine = decode(model, prompt_ids[start:start + share], max_new_tokens, eos_ids, pad_id, temperature, top_k,
-                  top_p, seed, batch_size, first_sample=start)
+    mine = decode_scored(model, prompt_ids[start:start + share], max_new_tokens, eos_ids, pad_id, temperature,
+                         top_k, top_p, seed, batch_size, first_sample=start, score=score)
     if world == 1:
         return mine
-    return [ids for part in gather_object([mine]) for ids in part]
+    parts = gather_object([mine])
+    completions = [ids for part, _ in parts for ids in part]
+    return completions, ([x for _, part in parts for x in part] if score else None)
 

@@ -46,8 +46,8 @@ from preftune.evaluation.ranking import (
     preference_summary,
     reward_model_preference,
 )
-from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
-from preftune.evaluation.scoring import completion_logps
+from preftune.evaluation.sampling import estimate_kl, sample, sample_scored
+from preftune.evaluation.scoring import completion_logps, pad_token_id
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import LogpOutput, batch_logps
@@ -279,11 +279,10 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
     batch_size, kl_samples = cfg.batch_size, cfg.kl_samples
     common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, compute_dtype=compute_dtype)
     if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
-        prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, **common)
-        pad_id = tokenizer.pad_token_id
-        kl, kl_stderr = kl_from_samples(
-            completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype),
-            completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype))
+        prompt_ids, completion_ids, model_logps = sample_scored(model, tokenizer, prompts, **common)
+        base_logps = model_logps if base is model else completion_logps(
+            base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)
+        kl, kl_stderr = kl_from_samples(model_logps, base_logps)
         model_texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     else:
         kl, kl_stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples, **common)

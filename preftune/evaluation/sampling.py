@@ -3,9 +3,10 @@
 * :func:`sample` — seeded, batched generation with a KV cache (:mod:`preftune.evaluation.decoding`)
   -> completion texts.
 * :func:`sample_token_ids` — the same as token ids, one entry per sample.
+* :func:`sample_scored` — token ids and each sample's log-prob under the sampling model.
 * :func:`sample_from_path` — load a model folder (or GGUF) and :func:`sample`.
-* :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples, scored by
-  :func:`preftune.evaluation.scoring.completion_logps`.
+* :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples: the model's log-probs
+  from the sampler, the base's by :func:`preftune.evaluation.scoring.completion_logps`.
 
 Prompts are plain text, or chat message lists (``[{"role": ..., "content": ...}]``) rendered with
 the tokenizer's chat template and ``add_generation_prompt=True``: a prompt is sampled on exactly the
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from preftune.data.tokenize import prompt_token_ids, special_prefix_ids
-from preftune.evaluation.decoding import decode, decode_on_ranks
+from preftune.evaluation.decoding import decode_on_ranks, decode_scored
 from preftune.evaluation.judges.base import Prompt
 from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.scoring import completion_logps, eval_mode, model_device, pad_token_id
@@ -76,6 +77,29 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     ``PartialState`` / ``Accelerator`` of a multi-process run): each process samples a share and all
     get every sample, equal to one process's result (:func:`preftune.evaluation.decoding.decode_on_ranks`).
     """
+    prompt_ids, completion_ids, _ = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,
+                                            seed, batch_size, compute_dtype, top_k, state, score=False)
+    return prompt_ids, completion_ids
+
+
+def sample_scored(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 64,
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+                  compute_dtype: torch.dtype | None = None, top_k: int = 0,
+                  state=None) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """:func:`sample_token_ids` and ``(S,)`` float32: each completion's summed log-prob under ``model``,
+    from the logits the sampler drew it with (log-softmax in float32 before temperature, top-k and top-p,
+    :func:`preftune.evaluation.decoding.token_logps`). Equal, up to the arithmetic's rounding, to scoring the
+    completion afterwards with :func:`preftune.evaluation.scoring.completion_logps`: within 1e-4 in float32;
+    in bf16 the two paths (cached decode steps, one packed forward) round differently (``docs/evaluation.md``
+    gives the difference measured on SmolLM2)."""
+    prompt_ids, completion_ids, scores = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,
+                                                 seed, batch_size, compute_dtype, top_k, state, score=True)
+    return prompt_ids, completion_ids, torch.tensor(scores, dtype=torch.float32)
+
+
+def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, seed, batch_size, compute_dtype,
+            top_k, state, score: bool) -> tuple[list[list[int]], list[list[int]], list[float] | None]:
+    """:func:`sample_scored`'s work; the scores are None without ``score``."""
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -91,13 +115,14 @@ def sample_token_ids(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, ma
     lean = unsupported_reason(model, longest) is None
     packing = contextlib.nullcontext() if lean else packed_linears(model, compute_dtype, batch_size)
     with eval_mode(model), torch.no_grad(), autocast(device.type, compute_dtype), packing:
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                       score=score)
         ends = (max_new_tokens, _eos_ids(model, tokenizer), pad_token_id(tokenizer))
         if state is not None and state.num_processes > 1:
-            completion_ids = decode_on_ranks(model, prompt_ids, *ends, state, **options)
+            completion_ids, scores = decode_on_ranks(model, prompt_ids, *ends, state, **options)
         else:
-            completion_ids = decode(model, prompt_ids, *ends, **options)
-    return prompt_ids, completion_ids
+            completion_ids, scores = decode_scored(model, prompt_ids, *ends, **options)
+    return prompt_ids, completion_ids, scores
 
 
 def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: int = 4, max_new_tokens: int = 64,
@@ -105,18 +130,19 @@ def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: in
     """Monte-Carlo KL(model || base) per sequence, in nats: ``(mean, stderr)``.
 
     Draws ``n_samples`` completions per prompt from ``model`` at temperature 1 and top-p 1
-    (any other setting would not sample the model's own distribution), scores the sampled
-    token ids (not re-tokenized text) under both models with :func:`completion_logps`, and
-    averages log p - log q with :func:`preftune.evaluation.metrics.kl_from_samples`. Completions cut at
+    (any other setting would not sample the model's own distribution), takes their log-probs under
+    ``model`` from the sampler itself (:func:`sample_scored`), scores the sampled token ids (not
+    re-tokenized text) under ``base`` with :func:`completion_logps`, and averages log p - log q
+    with :func:`preftune.evaluation.metrics.kl_from_samples`. Completions cut at
     ``max_new_tokens`` estimate the KL of the distribution over such truncated sequences.
     ``model is base`` gives 0. ``compute_dtype`` is used for sampling and scoring alike.
     """
-    prompt_ids, completion_ids = sample_token_ids(model, tokenizer, prompts, n=n_samples,
-                                                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                                                  compute_dtype=compute_dtype)
+    prompt_ids, completion_ids, policy_logps = sample_scored(model, tokenizer, prompts, n=n_samples,
+                                                             max_new_tokens=max_new_tokens, seed=seed,
+                                                             batch_size=batch_size, compute_dtype=compute_dtype)
     pad_id = pad_token_id(tokenizer)
-    policy_logps = completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype)  # (S,)
-    base_logps = completion_logps(base, prompt_ids, completion_ids, pad_id, batch_size, compute_dtype)  # (S,)
+    base_logps = policy_logps if base is model else completion_logps(base, prompt_ids, completion_ids, pad_id,
+                                                                      batch_size, compute_dtype)  # (S,)
     return kl_from_samples(policy_logps, base_logps)
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from preftune.evaluation.sampling import estimate_kl, sample, sample_token_ids
+from preftune.evaluation.sampling import estimate_kl, sample, sample_scored, sample_token_ids
 from preftune.model.tiny import tiny_model
 
 PROMPTS = ["Human: Tell me about the river.", "Human: Name a colour.\n\nAssistant:", "Hi"]
@@ -120,6 +120,24 @@ def test_kl_is_zero_for_the_same_model(model, tiny_tokenizer):
     assert abs(mean) < 1e-6 and stderr < 1e-6
     mean, _ = estimate_kl(model, copy.deepcopy(model), tiny_tokenizer, PROMPTS, n_samples=2, max_new_tokens=8)
     assert abs(mean) < 1e-6
+
+
+def test_kl_from_the_samplers_log_probs_equals_scoring_both_models_afterwards(model, tiny_tokenizer):
+    """fp32: the policy's side of the estimate comes from the sampler (no second forward of the policy); it
+    equals scoring the same samples under both models with ``completion_logps``, the estimate's definition."""
+    from preftune.evaluation.metrics import kl_from_samples
+    from preftune.evaluation.scoring import completion_logps
+
+    policy = with_token_bias(model, tiny_tokenizer.convert_tokens_to_ids("Ġcalm"), 3.0)
+    mean, stderr = estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=3, max_new_tokens=8, seed=4)
+    prompt_ids, completion_ids, logps = sample_scored(policy, tiny_tokenizer, PROMPTS, n=3, max_new_tokens=8,
+                                                      seed=4)
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        scored = completion_logps(policy, prompt_ids, completion_ids, pad)
+        expected = kl_from_samples(scored, completion_logps(model, prompt_ids, completion_ids, pad))
+    assert torch.allclose(logps, scored, atol=1e-4, rtol=0)
+    assert abs(mean - expected[0]) < 1e-4 and abs(stderr - expected[1]) < 1e-4 and mean > 0.5
 
 
 def test_kl_is_positive_after_favouring_a_token(model, tiny_tokenizer):

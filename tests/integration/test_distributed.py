@@ -131,9 +131,10 @@ def test_sampling_on_two_processes_equals_one(tmp_path):
            os.path.join(here, "sampler_worker.py"), str(tmp_path / "result")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    alone = completions()
+    alone, alone_logps = completions()
     assert len(alone) == 14 and len({tuple(c) for c in alone}) > 1
     for rank in range(2):
         result = json.loads((tmp_path / f"result-{rank}.json").read_text())
         assert result["world"] == 2 and result["completions"] == alone
+        assert result["logps"] == pytest.approx(alone_logps, abs=1e-4)  # each sample's log-prob, gathered in order
         assert result["decoded"] == 7  # its own half, not all 14
