@@ -60,7 +60,8 @@ def register(subparsers, add_config_flags, config_from_args) -> argparse.Argumen
     loop.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
     loop.add_argument("--sample-batch-size", type=positive_int, default=32, help="(default: 32)")
     loop.add_argument("--kl-samples", type=positive_int, default=2,
-                      help="KL to the start: samples per held-out prompt (default: 2)")
+                      help="KL to the start: samples per held-out prompt (default: 2); with 1 at temperature 1 "
+                           "and top-p 1 the judged samples serve the KL too (one sampling instead of two)")
     loop.add_argument("--eval-pairs", metavar="FILE",
                       help="held-out preference pairs: each round's preference accuracy and NLL regression against "
                            "the start, as preftune eval measures them (optional)")

@@ -38,7 +38,6 @@ from preftune.data.load import read_examples
 from preftune.evaluation.base_cache import BaseCache
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
 from preftune.evaluation.judges.registry import make_judge
-from preftune.evaluation.metrics import kl_from_samples
 from preftune.evaluation.prompts import read_prompts
 from preftune.evaluation.ranking import (
     group_preference_metrics,
@@ -46,8 +45,7 @@ from preftune.evaluation.ranking import (
     preference_summary,
     reward_model_preference,
 )
-from preftune.evaluation.sampling import estimate_kl, sample, sample_scored
-from preftune.evaluation.scoring import completion_logps, pad_token_id
+from preftune.evaluation.sampling import sample, sample_and_kl
 from preftune.methods.objective import compute_objective
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import LogpOutput, batch_logps
@@ -278,16 +276,9 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
     max_new_tokens, temperature, top_p, seed = cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed
     batch_size, kl_samples = cfg.batch_size, cfg.kl_samples
     common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, compute_dtype=compute_dtype)
-    if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
-        prompt_ids, completion_ids, model_logps = sample_scored(model, tokenizer, prompts, **common)
-        base_logps = model_logps if base is model else completion_logps(
-            base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)
-        kl, kl_stderr = kl_from_samples(model_logps, base_logps)
-        model_texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    else:
-        kl, kl_stderr = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples, **common)
-        model_texts = [texts[0] for texts in sample(model, tokenizer, prompts, temperature=temperature,
-                                                    top_p=top_p, **common)]
+    model_texts, (kl, kl_stderr) = sample_and_kl(model, base, tokenizer, prompts, kl_samples, temperature=temperature,
+                                                 top_p=top_p, **common)
+
     def base_samples() -> list[str]:
         return [texts[0] for texts in sample(base, tokenizer, prompts, temperature=temperature, top_p=top_p,
                                              **common)]

@@ -4,6 +4,8 @@
   -> completion texts.
 * :func:`sample_token_ids` — the same as token ids, one entry per sample.
 * :func:`sample_scored` — token ids and each sample's log-prob under the sampling model.
+* :func:`sample_and_kl` — one sample per prompt and the KL to a base, from the same samples where the
+  sampling settings are the model's own distribution.
 * :func:`sample_from_path` — load a model folder (or GGUF) and :func:`sample`.
 * :func:`estimate_kl` — Monte-Carlo KL(model || base) on the model's own samples: the model's log-probs
   from the sampler, the base's by :func:`preftune.evaluation.scoring.completion_logps`.
@@ -144,6 +146,29 @@ def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: in
     base_logps = policy_logps if base is model else completion_logps(base, prompt_ids, completion_ids, pad_id,
                                                                       batch_size, compute_dtype)  # (S,)
     return kl_from_samples(policy_logps, base_logps)
+
+
+def sample_and_kl(model, base, tokenizer, prompts: Sequence[Prompt], kl_samples: int = 1, max_new_tokens: int = 64,
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+                  compute_dtype: torch.dtype | None = None,
+                  kl_seed: int | None = None) -> tuple[list[str], tuple[float, float]]:
+    """One completion text per prompt (``temperature``, ``top_p``, ``seed``) and KL(model || base) ``(mean,
+    stderr)``. At temperature 1 and top-p 1 with ``kl_samples == 1`` the texts are the model's own
+    distribution: the KL is estimated on them (one sampling, the model's log-probs from the sampler;
+    exactly :func:`estimate_kl` at ``seed``). Otherwise the KL comes from :func:`estimate_kl`'s own
+    ``kl_samples`` samples per prompt, drawn with ``kl_seed`` (default ``seed``)."""
+    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, compute_dtype=compute_dtype)
+    if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
+        prompt_ids, completion_ids, model_logps = sample_scored(model, tokenizer, prompts, seed=seed, **common)
+        base_logps = model_logps if base is model else completion_logps(
+            base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return texts, kl_from_samples(model_logps, base_logps)
+    kl = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples,
+                     seed=seed if kl_seed is None else kl_seed, **common)
+    texts = [row[0] for row in sample(model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed,
+                                      **common)]
+    return texts, kl
 
 
 def sample_from_path(model_path, prompts: Sequence[Prompt], n: int, max_new_tokens: int = 64,

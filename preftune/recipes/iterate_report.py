@@ -42,15 +42,19 @@ def measure_round(loop, n: int) -> int:
     ``loop``: the run (:class:`preftune.recipes.iterate._Loop`: its settings, folders, models and judge).
     """
     from preftune.evaluation.judges.base import ScoringJudge, compare_scores
-    from preftune.evaluation.sampling import estimate_kl, sample
+    from preftune.evaluation.sampling import sample, sample_and_kl
 
     cfg, prompts, folder = loop.cfg, loop.eval_prompts, loop.folder(n)
     model, tokenizer = loop.load(loop.policy_path(n))
     compute = loop.compute_dtype(loop.policy_path(n))
-    texts = [row[0] for row in sample(model, tokenizer, prompts, n=1, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p,
-                                      seed=cfg.seed * 1000 + EVAL_SEED_OFFSET, batch_size=cfg.sample_batch_size,
-                                      compute_dtype=compute)]
+    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                   seed=cfg.seed * 1000 + EVAL_SEED_OFFSET, batch_size=cfg.sample_batch_size, compute_dtype=compute)
+    if n == 0:
+        texts = [row[0] for row in sample(model, tokenizer, prompts, n=1, **options)]
+    else:  # the judged samples serve the KL too when they are the model's own distribution (one sampling)
+        base_model, _ = loop.load(cfg.model)
+        texts, (kl, stderr) = sample_and_kl(model, base_model, tokenizer, prompts, cfg.kl_samples,
+                                            kl_seed=options["seed"] + 1, **options)
     judge = loop.cached(n)
     scores = judge.score(prompts, texts) if isinstance(judge, ScoringJudge) else None
     row: dict = {"round": n, "prompts": len(prompts),
@@ -65,10 +69,6 @@ def measure_round(loop, n: int) -> int:
                 result = judge.compare(prompts, texts, [r["response"] for r in rows])
             return dataclasses.asdict(result.win_rate())
 
-        base_model, _ = loop.load(cfg.model)
-        kl, stderr = estimate_kl(model, base_model, tokenizer, prompts, n_samples=cfg.kl_samples,
-                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + EVAL_SEED_OFFSET + 1,
-                                 batch_size=cfg.sample_batch_size, compute_dtype=compute)
         if cfg.eval_pairs:
             row["held_out_pairs"] = held_out_pairs(cfg, loop.policy_path(n))
         row.update(win_vs_base=win(0), win_vs_previous=win(n - 1),

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from preftune.evaluation.sampling import estimate_kl, sample, sample_scored, sample_token_ids
+from preftune.evaluation.sampling import estimate_kl, sample, sample_and_kl, sample_scored, sample_token_ids
 from preftune.model.tiny import tiny_model
 
 PROMPTS = ["Human: Tell me about the river.", "Human: Name a colour.\n\nAssistant:", "Hi"]
@@ -138,6 +138,21 @@ def test_kl_from_the_samplers_log_probs_equals_scoring_both_models_afterwards(mo
         expected = kl_from_samples(scored, completion_logps(model, prompt_ids, completion_ids, pad))
     assert torch.allclose(logps, scored, atol=1e-4, rtol=0)
     assert abs(mean - expected[0]) < 1e-4 and abs(stderr - expected[1]) < 1e-4 and mean > 0.5
+
+
+def test_sample_and_kl_reuses_the_judged_samples_only_for_the_models_own_distribution(model, tiny_tokenizer):
+    """Temperature 1, top-p 1, one KL sample: the texts are sample()'s at the seed and the KL is estimate_kl's at
+    the same seed (one sampling). At temperature 0.7 the KL still comes from the model's own distribution:
+    estimate_kl's samples at kl_seed."""
+    policy = with_token_bias(model, tiny_tokenizer.convert_tokens_to_ids("Ġcalm"), 3.0)
+    options = dict(max_new_tokens=8, batch_size=2)
+    texts, kl = sample_and_kl(policy, model, tiny_tokenizer, PROMPTS, 1, seed=5, **options)
+    assert texts == [row[0] for row in sample(policy, tiny_tokenizer, PROMPTS, seed=5, **options)]
+    assert kl == estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=1, seed=5, **options)
+    warm, warm_kl = sample_and_kl(policy, model, tiny_tokenizer, PROMPTS, 2, temperature=0.7, seed=5, kl_seed=9,
+                                  **options)
+    assert warm == [row[0] for row in sample(policy, tiny_tokenizer, PROMPTS, temperature=0.7, seed=5, **options)]
+    assert warm_kl == estimate_kl(policy, model, tiny_tokenizer, PROMPTS, n_samples=2, seed=9, **options)
 
 
 def test_kl_is_positive_after_favouring_a_token(model, tiny_tokenizer):

@@ -449,10 +449,18 @@ def test_sampling_and_measuring_run_in_the_trainings_precision(precision, expect
             return function(*args, **options)
         return call
 
-    monkeypatch.setattr(sampling, "sample", recorded(sampling.sample))
-    monkeypatch.setattr(sampling, "estimate_kl", recorded(sampling.estimate_kl))
+    for name in ("sample", "sample_scored", "estimate_kl"):
+        monkeypatch.setattr(sampling, name, recorded(getattr(sampling, name)))
     run_iterate(config(world, tmp_path / "run", rounds=1, train={**TRAIN, "mixed_precision": precision}), echo=quiet)
-    assert sorted(name for name, _ in seen) == ["estimate_kl", "sample", "sample", "sample"]  # base, round 1 x2
+    # the base's held-out samples; round 1's training samples; its held-out samples, which serve the KL too
+    # (kl_samples 1 at temperature 1: one sampling, the model's log-probs from the sampler)
+    assert sorted(name for name, _ in seen) == ["sample", "sample", "sample_scored"]
+    assert all(dtype == expected for _, dtype in seen), seen
+    seen.clear()
+    run_iterate(config(world, tmp_path / "two", rounds=1, kl_samples=2,
+                       train={**TRAIN, "mixed_precision": precision}), echo=quiet)
+    # kl_samples 2: the KL draws its own samples (estimate_kl -> sample_scored)
+    assert sorted(name for name, _ in seen) == ["estimate_kl", "sample", "sample", "sample", "sample_scored"]
     assert all(dtype == expected for _, dtype in seen), seen
 
 
