@@ -19,7 +19,14 @@ import time
 from collections import defaultdict
 
 STAGES = {"pair_logps": "held-out pair log-probs", "total_nll": "NLL", "sample_token_ids": "sampling (model)",
-          "sample": "sampling (base)", "completion_logps": "KL log-probs (model, base)", "score": "judge scores"}
+          "sample_scored": "sampling (model)", "sample": "sampling (base)",
+          "completion_logps": "KL log-probs (model, base)", "score": "judge scores"}
+# (module, function) pairs timed where the checkout has them: before the sampler scored its own samples,
+# evaluate called sample_token_ids and completion_logps (model and base); now sample_and_kl calls sampling's
+# sample_scored (the model's log-probs come with the samples) and completion_logps (the base only)
+TIMED = (("evaluate", "pair_logps"), ("evaluate", "total_nll"), ("evaluate", "sample_token_ids"),
+         ("evaluate", "sample"), ("evaluate", "completion_logps"), ("sampling", "sample_scored"),
+         ("sampling", "completion_logps"))
 
 
 def main(argv=None) -> dict:
@@ -47,6 +54,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     ev = importlib.import_module("preftune.evaluation.evaluate")
+    modules = {"evaluate": ev, "sampling": importlib.import_module("preftune.evaluation.sampling")}
     judges = importlib.import_module("preftune.evaluation.judges.reward_model")
     seconds: dict[str, float] = defaultdict(float)
 
@@ -61,8 +69,9 @@ def main(argv=None) -> dict:
                 seconds[STAGES[name]] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
-    for name in ("pair_logps", "total_nll", "sample_token_ids", "sample", "completion_logps"):
-        timed(ev, name)
+    for module, name in TIMED:
+        if hasattr(modules[module], name):
+            timed(modules[module], name)
     timed(judges.RewardModelJudge, "score")
     start = time.perf_counter()
     from preftune.config.eval_config import EvalConfig

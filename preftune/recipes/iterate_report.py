@@ -109,7 +109,8 @@ def training_numbers(folder: Path) -> dict:
 
 def held_out_pairs(cfg, model: str) -> dict:
     """``preftune eval``'s preference accuracy and NLL regression of ``model`` against the start on
-    ``cfg.eval_pairs`` (the training's beta and lengths) -> ``{"preference", "nll"}``."""
+    ``cfg.eval_pairs`` (the training's beta and lengths) -> ``{"preference", "nll"}``. The start's log-probs
+    of the pairs are computed once and read back in later rounds (``round-0/base_cache.json``)."""
     from preftune.config.eval_config import EvalConfig
     from preftune.evaluation.evaluate import evaluate_model
 
@@ -117,7 +118,8 @@ def held_out_pairs(cfg, model: str) -> dict:
     options = {"model": model, "ref_model": cfg.model, "data": cfg.eval_pairs, "beta": train.get("beta") or 0.1,
                "max_length": train.get("max_length", 1024), "max_prompt_length": train.get("max_prompt_length"),
                "batch_size": train.get("batch_size", 8), "seed": cfg.seed,
-               "mixed_precision": train.get("mixed_precision", "auto")}
+               "mixed_precision": train.get("mixed_precision", "auto"),
+               "base_cache": str(Path(cfg.output_dir) / "round-0" / "base_cache.json")}
     result = evaluate_model(EvalConfig.from_options(options, "preftune iterate --eval-pairs"))
     return {"preference": result["preference"], "nll": result["nll"]}
 

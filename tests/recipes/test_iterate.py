@@ -332,12 +332,17 @@ def test_the_python_api(world, tmp_path):
     with pytest.raises(ConfigError, match="beta"):
         preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "b", beta="high")
     pairs = write_jsonl(tmp_path / "held_out_pairs.jsonl", rule_pairs(8, seed=2))
-    result = preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "c", rounds=1,
+    result = preftune.iterate(world["model"], world["prompts"], world["eval"], JUDGE_SPEC, tmp_path / "c", rounds=2,
                               samples=4, max_new_tokens=12, kl_samples=1, progress=False, eval_pairs=pairs, **TRAIN)
-    assert result.rounds == 1 and [r["round"] for r in result.metrics["rounds"]] == [1]
+    assert result.rounds == 2 and [r["round"] for r in result.metrics["rounds"]] == [1, 2]
     held_out = result.metrics["rounds"][0]["held_out_pairs"]  # --eval-pairs: preftune eval's numbers vs the start
     assert held_out["preference"]["pairs"] == 8 and 0 <= held_out["preference"]["accuracy"] <= 1
     assert held_out["nll"]["difference"] == pytest.approx(held_out["nll"]["model"] - held_out["nll"]["base"])
+    # the start's log-probs of the pairs: computed in round 1, read back in round 2 (the same numbers)
+    cache = json.loads((tmp_path / "c" / "round-0" / "base_cache.json").read_text())
+    assert [entry["kind"] for entry in cache["entries"].values()] == ["held-out pair log-probs"]
+    later = result.metrics["rounds"][1]["held_out_pairs"]
+    assert later["nll"]["base"] == held_out["nll"]["base"]
     assert "held-out NLL - start's" in (tmp_path / "c" / "report.md").read_text()
     settings = json.loads((tmp_path / "c" / "settings.json").read_text())
     assert settings["train.learning_rate"] == 1e-3 and settings["judge"] == JUDGE_SPEC
