@@ -1,8 +1,12 @@
-"""Statistics of this process: its peak memory."""
+"""This process: its peak memory, and its children ending with it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def peak_rss_mb() -> float | None:
@@ -27,3 +31,25 @@ def peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def parent_death_signal():
+    """Linux: a ``preexec_fn`` that has the kernel send the child ``SIGKILL`` when this process dies
+    (``PR_SET_PDEATHSIG``; inherited through exec). None elsewhere, or where libc has no ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    zero = ctypes.c_ulong(0)
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero)
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+
+    return set_signal

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from preftune.common.files import pid_alive, write_atomic
-from preftune.common.process import peak_rss_mb
+from preftune.common.process import parent_death_signal, peak_rss_mb
 from preftune.config.eval_config import EvalConfig
 from preftune.config.train_config import TrainConfig
 from preftune.evaluation.evaluate import evaluate_model
@@ -43,7 +42,6 @@ log = logging.getLogger("preftune")
 
 VARIANT_LOCK = ".preftune-variant.lock"  # held by a variant's process for its whole life (training, evaluation)
 BUSY_WAIT_SECONDS = 600.0  # how long a sweep waits for a live process that holds a variant's folder
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_variant(spec: dict) -> dict:
@@ -141,7 +139,7 @@ def run_isolated(spec: dict, folder: Path) -> dict:
                "--parent-pid", str(os.getpid())]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_parent_death_signal())
+                                   preexec_fn=parent_death_signal())
         try:
             code = process.wait()
         except BaseException:  # Ctrl-C (the variant got it too) or an error here: the variant ends with us
@@ -156,28 +154,6 @@ def run_isolated(spec: dict, folder: Path) -> dict:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         error = f"process exited with code {code}" + (f": {lines[-1]}" if lines else "")
     return failed_record(spec["name"], spec["options"], f"{error} (log: {log_path})")
-
-
-def _parent_death_signal():
-    """Linux: a ``preexec_fn`` that has the kernel send the child ``SIGKILL`` when this process dies
-    (``PR_SET_PDEATHSIG``; inherited through exec). None elsewhere, or where libc has no ``prctl``."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child only calls it
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    zero = ctypes.c_ulong(0)
-
-    def set_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero)
-        if os.getppid() != parent:  # the parent died before the signal was set
-            os._exit(1)
-
-    return set_signal
 
 
 def exit_with_parent(parent_pid: int, every: float = 0.2) -> None:

@@ -474,8 +474,8 @@ def test_the_kernel_ends_a_variant_process_when_its_parent_dies(tmp_path):
     ready = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import pathlib, subprocess, sys, time
-from preftune.evaluation.sweep_variant import _parent_death_signal
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=_parent_death_signal())
+from preftune.common.process import parent_death_signal
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=parent_death_signal())
 pathlib.Path({str(ready)!r}).write_text(str(child.pid))
 time.sleep(120)
 """])
