@@ -147,7 +147,8 @@ def task_b_dpo(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     if start is not None:
         (model, steps_before), data = start, out / "data" / "hh_dpo_rest.jsonl"
     result = train_stage(cfg, out / "b_dpo", model, data, "dpo", cfg.b_learning_rate,
-                         cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta, share_ref_cache=True,
+                         cfg.b_epochs, cfg.b_dpo_max_steps, beta=cfg.b_dpo_beta, own_process=True,
+                         share_ref_cache=True,
                          ref_cache_dir=str(out / "b_sweep" / "ref_cache"),
                          **({"ref_model": str(base)} if start is not None else {}))
     train_seconds = time.perf_counter() - started

@@ -4,8 +4,14 @@ converted once into the cache, or ``--model``), and :func:`preftune.training.loo
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+from preftune.common.process import parent_death_signal
 from preftune.recipes.real_config import SMOLLM2_FOLDER, RealRecipeConfig
 
 
@@ -39,19 +45,54 @@ def prepare_model(cfg: RealRecipeConfig, echo) -> Path:
 
 
 def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path, loss: str, learning_rate: float,
-                epochs: float, max_steps: int | None = None, beta: float | None = None, **options):
+                epochs: float, max_steps: int | None = None, beta: float | None = None, own_process: bool = False,
+                **options):
     """One :func:`preftune.training.loop.train` call with the recipe's shared settings (and ``options``, more
-    :class:`TrainConfig` fields) -> its TrainResult."""
+    :class:`TrainConfig` fields) -> its TrainResult (with ``own_process``: the output folder, steps and
+    final metrics read back from its ``summary.json``).
+
+    ``own_process``: the training runs as ``python -m preftune train --config FILE`` in a child process
+    (ended with this one), not in the recipe's long-lived process, where the task's DPO measured 5.3 s per
+    step against 4.0-4.4 s for the same steps in a fresh process (SmolLM2, 2 Xeon cores)."""
     from preftune.config.train_config import TrainConfig
     from preftune.training.loop import train
 
-    return train(TrainConfig(
+    train_cfg = TrainConfig(
         model=str(model), data=str(data), output_dir=str(output_dir), loss=loss, beta=beta,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
         batch_size=cfg.batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         warmup_ratio=cfg.warmup_ratio, lr_scheduler="cosine", logging_steps=5, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-        progress=cfg.progress, **options))
+        progress=cfg.progress, **options)
+    return train_in_own_process(train_cfg) if own_process else train(train_cfg)
+
+
+def train_in_own_process(train_cfg):
+    """``python -m preftune train --config FILE`` of ``train_cfg`` (a :class:`TrainConfig`) in a child process
+    that ends with this one (its output goes where this process's does) -> a TrainResult of the output
+    folder, steps and final metrics read back from its ``summary.json``. RuntimeError if the child fails."""
+    from preftune.training.loop import TrainResult
+
+    output_dir = Path(train_cfg.output_dir)
+    with tempfile.TemporaryDirectory(prefix="preftune-stage-") as folder:
+        config = Path(folder) / "train.yaml"
+        train_cfg.save_yaml(config)
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this preftune
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        process = subprocess.Popen([sys.executable, "-m", "preftune", "train", "--config", str(config)], env=env,
+                                   preexec_fn=parent_death_signal())
+        try:
+            code = process.wait()
+        except BaseException:  # Ctrl-C (the child got it too) or an error here: the child ends with us
+            process.kill()
+            process.wait()
+            raise
+    if code != 0:
+        raise RuntimeError(f"training into {output_dir} in its own process failed (exit status {code}; its "
+                           "output is above)")
+    summary = json.loads((output_dir / "summary.json").read_text())
+    return TrainResult(output_dir, int(summary["steps"]), summary.get("final", {}))
 
 
 def evaluate(cfg: RealRecipeConfig, model: Path, data: Path, **options) -> dict:

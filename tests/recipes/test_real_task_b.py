@@ -23,8 +23,12 @@ def test_task_b_dpo_trains_the_whole_part_and_is_evaluated_as_the_variants(tmp_p
 
     cfg = RealRecipeConfig.preset("full")
     trained, evaluated = [], []
-    monkeypatch.setattr(train_module, "train", lambda config: trained.append(config) or
+    import preftune.recipes.real_training as real_training
+
+    # the task's DPO trains in a process of its own (the recipe's long-lived process runs its steps slower)
+    monkeypatch.setattr(real_training, "train_in_own_process", lambda config: trained.append(config) or
                         train_module.TrainResult(Path(config.output_dir), steps=184))
+    monkeypatch.setattr(train_module, "train", lambda config: pytest.fail("trained in the recipe's process"))
     evaluation = {"preference": {"accuracy": 0.65, "pairs": 240}, "nll": {"difference": 0.05},
                   "generation": {"win_rate": {"rate": 0.69, "low": 0.63, "high": 0.74, "n": 240}, "kl": 5.4,
                                  "kl_stderr": 0.3}, "base_cache": {"reused": ["samples"], "stored": []}}
@@ -72,7 +76,9 @@ def test_task_b_dpo_continues_the_sweeps_dpo_on_the_rest_of_the_part(tmp_path, m
     (sweep_dpo / "config.json").write_text("{}")
     (sweep_dpo / "summary.json").write_text(json.dumps({"steps": 48}))
     trained = []
-    monkeypatch.setattr(train_module, "train", lambda config: trained.append(config) or
+    import preftune.recipes.real_training as real_training
+
+    monkeypatch.setattr(real_training, "train_in_own_process", lambda config: trained.append(config) or
                         train_module.TrainResult(Path(config.output_dir), steps=136))
     monkeypatch.setattr(evaluate_module, "evaluate_model", lambda cfg: {
         "preference": {"accuracy": 0.65, "pairs": 240}, "generation": {"win_rate": {"rate": 0.7}}})
@@ -127,3 +133,21 @@ def test_task_b_data_splits_the_dpo_part_for_the_sweep_and_the_rest(tmp_path):
     with pytest.raises(ValueError, match="b_sweep_pairs 40: the DPO part has 40 pairs"):
         recipe.task_b_data(RealRecipeConfig.preset("full", hh_data=str(hh), b_held_out=10, b_rm_pairs=10,
                                                    b_sweep_pairs=40), tmp_path / "again")
+
+
+def test_a_stage_trains_in_a_process_of_its_own(tiny_model_dir, rule_data, tmp_path):
+    """``train_in_own_process``: a real ``preftune train`` child on the tiny model writes the run folder and
+    the result is read back from it; a child that fails raises, naming its exit status."""
+    from preftune.config.train_config import TrainConfig
+    from preftune.recipes.real_training import train_in_own_process
+
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(rule_data["train"]), output_dir=str(tmp_path / "run"),
+                      loss="dpo", max_steps=2, batch_size=4, max_length=64, progress=False, mixed_precision="no")
+    result = train_in_own_process(cfg)
+    assert result.steps == 2 and result.output_dir == tmp_path / "run"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert result.final_metrics == summary["final"] and (tmp_path / "run" / "model.safetensors").is_file()
+    missing = TrainConfig(model=str(tmp_path / "no-model"), data=str(rule_data["train"]),
+                          output_dir=str(tmp_path / "other"), loss="dpo", max_steps=1, progress=False)
+    with pytest.raises(RuntimeError, match="exit status 1"):
+        train_in_own_process(missing)
