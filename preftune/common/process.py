@@ -1,10 +1,12 @@
-"""This process: its peak memory, and its children ending with it."""
+"""This process: its peak memory, and the Python children it starts (ending with it)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -53,3 +55,20 @@ def parent_death_signal():
             os._exit(1)
 
     return set_signal
+
+
+def run_child(command: list[str], **popen_options) -> int:
+    """Run ``command`` (a ``python -m preftune...`` line) to its end -> its exit status. The child imports
+    this preftune (its root first on ``PYTHONPATH``), gets ``SIGKILL`` when this process dies
+    (:func:`parent_death_signal`), and is killed if waiting for it ends otherwise (Ctrl-C, which the child
+    got too, or an error here). ``popen_options``: more ``subprocess.Popen`` arguments (``stdout``, ...)."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    process = subprocess.Popen(command, env=env, preexec_fn=parent_death_signal(), **popen_options)
+    try:
+        return process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise

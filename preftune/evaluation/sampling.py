@@ -142,10 +142,16 @@ def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: in
     prompt_ids, completion_ids, policy_logps = sample_scored(model, tokenizer, prompts, n=n_samples,
                                                              max_new_tokens=max_new_tokens, seed=seed,
                                                              batch_size=batch_size, compute_dtype=compute_dtype)
-    pad_id = pad_token_id(tokenizer)
-    base_logps = policy_logps if base is model else completion_logps(base, prompt_ids, completion_ids, pad_id,
-                                                                      batch_size, compute_dtype)  # (S,)
-    return kl_from_samples(policy_logps, base_logps)
+    return _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, policy_logps, batch_size, compute_dtype)
+
+
+def _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, model_logps: torch.Tensor, batch_size: int,
+                   compute_dtype) -> tuple[float, float]:
+    """KL(model || base) ``(mean, stderr)`` on the model's samples, given their (S,) log-probs under the model:
+    the base scores the sampled ids (:func:`completion_logps`; the model's own log-probs when it is the base)."""
+    base_logps = model_logps if base is model else completion_logps(
+        base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)  # (S,)
+    return kl_from_samples(model_logps, base_logps)
 
 
 def sample_and_kl(model, base, tokenizer, prompts: Sequence[Prompt], kl_samples: int = 1, max_new_tokens: int = 64,
@@ -160,10 +166,9 @@ def sample_and_kl(model, base, tokenizer, prompts: Sequence[Prompt], kl_samples:
     common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, compute_dtype=compute_dtype)
     if temperature == 1.0 and top_p == 1.0 and kl_samples == 1:
         prompt_ids, completion_ids, model_logps = sample_scored(model, tokenizer, prompts, seed=seed, **common)
-        base_logps = model_logps if base is model else completion_logps(
-            base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return texts, kl_from_samples(model_logps, base_logps)
+        return texts, _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, model_logps, batch_size,
+                                     compute_dtype)
     kl = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples,
                      seed=seed if kl_seed is None else kl_seed, **common)
     texts = [row[0] for row in sample(model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed,

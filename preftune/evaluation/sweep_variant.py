@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from preftune.common.files import pid_alive, write_atomic
-from preftune.common.process import parent_death_signal, peak_rss_mb
+from preftune.common.process import peak_rss_mb, run_child
 from preftune.config.eval_config import EvalConfig
 from preftune.config.train_config import TrainConfig
 from preftune.evaluation.evaluate import evaluate_model
@@ -131,21 +131,11 @@ def run_isolated(spec: dict, folder: Path) -> dict:
     """Run the variant in its own Python process, so its peak RSS is its own."""
     spec_path = folder / "spec.json"
     write_json(spec_path, spec)
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = folder / "run.log"
     command = [sys.executable, "-m", "preftune.evaluation.sweep", "--run-variant", str(spec_path),
                "--parent-pid", str(os.getpid())]
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=parent_death_signal())
-        try:
-            code = process.wait()
-        except BaseException:  # Ctrl-C (the variant got it too) or an error here: the variant ends with us
-            process.kill()
-            process.wait()
-            raise
+        code = run_child(command, stdout=log_file, stderr=subprocess.STDOUT)  # ends with us
     if (folder / "done.json").exists():
         return json.loads((folder / "done.json").read_text())
     if (folder / "error.json").exists():

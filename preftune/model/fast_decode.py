@@ -237,12 +237,9 @@ class LeanDecoder:
         q, k = q_k.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)  # (B, H, T, hd), (B, KV, T, hd)
         v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         end = start + length
-        if rows is None:
-            self.k_cache[index, :, :, start:end] = k
-            self.v_cache[index, :, :, start:end] = v
-        else:
-            self.k_cache[index, rows, :, start:end] = k
-            self.v_cache[index, rows, :, start:end] = v
+        which = slice(None) if rows is None else rows  # the cache rows written
+        self.k_cache[index, which, :, start:end] = k
+        self.v_cache[index, which, :, start:end] = v
         groups = self.heads // self.kv_heads
         if start == 0 or rows is not None:  # a prefill: its keys are the ones just computed
             keys, values = k, v

@@ -5,13 +5,11 @@ converted once into the cache, or ``--model``), and :func:`preftune.training.loo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from preftune.common.process import parent_death_signal
+from preftune.common.process import run_child
 from preftune.recipes.real_config import SMOLLM2_FOLDER, RealRecipeConfig
 
 
@@ -77,17 +75,7 @@ def train_in_own_process(train_cfg):
     with tempfile.TemporaryDirectory(prefix="preftune-stage-") as folder:
         config = Path(folder) / "train.yaml"
         train_cfg.save_yaml(config)
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this preftune
-        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        process = subprocess.Popen([sys.executable, "-m", "preftune", "train", "--config", str(config)], env=env,
-                                   preexec_fn=parent_death_signal())
-        try:
-            code = process.wait()
-        except BaseException:  # Ctrl-C (the child got it too) or an error here: the child ends with us
-            process.kill()
-            process.wait()
-            raise
+        code = run_child([sys.executable, "-m", "preftune", "train", "--config", str(config)])
     if code != 0:
         raise RuntimeError(f"training into {output_dir} in its own process failed (exit status {code}; its "
                            "output is above)")
