@@ -143,7 +143,7 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
 
     def a_dpo() -> None:
         result = train_stage(cfg, out / "a_dpo", base(), out / "data" / "a_train_pairs.jsonl", "dpo",
-                             cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
+                             cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta, own_process=True)
         metrics["task_a"]["steps"] = result.steps
 
     def a_evaluation() -> None:
@@ -151,7 +151,8 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
 
     def a_group_dpo() -> None:  # the best-vs-worst run's steps and settings, on whole groups
         result = train_stage(cfg, out / "a_group_dpo", base(), out / "data" / "a_train_groups.jsonl", "dpo",
-                             cfg.a_learning_rate, cfg.a_epochs, metrics["task_a"]["steps"], beta=cfg.a_beta)
+                             cfg.a_learning_rate, cfg.a_epochs, metrics["task_a"]["steps"], beta=cfg.a_beta,
+                             own_process=True)
         metrics["task_a"]["group"] = group = {"steps": result.steps, **task_a_group_evaluation(cfg, out, base())}
         echo(f"  {group['steps']} steps: win rate {rate_text(group['win_rate'])} (best vs worst: "
              f"{rate_text(metrics['task_a']['win_rate'])})")
