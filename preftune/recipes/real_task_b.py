@@ -61,7 +61,7 @@ def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
     """Train the reward model; its held-out accuracy and the base's raw log-prob preference accuracy."""
     held_out = out / "data" / "hh_held_out.jsonl"
     train_stage(cfg, out / "b_rm", base, out / "data" / "hh_rm.jsonl", "reward", cfg.b_rm_learning_rate,
-                cfg.b_rm_epochs, cfg.b_rm_max_steps, own_process=True)
+                cfg.b_rm_epochs, cfg.b_rm_max_steps)
     from preftune.evaluation.metrics import wilson_interval
 
     def summary(preference: dict) -> dict:

@@ -51,9 +51,9 @@ def train_stage(cfg: RealRecipeConfig, output_dir: Path, model: Path, data: Path
 
     ``own_process``: the training runs as ``python -m preftune train --config FILE`` in a child process
     (ended with this one), not in the recipe's long-lived process, where the task's DPO measured 5.3 s per
-    step against 4.0-4.4 s for the same steps in a fresh process (SmolLM2, 2 Xeon cores). The real recipe
-    trains every model this way (Task A's two DPO runs, the reward model, the task's DPO; the sweep's
-    variants run in processes of their own too); its process samples, judges and evaluates."""
+    step against 4.0-4.4 s for the same steps in a fresh process (SmolLM2, 2 Xeon cores). The stages early
+    in the recipe (Task A's DPO runs, the reward model) train in the recipe's process: a child's start
+    cost them 6-10 s each there and their steps ran no faster."""
     from preftune.config.train_config import TrainConfig
     from preftune.training.loop import train
 

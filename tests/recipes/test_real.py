@@ -67,9 +67,7 @@ def _fake_stages(monkeypatch, calls: list, fail_in: str | None = None) -> list[t
     monkeypatch.setattr(recipe, "task_a_pairs", writes("task A pairs", {"train_pairs": 9, "skipped_ties": 0,
                                                                         "eval_pairs": 4, "train_groups": 10}))
 
-    def train_stage(cfg, output_dir, model, data, loss, learning_rate, epochs, max_steps=None, beta=None,
-                    own_process=False):
-        assert own_process, f"{output_dir.name} trained in the recipe's own process"
+    def train_stage(cfg, output_dir, model, data, loss, learning_rate, epochs, max_steps=None, beta=None):
         trained.append((output_dir.name, data.name, loss, learning_rate, epochs, max_steps, beta))
         if output_dir.name == "a_dpo":  # the group run's folder is its stage's entry: its evaluation writes it
             writes("task A DPO")(cfg, output_dir.parent)

@@ -152,28 +152,3 @@ def test_a_stage_trains_in_a_process_of_its_own(tiny_model_dir, rule_data, tmp_p
     with pytest.raises(RuntimeError, match="exit status 1"):
         train_in_own_process(missing)
 
-
-def test_reward_model_trains_in_its_own_process_and_is_evaluated_with_the_base(tmp_path, monkeypatch):
-    """The reward model: ``loss: reward`` on the reward-model part in a ``preftune train`` child (never in the
-    recipe's process); its held-out accuracy and the base's raw one, each with a Wilson interval."""
-    import preftune.evaluation.evaluate as evaluate_module
-    import preftune.recipes.real_training as real_training
-    import preftune.training.loop as train_module
-
-    cfg = RealRecipeConfig.preset("full")
-    trained, evaluated = [], []
-    monkeypatch.setattr(real_training, "train_in_own_process", lambda config: trained.append(config) or
-                        train_module.TrainResult(Path(config.output_dir), steps=75))
-    monkeypatch.setattr(train_module, "train", lambda config: pytest.fail("trained in the recipe's process"))
-    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda config: evaluated.append(Path(config.model)) or {
-        "preference": {"accuracy": 0.63 if Path(config.model).name == "b_rm" else 0.55, "pairs": 240,
-                       "accuracy_definition": "share"}})
-    result = recipe.task_b_reward_model(cfg, tmp_path, tmp_path / "base")
-    (config,) = trained
-    assert (config.loss, config.data, config.output_dir) == ("reward", str(tmp_path / "data" / "hh_rm.jsonl"),
-                                                             str(tmp_path / "b_rm"))
-    assert (config.learning_rate, config.max_steps) == (cfg.b_rm_learning_rate, cfg.b_rm_max_steps)
-    assert evaluated == [tmp_path / "b_rm", tmp_path / "base"]
-    assert (result["reward_model"]["accuracy"], result["base_raw"]["accuracy"]) == (0.63, 0.55)
-    low, high = result["reward_model"]["accuracy_low"], result["reward_model"]["accuracy_high"]
-    assert (round(low, 3), round(high, 3)) == (0.567, 0.689)  # Wilson, 95%: 0.63 of 240
