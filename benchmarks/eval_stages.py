@@ -20,13 +20,17 @@ from collections import defaultdict
 
 STAGES = {"pair_logps": "held-out pair log-probs", "total_nll": "NLL", "sample_token_ids": "sampling (model)",
           "sample_scored": "sampling (model)", "sample": "sampling (base)",
-          "completion_logps": "KL log-probs (model, base)", "score": "judge scores"}
+          "completion_logps": "KL log-probs (model, base)",
+          "completion_logps_with_states": "KL log-probs (model, base)",
+          "states_for": "base prompt states", "score": "judge scores"}
 # (module, function) pairs timed where the checkout has them: before the sampler scored its own samples,
 # evaluate called sample_token_ids and completion_logps (model and base); now sample_and_kl calls sampling's
-# sample_scored (the model's log-probs come with the samples) and completion_logps (the base only)
+# sample_scored (the model's log-probs come with the samples) and completion_logps (the base only); with
+# prompt states the base scores on its prompts' kept states (states_for: computed or read back, then
+# completion_logps_with_states), and the judge's score includes its own prompt states
 TIMED = (("evaluate", "pair_logps"), ("evaluate", "total_nll"), ("evaluate", "sample_token_ids"),
          ("evaluate", "sample"), ("evaluate", "completion_logps"), ("sampling", "sample_scored"),
-         ("sampling", "completion_logps"))
+         ("sampling", "completion_logps"), ("sampling", "states_for"), ("sampling", "completion_logps_with_states"))
 
 
 def main(argv=None) -> dict:

@@ -46,6 +46,13 @@ class BaseCache:
         self.reused: list[str] = []
         self.stored: list[str] = []
 
+    @property
+    def states_dir(self) -> Path:
+        """The folder beside this cache's file where the prompt states of the base and of a reward-model judge
+        are kept (:mod:`preftune.evaluation.prompt_states`): ``FILE``'s name without its suffix, plus
+        ``-prompt-states``."""
+        return self.path.with_name(self.path.stem + "-prompt-states")
+
     def _entries(self) -> dict:
         if not self.path.is_file():
             return {}

@@ -38,6 +38,7 @@ from preftune.data.load import read_examples
 from preftune.evaluation.base_cache import BaseCache
 from preftune.evaluation.judges.base import Judge, Prompt, ScoringJudge, compare_scores, prompt_text
 from preftune.evaluation.judges.registry import make_judge
+from preftune.evaluation.judges.reward_model import RewardModelJudge
 from preftune.evaluation.prompts import read_prompts
 from preftune.evaluation.ranking import (
     group_preference_metrics,
@@ -276,8 +277,11 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
     max_new_tokens, temperature, top_p, seed = cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed
     batch_size, kl_samples = cfg.batch_size, cfg.kl_samples
     common = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, compute_dtype=compute_dtype)
+    # the base's and a reward-model judge's prompt states are kept beside the base cache: every variant of a
+    # sweep is scored on the same prompts, which then run once per model (preftune.evaluation.prompt_states)
+    states_dir = cache.states_dir if cache is not None else None
     model_texts, (kl, kl_stderr) = sample_and_kl(model, base, tokenizer, prompts, kl_samples, temperature=temperature,
-                                                 top_p=top_p, **common)
+                                                 top_p=top_p, states_dir=states_dir, **common)
 
     def base_samples() -> list[str]:
         return [texts[0] for texts in sample(base, tokenizer, prompts, temperature=temperature, top_p=top_p,
@@ -296,9 +300,10 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
         return out
     scores_model = scores_base = None
     if isinstance(judge, ScoringJudge):
-        # Scored in two calls, model's then base's, with or without a cache: the base's scores are a
+        # Scored in two calls, base's then model's, with or without a cache: the base's scores are a
         # function of the base's samples and the judge alone, so a cached evaluation equals an uncached one.
-        scores_model = judge.score(list(prompts), model_texts)
+        if isinstance(judge, RewardModelJudge) and states_dir is not None:
+            judge.states_dir = states_dir
         parts = judge.cache_parts()
 
         def base_scores() -> list[float]:
@@ -306,6 +311,13 @@ def generation_metrics(model, base, tokenizer, prompts: Sequence[Prompt], judge:
 
         scores_base = (base_scores() if cache is None or parts is None else cache.get_or_compute(
             "judge scores", {"prompts": list(prompts), "responses": base_texts, **parts}, base_scores))
+        # a reply the base gave word for word is not scored again: it has the base's score (a tie, whatever
+        # the batch it would be scored in)
+        other = [i for i, (a, b) in enumerate(zip(model_texts, base_texts)) if a != b]
+        scored = judge.score([prompts[i] for i in other], [model_texts[i] for i in other]) if other else []
+        scores_model = list(scores_base)
+        for i, value in zip(other, scored):
+            scores_model[i] = value
         compared = compare_scores(scores_model, scores_base)
     else:
         compared = judge.compare(list(prompts), model_texts, base_texts)

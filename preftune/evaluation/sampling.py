@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from preftune.data.tokenize import prompt_token_ids, special_prefix_ids
 from preftune.evaluation.decoding import decode_on_ranks, decode_scored
 from preftune.evaluation.judges.base import Prompt
 from preftune.evaluation.metrics import kl_from_samples
+from preftune.evaluation.prompt_states import completion_logps_with_states, states_for
 from preftune.evaluation.scoring import completion_logps, eval_mode, model_device, pad_token_id
 from preftune.model.fast_decode import unsupported_reason
 from preftune.model.loading import load_model, load_tokenizer
@@ -128,7 +130,8 @@ def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, se
 
 
 def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: int = 4, max_new_tokens: int = 64,
-                seed: int = 0, batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> tuple[float, float]:
+                seed: int = 0, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
+                states_dir: Path | None = None) -> tuple[float, float]:
     """Monte-Carlo KL(model || base) per sequence, in nats: ``(mean, stderr)``.
 
     Draws ``n_samples`` completions per prompt from ``model`` at temperature 1 and top-p 1
@@ -137,27 +140,38 @@ def estimate_kl(model, base, tokenizer, prompts: Sequence[Prompt], n_samples: in
     re-tokenized text) under ``base`` with :func:`completion_logps`, and averages log p - log q
     with :func:`preftune.evaluation.metrics.kl_from_samples`. Completions cut at
     ``max_new_tokens`` estimate the KL of the distribution over such truncated sequences.
-    ``model is base`` gives 0. ``compute_dtype`` is used for sampling and scoring alike.
+    ``model is base`` gives 0. ``compute_dtype`` is used for sampling and scoring alike. The base runs each
+    prompt once (:mod:`preftune.evaluation.prompt_states`, Llama-family bases), its states kept in
+    ``states_dir`` for the next estimate on the same prompts when given.
     """
     prompt_ids, completion_ids, policy_logps = sample_scored(model, tokenizer, prompts, n=n_samples,
                                                              max_new_tokens=max_new_tokens, seed=seed,
                                                              batch_size=batch_size, compute_dtype=compute_dtype)
-    return _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, policy_logps, batch_size, compute_dtype)
+    return _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, policy_logps, batch_size, compute_dtype,
+                          states_dir)
 
 
 def _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, model_logps: torch.Tensor, batch_size: int,
-                   compute_dtype) -> tuple[float, float]:
+                   compute_dtype, states_dir: Path | None = None) -> tuple[float, float]:
     """KL(model || base) ``(mean, stderr)`` on the model's samples, given their (S,) log-probs under the model:
-    the base scores the sampled ids (:func:`completion_logps`; the model's own log-probs when it is the base)."""
-    base_logps = model_logps if base is model else completion_logps(
-        base, prompt_ids, completion_ids, pad_token_id(tokenizer), batch_size, compute_dtype)  # (S,)
+    the base scores the sampled ids (the model's own log-probs when it is the base) on its prompt states
+    (:func:`preftune.evaluation.prompt_states.completion_logps_with_states`, kept in ``states_dir`` when
+    given), or with :func:`completion_logps` where the lean forward does not run the base."""
+    if base is model:
+        return kl_from_samples(model_logps, model_logps)
+    pad = pad_token_id(tokenizer)
+    found = states_for(base, prompt_ids, batch_size, pad, compute_dtype, states_dir, "base")
+    if found is None:
+        base_logps = completion_logps(base, prompt_ids, completion_ids, pad, batch_size, compute_dtype)  # (S,)
+    else:
+        base_logps = completion_logps_with_states(*found, prompt_ids, completion_ids, batch_size)
     return kl_from_samples(model_logps, base_logps)
 
 
 def sample_and_kl(model, base, tokenizer, prompts: Sequence[Prompt], kl_samples: int = 1, max_new_tokens: int = 64,
                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-                  compute_dtype: torch.dtype | None = None,
-                  kl_seed: int | None = None) -> tuple[list[str], tuple[float, float]]:
+                  compute_dtype: torch.dtype | None = None, kl_seed: int | None = None,
+                  states_dir: Path | None = None) -> tuple[list[str], tuple[float, float]]:
     """One completion text per prompt (``temperature``, ``top_p``, ``seed``) and KL(model || base) ``(mean,
     stderr)``. At temperature 1 and top-p 1 with ``kl_samples == 1`` the texts are the model's own
     distribution: the KL is estimated on them (one sampling, the model's log-probs from the sampler;
@@ -168,9 +182,9 @@ def sample_and_kl(model, base, tokenizer, prompts: Sequence[Prompt], kl_samples:
         prompt_ids, completion_ids, model_logps = sample_scored(model, tokenizer, prompts, seed=seed, **common)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return texts, _kl_on_samples(model, base, tokenizer, prompt_ids, completion_ids, model_logps, batch_size,
-                                     compute_dtype)
+                                     compute_dtype, states_dir)
     kl = estimate_kl(model, base, tokenizer, prompts, n_samples=kl_samples,
-                     seed=seed if kl_seed is None else kl_seed, **common)
+                     seed=seed if kl_seed is None else kl_seed, states_dir=states_dir, **common)
     texts = [row[0] for row in sample(model, tokenizer, prompts, temperature=temperature, top_p=top_p, seed=seed,
                                       **common)]
     return texts, kl

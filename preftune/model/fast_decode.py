@@ -44,6 +44,8 @@ from torch.nn import functional as nn_functional
 from preftune.model.packed_linear import packing_works
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# the same bodies under a one-logit score head (reward models): :meth:`LeanDecoder.extend` scores with them
+SCORING = ("LlamaForSequenceClassification", "Qwen2ForSequenceClassification", "MistralForSequenceClassification")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -89,8 +91,8 @@ def unsupported_reason(model, max_length: int = 0) -> str | None:
     ``max_length``: the longest sequence (padded prompt + new tokens) a batch may reach; a sliding
     window shorter than that is not reproduced, so such a model falls back."""
     name = type(model).__name__
-    if name not in SUPPORTED:
-        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    if name not in SUPPORTED + SCORING:
+        return f"{name} is not one of {', '.join(SUPPORTED + SCORING)}"
     config = model.config
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r} is not silu"
@@ -200,7 +202,9 @@ class LeanDecoder:
         pack = self.device.type == "cpu" and self.dtype == torch.bfloat16 and packing_works()
         self.layers = [LeanLayer(layer, self.dtype, pack, batch_hint) for layer in model.model.layers]
         self.final_norm = model.model.norm.weight.detach()
-        self.head = FusedLinear([model.lm_head], self.dtype, pack, batch_hint)
+        # the output head: the LM head, or a reward model's score head (one logit per position)
+        head = model.lm_head if hasattr(model, "lm_head") else model.score
+        self.head = FusedLinear([head], self.dtype, pack, batch_hint)
         self.eps = float(config.rms_norm_eps)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -260,6 +264,13 @@ class LeanDecoder:
         """(B, T) ids at (B, T) positions, written at cache columns from ``start`` of cache rows ``rows``
         (None: all) -> (B, V) float32 logits of the last column. ``mask``: see :meth:`_attention` (its
         query axis is repeated here, once for every layer)."""
+        x = self._body(ids, positions, mask, start, rows)
+        last = torch.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
+        return self.head(last)[0].float()
+
+    def _body(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, start: int,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`_forward` up to the last decoder layer: (B, T, D) hidden states (the residual stream's dtype)."""
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, hd)
         groups, length = self.heads // self.kv_heads, ids.shape[1]
         if mask is not None and groups > 1 and length > 1:
@@ -271,8 +282,7 @@ class LeanDecoder:
             x = x + self._attention(index, layer, h, cos, sin, mask, start, rows)
             gate, up = layer.gate_up(torch.rms_norm(x, shape, layer.post_norm, self.eps))
             x = x + layer.down(nn_functional.silu(gate) * up)[0]
-        last = torch.rms_norm(x[:, -1], shape, self.final_norm, self.eps)
-        return self.head(last)[0].float()
+        return x
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Left-padded (B, P) prompts and their (B, P) 0/1 mask -> (B, V) float32 logits of the next token.
@@ -325,6 +335,38 @@ class LeanDecoder:
         self.filled += 1
         self.next_position = self.next_position + 1
         return logits
+
+    def extend(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, prompt_valid: torch.Tensor,
+               prompt_lengths: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run (B, T) token ids after prompts whose states are given, -> (B, T, D) final-normed hidden states
+        (the residual stream's dtype; :attr:`head` maps them to logits).
+
+        ``prompt_keys``/``prompt_values``: (layers, B, kv-heads, P, head-dim) the prompts' cache columns, left
+        padded to P (:class:`preftune.evaluation.prompt_states.PromptStates`); ``prompt_valid`` (B, P) bool: the
+        real ones; ``prompt_lengths`` (B,): each row's prompt length (its first new position). ``ids`` are right
+        padded: row b's tokens are its first ``lengths[b]``; a padding column attends like a real one and its
+        output means nothing. The same arithmetic as a prefill of prompt + tokens in one piece."""
+        batch, width = ids.shape
+        prompt = prompt_keys.shape[3]
+        total = prompt + width
+        self._rotary_table(int(prompt_lengths.max()) + width)
+        shape = (len(self.layers), batch, self.kv_heads, total, self.head_dim)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k_cache[:, :, :, :prompt] = prompt_keys
+        self.v_cache[:, :, :, :prompt] = prompt_values
+        new = torch.arange(width, device=self.device)
+        causal = new[None, :] <= new[:, None]  # (T, T): query r sees new keys up to r
+        allowed = torch.cat([prompt_valid[:, None, :].expand(batch, width, prompt),
+                             causal[None].expand(batch, width, width)], dim=-1)  # (B, T, P + T)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)  # (B, 1, T, P + T)
+        positions = prompt_lengths.to(self.device)[:, None] + new[None, :]  # (B, T)
+        with torch.autocast(self.device.type, enabled=False):
+            x = self._body(ids.to(self.device), positions, mask, prompt)
+            out = torch.rms_norm(x, (self.hidden,), self.final_norm, self.eps)
+        self.release()
+        return out
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ((b,) long, on the decoder's device) in the cache; the filled

@@ -61,7 +61,7 @@ STAGE_ENTRIES = {
     "model": (),
     "task A pairs": ("data/a_train_pairs.jsonl", "data/a_train_groups.jsonl", "data/a_eval_pairs.jsonl"),
     "task A DPO": ("a_dpo",),
-    "task A evaluation": ("a_samples.jsonl", BASE_CACHE_A),
+    "task A evaluation": ("a_samples.jsonl", BASE_CACHE_A, BASE_CACHE_A.removesuffix(".json") + "-prompt-states"),
     "task A group DPO": ("a_group_dpo", "a_group_samples.jsonl"),
     "task A iterative": ("a_iterate", "data/a_iter_prompts.jsonl", "data/a_iter_eval_prompts.jsonl"),
     "task B data": ("data/hh_messages.jsonl", "data/hh_rest.jsonl", "data/hh_held_out.jsonl", "data/hh_rm.jsonl",
@@ -143,7 +143,7 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
 
     def a_dpo() -> None:
         result = train_stage(cfg, out / "a_dpo", base(), out / "data" / "a_train_pairs.jsonl", "dpo",
-                             cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta, own_process=True)
+                             cfg.a_learning_rate, cfg.a_epochs, cfg.a_max_steps, beta=cfg.a_beta)
         metrics["task_a"]["steps"] = result.steps
 
     def a_evaluation() -> None:
@@ -151,8 +151,7 @@ def stage_plan(cfg: RealRecipeConfig, out: Path, metrics: dict, runner: StageRun
 
     def a_group_dpo() -> None:  # the best-vs-worst run's steps and settings, on whole groups
         result = train_stage(cfg, out / "a_group_dpo", base(), out / "data" / "a_train_groups.jsonl", "dpo",
-                             cfg.a_learning_rate, cfg.a_epochs, metrics["task_a"]["steps"], beta=cfg.a_beta,
-                             own_process=True)
+                             cfg.a_learning_rate, cfg.a_epochs, metrics["task_a"]["steps"], beta=cfg.a_beta)
         metrics["task_a"]["group"] = group = {"steps": result.steps, **task_a_group_evaluation(cfg, out, base())}
         echo(f"  {group['steps']} steps: win rate {rate_text(group['win_rate'])} (best vs worst: "
              f"{rate_text(metrics['task_a']['win_rate'])})")

@@ -345,11 +345,20 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
 
     for name in calls:
         monkeypatch.setattr(ev, name, counting(name))
+    # the base's prompt states (its keys and values after each prompt, for the KL) are kept beside the cache
+    (kept,) = (tmp_path / "base_cache-prompt-states").glob("prompt-states-base-*.safetensors")
+    import preftune.evaluation.prompt_states as ps
+
+    computed = []
+    compute = ps.PromptStates.compute
+    monkeypatch.setattr(ps.PromptStates, "compute", classmethod(
+        lambda cls, *args: computed.append(args[1]) or compute(*args)))
     second = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
     assert second.pop("base_cache")["reused"] == ["held-out pair log-probs", "samples"]
     assert second == plain["base"]
     assert calls == {"pair_logps": 1, "total_nll": 0, "sample": 0}  # the model's own forwards only (the NLL is
     # read from the preference pass's chosen log-probs)
+    assert computed == []  # the base's prompt states were read back from the file
 
     reseeded = run_eval(trained_dir, rule_data["eval"], base_cache=cache, **{**opts, "seed": 1})
     assert reseeded["base_cache"]["reused"] == ["held-out pair log-probs"]  # samples depend on the seed

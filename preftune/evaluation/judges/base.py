@@ -105,9 +105,15 @@ class ScoringJudge(Judge):
 
     def compare(self, prompts, responses_a, responses_b) -> CompareResult:
         n = check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b)
-        # One score call over a and b together, so batched judges batch across both.
-        scores = self.score(list(prompts) * 2, list(responses_a) + list(responses_b))
-        return compare_scores(scores[:n], scores[n:])
+        # One score call over a and b together, so batched judges batch across both. A response b that is
+        # word for word a's is not scored again: it has a's score (a tie, whatever batch it would be scored in).
+        other = [i for i in range(n) if responses_b[i] != responses_a[i]]
+        scores = self.score(list(prompts) + [prompts[i] for i in other],
+                            list(responses_a) + [responses_b[i] for i in other])
+        scores_b = list(scores[:n])
+        for i, value in zip(other, scores[n:]):
+            scores_b[i] = value
+        return compare_scores(scores[:n], scores_b)
 
     def cache_parts(self) -> dict | None:
         """What this judge's scores depend on besides the prompt and response (for a cache key such as

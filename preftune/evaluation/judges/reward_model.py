@@ -3,16 +3,20 @@
 The score is the reward model's scalar on prompt + response, computed on the training data path
 (:func:`preftune.evaluation.scoring.scoring_example`, the collate functions,
 :func:`preftune.model.logprobs.batch_logps`), so a response is scored exactly as the reward model saw
-its training pairs.
+its training pairs. A Llama-family reward model runs each prompt once and scores the responses on its
+states (:mod:`preftune.evaluation.prompt_states`): the same arithmetic within 1e-4 in float32.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from preftune.data.collate import collate_padded
 from preftune.data.tokenize import special_prefix_ids
 from preftune.evaluation.judges.base import ScoringJudge, check_lengths
+from preftune.evaluation.prompt_states import scores_with_states, states_for
 from preftune.evaluation.scoring import scoring_example
 from preftune.model.loading import is_reward_model_folder, load_model, load_tokenizer
 from preftune.model.logprobs import batch_logps
@@ -49,6 +53,8 @@ class RewardModelJudge(ScoringJudge):
         self.max_length = max_length
         self.compute_dtype = resolve_compute_dtype(mixed_precision, self.device)  # autocast, as in training
         self._weights: str | None = None  # weights_fingerprint, computed on the first cache_parts()
+        # where the prompts' states are kept between calls (an evaluation's base-cache folder), or None
+        self.states_dir: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str, **options) -> "RewardModelJudge":
@@ -71,6 +77,12 @@ class RewardModelJudge(ScoringJudge):
     def score(self, prompts, responses) -> list[float]:
         check_lengths(prompts=prompts, responses=responses)
         examples = self.examples(prompts, responses)
+        prompt_ids = [example.prompt_ids for example in examples]
+        found = states_for(self.model, prompt_ids, self.batch_size, self.tokenizer.pad_token_id, self.compute_dtype,
+                           self.states_dir, "judge", self._weights)
+        if found is not None:  # each prompt runs once (kept in states_dir for the next call when set)
+            completions = [example.completions[0] for example in examples]
+            return scores_with_states(*found, prompt_ids, completions, self.batch_size).tolist()
         # Longest first (as the training loop's length-grouped batches): a padded batch then holds texts
         # of similar length, not one long prompt's worth of padding per row; an out-of-memory error
         # shows at the first batch. Scores come back in the responses' order.
