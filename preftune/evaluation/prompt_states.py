@@ -7,9 +7,10 @@ those tokens (HH-RLHF: prompts of 30 to 800+ tokens, replies of up to 48), so :c
 prompt once through the lean forward (:class:`preftune.model.fast_decode.LeanDecoder`, for the Llama family;
 other models keep the full forward) and keeps, per prompt, every layer's keys and values and the head's
 output at its last token; :func:`score_with_states` then runs only the completion tokens on top of them.
-With a file (:meth:`PromptStates.load_or_compute`) the states serve every evaluation against the same model
-and prompts: the key hashes the model's weights, the prompts' token ids, the compute dtype and the torch
-version; a changed input is a new file, never a stale one.
+With a file (:meth:`PromptStates.load_or_compute`) the states serve every evaluation against the same model:
+the file is named by a hash of the model's weights, the compute dtype and the torch version (a changed
+weight is a new file, never a stale one) and lists its prompts' token ids; a call whose prompts are all
+there reads it, one with new prompts computes those and adds them.
 
 The arithmetic is that of one forward of prompt + completion (the completion's queries attend over the
 prompt's cached keys): equal to the full forward within 1e-4 in float32; in bf16 the completion's tokens
@@ -40,7 +41,8 @@ class PromptStates:
 
     ``keys``/``values``: (layers, kv-heads, total prompt tokens, head-dim) in the compute dtype, the prompts
     one after another; ``last``: (prompts, head outputs) float32 — the logits of the token after the prompt
-    (a reward model: its score of the prompt alone); ``spans[prompt ids] = (offset, length)``."""
+    (a reward model: its score of the prompt alone); ``index[prompt ids]`` a prompt's row, ``offsets[row]``
+    where its tokens start."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, prompts: list[tuple[int, ...]]):
         self.keys, self.values, self.last = keys, values, last
@@ -89,16 +91,45 @@ class PromptStates:
     @classmethod
     def load_or_compute(cls, path: Path | None, key: str, lean: LeanDecoder, prompt_ids: Sequence[Sequence[int]],
                         batch_size: int, pad_id: int) -> tuple["PromptStates", bool]:
-        """The states kept at ``path`` under ``key`` (every prompt of ``prompt_ids`` among them), else computed
-        (and written there atomically when ``path`` is given) -> ``(states, reused)``."""
-        if path is not None and path.is_file():
-            states = cls.load(path, key, lean.device)
-            if states is not None and all(ids in states for ids in prompt_ids):
-                return states, True
-        states = cls.compute(lean, prompt_ids, batch_size, pad_id)
+        """The states kept at ``path`` under ``key`` when every prompt of ``prompt_ids`` is among them (a
+        judge scoring only some of the prompts reads the same file) -> ``(states, True)``; else the missing
+        prompts are computed and added to the kept ones (the union written back atomically, while it stays
+        within :data:`STATES_BUDGET`; beyond it the file holds this call's prompts) -> ``(states, False)``."""
+        kept = cls.load(path, key, lean.device) if path is not None and path.is_file() else None
+        if kept is not None and all(ids in kept for ids in prompt_ids):
+            return kept, True
+        missing = [ids for ids in prompt_ids if kept is None or ids not in kept]
+        states = cls.compute(lean, missing, batch_size, pad_id)
+        if kept is not None:
+            if kept.nbytes + states.nbytes <= STATES_BUDGET:
+                states = kept.merged(states)
+            else:  # the union would pass the budget: this call's prompts only
+                states = kept.select([ids for ids in prompt_ids if ids in kept]).merged(states)
         if path is not None:
             states.save(path, key)
         return states, False
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.last.nbytes
+
+    def merged(self, other: "PromptStates") -> "PromptStates":
+        """These states and ``other``'s (prompts not among these) in one set."""
+        new = [ids for ids in other.prompts if ids not in self.index]
+        other = other.select(new)
+        return PromptStates(torch.cat([self.keys, other.keys.to(self.keys.device)], dim=2),
+                            torch.cat([self.values, other.values.to(self.values.device)], dim=2),
+                            torch.cat([self.last, other.last]), self.prompts + other.prompts)
+
+    def select(self, prompt_ids: Sequence[Sequence[int]]) -> "PromptStates":
+        """The states of the distinct prompts of ``prompt_ids`` (each among these), in that order."""
+        prompts = list(dict.fromkeys(tuple(ids) for ids in prompt_ids))
+        rows = [self.index[ids] for ids in prompts]
+        spans = [torch.arange(self.offsets[r], self.offsets[r] + len(self.prompts[r])) for r in rows]
+        columns = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        columns = columns.to(self.keys.device)
+        return PromptStates(self.keys.index_select(2, columns), self.values.index_select(2, columns),
+                            self.last[rows] if rows else self.last[:0], prompts)
 
     def save(self, path: Path, key: str) -> None:
         from safetensors.torch import save_file
@@ -153,13 +184,11 @@ class PromptStates:
         return keys, values, valid, torch.tensor(lengths, dtype=torch.long)
 
 
-def states_key(weights: str, prompt_ids: Sequence[Sequence[int]], compute_dtype, device: torch.device) -> str:
-    """What a model's prompt states depend on: its weights fingerprint, the prompts' ids, the compute dtype,
-    the device type and the torch version."""
-    prompts = hashlib.blake2b(json.dumps(sorted({tuple(ids) for ids in prompt_ids})).encode(),
-                              digest_size=16).hexdigest()
-    text = json.dumps({"weights": weights, "prompts": prompts, "dtype": str(compute_dtype), "device": device.type,
-                       "torch": torch.__version__, "version": 1}, sort_keys=True)
+def states_key(weights: str, compute_dtype, device: torch.device) -> str:
+    """What a model's prompt states depend on besides the prompts (which the file lists): its weights
+    fingerprint, the compute dtype, the device type and the torch version."""
+    text = json.dumps({"weights": weights, "dtype": str(compute_dtype), "device": device.type,
+                       "torch": torch.__version__, "version": 2}, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -266,7 +295,7 @@ def states_for(model, prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_
         return None
     path = None
     if folder is not None:
-        key = states_key(weights or weights_fingerprint(model), prompt_ids, compute_dtype, lean.device)
+        key = states_key(weights or weights_fingerprint(model), compute_dtype, lean.device)
         path = states_file(folder, name, key)
     else:
         key = ""

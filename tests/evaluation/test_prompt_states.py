@@ -82,12 +82,20 @@ def test_states_are_kept_in_a_file_and_read_back(tmp_path, monkeypatch):
     assert torch.equal(first[1].keys, second[1].keys) and torch.equal(first[1].last, second[1].last)
     scores = [ps.completion_logps_with_states(*found, prompt_ids, completion_ids, 3) for found in (first, second)]
     assert torch.equal(scores[0], scores[1])
-    ps.states_for(model, prompt_ids[:3], 4, 0, None, tmp_path, "base")  # other prompts: another key
-    assert computed == [10, 3] and len(list(tmp_path.glob("prompt-states-base-*"))) == 2
+    some = ps.states_for(model, prompt_ids[1:3], 4, 0, None, tmp_path, "base")  # some of the prompts: read
+    assert computed == [10] and torch.equal(some[1].keys, first[1].keys)
+    new = [[5, 6, 7], [8]]
+    grown = ps.states_for(model, prompt_ids[:2] + new, 4, 0, None, tmp_path, "base")  # new ones: added
+    assert computed == [10, 2] and len(grown[1].prompts) == 6 and list(tmp_path.glob("prompt-states-base-*")) == [kept]
+    rows, replies = prompt_ids + new, completion_ids + [[9, 10], [11]]  # the merged states score as the full forward
+    assert (ps.completion_logps_with_states(*grown, rows, replies, 4)
+            - completion_logps(model, rows, replies, 0, 4)).abs().max() < 1e-4
+    ps.states_for(model, prompt_ids, 4, 0, None, tmp_path, "base")
+    assert computed == [10, 2]  # the grown file holds the first prompts too
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # other weights: another key
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # other weights: another file
     changed = ps.states_for(model, prompt_ids, 4, 0, None, tmp_path, "base")
-    assert computed == [10, 3, 10] and len(list(tmp_path.glob("prompt-states-base-*"))) == 3
+    assert computed == [10, 2, 10] and len(list(tmp_path.glob("prompt-states-base-*"))) == 2
     assert not torch.equal(changed[1].keys, first[1].keys)
     key = kept.stem.removeprefix("prompt-states-base-")
     assert ps.PromptStates.load(kept, key, torch.device("cpu")) is not None
