@@ -205,8 +205,19 @@ def _run_batch(lean: LeanDecoder, states: PromptStates, prompts, completions) ->
     ids = torch.zeros(len(completions), width, dtype=torch.long)
     for b, row in enumerate(completions):
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-    lengths = torch.tensor([len(row) for row in completions])
-    return lean.extend(keys, values, valid, prompt_lengths, ids, lengths), ids
+    return lean.extend(keys, values, valid, prompt_lengths, ids), ids
+
+
+def _batches(lean: LeanDecoder, states: PromptStates, prompt_ids, completion_ids, batch_size: int):
+    """The rows with a completion in batches (:func:`_completion_order`), each run over its prompts' states:
+    yields ``(rows, completions, (B, T, D) normed hidden states, (B, T) right-padded ids)``."""
+    order = _completion_order(prompt_ids, completion_ids)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            completions = [list(completion_ids[s]) for s in rows]
+            hidden, ids = _run_batch(lean, states, [prompt_ids[s] for s in rows], completions)
+            yield rows, completions, hidden, ids
 
 
 def completion_logps_with_states(lean: LeanDecoder, states: PromptStates, prompt_ids: Sequence[Sequence[int]],
@@ -216,12 +227,8 @@ def completion_logps_with_states(lean: LeanDecoder, states: PromptStates, prompt
     prompt's kept logits, the rest from one forward of the completion over the prompt's states (log-softmax
     in float32). An empty completion scores 0."""
     out = torch.zeros(len(prompt_ids), dtype=torch.float32)
-    order = _completion_order(prompt_ids, completion_ids)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            completions = [list(completion_ids[s]) for s in rows]
-            hidden, ids = _run_batch(lean, states, [prompt_ids[s] for s in rows], completions)
+        for rows, completions, hidden, ids in _batches(lean, states, prompt_ids, completion_ids, batch_size):
             firsts = torch.log_softmax(states.last[[states.index[tuple(prompt_ids[s])] for s in rows]].float(), -1)
             totals = firsts.gather(-1, ids[:, :1]).squeeze(-1).double()  # (B,) the first token's log-prob
             # position t predicts token t + 1: only positions followed by a real token reach the head
@@ -246,12 +253,8 @@ def scores_with_states(lean: LeanDecoder, states: PromptStates, prompt_ids: Sequ
     for s in range(len(prompt_ids)):
         if not completion_ids[s]:
             out[s] = states.last[states.index[tuple(prompt_ids[s])], 0]
-    order = _completion_order(prompt_ids, completion_ids)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            completions = [list(completion_ids[s]) for s in rows]
-            hidden, _ = _run_batch(lean, states, [prompt_ids[s] for s in rows], completions)
+        for rows, completions, hidden, _ in _batches(lean, states, prompt_ids, completion_ids, batch_size):
             ends = torch.tensor([len(row) - 1 for row in completions], device=hidden.device)
             last = hidden[torch.arange(len(rows), device=hidden.device), ends]  # (B, D)
             out[rows] = lean.head(last)[0].float()[:, 0].cpu()

@@ -337,15 +337,15 @@ class LeanDecoder:
         return logits
 
     def extend(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, prompt_valid: torch.Tensor,
-               prompt_lengths: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+               prompt_lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run (B, T) token ids after prompts whose states are given, -> (B, T, D) final-normed hidden states
         (the residual stream's dtype; :attr:`head` maps them to logits).
 
         ``prompt_keys``/``prompt_values``: (layers, B, kv-heads, P, head-dim) the prompts' cache columns, left
         padded to P (:class:`preftune.evaluation.prompt_states.PromptStates`); ``prompt_valid`` (B, P) bool: the
-        real ones; ``prompt_lengths`` (B,): each row's prompt length (its first new position). ``ids`` are right
-        padded: row b's tokens are its first ``lengths[b]``; a padding column attends like a real one and its
-        output means nothing. The same arithmetic as a prefill of prompt + tokens in one piece."""
+        real ones; ``prompt_lengths`` (B,): each row's prompt length (its first new position). ``ids`` may be right
+        padded: a padding column attends like a real one and its output means nothing (the caller reads the
+        real columns only). The same arithmetic as a prefill of prompt + tokens in one piece."""
         batch, width = ids.shape
         prompt = prompt_keys.shape[3]
         total = prompt + width
