@@ -176,8 +176,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs of every contender, in turn (median kept)")
     parser.add_argument("--contenders", default="", help="comma-separated names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 4 prompts, 16 tokens")
+    parser.add_argument("--allocator", choices=("command", "system"), default="command",
+                        help="command: glibc's settings the preftune command starts with "
+                        "(preftune.common.allocator), for every contender in this process; system: glibc's defaults")
     parser.add_argument("--out", help="folder for results.json")
     args = parser.parse_args(argv)
+    if args.allocator == "command":
+        from preftune.common.allocator import tune_allocator
+
+        print(tune_allocator(), flush=True)
     if args.quick:
         args.batches, args.prompts, args.max_new_tokens = "1,4", 4, 16
     from transformers import AutoModelForCausalLM
@@ -234,7 +241,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     metrics = {"model": "SmolLM2-135M-Instruct", "parameters": params, "threads": args.threads,
-               "max_new_tokens": args.max_new_tokens, "roofline": {k: round(v / 1e9, 1) for k, v in roof.items()},
+               "max_new_tokens": args.max_new_tokens, "allocator": args.allocator, "roofline": {k: round(v / 1e9, 1) for k, v in roof.items()},
                "roofline_units": "GFLOP/s, GB/s", "rows": rows}
     if args.out:
         print(write_results(args.out, "sampler", "sampling", metrics, argv=sys.argv))

@@ -56,13 +56,15 @@ def _pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
     Picks the first column whose running sum exceeds ``u * total``, in two levels so the running
     sums (float64) cover blocks of ``PICK_BLOCK`` columns and then one block, not the whole vocabulary
-    per row. A column with zero probability is never picked (float rounding at a block's end falls
-    back to the row's most likely column).
+    per row (each block's own sum in float32: 256 terms; no float64 copy of the whole distribution, and
+    no padded copy when the vocabulary is a multiple of the block). A column with zero probability is
+    never picked (float rounding at a block's end falls back to the row's most likely column).
     """
     rows, vocab = probs.shape
     blocks = -(-vocab // PICK_BLOCK)
-    padded = nn_functional.pad(probs, (0, blocks * PICK_BLOCK - vocab)).view(rows, blocks, PICK_BLOCK)
-    block_mass = padded.sum(-1, dtype=torch.float64)  # (B, nb)
+    extra = blocks * PICK_BLOCK - vocab
+    padded = (nn_functional.pad(probs, (0, extra)) if extra else probs.contiguous()).view(rows, blocks, PICK_BLOCK)
+    block_mass = padded.sum(-1).double()  # (B, nb)
     block_cdf = block_mass.cumsum(-1)  # (B, nb)
     target = (uniforms.to(block_cdf.device, block_cdf.dtype) * block_cdf[:, -1]).unsqueeze(-1)  # (B, 1)
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=blocks - 1)  # (B, 1)

@@ -164,6 +164,11 @@ class LeanLayer:
         self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, pack, batch_hint)
         self.down = FusedLinear([mlp.down_proj], dtype, pack, batch_hint)
 
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) normed hidden states -> (..., D): ``down(silu(gate(h)) * up(h))`` in the compute dtype."""
+        gate, up = self.gate_up(h)
+        return self.down(nn_functional.silu(gate) * up)[0]
+
 
 PREFILL_WASTE = 1.25  # a prefill group computes at most this many padded cells per real prompt token
 
@@ -216,24 +221,30 @@ class LeanDecoder:
 
     def _rotary_table(self, length: int) -> None:
         """cos and sin of every position below ``length``: (length, head_dim) each, computed in float32 and
-        kept in the compute dtype (the Hugging Face forward casts them to its activations' dtype)."""
+        kept in the compute dtype (the Hugging Face forward casts them to its activations' dtype); the sin
+        table's first half negated (:meth:`_rotate`)."""
         positions = torch.arange(length, device=self.device, dtype=torch.float)
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        # sin with its first half negated: rotate_half(x) * sin == roll(x, half) * signed_sin, bit for bit
+        sin = emb.sin()
+        sin[:, : self.head_dim // 2].neg_()
+        self.cos, self.signed_sin = emb.cos().to(self.dtype), sin.to(self.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding: (B, T, heads, hd) by (B, T, 1, hd) cos/sin -> (B, T, heads, hd), in their dtype."""
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding: (..., heads, hd) by (..., 1, hd) cos / signed sin -> (..., heads, hd), in their dtype.
+
+        The Hugging Face ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``: the same
+        products and sums, the sign carried by the sin table and the halves swapped by one ``roll``."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     def _attention(self, index: int, layer: LeanLayer, h: torch.Tensor, cos, sin, mask, start: int,
                    rows: torch.Tensor | None) -> torch.Tensor:
         """Self-attention of (B, T, D) normed hidden states written at cache columns ``start..start+T`` of the
-        cache rows ``rows`` (None: every row) -> (B, T, D) after o_proj. ``mask``: None (a prefill without
-        padding: causal), or additive (0 / -inf) in the compute dtype, (B, 1, T, start + T), its query axis
-        already repeated for the query heads sharing a KV head when T > 1 (:meth:`_forward`)."""
+        cache rows ``rows`` (None: every row) -> (B, T, heads x hd) before o_proj. ``mask``: None (a prefill
+        without padding: causal), or additive (0 / -inf) in the compute dtype, (B, 1, T, start + T), its query
+        axis already repeated for the query heads sharing a KV head when T > 1 (:meth:`_body`)."""
         batch, length, _ = h.shape
         q_k, v = layer.qkv(h)
         # one rotation for the query and key heads together: (B, T, H + KV, hd)
@@ -256,8 +267,7 @@ class LeanDecoder:
             # heads kv*groups .. kv*groups + groups - 1 share KV head kv: fold them into the query axis
             q = q.reshape(batch, self.kv_heads, groups * length, self.head_dim)
             out = nn_functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.reshape(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-        return layer.out(out)[0]
+        return out.reshape(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, start: int,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,7 +281,7 @@ class LeanDecoder:
     def _body(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, start: int,
               rows: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`_forward` up to the last decoder layer: (B, T, D) hidden states (the residual stream's dtype)."""
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, hd)
+        cos, sin = self.cos[positions].unsqueeze(2), self.signed_sin[positions].unsqueeze(2)  # (B, T, 1, hd)
         groups, length = self.heads // self.kv_heads, ids.shape[1]
         if mask is not None and groups > 1 and length > 1:
             mask = mask.repeat(1, 1, groups, 1)  # (B, 1, groups * T, keys): the folded query axis
@@ -279,9 +289,36 @@ class LeanDecoder:
         shape = (self.hidden,)
         for index, layer in enumerate(self.layers):
             h = torch.rms_norm(x, shape, layer.input_norm, self.eps)
-            x = x + self._attention(index, layer, h, cos, sin, mask, start, rows)
-            gate, up = layer.gate_up(torch.rms_norm(x, shape, layer.post_norm, self.eps))
-            x = x + layer.down(nn_functional.silu(gate) * up)[0]
+            x = x + layer.out(self._attention(index, layer, h, cos, sin, mask, start, rows))[0]
+            h = torch.rms_norm(x, shape, layer.post_norm, self.eps)
+            x = x + layer.mlp(h)
+        return x
+
+    def _step_body(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`_body` of one new token per row, written at cache column :attr:`filled`, in two dimensions:
+        (B,) ids -> (B, D) hidden states. The products see (B, D) inputs (oneDNN's faster 2-D path), the new
+        key and value go to the cache by index, and each row's query heads attend over the filled columns
+        with ``mask`` (B, 1, 1, filled + 1)."""
+        batch, start = tokens.shape[0], self.filled
+        end, groups = start + 1, self.heads // self.kv_heads
+        positions = self.next_position.view(-1)
+        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (B, 1, hd)
+        x = nn_functional.embedding(tokens, self.embed)  # (B, D)
+        shape = (self.hidden,)
+        for index, layer in enumerate(self.layers):
+            h = torch.rms_norm(x, shape, layer.input_norm, self.eps)
+            q_k, v = layer.qkv(h)
+            q_k = self._rotate(q_k.view(batch, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            q, k = q_k.split((self.heads, self.kv_heads), dim=1)  # (B, H, hd), (B, KV, hd)
+            self.k_cache[index, :, :, start] = k
+            self.v_cache[index, :, :, start] = v.view(batch, self.kv_heads, self.head_dim)
+            # the query heads sharing a KV head as that head's query rows: (B, KV, groups, hd)
+            out = nn_functional.scaled_dot_product_attention(
+                q.reshape(batch, self.kv_heads, groups, self.head_dim),
+                self.k_cache[index, :, :, :end], self.v_cache[index, :, :, :end], attn_mask=mask)
+            x = x + layer.out(out.reshape(batch, -1))[0]
+            h = torch.rms_norm(x, shape, layer.post_norm, self.eps)
+            x = x + layer.mlp(h)
         return x
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -331,7 +368,8 @@ class LeanDecoder:
         mask = torch.zeros(self.valid.shape[0], 1, 1, start + 1, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~self.valid[:, None, None, :start + 1], float("-inf"))
         with torch.autocast(self.device.type, enabled=False):
-            logits = self._forward(tokens.view(-1, 1), self.next_position, mask, start)
+            x = self._step_body(tokens.view(-1), mask)
+            logits = self.head(torch.rms_norm(x, (self.hidden,), self.final_norm, self.eps))[0].float()
         self.filled += 1
         self.next_position = self.next_position + 1
         return logits
