@@ -68,8 +68,9 @@ class EvalConfig:
     base_cache: str | None = option(
         None, "Keep the base's share of the work (its held-out log-probs, NLL, samples and their reward-model "
               "scores) in this JSON file and reuse it when another model is evaluated against the same base with "
-              "the same data and settings (keyed by the base's weights and every setting; same results). Needs "
-              "--ref-model.", group="generation", metavar="FILE.json")
+              "the same data and settings (keyed by the base's weights and every setting; same results). Without "
+              "--ref-model the model is taken as the base: its held-out pair log-probs are stored (or read back) as the "
+              "base's for the evaluations against it.", group="generation", metavar="FILE.json")
     # --- compute -----------------------------------------------------------------------------
     batch_size: int = option(8, "Sequences per forward / generate call.", group="compute", domain=POSITIVE)
     dtype: str = option("float32", "Weights dtype.", DTYPES, group="compute")
@@ -106,8 +107,6 @@ class EvalConfig:
                               f"({self.max_length}) to leave room for the completion")
         if self.generate and self.ref_model is None:
             raise ConfigError("--generate compares samples of the model with the base's: it needs --ref-model")
-        if self.base_cache is not None and self.ref_model is None:
-            raise ConfigError("--base-cache keeps the base model's results: it needs --ref-model")
         if (self.judge is not None or judge_given) and not self.generate:
             raise ConfigError("--judge is used on generated samples: also pass --generate N")
         return self

@@ -87,7 +87,9 @@ def evaluate_model(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     model, base = load_models(cfg, device)
     packing = cfg.packing and packing_decision(model, base)[0]
     row_cost = model_row_cost(model)
-    cache = BaseCache(cfg.base_cache, base) if cfg.base_cache is not None else None  # needs ref_model: checked
+    # without a base the model is the cache's base: its held-out log-probs are the entries the evaluations
+    # against it read back (a recipe's raw-preference evaluation of the base fills them for the sweep after it)
+    cache = BaseCache(cfg.base_cache, model if base is None else base) if cfg.base_cache is not None else None
     # what the base's numbers depend on besides its weights and the inputs (BaseCache keys)
     layout = {"batch_size": cfg.batch_size, "packing": packing, "row_cost": row_cost,
               "logit_chunk_size": cfg.logit_chunk_size, "dtype": cfg.dtype, "compute_dtype": str(compute),
@@ -188,6 +190,17 @@ def pair_logps(model, examples, collate, cfg: EvalConfig, device, compute=None) 
     return logps, torch.cat([c for _, c in parts], dim=1).reshape(-1).cpu()
 
 
+def pair_counts(examples, collate, cfg: EvalConfig) -> torch.Tensor:
+    """(2N,) completion-token counts of held-out pairs in :func:`pair_logps`'s order, from the batches alone
+    (no forward): what ``batch_logps`` counts, each sequence's target tokens."""
+    parts = []
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = collate(examples[start:start + cfg.batch_size])
+        G = batch.num_groups
+        parts.append(torch.bincount(batch.token_seq.cpu(), minlength=2 * G).view(2, G))
+    return torch.cat(parts, dim=1).reshape(-1)
+
+
 @torch.no_grad()
 def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, compute=None,
                        cache: BaseCache | None = None, layout: dict | None = None) -> dict:
@@ -195,7 +208,15 @@ def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, 
     ranking metrics of :func:`preference_summary` (a pair is a group of two scored 1 and 0) -> ``(metrics,
     (chosen log-probs (N,), the base's (N,) or None, chosen token counts (N,)))``: the chosen side's numbers
     serve :func:`nll_from_logps`."""
-    logps, counts = pair_logps(model, examples, collate, cfg, device, compute)
+    def cached_logps(which) -> torch.Tensor:  # the base's (2N,) log-probs, kept in the base cache
+        return torch.tensor(cache.get_or_compute(
+            "held-out pair log-probs", {"examples": examples_fingerprint(examples), **(layout or {})},
+            lambda: pair_logps(which, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
+
+    if base is None and cache is not None:  # the model is the cache's base (evaluate_model)
+        logps, counts = cached_logps(model), pair_counts(examples, collate, cfg)
+    else:
+        logps, counts = pair_logps(model, examples, collate, cfg, device, compute)
     n = len(examples)
     if base is None:
         # No reference: log p_ref = 0, so the implicit reward is beta * log p and the accuracy
@@ -204,9 +225,7 @@ def preference_metrics(model, base, examples, collate, cfg: EvalConfig, device, 
     elif cache is None:
         ref_logps = pair_logps(base, examples, collate, cfg, device, compute)[0]
     else:
-        ref_logps = torch.tensor(cache.get_or_compute(
-            "held-out pair log-probs", {"examples": examples_fingerprint(examples), **(layout or {})},
-            lambda: pair_logps(base, examples, collate, cfg, device, compute)[0].tolist()), dtype=torch.float32)
+        ref_logps = cached_logps(base)
     _, metrics = compute_objective("dpo", LogpOutput(logps, counts, logps.new_zeros(0)), n,
                                    ref_logps=ref_logps, beta=cfg.beta)
     scores = torch.tensor([[1.0, 0.0]]).expand(n, 2)

@@ -58,7 +58,8 @@ def task_b_data(cfg: RealRecipeConfig, out: Path) -> dict:
 
 
 def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
-    """Train the reward model; its held-out accuracy and the base's raw log-prob preference accuracy."""
+    """Train the reward model; its held-out accuracy and the base's raw log-prob preference accuracy (the base's
+    held-out pair log-probs kept in the sweep's base cache, where its first variant reads them back)."""
     held_out = out / "data" / "hh_held_out.jsonl"
     train_stage(cfg, out / "b_rm", base, out / "data" / "hh_rm.jsonl", "reward", cfg.b_rm_learning_rate,
                 cfg.b_rm_epochs, cfg.b_rm_max_steps)
@@ -70,7 +71,8 @@ def task_b_reward_model(cfg: RealRecipeConfig, out: Path, base: Path) -> dict:
                 "accuracy_high": high, "accuracy_definition": preference["accuracy_definition"]}
 
     return {"reward_model": summary(evaluate(cfg, out / "b_rm", held_out)["preference"]),
-            "base_raw": summary(evaluate(cfg, base, held_out)["preference"])}
+            "base_raw": summary(evaluate(cfg, base, held_out, base_cache=out / "b_sweep" / "base_cache.json")[
+                "preference"])}
 
 
 def b_judge(out: Path) -> str:

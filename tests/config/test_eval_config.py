@@ -31,7 +31,6 @@ def valid(**kw) -> EvalConfig:
     ({"mixed_precision": "fp8"}, "--mixed-precision: 'fp8' is not one of auto, no, bf16, fp16"),
     ({"max_prompt_length": 64, "max_length": 64}, "--max-prompt-length (64) must be < --max-length (64)"),
     ({"generate": 4}, "--generate compares samples of the model with the base's: it needs --ref-model"),
-    ({"base_cache": "c.json"}, "--base-cache keeps the base model's results: it needs --ref-model"),
     ({"judge": "python:os:getcwd", "ref_model": "b"}, "--judge is used on generated samples: also pass --generate N"),
     ({"model": None}, "--model is required"),
     ({"data": ""}, "--data is required"),

@@ -367,8 +367,33 @@ def test_base_cache_gives_the_uncached_results_and_computes_the_base_once(traine
                                 **{**opts, "ref_model": trained_dir})
     assert other_base["base_cache"]["reused"] == []
     assert len(json.loads(cache.read_text())["entries"]) == 2 + 1 + 2
-    with pytest.raises(ValueError, match="--base-cache .* needs --ref-model"):
-        run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache)
+
+
+def test_a_base_evaluated_alone_fills_the_cache_its_models_read(trained_dir, tiny_model_dir, rule_data, tmp_path,
+                                                                monkeypatch):
+    """``base_cache`` without a reference: the model is the cache's base. Its raw-preference results equal the
+    uncached ones; its held-out pair log-probs are stored as the base's, and an evaluation against it then runs
+    no base forward for the pairs (the recipe's raw evaluation of the base before its sweep)."""
+    import preftune.evaluation.evaluate as ev
+
+    cache = tmp_path / "base_cache.json"
+    opts = dict(max_examples=16, batch_size=5, **LENGTHS)
+    plain = run_eval(tiny_model_dir, rule_data["eval"], **opts)
+    alone = run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)
+    assert alone.pop("base_cache") == {"path": str(cache), "reused": [], "stored": ["held-out pair log-probs"]}
+    assert alone == plain
+    assert alone["preference"]["accuracy_definition"].startswith("raw log-prob preference")
+    assert run_eval(tiny_model_dir, rule_data["eval"], base_cache=cache, **opts)["base_cache"]["reused"] == [
+        "held-out pair log-probs"]
+
+    calls = []
+    real = ev.pair_logps
+    monkeypatch.setattr(ev, "pair_logps", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    against = run_eval(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, base_cache=cache, **opts)
+    assert against.pop("base_cache")["reused"] == ["held-out pair log-probs"]
+    assert len(calls) == 1  # the trained model's own pairs only
+    monkeypatch.setattr(ev, "pair_logps", real)
+    assert against == run_eval(trained_dir, rule_data["eval"], ref_model=tiny_model_dir, **opts)
 
 
 def test_bad_requests_are_refused_before_loading(tiny_model_dir, rule_data):
