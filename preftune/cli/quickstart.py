@@ -53,8 +53,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "with --real 2)")
     real = parser.add_argument_group("the real recipe (--real; see below)")
     real.add_argument("--real", action="store_true",
-                      help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); ~61 min on 2 CPU "
-                           "cores (60.5 min measured on a 2-vCPU Intel Xeon)")
+                      help="SmolLM2-135M-Instruct on two real tasks (sentiment, HH-RLHF harmless); 55-60 min on 2 CPU "
+                           "cores (54.5 min measured on a 2-vCPU Intel Xeon)")
     real.add_argument("--reduced", action="store_true",
                       help="with --real: every stage, fewer prompts, pairs and variants: a smoke run that passes when "
                            "every stage wrote its files and every number is finite and in range (the targets are the "

@@ -16,7 +16,10 @@ sliding window). What a decode step does differently from the Hugging Face forwa
   prompt's columns only, so one 800-token prompt does not make every row of its batch 800 columns wide
   (HH-RLHF prompts at batch 32 on 2 Xeon cores with AMX: the longest batch's prefill 16.5 -> 6.5 s); a group without
   padding takes SDPA's causal path with no mask, the others one additive mask built once per forward.
-* **Rotary cos/sin computed once** for every position of the batch.
+* **Rotary cos/sin computed once** for every position of the batch, the sin table's first half negated so
+  the rotation is ``x * cos + roll(x) * signed_sin`` (``rotate_half``'s products and sums, three ops fewer).
+* **A decode step in two dimensions** (:meth:`LeanDecoder.step`): (B, D) inputs to every product (oneDNN's 2-D
+  path is faster than its 3-D one at these shapes), the new key and value written into the cache by index.
 * **Grouped-query attention without repeating K/V**: the query heads sharing a KV head are folded into
   the query-length axis of one SDPA call.
 * ``torch.rms_norm``; the LM head on the last position only.

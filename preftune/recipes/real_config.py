@@ -99,8 +99,8 @@ class RealRecipeConfig:
 
     @classmethod
     def preset(cls, name: str = "full", **overrides) -> "RealRecipeConfig":
-        """``full`` (the proof; ~61 min on 2 CPU cores: 60.5 min on a 2-vCPU Intel Xeon, of it the sweep 30.4 min
-        and the whole-part DPO 14.3 min) or ``reduced`` (a smoke run of every stage with fewer prompts, pairs
+        """``full`` (the proof; 55-60 min on 2 CPU cores: 54.5 min on a 2-vCPU Intel Xeon, of it the sweep
+        27.9 min and the whole-part DPO 12.6 min) or ``reduced`` (a smoke run of every stage with fewer prompts, pairs
         and variants, judged by :func:`smoke_checks`; the targets are still reported, for the full run), with
         ``overrides``."""
         if name not in ("full", "reduced"):
@@ -152,9 +152,9 @@ a reward
     Each is evaluated on the held-out pairs (preference accuracy, win rate over the base judged
     by the reward model on {cfg.b_eval_prompts} prompts, KL, NLL regression).
   Writes report.md and metrics.json (and every model and data file) into --output-dir (default
-  runs/real), each target marked reached or not. Time on 2 CPU cores: ~61 min (60.5 min measured on a
-  2-vCPU Intel Xeon: Task A 5.7 min, its on-policy rounds 5.0, reward model and its evaluations 5.0, the
-  sweep 30.4, the whole-part DPO 14.3); --resume continues a stopped run. --reduced: every stage on fewer prompts,
+  runs/real), each target marked reached or not. Time on 2 CPU cores: 55-60 min (54.5 min measured on a
+  2-vCPU Intel Xeon: Task A 5.1 min, its on-policy rounds 4.4, reward model and its evaluations 4.5, the
+  sweep 27.9, the whole-part DPO 12.6); --resume continues a stopped run. --reduced: every stage on fewer prompts,
   pairs and variants, a smoke run of 6-13 min on 2 CPU cores; it exits 0 when every stage wrote its
   files and every number is finite and in range (the targets below are the full run's: reported, not
   judged, at that size).

@@ -19,7 +19,7 @@ def test_presets_and_help():
     with pytest.raises(ValueError, match="unknown preset"):
         recipe.RealRecipeConfig.preset("tiny")
     text = recipe.help_text()
-    assert "PyPI" in text and "93 MB" in text and "60.5 min measured" in text
+    assert "PyPI" in text and "93 MB" in text and "54.5 min measured" in text
     assert f"held-out ({full.b_held_out})" in text and f"{full.a_train_films} films" in text  # the preset's numbers
     assert "DPO on all 4 reviews of each film as a response group" in text
     # the on-policy rounds split the offline run's films: the same judged samples
