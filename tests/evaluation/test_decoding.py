@@ -143,13 +143,15 @@ def test_finished_rows_leave_the_batch_and_stop_at_eos():
     assert any(len(cut) == 1 for cut in stopped) and any(len(cut) == 6 for cut in stopped)
 
 
-def test_two_level_draw_equals_one_running_sum_over_the_vocabulary():
-    """The blocked inverse-CDF draw picks what one float64 running sum over all 1,000 columns picks
-    (a vocabulary that is not a multiple of the block size, zeros included)."""
+@pytest.mark.parametrize("vocab", [1000, 1024])
+def test_two_level_draw_equals_one_running_sum_over_the_vocabulary(vocab):
+    """The blocked inverse-CDF draw picks what one float64 running sum over every column picks, zeros
+    included: for a vocabulary that is not a multiple of the block size (padded) and one that is (read in
+    place), the blocks' own sums taken in float32."""
     g = torch.Generator().manual_seed(1)
-    probs = torch.rand(64, 1000, generator=g) ** 4
+    probs = torch.rand(256, vocab, generator=g) ** 4
     probs[:, ::7] = 0
-    uniforms = torch.rand(64, generator=g, dtype=torch.float64)
+    uniforms = torch.rand(256, generator=g, dtype=torch.float64)
     from preftune.evaluation.decoding import _pick
 
     cdf = probs.double().cumsum(-1)

@@ -145,3 +145,20 @@ def test_grouped_prefill_equals_one_padded_prefill(monkeypatch):
             runs.append((lean.prefill(ids, mask, max_new_tokens=3), lean.step(tokens), lean.step(tokens.flip(0))))
     for grouped, padded in zip(*runs):
         assert torch.allclose(grouped, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotation_is_hugging_faces_rotate_half_bit_for_bit(dtype):
+    """``x * cos + roll(x) * signed_sin`` (the sign carried by the table) equals Llama's
+    ``x * cos + rotate_half(x) * sin`` exactly, in float32 and in bf16."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    model = tiny_model("llama", seed=0)
+    lean = LeanDecoder(model, dtype)
+    lean._rotary_table(40)
+    positions = torch.randint(0, 40, (3, 5))
+    x = torch.randn(3, 5, 6, lean.head_dim).to(dtype)
+    cos, signed_sin = lean.cos[positions].unsqueeze(2), lean.signed_sin[positions].unsqueeze(2)
+    half = lean.head_dim // 2
+    sin = torch.cat((-signed_sin[..., :half], signed_sin[..., half:]), dim=-1)
+    assert torch.equal(lean._rotate(x, cos, signed_sin), x * cos + rotate_half(x) * sin)
