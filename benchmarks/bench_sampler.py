@@ -241,7 +241,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     metrics = {"model": "SmolLM2-135M-Instruct", "parameters": params, "threads": args.threads,
-               "max_new_tokens": args.max_new_tokens, "allocator": args.allocator, "roofline": {k: round(v / 1e9, 1) for k, v in roof.items()},
+               "max_new_tokens": args.max_new_tokens, "allocator": args.allocator,
+               "roofline": {k: round(v / 1e9, 1) for k, v in roof.items()},
                "roofline_units": "GFLOP/s, GB/s", "rows": rows}
     if args.out:
         print(write_results(args.out, "sampler", "sampling", metrics, argv=sys.argv))

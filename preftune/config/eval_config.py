@@ -69,8 +69,8 @@ class EvalConfig:
         None, "Keep the base's share of the work (its held-out log-probs, NLL, samples and their reward-model "
               "scores) in this JSON file and reuse it when another model is evaluated against the same base with "
               "the same data and settings (keyed by the base's weights and every setting; same results). Without "
-              "--ref-model the model is taken as the base: its held-out pair log-probs are stored (or read back) as the "
-              "base's for the evaluations against it.", group="generation", metavar="FILE.json")
+              "--ref-model the model is taken as the base: its held-out pair log-probs are stored (or read back) "
+              "as the base's for the evaluations against it.", group="generation", metavar="FILE.json")
     # --- compute -----------------------------------------------------------------------------
     batch_size: int = option(8, "Sequences per forward / generate call.", group="compute", domain=POSITIVE)
     dtype: str = option("float32", "Weights dtype.", DTYPES, group="compute")

@@ -277,9 +277,11 @@ class LeanDecoder:
         """(B, T) ids at (B, T) positions, written at cache columns from ``start`` of cache rows ``rows``
         (None: all) -> (B, V) float32 logits of the last column. ``mask``: see :meth:`_attention` (its
         query axis is repeated here, once for every layer)."""
-        x = self._body(ids, positions, mask, start, rows)
-        last = torch.rms_norm(x[:, -1], (self.hidden,), self.final_norm, self.eps)
-        return self.head(last)[0].float()
+        return self._logits(self._body(ids, positions, mask, start, rows)[:, -1])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) last hidden states -> (B, V) float32 outputs of the head, after the final norm."""
+        return self.head(torch.rms_norm(x, (self.hidden,), self.final_norm, self.eps))[0].float()
 
     def _body(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, start: int,
               rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,8 +373,7 @@ class LeanDecoder:
         mask = torch.zeros(self.valid.shape[0], 1, 1, start + 1, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~self.valid[:, None, None, :start + 1], float("-inf"))
         with torch.autocast(self.device.type, enabled=False):
-            x = self._step_body(tokens.view(-1), mask)
-            logits = self.head(torch.rms_norm(x, (self.hidden,), self.final_norm, self.eps))[0].float()
+            logits = self._logits(self._step_body(tokens.view(-1), mask))
         self.filled += 1
         self.next_position = self.next_position + 1
         return logits
