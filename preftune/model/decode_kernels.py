@@ -1,0 +1,119 @@
+"""Fused CPU kernels for the bf16 decode step (``decode_kernels.cpp``), built on first use.
+
+A decode step at a few rows spends as much time between its products as in them: each RMS norm is five
+ATen calls, the rotary embedding four, SDPA's CPU flash kernel sets up per (row, KV head) for a three-row
+query. Three kernels do that work in one call each, in the rounding of the Hugging Face bf16 forward:
+
+- ``add_rms_norm(x, y, weight, eps)``: ``x += y`` (the residual add, in place) and the RMS norm of ``x``;
+- ``decode_attention(qkv, cos, sin, k_cache, v_cache, valid, column, heads, kv_heads, scale)``: the rotary
+  embedding of the new query and key heads, the key and value written into the cache, and each row's
+  attention over its valid cache columns (float32 softmax);
+- ``silu_mul(gate_up)``: ``silu(gate) * up``.
+
+They are compiled once per machine with ``torch.utils.cpp_extension`` (the system C++ compiler and
+``ninja``; ~40 s on 2 cores, then cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+for CPUs where PyTorch runs its AVX-512 or AVX2 kernels. Where the build fails (no compiler, no ninja) or
+``PREFTUNE_DECODE_KERNELS=0`` is set, :func:`available` is False and the decoder keeps its ATen path; the
+reason is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+ENV = "PREFTUNE_DECODE_KERNELS"  # "0": never build or use them
+
+# the flags PyTorch compiles its own kernels of that capability with (ATen's Vectorized<float> follows
+# CPU_CAPABILITY_*)
+_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+               "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+
+
+# bf16 values per vector of the kernels (two float vectors): a head size must be a multiple of two of them
+_PAIR = {"AVX512": 32, "AVX2": 16}
+
+
+def _capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
+def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernels take a model of this attention shape (before building them): up to 16 query heads
+    per KV head, the head size a multiple of two bf16 vectors (64 with AVX-512, 32 with AVX2)."""
+    pair = _PAIR.get(_capability())
+    return (pair is not None and heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % (2 * pair) == 0
+            and head_dim <= 16 * pair)
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """``torch.utils.cpp_extension`` runs ``ninja`` from PATH; the ``ninja`` package's binary (a dependency)
+    sits in the environment's bin folder, which is not on PATH when the environment is not activated."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+
+        folder = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = folder + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether ``torch.ops.preftune_decode`` is built and loaded (building it on the first call)."""
+    reason = _unavailable_reason()
+    if reason is not None:
+        log.info("fused decode kernels not used: %s", reason)
+        return False
+    return True
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get(ENV, "").strip() == "0":
+        return f"{ENV}=0"
+    capability = _capability()
+    if capability not in _FLAGS:
+        return f"PyTorch runs {capability} kernels on this CPU (AVX-512 or AVX2 needed)"
+    if hasattr(torch.ops, "preftune_decode") and hasattr(torch.ops.preftune_decode, "decode_attention"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        source = SOURCE.read_bytes()
+        # the name carries the source, the flags and the torch version: a changed kernel or torch is a new build
+        tag = hashlib.sha256(source + repr(_FLAGS[capability]).encode() + torch.__version__.encode()).hexdigest()[:12]
+        with _ninja_on_path():
+            cpp_extension.load(name=f"preftune_decode_{tag}", sources=[str(SOURCE)], is_python_module=False,
+                               extra_cflags=["-O3", "-fopenmp", *_FLAGS[capability]], extra_ldflags=["-fopenmp"],
+                               verbose=False)
+        torch.ops.preftune_decode.decode_attention  # noqa: B018 - raises if the library did not register
+    except Exception as error:  # noqa: BLE001 - any build or load failure means the ATen path
+        lines = str(error).strip().splitlines()
+        return f"build failed ({type(error).__name__}: {lines[-1][:200] if lines else 'no message'})"
+    return None
