@@ -11,7 +11,9 @@ Same model, prompts, batches and settings for every contender, in one process, o
 * sampling at temperature 1, top-p 1, top-k off, up to ``--max-new-tokens``, stop at EOS;
 * ``hf-generate-bf16``: ``model.generate`` on bf16 weights (its fastest CPU setting);
   ``preftune-bf16``: :func:`preftune.evaluation.decoding.decode` on the same bf16 weights (what ``sample``
-  runs: the lean forward of :mod:`preftune.model.fast_decode`); ``preftune-bf16-hf``: the same loop on the
+  runs: the lean forward of :mod:`preftune.model.fast_decode`, with its fused step kernels where they build);
+  ``preftune-bf16-aten``: the same with the fused kernels off (the lean forward's ATen step, what a machine
+  without a C++ compiler runs); ``preftune-bf16-hf``: the same loop on the
   model's Hugging Face forward with prepacked linears (the fallback path, and what ``sample`` ran before the
   lean forward); ``preftune-autocast``: fp32 weights under bf16 autocast (what ``preftune eval
   --mixed-precision auto`` runs on a model loaded in fp32); ``llama.cpp-<quant>`` (batch 1 only; needs
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,6 +124,15 @@ def preftune_decode_hf(model, prompt_ids, batch, max_new_tokens, eos_ids, pad_id
                                                                          lambda *args, **kwargs: None):
         return sum(len(c) for c in decoding.decode(model, prompt_ids, max_new_tokens, eos_ids, pad_id, seed=seed,
                                                    batch_size=batch))
+
+
+def preftune_decode_aten(model, *args) -> int:
+    """:func:`preftune_decode` with the fused step kernels switched off (``PREFTUNE_DECODE_KERNELS=0``): the
+    lean forward's ATen decode step."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"PREFTUNE_DECODE_KERNELS": "0"}):
+        return preftune_decode(model, *args)
 
 
 def autocast_decode(model, *args) -> int:
@@ -218,11 +230,13 @@ def main(argv=None) -> int:
             hf_generate(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
             preftune_decode(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
             preftune_decode_hf(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
+            preftune_decode_aten(bf16, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
             with torch.autocast("cpu", torch.bfloat16):
                 preftune_decode(fp32, prompt_ids[:batch], batch, 4, eos_ids, pad_id, args.seed)
         runs = {"hf-generate-bf16": (hf_generate, (bf16, *common)),
                 "preftune-bf16": (preftune_decode, (bf16, *common)),
                 "preftune-bf16-hf": (preftune_decode_hf, (bf16, *common)),
+                "preftune-bf16-aten": (preftune_decode_aten, (bf16, *common)),
                 "preftune-autocast": (autocast_decode, (fp32, *common))}
         wanted = set(args.contenders.split(",")) if args.contenders else set(runs)
         runs = {name: run for name, run in runs.items() if name in wanted or name == "hf-generate-bf16"}

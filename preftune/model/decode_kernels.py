@@ -84,9 +84,19 @@ def _ninja_on_path():
         os.environ["PATH"] = before
 
 
-@functools.lru_cache(maxsize=1)
+def wanted() -> bool:
+    """False while ``PREFTUNE_DECODE_KERNELS=0`` is set (read at every decoder built)."""
+    return os.environ.get(ENV, "").strip() != "0"
+
+
 def available() -> bool:
-    """Whether ``torch.ops.preftune_decode`` is built and loaded (building it on the first call)."""
+    """Whether the kernels are wanted (:func:`wanted`) and ``torch.ops.preftune_decode`` is built and loaded
+    (built on the first call that wants them; a failed build is not retried in the process)."""
+    return wanted() and _built()
+
+
+@functools.lru_cache(maxsize=1)
+def _built() -> bool:
     reason = _unavailable_reason()
     if reason is not None:
         log.info("fused decode kernels not used: %s", reason)
@@ -95,8 +105,6 @@ def available() -> bool:
 
 
 def _unavailable_reason() -> str | None:
-    if os.environ.get(ENV, "").strip() == "0":
-        return f"{ENV}=0"
     capability = _capability()
     if capability not in _FLAGS:
         return f"PyTorch runs {capability} kernels on this CPU (AVX-512 or AVX2 needed)"

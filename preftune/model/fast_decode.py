@@ -23,17 +23,22 @@ sliding window). What a decode step does differently from the Hugging Face forwa
 * **Grouped-query attention without repeating K/V**: the query heads sharing a KV head are folded into
   the query-length axis of one SDPA call.
 * ``torch.rms_norm``; the LM head on the last position only.
+* **Fused step kernels** on a CPU computing in bf16 (:mod:`preftune.model.decode_kernels`, C++ built on first
+  use): per layer the residual add and RMS norm, the rotary embedding with the cache write and attention, and
+  ``silu(gate) * up`` are one call each between the four products, seven calls where the ATen step makes
+  about twenty-five (SmolLM2-135M at batch 16, 2 Xeon cores with AMX: 33-37 ms a step instead of 52-54).
+  The ATen step remains for float32, other head sizes, and machines where the kernels cannot be built.
 
 The residual stream keeps the dtype of the model's weights (as the Hugging Face forward under autocast
 does); the linears, the cache and attention run in the compute dtype. Rows are left padded: a row's
 positions are counted from its first real token, and no query attends to a padding key (a padding query
 attends to itself only, so no row of the softmax is empty).
 
-``torch.compile`` of the per-step forward (inductor on the CPU) was measured and is not used: it failed to
-lower the prepacked oneDNN linear (``LoweringException`` in ``mkldnn._linear_pointwise``) after about four
-minutes of compiling on two shared cores, longer than the whole decoding of a typical sampling job
-(240 prompts x 48 tokens at batch 32, or 64 films x 2 samples x 48 tokens: well under a minute eager), so
-no compiled variant could win there.
+``torch.compile`` of the per-step forward (inductor on the CPU) was measured and is not used: with plain
+weights it failed to lower the prepacked oneDNN linear; with inductor's own freezing (weights as constants,
+prepacked by inductor) and dynamic shapes, SmolLM2-135M's step took 265 s to compile, recompiled as the cache
+grew until dynamo's recompile limit, and ran 65 ms a step against the eager step's 48 on the same 2 cores --
+longer to compile than the whole decoding of a typical sampling job (well under a minute eager).
 """
 
 from __future__ import annotations
@@ -479,10 +484,11 @@ def weights_state(model) -> tuple:
 def lean_decoder(model, compute_dtype: torch.dtype | None = None, batch_hint: int = 16,
                  max_length: int = 0) -> LeanDecoder | None:
     """A :class:`LeanDecoder` of ``model``, or None where :func:`unsupported_reason` gives a reason. The
-    decoder is kept for the next call on the same model with the same weights, dtype and batch hint."""
+    decoder is kept for the next call on the same model with the same weights, dtype and batch hint (and
+    the same ``PREFTUNE_DECODE_KERNELS`` choice)."""
     if unsupported_reason(model, max_length) is not None:
         return None
-    key = (weights_state(model), compute_dtype, batch_hint)
+    key = (weights_state(model), compute_dtype, batch_hint, decode_kernels.wanted())
     kept = _DECODERS.get(model)
     if kept is not None and kept[0] == key:
         return kept[1]

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from preftune.model import decode_kernels
-from preftune.model.fast_decode import LeanDecoder
+from preftune.model.fast_decode import LeanDecoder, lean_decoder
 from preftune.model.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(decode_kernels._capability() not in decode_kernels._PAIR,
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(decode_kernels._capability() not in decode_kerne
 @pytest.fixture(scope="module")
 def ops():
     # on an AVX2 / AVX-512 CPU with a compiler (CI's) the build must succeed: a failure is a test failure
-    assert decode_kernels.available(), decode_kernels._unavailable_reason()
+    assert decode_kernels.available(), decode_kernels._unavailable_reason()  # built (or loaded) once
     return torch.ops.preftune_decode
 
 
@@ -168,14 +168,14 @@ def test_a_model_the_kernels_do_not_take_and_the_opt_out_keep_the_aten_step(ops,
     model = tiny_model("llama", vocab_size=64).eval()  # 16-wide heads: not a whole number of bf16 vectors
     assert not decode_kernels.supports(4, 2, 16) and not LeanDecoder(model, torch.bfloat16).kernels
     assert not LeanDecoder(tiny_model("llama", vocab_size=64, hidden=128, heads=2)).kernels  # float32 compute
+    bf16_model = tiny_model("llama", vocab_size=64, hidden=128, heads=2).eval()
+    assert lean_decoder(bf16_model, torch.bfloat16).kernels
     monkeypatch.setenv(decode_kernels.ENV, "0")
-    decode_kernels.available.cache_clear()
-    try:
-        assert decode_kernels._unavailable_reason() == f"{decode_kernels.ENV}=0"
-        assert not LeanDecoder(tiny_model("llama", vocab_size=64, hidden=128, heads=2), torch.bfloat16).kernels
-    finally:
-        monkeypatch.delenv(decode_kernels.ENV)
-        decode_kernels.available.cache_clear()
+    assert not decode_kernels.available()
+    opted_out = lean_decoder(bf16_model, torch.bfloat16)  # not the kept decoder built with the kernels
+    assert not opted_out.kernels
+    monkeypatch.delenv(decode_kernels.ENV)
+    assert lean_decoder(bf16_model, torch.bfloat16).kernels
 
 
 @pytest.mark.slow
