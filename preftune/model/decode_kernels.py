@@ -116,8 +116,15 @@ def _unavailable_reason() -> str | None:
         source = SOURCE.read_bytes()
         # the name carries the source, the flags and the torch version: a changed kernel or torch is a new build
         tag = hashlib.sha256(source + repr(_FLAGS[capability]).encode() + torch.__version__.encode()).hexdigest()[:12]
+        name = f"preftune_decode_{tag}"
+        try:
+            built = (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+        except (AttributeError, OSError, RuntimeError):
+            built = False
+        if not built:
+            log.info("building the sampler's fused CPU kernels with the C++ compiler (once, ~20 s on 2 cores)")
         with _ninja_on_path():
-            cpp_extension.load(name=f"preftune_decode_{tag}", sources=[str(SOURCE)], is_python_module=False,
+            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False,
                                extra_cflags=["-O3", "-fopenmp", *_FLAGS[capability]], extra_ldflags=["-fopenmp"],
                                verbose=False)
         torch.ops.preftune_decode.decode_attention  # noqa: B018 - raises if the library did not register
