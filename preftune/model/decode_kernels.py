@@ -12,7 +12,7 @@ query. Three kernels do that work in one call each, in the rounding of the Huggi
 
 They are compiled once per machine with ``torch.utils.cpp_extension`` (the system C++ compiler and
 ``ninja``; ~40 s on 2 cores, then cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-for CPUs where PyTorch runs its AVX-512 or AVX2 kernels. Where the build fails (no compiler, no ninja) or
+for CPUs where PyTorch runs its AVX-512 kernels. Where the build fails (no compiler, no ninja) or
 ``PREFTUNE_DECODE_KERNELS=0`` is set, :func:`available` is False and the decoder keeps its ATen path; the
 reason is logged once.
 """
@@ -35,16 +35,16 @@ SOURCE = Path(__file__).with_name("decode_kernels.cpp")
 ENV = "PREFTUNE_DECODE_KERNELS"  # "0": never build or use them
 
 # the flags PyTorch compiles its own kernels of that capability with (ATen's Vectorized<float> follows
-# CPU_CAPABILITY_*)
+# CPU_CAPABILITY_*). AVX-512 only: the decoder computes in bf16 on the CPU only where oneDNN has bf16
+# products, which needs AVX-512 (packed_linear.packing_works), so an AVX2 build would never run.
 _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
                "-DCPU_CAPABILITY=AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
 }
 
 
 # bf16 values per vector of the kernels (two float vectors): a head size must be a multiple of two of them
-_PAIR = {"AVX512": 32, "AVX2": 16}
+_PAIR = {"AVX512": 32}
 
 
 def _capability() -> str:
@@ -56,7 +56,7 @@ def _capability() -> str:
 
 def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernels take a model of this attention shape (before building them): up to 16 query heads
-    per KV head, the head size a multiple of two bf16 vectors (64 with AVX-512, 32 with AVX2)."""
+    per KV head, the head size a multiple of 64 (two AVX-512 vectors of bf16) and at most 512."""
     pair = _PAIR.get(_capability())
     return (pair is not None and heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % (2 * pair) == 0
             and head_dim <= 16 * pair)
@@ -107,7 +107,7 @@ def _built() -> bool:
 def _unavailable_reason() -> str | None:
     capability = _capability()
     if capability not in _FLAGS:
-        return f"PyTorch runs {capability} kernels on this CPU (AVX-512 or AVX2 needed)"
+        return f"PyTorch runs {capability} kernels on this CPU (AVX-512 needed)"
     if hasattr(torch.ops, "preftune_decode") and hasattr(torch.ops.preftune_decode, "decode_attention"):
         return None
     try:

@@ -18,12 +18,12 @@ from preftune.model.fast_decode import LeanDecoder, lean_decoder
 from preftune.model.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(decode_kernels._capability() not in decode_kernels._PAIR,
-                                reason="the kernels are built for x86 CPUs with AVX2 or AVX-512 only")
+                                reason="the kernels are built for x86 CPUs with AVX-512 only")
 
 
 @pytest.fixture(scope="module")
 def ops():
-    # on an AVX2 / AVX-512 CPU with a compiler (CI's) the build must succeed: a failure is a test failure
+    # on an AVX-512 CPU with a compiler (CI's) the build must succeed: a failure is a test failure
     assert decode_kernels.available(), decode_kernels._unavailable_reason()  # built (or loaded) once
     return torch.ops.preftune_decode
 
