@@ -47,9 +47,6 @@ inline float sum_lanes(const fvec& v) {
   return at::vec::vec_reduce_all<float>([](fvec& a, fvec& b) { return a + b; }, v);
 }
 
-// Residual add then RMS norm of each row: x += y (x's dtype; skipped when y is undefined), then
-// h = bf16(w * norm(x)): for a bf16 residual stream norm(x) is rounded to bf16 before the weight (the
-// Hugging Face RMSNorm casts back to the input dtype first); for a float32 one it is not.
 // kPair values of a row (bf16 or float) as two float vectors, and back
 inline void load_row(const BFloat16* src, fvec& lo, fvec& hi) { load_pair(src, lo, hi); }
 inline void load_row(const float* src, fvec& lo, fvec& hi) {
@@ -62,6 +59,9 @@ inline void store_row(float* dst, const fvec& lo, const fvec& hi) {
   hi.store(dst + kLanes);
 }
 
+// Residual add then RMS norm of each row: x += y (x's dtype; skipped when y is undefined), then
+// h = bf16(w * norm(x)): for a bf16 residual stream norm(x) is rounded to bf16 before the weight (the
+// Hugging Face RMSNorm casts back to the input dtype first); for a float32 one it is not.
 template <typename T>
 void add_rms_norm_rows(T* x, const BFloat16* y, const T* w, BFloat16* h, int64_t rows, int64_t dim, double eps) {
   constexpr bool reduced = std::is_same_v<T, BFloat16>;
@@ -335,19 +335,13 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         float best = at::vec::vec_reduce_all<float>([](fvec& a, fvec& b) { return at::vec::maximum(a, b); }, most);
         for (; at_key < keys; ++at_key) best = std::max(best, sg[at_key]);
         fvec sum(0.f);
-        int64_t l = 0;
-        for (; l + kLanes <= keys; l += kLanes) {
-          fvec e = (fvec::loadu(sg + l) - fvec(best)).exp_u20();
-          e = fvec::blendv(e, fvec(0.f), fvec::loadu(sg + l) == fvec(-std::numeric_limits<float>::infinity()));
-          e.store(sg + l);
-          sum = sum + e;
-        }
-        if (l < keys) {  // the last, partial vector (lanes past the keys load as 0 and are not stored)
-          const fvec loaded = fvec::loadu(sg + l, keys - l);
+        for (int64_t l = 0; l < keys; l += kLanes) {  // the last vector may be partial: its other lanes stay 0
+          const int64_t n = std::min(kLanes, keys - l);
+          const fvec loaded = fvec::loadu(sg + l, n);
           fvec e = (loaded - fvec(best)).exp_u20();
           e = fvec::blendv(e, fvec(0.f), loaded == fvec(-std::numeric_limits<float>::infinity()));
-          e = fvec::set(fvec(0.f), e, keys - l);
-          e.store(sg + l, keys - l);
+          e = fvec::set(fvec(0.f), e, n);
+          e.store(sg + l, n);
           sum = sum + e;
         }
         totals[g] = sum_lanes(sum);

@@ -11,7 +11,7 @@ query. Three kernels do that work in one call each, in the rounding of the Huggi
 - ``silu_mul(gate_up)``: ``silu(gate) * up``.
 
 They are compiled once per machine with ``torch.utils.cpp_extension`` (the system C++ compiler and
-``ninja``; ~40 s on 2 cores, then cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+``ninja``; ~20 s on 2 cores, then cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
 for CPUs where PyTorch runs its AVX-512 kernels. Where the build fails (no compiler, no ninja) or
 ``PREFTUNE_DECODE_KERNELS=0`` is set, :func:`available` is False and the decoder keeps its ATen path; the
 reason is logged once.
@@ -41,10 +41,7 @@ _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
                "-DCPU_CAPABILITY=AVX512"],
 }
-
-
-# bf16 values per vector of the kernels (two float vectors): a head size must be a multiple of two of them
-_PAIR = {"AVX512": 32}
+BF16_LANES = 32  # bf16 values per AVX-512 vector (two float vectors): a head size is a multiple of two of them
 
 
 def _capability() -> str:
@@ -57,9 +54,8 @@ def _capability() -> str:
 def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernels take a model of this attention shape (before building them): up to 16 query heads
     per KV head, the head size a multiple of 64 (two AVX-512 vectors of bf16) and at most 512."""
-    pair = _PAIR.get(_capability())
-    return (pair is not None and heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % (2 * pair) == 0
-            and head_dim <= 16 * pair)
+    return (_capability() in _FLAGS and heads % kv_heads == 0 and heads // kv_heads <= 16
+            and head_dim % (2 * BF16_LANES) == 0 and head_dim <= 16 * BF16_LANES)
 
 
 @contextlib.contextmanager

@@ -158,10 +158,7 @@ class FusedLinear:
         if not self.fused:
             outs = tuple(nn_functional.linear(x, w, b) for w, b in self.parts)
             return outs if len(outs) == len(self.sizes) else torch.cat(outs, dim=-1).split(self.sizes, dim=-1)
-        if self.pack:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:
-            out = nn_functional.linear(x, self.weight, self.bias)
+        out = self.whole(x)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
 

@@ -17,7 +17,7 @@ from preftune.model import decode_kernels
 from preftune.model.fast_decode import LeanDecoder, lean_decoder
 from preftune.model.tiny import tiny_model
 
-pytestmark = pytest.mark.skipif(decode_kernels._capability() not in decode_kernels._PAIR,
+pytestmark = pytest.mark.skipif(decode_kernels._capability() not in decode_kernels._FLAGS,
                                 reason="the kernels are built for x86 CPUs with AVX-512 only")
 
 
